@@ -1,0 +1,510 @@
+//! Validated cluster intent. [`Intent`] can only be built from a [`ClusterSpec`] that passes every
+//! cross-object check (overlaps, duplicates, dangling references), so code that holds an `Intent`
+//! never re-checks it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::spec::{ClusterSpec, NetworkSpec, ServiceSpec, TaskSpec, TaskRuntime};
+use crate::types::{IfName, MacAddr, Name, NodeId};
+
+/// One thing wrong with an intent, located by its path in the document (`networks[1].subnet`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntentIssue {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for IntentIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why an intent was refused: every problem found, not just the first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct IntentError {
+    pub issues: Vec<IntentIssue>,
+}
+
+impl fmt::Display for IntentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid intent")?;
+        for i in &self.issues {
+            write!(f, "\n  - {i}")?;
+        }
+        Ok(())
+    }
+}
+
+impl IntentError {
+    fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { issues: vec![IntentIssue { path: path.into(), message: message.into() }] }
+    }
+}
+
+/// A network as seen by consumers: the spec with its defaults resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    pub id: Name,
+    pub spec: NetworkSpec,
+    pub gateway: Ipv4Addr,
+}
+
+/// An attachment of a task to a network, defaults resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    pub network: Name,
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+    pub aliases: Vec<Name>,
+    pub ifname: IfName,
+}
+
+/// A validated cluster intent with lookup indexes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    spec: ClusterSpec,
+    networks: BTreeMap<Name, Network>,
+    service_index: BTreeMap<Name, usize>,
+    attachments: BTreeMap<usize, Vec<Attachment>>,
+}
+
+impl Intent {
+    /// Parses and validates the JSON intent format. Parse errors name the path and position.
+    pub fn from_json(text: &str) -> Result<Self, IntentError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let spec: ClusterSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            IntentError::one(if path == "." { "(document)".into() } else { path }, e.into_inner().to_string())
+        })?;
+        Self::new(spec)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&self.spec).expect("intent serializes")
+    }
+
+    pub fn empty() -> Self {
+        Self::new(ClusterSpec { version: 1, nodes: vec![], networks: vec![], services: vec![], tasks: vec![] })
+            .expect("empty intent is valid")
+    }
+
+    pub fn new(spec: ClusterSpec) -> Result<Self, IntentError> {
+        let mut v = Validator { issues: Vec::new() };
+        let built = v.check(&spec);
+        if v.issues.is_empty() {
+            let (networks, service_index, attachments) = built;
+            Ok(Self { spec, networks, service_index, attachments })
+        } else {
+            Err(IntentError { issues: v.issues })
+        }
+    }
+
+    pub fn spec(&self) -> &ClusterSpec {
+        &self.spec
+    }
+    pub fn nodes(&self) -> impl Iterator<Item = &crate::spec::NodeSpec> {
+        self.spec.nodes.iter()
+    }
+    pub fn node(&self, id: &NodeId) -> Option<&crate::spec::NodeSpec> {
+        self.spec.nodes.iter().find(|n| &n.id == id)
+    }
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.networks.values()
+    }
+    pub fn network(&self, name: &Name) -> Option<&Network> {
+        self.networks.get(name)
+    }
+    pub fn services(&self) -> impl Iterator<Item = &ServiceSpec> {
+        self.spec.services.iter()
+    }
+    pub fn service(&self, name: &Name) -> Option<&ServiceSpec> {
+        self.service_index.get(name).map(|&i| &self.spec.services[i])
+    }
+    /// Tasks with their attachments (defaults resolved).
+    pub fn tasks(&self) -> impl Iterator<Item = (&TaskSpec, &[Attachment])> {
+        self.spec.tasks.iter().enumerate().map(|(i, t)| (t, self.attachments[&i].as_slice()))
+    }
+}
+
+/// Addresses a subnet cannot hand out: the network address and broadcast (for prefixes ≤ 30).
+fn usable(net: &Ipv4Net, ip: Ipv4Addr) -> Result<(), String> {
+    if !net.contains(&ip) {
+        return Err(format!("{ip} is outside the subnet {net}"));
+    }
+    if ip == net.network() {
+        return Err(format!("{ip} is the network address of {net}"));
+    }
+    if ip == net.broadcast() {
+        return Err(format!("{ip} is the broadcast address of {net}"));
+    }
+    Ok(())
+}
+
+type Built = (BTreeMap<Name, Network>, BTreeMap<Name, usize>, BTreeMap<usize, Vec<Attachment>>);
+
+struct Validator {
+    issues: Vec<IntentIssue>,
+}
+
+impl Validator {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.issues.push(IntentIssue { path: path.into(), message: message.into() });
+    }
+
+    fn check(&mut self, spec: &ClusterSpec) -> Built {
+        if spec.version != 1 {
+            self.err("version", format!("unsupported format version {}; this netd reads version 1", spec.version));
+        }
+        let nodes = self.check_nodes(spec);
+        let networks = self.check_networks(spec);
+        // Addresses taken per network, and by whom, to report duplicates by name.
+        let mut taken: HashMap<(Name, Ipv4Addr), String> = HashMap::new();
+        for n in networks.values() {
+            taken.insert((n.spec.name.clone(), n.gateway), format!("the gateway of network {:?}", n.spec.name.as_str()));
+        }
+        let service_index = self.check_services(spec, &networks, &mut taken);
+        let attachments = self.check_tasks(spec, &nodes, &networks, &service_index, &mut taken);
+        (networks, service_index, attachments)
+    }
+
+    fn check_nodes(&mut self, spec: &ClusterSpec) -> BTreeSet<NodeId> {
+        let mut ids = BTreeSet::new();
+        let mut addrs: HashMap<Ipv4Addr, &NodeId> = HashMap::new();
+        for (i, n) in spec.nodes.iter().enumerate() {
+            if !ids.insert(n.id.clone()) {
+                self.err(format!("nodes[{i}].id"), format!("node id {:?} is used twice", n.id.as_str()));
+            }
+            if n.addr.is_unspecified() || n.addr.is_multicast() || n.addr.is_broadcast() {
+                self.err(format!("nodes[{i}].addr"), format!("{} cannot be a node's underlay address", n.addr));
+            }
+            if let Some(other) = addrs.insert(n.addr, &n.id) {
+                self.err(format!("nodes[{i}].addr"), format!("{} is also the address of node {:?}", n.addr, other.as_str()));
+            }
+        }
+        ids
+    }
+
+    fn check_networks(&mut self, spec: &ClusterSpec) -> BTreeMap<Name, Network> {
+        let mut out: BTreeMap<Name, Network> = BTreeMap::new();
+        let mut ids: HashMap<Name, usize> = HashMap::new();
+        let mut vnis: HashMap<u32, usize> = HashMap::new();
+        let mut ingress: Option<usize> = None;
+        let mut placed: Vec<(usize, Ipv4Net)> = Vec::new();
+        for (i, n) in spec.networks.iter().enumerate() {
+            let p = format!("networks[{i}]");
+            let id = n.id.clone().unwrap_or_else(|| n.name.clone());
+            if out.contains_key(&n.name) {
+                self.err(format!("{p}.name"), format!("network name {:?} is used twice", n.name.as_str()));
+                continue;
+            }
+            if let Some(j) = ids.insert(id.clone(), i) {
+                self.err(format!("{p}.id"), format!("network id {:?} is also the id of networks[{j}]", id.as_str()));
+            }
+            if let Some(j) = vnis.insert(n.vni.get(), i) {
+                self.err(format!("{p}.vni"), format!("VNI {} is also used by networks[{j}] ({:?})", n.vni, spec.networks[j].name.as_str()));
+            }
+            if n.subnet != n.subnet.trunc() {
+                self.err(format!("{p}.subnet"), format!("{} has host bits set; did you mean {}?", n.subnet, n.subnet.trunc()));
+            }
+            if n.subnet.prefix_len() > 30 {
+                self.err(format!("{p}.subnet"), format!("{} is too small: a network needs at least a /30", n.subnet));
+            }
+            for (j, other) in &placed {
+                if n.subnet.contains(&other.network()) || other.contains(&n.subnet.network()) {
+                    self.err(
+                        format!("{p}.subnet"),
+                        format!("{} overlaps {} of networks[{j}] ({:?})", n.subnet, other, spec.networks[*j].name.as_str()),
+                    );
+                }
+            }
+            placed.push((i, n.subnet.trunc()));
+            if n.ingress {
+                if let Some(j) = ingress {
+                    self.err(format!("{p}.ingress"), format!("only one ingress network may exist; networks[{j}] is one already"));
+                }
+                ingress = Some(i);
+                if n.internal {
+                    self.err(format!("{p}.internal"), "the ingress network cannot be internal");
+                }
+            }
+            let gateway = n.gateway.unwrap_or_else(|| {
+                n.subnet.hosts().next().unwrap_or(n.subnet.network())
+            });
+            if let Err(e) = usable(&n.subnet, gateway) {
+                self.err(format!("{p}.gateway"), e);
+            }
+            out.insert(n.name.clone(), Network { id, spec: n.clone(), gateway });
+        }
+        out
+    }
+
+    fn check_services(
+        &mut self,
+        spec: &ClusterSpec,
+        networks: &BTreeMap<Name, Network>,
+        taken: &mut HashMap<(Name, Ipv4Addr), String>,
+    ) -> BTreeMap<Name, usize> {
+        let mut index = BTreeMap::new();
+        let mut ids: HashMap<Name, usize> = HashMap::new();
+        let mut published: HashMap<(u16, crate::spec::Protocol), &Name> = HashMap::new();
+        for (i, s) in spec.services.iter().enumerate() {
+            let p = format!("services[{i}]");
+            if index.insert(s.name.clone(), i).is_some() {
+                self.err(format!("{p}.name"), format!("service name {:?} is used twice", s.name.as_str()));
+                continue;
+            }
+            let id = s.id.clone().unwrap_or_else(|| s.name.clone());
+            if let Some(j) = ids.insert(id.clone(), i) {
+                self.err(format!("{p}.id"), format!("service id {:?} is also the id of services[{j}]", id.as_str()));
+            }
+            let mut port_names = BTreeSet::new();
+            for (k, port) in s.ports.iter().enumerate() {
+                let pp = format!("{p}.ports[{k}]");
+                if port.target == 0 {
+                    self.err(format!("{pp}.target"), "port 0 cannot be a target");
+                }
+                if let Some(n) = &port.name
+                    && !port_names.insert((n.clone(), port.protocol))
+                {
+                    self.err(format!("{pp}.name"), format!("port name {:?} is used twice for {}", n.as_str(), port.protocol));
+                }
+                if let Some(pub_port) = port.published {
+                    if pub_port == 0 {
+                        self.err(format!("{pp}.published"), "port 0 cannot be published");
+                    } else if let Some(other) = published.insert((pub_port, port.protocol), &s.name) {
+                        self.err(
+                            format!("{pp}.published"),
+                            format!("{}/{} is already published by service {:?}", pub_port, port.protocol, other.as_str()),
+                        );
+                    }
+                }
+            }
+            let mut seen_nets = BTreeSet::new();
+            for (k, sn) in s.networks.iter().enumerate() {
+                let pp = format!("{p}.networks[{k}]");
+                let Some(net) = networks.get(&sn.network) else {
+                    self.err(format!("{pp}.network"), format!("no network is named {:?}", sn.network.as_str()));
+                    continue;
+                };
+                if !seen_nets.insert(sn.network.clone()) {
+                    self.err(format!("{pp}.network"), format!("network {:?} is listed twice", sn.network.as_str()));
+                }
+                if let Some(vip) = sn.vip {
+                    if let Err(e) = usable(&net.spec.subnet, vip) {
+                        self.err(format!("{pp}.vip"), e);
+                    } else if let Some(owner) =
+                        taken.insert((sn.network.clone(), vip), format!("the VIP of service {:?}", s.name.as_str()))
+                    {
+                        self.err(format!("{pp}.vip"), format!("{vip} is already {owner}"));
+                    }
+                }
+            }
+        }
+        index
+    }
+
+    fn check_tasks(
+        &mut self,
+        spec: &ClusterSpec,
+        nodes: &BTreeSet<NodeId>,
+        networks: &BTreeMap<Name, Network>,
+        services: &BTreeMap<Name, usize>,
+        taken: &mut HashMap<(Name, Ipv4Addr), String>,
+    ) -> BTreeMap<usize, Vec<Attachment>> {
+        let mut out = BTreeMap::new();
+        let mut ids = HashMap::new();
+        let mut macs: HashMap<(Name, MacAddr), String> = HashMap::new();
+        for (i, t) in spec.tasks.iter().enumerate() {
+            let p = format!("tasks[{i}]");
+            let mut atts = Vec::new();
+            if let Some(j) = ids.insert(t.id.clone(), i) {
+                self.err(format!("{p}.id"), format!("task id {:?} is also the id of tasks[{j}]", t.id.as_str()));
+            }
+            if !nodes.contains(&t.node) {
+                self.err(format!("{p}.node"), format!("no node has the id {:?}", t.node.as_str()));
+            }
+            let service = services.get(&t.service).map(|&k| &spec.services[k]);
+            if service.is_none() {
+                self.err(format!("{p}.service"), format!("no service is named {:?}", t.service.as_str()));
+            }
+            match t.runtime {
+                TaskRuntime::Netd if t.argv.is_empty() => {
+                    self.err(format!("{p}.argv"), "a task run by netd needs a command (argv)")
+                }
+                TaskRuntime::External if !t.argv.is_empty() => self.err(
+                    format!("{p}.argv"),
+                    "a task with runtime \"external\" is started by its container runtime; argv must be empty",
+                ),
+                _ => {}
+            }
+            let mut ifnames = BTreeSet::new();
+            let mut nets = BTreeSet::new();
+            for (k, a) in t.networks.iter().enumerate() {
+                let pp = format!("{p}.networks[{k}]");
+                let Some(net) = networks.get(&a.network) else {
+                    self.err(format!("{pp}.network"), format!("no network is named {:?}", a.network.as_str()));
+                    continue;
+                };
+                if !nets.insert(a.network.clone()) {
+                    self.err(format!("{pp}.network"), format!("the task is attached to {:?} twice", a.network.as_str()));
+                }
+                if let Some(s) = service
+                    && !s.networks.iter().any(|sn| sn.network == a.network)
+                {
+                    self.err(
+                        format!("{pp}.network"),
+                        format!("service {:?} is not on network {:?}", s.name.as_str(), a.network.as_str()),
+                    );
+                }
+                if let Err(e) = usable(&net.spec.subnet, a.ip) {
+                    self.err(format!("{pp}.ip"), e);
+                } else if let Some(owner) = taken.insert((a.network.clone(), a.ip), format!("the address of task {:?}", t.id.as_str()))
+                {
+                    self.err(format!("{pp}.ip"), format!("{} is already {owner}", a.ip));
+                }
+                let mac = a.mac.unwrap_or_else(|| MacAddr::from_ipv4(a.ip));
+                if let Some(owner) = macs.insert((a.network.clone(), mac), t.id.to_string()) {
+                    self.err(format!("{pp}.mac"), format!("{mac} is already used by task {owner:?} on this network"));
+                }
+                let ifname = a.ifname.clone().unwrap_or_else(|| IfName::new(format!("eth{k}")).expect("ethN is valid"));
+                if !ifnames.insert(ifname.clone()) {
+                    self.err(format!("{pp}.ifname"), format!("interface name {ifname:?} is used twice in this task"));
+                }
+                atts.push(Attachment { network: a.network.clone(), ip: a.ip, mac, aliases: a.aliases.clone(), ifname });
+            }
+            out.insert(i, atts);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{
+      "version": 1,
+      "nodes": [
+        {"id": "n1", "addr": "198.18.0.1", "role": "manager"},
+        {"id": "n2", "addr": "198.18.0.2"}
+      ],
+      "networks": [
+        {"name": "app", "subnet": "10.10.0.0/24", "vni": 4097},
+        {"name": "db", "subnet": "10.11.0.0/24", "vni": 4098, "internal": true}
+      ],
+      "services": [
+        {"name": "web", "mode": {"replicated": {"replicas": 2}},
+         "networks": [{"network": "app", "vip": "10.10.0.2", "aliases": ["www"]}],
+         "ports": [{"name": "http", "target": 80, "published": 8080}]}
+      ],
+      "tasks": [
+        {"id": "web1", "service": "web", "slot": 1, "node": "n1", "argv": ["sleep", "inf"],
+         "networks": [{"network": "app", "ip": "10.10.0.3"}]},
+        {"id": "web2", "service": "web", "slot": 2, "node": "n2", "argv": ["sleep", "inf"],
+         "networks": [{"network": "app", "ip": "10.10.0.4"}]}
+      ]
+    }"#;
+
+    fn issues(text: &str) -> Vec<String> {
+        Intent::from_json(text).unwrap_err().issues.iter().map(|i| i.to_string()).collect()
+    }
+
+    #[test]
+    fn good_intent_resolves_defaults() {
+        let i = Intent::from_json(GOOD).unwrap();
+        let app = i.network(&Name::new("app").unwrap()).unwrap();
+        assert_eq!(app.gateway, "10.10.0.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(app.id.as_str(), "app");
+        let (t, atts) = i.tasks().next().unwrap();
+        assert_eq!(t.id.as_str(), "web1");
+        assert_eq!(atts[0].mac.to_string(), "02:42:0a:0a:00:03");
+        assert_eq!(atts[0].ifname.as_str(), "eth0");
+        // Round trip through the file format keeps the same intent.
+        assert_eq!(Intent::from_json(&i.to_json()).unwrap(), i);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let text = GOOD.replace(r#""internal": true"#, r#""internal": true, "colour": "red""#);
+        let e = issues(&text);
+        assert!(e[0].starts_with("networks[1]"), "{e:?}");
+        assert!(e[0].contains("unknown field `colour`"), "{e:?}");
+    }
+
+    #[test]
+    fn vni_out_of_range_is_named() {
+        let e = issues(&GOOD.replace("4098", "16777216"));
+        assert!(e[0].starts_with("networks[1].vni"), "{e:?}");
+        assert!(e[0].contains("1..=16777215"), "{e:?}");
+        let e = issues(&GOOD.replace("4098", "0"));
+        assert!(e[0].starts_with("networks[1].vni"), "{e:?}");
+    }
+
+    #[test]
+    fn overlapping_subnets() {
+        let e = issues(&GOOD.replace("10.11.0.0/24", "10.10.0.0/16"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("networks[1].subnet"), "{e:?}");
+        assert!(e[0].contains("overlaps 10.10.0.0/24 of networks[0] (\"app\")"), "{e:?}");
+    }
+
+    #[test]
+    fn duplicate_task_ip() {
+        let e = issues(&GOOD.replace("10.10.0.4", "10.10.0.3"));
+        assert_eq!(e.len(), 2, "ip and derived MAC collide: {e:?}");
+        assert!(e[0].starts_with("tasks[1].networks[0].ip"), "{e:?}");
+        assert!(e[0].contains("already the address of task \"web1\""), "{e:?}");
+    }
+
+    #[test]
+    fn task_ip_on_vip_or_gateway() {
+        let e = issues(&GOOD.replace("10.10.0.4", "10.10.0.2"));
+        assert!(e[0].contains("already the VIP of service \"web\""), "{e:?}");
+        let e = issues(&GOOD.replace("10.10.0.4", "10.10.0.1"));
+        assert!(e[0].contains("already the gateway of network \"app\""), "{e:?}");
+        let e = issues(&GOOD.replace("10.10.0.4", "10.10.0.255"));
+        assert!(e[0].contains("broadcast"), "{e:?}");
+        let e = issues(&GOOD.replace("10.10.0.4", "10.12.0.4"));
+        assert!(e[0].contains("outside the subnet 10.10.0.0/24"), "{e:?}");
+    }
+
+    #[test]
+    fn long_interface_name() {
+        let text = GOOD.replace(r#""ip": "10.10.0.4""#, r#""ip": "10.10.0.4", "ifname": "averyveryverylong0""#);
+        let e = issues(&text);
+        assert!(e[0].starts_with("tasks[1].networks[0].ifname"), "{e:?}");
+        assert!(e[0].contains("Linux allows at most 15"), "{e:?}");
+    }
+
+    #[test]
+    fn dangling_references() {
+        let e = issues(&GOOD.replace(r#""node": "n2""#, r#""node": "n9""#));
+        assert!(e[0].contains("no node has the id \"n9\""), "{e:?}");
+        let e = issues(&GOOD.replace(r#"{"network": "app", "ip": "10.10.0.4"}"#, r#"{"network": "db", "ip": "10.11.0.4"}"#));
+        assert!(e[0].contains("service \"web\" is not on network \"db\""), "{e:?}");
+    }
+
+    #[test]
+    fn duplicate_published_port_names_the_other_service() {
+        // A second service publishing the same port is refused with the first one's name.
+        let spec_text = GOOD.replace(
+            r#""services": ["#,
+            r#""services": [{"name": "api", "ports": [{"target": 81, "published": 8080}]},"#,
+        );
+        let e = issues(&spec_text);
+        assert!(e[0].contains("8080/tcp is already published by service \"api\""), "{e:?}");
+        let ok = spec_text.replace(r#""target": 81, "published": 8080"#, r#""target": 81, "published": 8080, "protocol": "udp""#);
+        Intent::from_json(&ok).unwrap();
+    }
+
+    #[test]
+    fn malformed_json_says_where() {
+        let e = issues("{\"version\": 1, \"nodes\": [");
+        assert!(e[0].contains("line 1"), "{e:?}");
+    }
+}

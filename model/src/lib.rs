@@ -1,0 +1,16 @@
+//! swarmnet's intent model: the cluster's desired networks, services, tasks and nodes.
+//!
+//! Layout:
+//! - [`types`]: validated newtypes (`Vni`, `IfName`, `MacAddr`, `Name`, ...).
+//! - [`spec`]: the serde form of the intent file (JSON, unknown fields refused).
+//! - [`intent`]: [`Intent`], a [`spec::ClusterSpec`] that passed every cross-object check.
+//!
+//! Invariants: this crate does no I/O and knows nothing of the kernel; the orchestrator, netd
+//! and the CLI all depend on it, and it depends on none of them.
+
+pub mod intent;
+pub mod spec;
+pub mod types;
+
+pub use intent::{Attachment, Intent, IntentError, IntentIssue, Network};
+pub use types::{IfName, MacAddr, Mtu, Name, NodeId, TaskId, ValueError, Vni};

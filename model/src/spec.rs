@@ -1,0 +1,257 @@
+//! The cluster intent file format (JSON). Every struct refuses unknown fields, so a typo is an
+//! error that names the field rather than a setting silently ignored. See `docs/intent-format.md`.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{IfName, MacAddr, Mtu, Name, NodeId, TaskId, Vni};
+
+/// The whole cluster's intent: what should exist, as the orchestrator (or an operator writing
+/// the file by hand) declares it. Nodes project their own share of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// Format version; only 1 exists.
+    pub version: u32,
+    #[serde(default)]
+    pub nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    pub networks: Vec<NetworkSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub tasks: Vec<TaskSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub id: NodeId,
+    /// Defaults to the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Underlay (advertise) address: VXLAN traffic to this node goes here, and leaves it from here.
+    pub addr: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub role: NodeRole,
+    #[serde(default)]
+    pub availability: Availability,
+    /// Underlay interface; when absent, the interface holding `addr` is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_interface: Option<IfName>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeRole {
+    Manager,
+    #[default]
+    Worker,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Availability {
+    #[default]
+    Active,
+    Pause,
+    Drain,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// Stable identifier; defaults to the name. Kernel objects are keyed by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Name>,
+    pub name: Name,
+    pub subnet: Ipv4Net,
+    /// Defaults to the first host address of the subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    pub vni: Vni,
+    /// Overrides the MTU derived from the underlay (underlay MTU − 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<Mtu>,
+    /// No traffic leaves the overlay: no gateway bridge, no DNS forwarding.
+    #[serde(default)]
+    pub internal: bool,
+    /// Containers not started by the orchestrator may attach.
+    #[serde(default)]
+    pub attachable: bool,
+    /// The routing-mesh network; at most one.
+    #[serde(default)]
+    pub ingress: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Stable identifier; defaults to the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Name>,
+    pub name: Name,
+    #[serde(default)]
+    pub mode: ServiceMode,
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub networks: Vec<ServiceNetwork>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServiceMode {
+    Replicated { replicas: u32 },
+    Global,
+}
+
+impl Default for ServiceMode {
+    fn default() -> Self {
+        Self::Replicated { replicas: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointMode {
+    /// One virtual IP per network, load-balanced to the tasks.
+    #[default]
+    Vip,
+    /// DNS round robin: the name resolves to the task addresses.
+    Dnsrr,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartPolicy {
+    /// Restart whenever the process exits.
+    #[default]
+    Always,
+    /// Restart only after a non-zero exit or a signal.
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishMode {
+    /// Routing mesh: the port answers on every node.
+    #[default]
+    Ingress,
+    /// The port answers only on nodes running a task, straight to that task.
+    Host,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    /// Used for SRV records `_<name>._<proto>.<service>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    pub target: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<u16>,
+    #[serde(default)]
+    pub publish_mode: PublishMode,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceNetwork {
+    /// Network name.
+    pub network: Name,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<Name>,
+    /// The service's virtual IP on this network (endpoint mode vip), allocated by the orchestrator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub id: TaskId,
+    /// Service name.
+    pub service: Name,
+    #[serde(default)]
+    pub slot: u32,
+    pub node: NodeId,
+    #[serde(default)]
+    pub networks: Vec<TaskAttachment>,
+    /// The command to run inside the sandbox. Empty with `runtime: external`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub desired_state: DesiredState,
+    #[serde(default)]
+    pub runtime: TaskRuntime,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DesiredState {
+    #[default]
+    Running,
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskRuntime {
+    /// netd creates the sandbox and runs `argv` in it.
+    #[default]
+    Netd,
+    /// A container runtime owns the sandbox and attaches it through netd's local API.
+    External,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskAttachment {
+    /// Network name.
+    pub network: Name,
+    pub ip: Ipv4Addr,
+    /// Defaults to `02:42` followed by the IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<Name>,
+    /// Interface name inside the sandbox; defaults to `eth<index>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<IfName>,
+}
