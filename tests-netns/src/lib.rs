@@ -1,1 +1,7 @@
-//! harness
+//! Test support for swarmnet: the privileged-test gate used by every crate, and (in
+//! [`topo`]) a harness that builds multi-node topologies out of network namespaces.
+//!
+//! Invariants: nothing here touches the machine's root network namespace; every namespace
+//! it creates carries the `snt` prefix and is removed on drop or swept by the next run.
+
+pub mod gate;

@@ -1,0 +1,6 @@
+//! In-memory ports that model kernel semantics (not call recorders), for the planner's and
+//! reconciler's tests and for the contract suites.
+
+pub mod firewall;
+pub mod link;
+pub mod process;

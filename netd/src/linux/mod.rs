@@ -1,0 +1,6 @@
+//! Linux implementations of the ports. All kernel access of netd lives under this module.
+
+pub mod firewall;
+pub mod link;
+pub mod netns;
+pub mod process;
