@@ -13,3 +13,9 @@
 pub mod fake;
 pub mod linux;
 pub mod port;
+pub mod desired;
+pub mod firewall;
+pub mod plan;
+pub mod reconcile;
+pub mod config;
+pub mod daemon;

@@ -1,1 +1,110 @@
-fn main() {}
+//! `swarmnet-netd`: the per-node daemon. A thin binary over the library: parse the config,
+//! build the Linux ports, run the daemon loop until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context as _;
+use clap::Parser;
+use swarmnet_netd::config::{LogFormat, RawConfig};
+use swarmnet_netd::linux::firewall::NftFirewall;
+use swarmnet_netd::linux::link::LinuxLinkPort;
+use swarmnet_netd::linux::process::{LinuxProcessPort, default_cgroup_dir};
+use swarmnet_netd::reconcile::{Ports, Reconciler, ReconcilerConfig};
+use swarmnet_netd::{daemon, firewall};
+
+/// The swarmnet node daemon: overlay networks, sandboxes and tasks for this node.
+#[derive(Debug, Parser)]
+#[command(name = "swarmnet-netd", version)]
+struct Args {
+    /// TOML config file; flags override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's id in the intent.
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Cluster intent file (JSON), watched for changes.
+    #[arg(long = "intent")]
+    intent_file: Option<PathBuf>,
+    /// Expected underlay address of this node (checked against the intent).
+    #[arg(long)]
+    advertise_addr: Option<std::net::Ipv4Addr>,
+    /// State directory: namespaces, task records, status [default: /run/swarmnet].
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// VXLAN UDP port [default: 4789].
+    #[arg(long)]
+    vxlan_port: Option<u16>,
+    /// Interval of full reconcile rounds that repair drift, e.g. 30s [default: 30s].
+    #[arg(long)]
+    full_reconcile_interval: Option<String>,
+    /// Subnet of the node-local gateway bridge [default: 172.30.0.0/16].
+    #[arg(long)]
+    gw_subnet: Option<String>,
+    /// cgroup2 directory for this node's tasks [default: <cgroup2 mount>/swarmnet/<node-id>].
+    #[arg(long)]
+    cgroup_dir: Option<PathBuf>,
+    /// Time between SIGTERM and SIGKILL when a task stops, e.g. 10s.
+    #[arg(long)]
+    stop_grace: Option<String>,
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let file = match &args.config {
+        Some(p) => RawConfig::from_toml(
+            &std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?,
+        )?,
+        None => RawConfig::default(),
+    };
+    let flags = RawConfig {
+        node_id: args.node_id,
+        intent_file: args.intent_file,
+        advertise_addr: args.advertise_addr,
+        run_dir: args.run_dir,
+        vxlan_port: args.vxlan_port,
+        full_reconcile_interval: args.full_reconcile_interval,
+        gw_subnet: args.gw_subnet,
+        cgroup_dir: args.cgroup_dir,
+        stop_grace: args.stop_grace,
+        log_format: args.log_format,
+    };
+    let cfg = file.overlay(flags).validate()?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_unset| tracing_subscriber::EnvFilter::new("info"));
+    match cfg.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+    }
+
+    std::fs::create_dir_all(&cfg.run_dir)
+        .with_context(|| format!("creating run directory {}", cfg.run_dir.display()))?;
+    let task_dir = cfg.run_dir.join("tasks");
+    let cgroup_dir = match &cfg.cgroup_dir {
+        Some(d) => d.clone(),
+        None => default_cgroup_dir(cfg.node_id.as_str())?,
+    };
+    let ports = Ports {
+        links: Box::new(LinuxLinkPort::new(cfg.run_dir.clone())?),
+        firewall: Box::new(NftFirewall::new(firewall::FAMILY, firewall::TABLE)),
+        processes: Box::new(LinuxProcessPort::new(task_dir.clone(), cgroup_dir)?),
+    };
+    let rec = Reconciler::new(
+        ports,
+        ReconcilerConfig {
+            node: cfg.node_id.clone(),
+            vxlan_port: cfg.vxlan_port,
+            gw_subnet: cfg.gw_subnet,
+            task_dir,
+            stop_grace: cfg.stop_grace,
+        },
+    );
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&shutdown)).context("installing signal handler")?;
+    }
+    daemon::run(&cfg, rec, shutdown)
+}

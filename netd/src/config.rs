@@ -1,0 +1,193 @@
+//! netd's configuration: raw (flags and an optional TOML file, unknown keys refused) →
+//! validated [`NetdConfig`]. Defaults live here and nowhere else. Nothing reads or changes the
+//! process environment.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use swarmnet_model::NodeId;
+
+/// Where netd's intent comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IntentSource {
+    /// A cluster intent file (JSON, see docs/intent-format.md), watched for changes.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetdConfig {
+    pub node_id: NodeId,
+    pub intent: IntentSource,
+    /// If set, must equal this node's address in the intent (a guard against a mixed-up file).
+    pub advertise_addr: Option<Ipv4Addr>,
+    pub run_dir: PathBuf,
+    pub vxlan_port: u16,
+    pub full_reconcile_interval: Duration,
+    pub gw_subnet: Ipv4Net,
+    /// cgroup2 directory for this node's tasks; found from the cgroup2 mount when unset.
+    pub cgroup_dir: Option<PathBuf>,
+    pub stop_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+pub const DEFAULT_RUN_DIR: &str = "/run/swarmnet";
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+pub const DEFAULT_FULL_RECONCILE: Duration = Duration::from_secs(30);
+pub const DEFAULT_GW_SUBNET: &str = "172.30.0.0/16";
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The raw form, as the TOML file or the flags give it. Every field is optional here; flags win
+/// over the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub node_id: Option<String>,
+    pub intent_file: Option<PathBuf>,
+    pub advertise_addr: Option<Ipv4Addr>,
+    pub run_dir: Option<PathBuf>,
+    pub vxlan_port: Option<u16>,
+    pub full_reconcile_interval: Option<String>,
+    pub gw_subnet: Option<String>,
+    pub cgroup_dir: Option<PathBuf>,
+    pub stop_grace: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+impl RawConfig {
+    /// Fields set in `over` replace ours.
+    pub fn overlay(self, over: RawConfig) -> RawConfig {
+        RawConfig {
+            node_id: over.node_id.or(self.node_id),
+            intent_file: over.intent_file.or(self.intent_file),
+            advertise_addr: over.advertise_addr.or(self.advertise_addr),
+            run_dir: over.run_dir.or(self.run_dir),
+            vxlan_port: over.vxlan_port.or(self.vxlan_port),
+            full_reconcile_interval: over.full_reconcile_interval.or(self.full_reconcile_interval),
+            gw_subnet: over.gw_subnet.or(self.gw_subnet),
+            cgroup_dir: over.cgroup_dir.or(self.cgroup_dir),
+            stop_grace: over.stop_grace.or(self.stop_grace),
+            log_format: over.log_format.or(self.log_format),
+        }
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError { field: "config file", message: e.to_string() })
+    }
+
+    pub fn validate(self) -> Result<NetdConfig, ConfigError> {
+        let err = |field: &'static str, message: String| ConfigError { field, message };
+        let node_id = self.node_id.ok_or_else(|| err("node_id", "is required (--node-id)".into()))?;
+        let node_id = NodeId::new(node_id).map_err(|e| err("node_id", e.to_string()))?;
+        let intent = IntentSource::File(
+            self.intent_file.ok_or_else(|| err("intent_file", "is required (--intent FILE)".into()))?,
+        );
+        let vxlan_port = self.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT);
+        if vxlan_port == 0 {
+            return Err(err("vxlan_port", "must not be 0".into()));
+        }
+        let full_reconcile_interval = match self.full_reconcile_interval {
+            Some(s) => parse_duration(&s).map_err(|m| err("full_reconcile_interval", m))?,
+            None => DEFAULT_FULL_RECONCILE,
+        };
+        if full_reconcile_interval < Duration::from_millis(100) {
+            return Err(err("full_reconcile_interval", "must be at least 100ms".into()));
+        }
+        let gw_subnet: Ipv4Net = self
+            .gw_subnet
+            .as_deref()
+            .unwrap_or(DEFAULT_GW_SUBNET)
+            .parse()
+            .map_err(|e| err("gw_subnet", format!("{e}; expected a CIDR like 172.30.0.0/16")))?;
+        if gw_subnet.prefix_len() > 29 {
+            return Err(err("gw_subnet", format!("{gw_subnet} is too small; use a /29 or larger")));
+        }
+        let stop_grace = match self.stop_grace {
+            Some(s) => parse_duration(&s).map_err(|m| err("stop_grace", m))?,
+            None => DEFAULT_STOP_GRACE,
+        };
+        Ok(NetdConfig {
+            node_id,
+            intent,
+            advertise_addr: self.advertise_addr,
+            run_dir: self.run_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
+            vxlan_port,
+            full_reconcile_interval,
+            gw_subnet: gw_subnet.trunc(),
+            cgroup_dir: self.cgroup_dir,
+            stop_grace,
+            log_format: self.log_format.unwrap_or(LogFormat::Text),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config: {field} {message}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// Parses `500ms`, `2s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_e| format!("{s:?} is not a duration like 500ms, 2s or 5m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?} has unit {unit:?}; use ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RawConfig {
+        RawConfig { node_id: Some("n1".into()), intent_file: Some("/x.json".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn defaults_in_one_place() {
+        let c = base().validate().unwrap();
+        assert_eq!(c.vxlan_port, 4789);
+        assert_eq!(c.full_reconcile_interval, Duration::from_secs(30));
+        assert_eq!(c.run_dir, PathBuf::from("/run/swarmnet"));
+        assert_eq!(c.gw_subnet.to_string(), "172.30.0.0/16");
+    }
+
+    #[test]
+    fn strict_file_and_flags_override() {
+        let e = RawConfig::from_toml("node_id = \"n1\"\nvxlan_prot = 1\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `vxlan_prot`"), "{e}");
+        let file = RawConfig::from_toml("node_id = \"n1\"\nintent_file = \"/a\"\nvxlan_port = 4790\n").unwrap();
+        let c = file.overlay(RawConfig { vxlan_port: Some(4800), ..Default::default() }).validate().unwrap();
+        assert_eq!(c.vxlan_port, 4800);
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = RawConfig { full_reconcile_interval: Some("5 parsecs".into()), ..base() }.validate().unwrap_err();
+        assert_eq!(e.field, "full_reconcile_interval");
+        let e = RawConfig { gw_subnet: Some("172.30.0.0/30".into()), ..base() }.validate().unwrap_err();
+        assert_eq!(e.field, "gw_subnet");
+        let e = RawConfig { node_id: Some("N 1".into()), ..base() }.validate().unwrap_err();
+        assert_eq!(e.field, "node_id");
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    }
+}

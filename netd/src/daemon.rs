@@ -1,0 +1,162 @@
+//! The daemon loop: watches the intent file, runs incremental rounds on change and full rounds
+//! on a timer, and writes `status.json` after every round. Single-threaded: the reconciler owns
+//! the ports, so two rounds never race.
+//!
+//! Stopping netd (SIGTERM, SIGINT, or `kill -9`) leaves the data plane and the tasks as they are:
+//! the next netd adopts them. Only a change of intent removes things.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use swarmnet_model::Intent;
+use tracing::{error, info, warn};
+
+use crate::config::{IntentSource, NetdConfig};
+use crate::plan::ObjectKey;
+use crate::reconcile::{ObjectStatus, Reconciler, persist_json};
+
+/// How often the intent file and the task processes are looked at.
+const TICK: Duration = Duration::from_millis(100);
+
+/// What `status.json` holds: for tests, for `swarmnet inspect`, for operators.
+#[derive(Debug, Serialize)]
+pub struct StatusFile<'a> {
+    pub node: &'a str,
+    pub pid: u32,
+    pub round: u64,
+    pub full: bool,
+    pub intent_generation: u64,
+    pub intent_error: Option<&'a str>,
+    pub underlay_error: Option<&'a str>,
+    pub converged: bool,
+    pub objects: std::collections::BTreeMap<String, &'a ObjectStatus>,
+}
+
+/// Identity of the intent file's current content, cheap to poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp { modified: m.modified().ok(), len: m.len(), ino: m.ino() })
+}
+
+/// Watches the intent file by polling its stamp: it works with editors and with atomic
+/// rename-into-place alike, and costs one stat per tick.
+#[derive(Debug)]
+pub struct IntentWatcher {
+    path: PathBuf,
+    last: Option<FileStamp>,
+    pub error: Option<String>,
+}
+
+impl IntentWatcher {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, last: None, error: None }
+    }
+
+    /// A new valid intent if the file changed and parses; a parse failure is kept in `error`
+    /// and the previous intent stays in force.
+    pub fn poll(&mut self) -> Option<Intent> {
+        let now = stamp(&self.path);
+        if now.is_some() && now == self.last {
+            return None;
+        }
+        if now.is_none() {
+            let msg = format!("intent file {} does not exist", self.path.display());
+            if self.error.as_deref() != Some(&msg) {
+                warn!(path = %self.path.display(), "intent file missing; keeping the current state");
+                self.error = Some(msg);
+            }
+            return None;
+        }
+        self.last = now;
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.error = Some(format!("cannot read {}: {e}", self.path.display()));
+                return None;
+            }
+        };
+        match Intent::from_json(&text) {
+            Ok(i) => {
+                self.error = None;
+                Some(i)
+            }
+            Err(e) => {
+                error!(path = %self.path.display(), error = %e, "intent refused; the previous intent stays in force");
+                self.error = Some(e.to_string());
+                None
+            }
+        }
+    }
+}
+
+/// Runs until `shutdown` is set.
+pub fn run(cfg: &NetdConfig, mut rec: Reconciler, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let IntentSource::File(path) = &cfg.intent;
+    let mut watcher = IntentWatcher::new(path.clone());
+    let status_path = cfg.run_dir.join("status.json");
+    let mut next_full: Option<Instant> = None;
+    let mut last_err: Option<String> = None;
+    info!(node = %cfg.node_id, intent = %path.display(), "netd running");
+    while !shutdown.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let mut ran = None;
+        if let Some(intent) = watcher.poll() {
+            if let Some(addr) = cfg.advertise_addr
+                && let Some(n) = intent.node(&cfg.node_id)
+                && n.addr != addr
+            {
+                watcher.error = Some(format!(
+                    "the intent gives node {} the address {}, but netd was started with --advertise-addr {addr}",
+                    cfg.node_id, n.addr
+                ));
+                error!(error = watcher.error.as_deref(), "intent refused");
+            } else {
+                let first = rec.intent_generation() == 0;
+                rec.set_intent(intent);
+                info!(generation = rec.intent_generation(), "intent loaded");
+                // The first round after start is full: adopt what is there and prune the rest.
+                ran = Some(rec.round(first, now));
+                if first {
+                    next_full = Some(now + cfg.full_reconcile_interval);
+                }
+            }
+        } else if next_full.is_some_and(|t| t <= now) {
+            ran = Some(rec.round(true, now));
+            next_full = Some(now + cfg.full_reconcile_interval);
+        } else if rec.intent_generation() > 0 && rec.wants_round(now) {
+            ran = Some(rec.round(false, now));
+        }
+        if ran.is_some() || watcher.error != last_err {
+            last_err = watcher.error.clone();
+            let full = ran.as_ref().is_some_and(|r| r.full);
+            let status = StatusFile {
+                node: cfg.node_id.as_str(),
+                pid: std::process::id(),
+                round: rec.round_number(),
+                full,
+                intent_generation: rec.intent_generation(),
+                intent_error: watcher.error.as_deref(),
+                underlay_error: rec.underlay_error(),
+                converged: rec.converged() && watcher.error.is_none(),
+                objects: rec.status().iter().map(|(k, v): (&ObjectKey, _)| (k.to_string(), v)).collect(),
+            };
+            if let Err(e) = persist_json(&status_path, &status) {
+                warn!(error = %e, path = %status_path.display(), "cannot write status");
+            }
+        }
+        std::thread::sleep(TICK);
+    }
+    info!("netd stopping; the data plane and tasks stay as they are");
+    Ok(())
+}

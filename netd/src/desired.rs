@@ -1,0 +1,447 @@
+//! Pure projection of the cluster intent onto one node: which networks, sandboxes, links,
+//! addresses, FDB/neighbour entries and processes this node should have. No I/O.
+//!
+//! Naming (all kernel names carry the `sn` prefix and fit in 15 bytes):
+//! - overlay network namespace `net-<network id>`, holding `br0` and `snvx<vni>`;
+//! - sandbox namespace `sb-<task id>`; the host end of its overlay veth is `snv<hash>` in the
+//!   network namespace, the host end of its gateway veth `sng<hash>` in the node namespace;
+//! - the node-local gateway bridge `sngw0` in the node namespace.
+//!
+//! `<hash>` is 10 hex digits of FNV-1a over the task id (and network id): stable across
+//! versions and restarts, unlike `std`'s hasher.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+use swarmnet_model::spec::{DesiredState, RestartPolicy, TaskRuntime};
+use swarmnet_model::{IfName, Intent, MacAddr, Name, NodeId, TaskId};
+
+use crate::port::NsName;
+
+/// Marker written into IFLA_IFALIAS of every link netd creates; prune requires it.
+pub const ALIAS_PREFIX: &str = "swarmnet:";
+/// The node-local gateway bridge.
+pub const GW_BRIDGE: &str = "sngw0";
+/// The bridge inside every overlay network namespace.
+pub const NET_BRIDGE: &str = "br0";
+/// VXLAN overhead: outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8.
+pub const VXLAN_OVERHEAD: u16 = 50;
+
+/// FNV-1a, 64 bit: a stable hash for interface names.
+pub fn stable_hash(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h ^= 0xff;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        for b in p.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn hashed_ifname(prefix: &str, parts: &[&str]) -> IfName {
+    let h = stable_hash(parts) & 0xff_ffff_ffff;
+    IfName::new(format!("{prefix}{h:010x}")).expect("prefix + 10 hex digits fits in 15 bytes")
+}
+
+pub fn network_ns(id: &Name) -> NsName {
+    NsName::new(format!("net-{id}")).expect("network ids are valid file names")
+}
+pub fn sandbox_ns(task: &TaskId) -> NsName {
+    NsName::new(format!("sb-{task}")).expect("task ids are valid file names")
+}
+pub fn vxlan_name(vni: u32) -> IfName {
+    IfName::new(format!("snvx{vni}")).expect("snvx + at most 8 digits fits")
+}
+pub fn overlay_host_if(task: &TaskId, network: &Name) -> IfName {
+    hashed_ifname("snv", &[task.as_str(), network.as_str()])
+}
+pub fn gw_host_if(task: &TaskId) -> IfName {
+    hashed_ifname("sng", &[task.as_str()])
+}
+
+/// Node-local facts the projection needs besides the intent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeContext {
+    pub node: NodeId,
+    pub vxlan_port: u16,
+    /// MTU of the underlay link, observed.
+    pub underlay_mtu: u16,
+    pub underlay_if: Option<IfName>,
+    /// Subnet of the node-local gateway bridge; the first host is the bridge's address.
+    pub gw_subnet: Ipv4Net,
+    /// Gateway-bridge addresses already handed to sandboxes (persisted in the run directory).
+    pub gw_leases: BTreeMap<TaskId, Ipv4Addr>,
+    /// Namespaces of external tasks, attached through the local API.
+    pub external: BTreeMap<TaskId, PathBuf>,
+    /// Directory holding per-task files (logs, resolv.conf).
+    pub task_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredNetwork {
+    pub id: Name,
+    pub ns: NsName,
+    pub vni: u32,
+    pub vxlan: IfName,
+    /// Gateway address with the subnet's prefix, on `br0`.
+    pub gateway: Ipv4Net,
+    pub mtu: u16,
+    pub local: Ipv4Addr,
+    pub port: u16,
+    pub underlay_if: Option<IfName>,
+    /// Remote endpoints: IP → (MAC, VTEP).
+    pub peers: BTreeMap<Ipv4Addr, (MacAddr, Ipv4Addr)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredIface {
+    pub network: Name,
+    pub net_ns: NsName,
+    pub host_if: IfName,
+    pub ifname: IfName,
+    pub addr: Ipv4Net,
+    pub mac: MacAddr,
+    pub mtu: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredGwIface {
+    pub host_if: IfName,
+    pub ifname: IfName,
+    pub addr: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub mtu: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredProcess {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub restart: RestartPolicy,
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredSandbox {
+    pub task: TaskId,
+    pub ns: NsName,
+    /// For external tasks: the runtime's namespace, bound as `ns`.
+    pub external: Option<PathBuf>,
+    pub ifaces: Vec<DesiredIface>,
+    pub gw: Option<DesiredGwIface>,
+    pub process: Option<DesiredProcess>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredGwBridge {
+    pub name: IfName,
+    pub addr: Ipv4Net,
+}
+
+/// This node's share of the intent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredNode {
+    pub node: NodeId,
+    pub vxlan_port: u16,
+    /// Underlay addresses of every other node: the only sources VXLAN is accepted from.
+    pub vteps: BTreeSet<Ipv4Addr>,
+    pub gw_bridge: Option<DesiredGwBridge>,
+    pub networks: BTreeMap<Name, DesiredNetwork>,
+    pub sandboxes: BTreeMap<TaskId, DesiredSandbox>,
+}
+
+/// Why the projection could not place something; reported per object, the rest proceeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionIssue {
+    pub object: String,
+    pub message: String,
+}
+
+/// Tasks of this node that need a gateway-bridge address (running, on a non-internal network).
+pub fn gw_tasks(intent: &Intent, node: &NodeId) -> BTreeSet<TaskId> {
+    intent
+        .tasks()
+        .filter(|(t, atts)| {
+            &t.node == node
+                && t.desired_state == DesiredState::Running
+                && atts.iter().any(|a| intent.network(&a.network).is_some_and(|n| !n.spec.internal))
+        })
+        .map(|(t, _)| t.id.clone())
+        .collect()
+}
+
+/// Hands out gateway-bridge addresses: keeps existing leases of wanted tasks, drops the rest,
+/// and gives new tasks the lowest free host address (the first host is the bridge's own).
+/// Returns the new leases and the tasks that could not get one (subnet exhausted).
+pub fn lease_gw(
+    subnet: Ipv4Net,
+    leases: &BTreeMap<TaskId, Ipv4Addr>,
+    wanted: &BTreeSet<TaskId>,
+) -> (BTreeMap<TaskId, Ipv4Addr>, Vec<TaskId>) {
+    let mut out: BTreeMap<TaskId, Ipv4Addr> =
+        leases.iter().filter(|(t, ip)| wanted.contains(*t) && subnet.contains(*ip)).map(|(t, ip)| (t.clone(), *ip)).collect();
+    let used: BTreeSet<Ipv4Addr> = out.values().copied().collect();
+    let mut free = subnet.hosts().skip(1).filter(|ip| !used.contains(ip));
+    let mut exhausted = Vec::new();
+    for t in wanted {
+        if !out.contains_key(t) {
+            match free.next() {
+                Some(ip) => {
+                    out.insert(t.clone(), ip);
+                }
+                None => exhausted.push(t.clone()),
+            }
+        }
+    }
+    (out, exhausted)
+}
+
+/// Projects `intent` onto the node in `ctx`.
+pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<ProjectionIssue>) {
+    let mut issues = Vec::new();
+    let me = intent.node(&ctx.node);
+    let vteps = intent.nodes().filter(|n| n.id != ctx.node).map(|n| n.addr).collect();
+    let mut out = DesiredNode {
+        node: ctx.node.clone(),
+        vxlan_port: ctx.vxlan_port,
+        vteps,
+        gw_bridge: None,
+        networks: BTreeMap::new(),
+        sandboxes: BTreeMap::new(),
+    };
+    let Some(me) = me else {
+        issues.push(ProjectionIssue {
+            object: format!("node/{}", ctx.node),
+            message: format!("node {:?} is not in the intent; nothing is placed on it", ctx.node.as_str()),
+        });
+        return (out, issues);
+    };
+    let default_mtu = ctx.underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+    let net_mtu = |n: &swarmnet_model::Network| n.spec.mtu.map_or(default_mtu, |m| m.get());
+    let node_addr = |id: &NodeId| intent.node(id).map(|n| n.addr);
+
+    // Networks used by a running local task are instantiated here.
+    let running = |t: &swarmnet_model::spec::TaskSpec| t.desired_state == DesiredState::Running;
+    for (t, atts) in intent.tasks().filter(|(t, _)| t.node == ctx.node && running(t)) {
+        for a in atts {
+            let net = intent.network(&a.network).expect("validated reference");
+            out.networks.entry(net.id.clone()).or_insert_with(|| DesiredNetwork {
+                id: net.id.clone(),
+                ns: network_ns(&net.id),
+                vni: net.spec.vni.get(),
+                vxlan: vxlan_name(net.spec.vni.get()),
+                gateway: Ipv4Net::new(net.gateway, net.spec.subnet.prefix_len()).expect("valid prefix"),
+                mtu: net_mtu(net),
+                local: me.addr,
+                port: ctx.vxlan_port,
+                underlay_if: me.data_interface.clone().or_else(|| ctx.underlay_if.clone()),
+                peers: BTreeMap::new(),
+            });
+        }
+        let _ = t;
+    }
+    // Remote endpoints of those networks become FDB and neighbour entries.
+    for (t, atts) in intent.tasks().filter(|(t, _)| t.node != ctx.node && running(t)) {
+        let Some(vtep) = node_addr(&t.node) else { continue };
+        for a in atts {
+            let net = intent.network(&a.network).expect("validated reference");
+            if let Some(d) = out.networks.get_mut(&net.id) {
+                d.peers.insert(a.ip, (a.mac, vtep));
+            }
+        }
+    }
+
+    let gw_gateway = ctx.gw_subnet.hosts().next();
+    for (t, atts) in intent.tasks().filter(|(t, _)| t.node == ctx.node && running(t)) {
+        let external = match t.runtime {
+            TaskRuntime::Netd => None,
+            TaskRuntime::External => match ctx.external.get(&t.id) {
+                Some(p) => Some(p.clone()),
+                // Not attached yet: the runtime has not handed us its namespace.
+                None => continue,
+            },
+        };
+        let ifaces: Vec<DesiredIface> = atts
+            .iter()
+            .map(|a| {
+                let net = intent.network(&a.network).expect("validated reference");
+                DesiredIface {
+                    network: net.id.clone(),
+                    net_ns: network_ns(&net.id),
+                    host_if: overlay_host_if(&t.id, &net.id),
+                    ifname: a.ifname.clone(),
+                    addr: Ipv4Net::new(a.ip, net.spec.subnet.prefix_len()).expect("valid prefix"),
+                    mac: a.mac,
+                    mtu: net_mtu(net),
+                }
+            })
+            .collect();
+        let wants_gw = atts.iter().any(|a| intent.network(&a.network).is_some_and(|n| !n.spec.internal));
+        let gw = match (wants_gw, ctx.gw_leases.get(&t.id), gw_gateway) {
+            (false, _, _) => None,
+            (true, Some(ip), Some(gateway)) => Some(DesiredGwIface {
+                host_if: gw_host_if(&t.id),
+                ifname: next_ifname(&ifaces),
+                addr: Ipv4Net::new(*ip, ctx.gw_subnet.prefix_len()).expect("valid prefix"),
+                gateway,
+                mtu: ctx.underlay_mtu,
+            }),
+            (true, _, _) => {
+                issues.push(ProjectionIssue {
+                    object: format!("sandbox/{}", t.id),
+                    message: format!("no free address in the gateway subnet {}", ctx.gw_subnet),
+                });
+                continue;
+            }
+        };
+        let service = intent.service(&t.service).expect("validated reference");
+        let process = (t.runtime == TaskRuntime::Netd).then(|| DesiredProcess {
+            argv: t.argv.clone(),
+            env: t.env.clone(),
+            restart: service.restart,
+            log: ctx.task_dir.join(format!("{}.log", t.id)),
+        });
+        out.sandboxes.insert(
+            t.id.clone(),
+            DesiredSandbox { task: t.id.clone(), ns: sandbox_ns(&t.id), external, ifaces, gw, process },
+        );
+    }
+    if out.sandboxes.values().any(|s| s.gw.is_some())
+        && let Some(gateway) = gw_gateway
+    {
+        out.gw_bridge = Some(DesiredGwBridge {
+            name: IfName::new(GW_BRIDGE).expect("valid"),
+            addr: Ipv4Net::new(gateway, ctx.gw_subnet.prefix_len()).expect("valid prefix"),
+        });
+    }
+    (out, issues)
+}
+
+/// The first `ethN` not taken by the overlay interfaces.
+fn next_ifname(ifaces: &[DesiredIface]) -> IfName {
+    (0..)
+        .map(|i| IfName::new(format!("eth{i}")).expect("valid"))
+        .find(|n| !ifaces.iter().any(|i| &i.ifname == n))
+        .expect("a free ethN exists")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const INTENT: &str = r#"{
+      "version": 1,
+      "nodes": [
+        {"id": "n1", "addr": "198.18.0.1"},
+        {"id": "n2", "addr": "198.18.0.2"},
+        {"id": "n3", "addr": "198.18.0.3"}
+      ],
+      "networks": [
+        {"name": "app", "subnet": "10.10.0.0/24", "vni": 4097},
+        {"name": "db", "subnet": "10.11.0.0/24", "vni": 4098, "internal": true, "mtu": 1400}
+      ],
+      "services": [
+        {"name": "web", "networks": [{"network": "app"}]},
+        {"name": "pg", "networks": [{"network": "db"}]}
+      ],
+      "tasks": [
+        {"id": "web1", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
+         "networks": [{"network": "app", "ip": "10.10.0.3"}]},
+        {"id": "web2", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
+         "networks": [{"network": "app", "ip": "10.10.0.4"}]},
+        {"id": "pg1", "service": "pg", "node": "n1", "argv": ["sleep", "inf"],
+         "networks": [{"network": "db", "ip": "10.11.0.3"}]},
+        {"id": "pg2", "service": "pg", "node": "n3", "argv": ["sleep", "inf"],
+         "networks": [{"network": "db", "ip": "10.11.0.4"}]}
+      ]
+    }"#;
+
+    pub(crate) fn ctx(node: &str) -> NodeContext {
+        NodeContext {
+            node: NodeId::new(node).unwrap(),
+            vxlan_port: 4789,
+            underlay_mtu: 1500,
+            underlay_if: Some(IfName::new("eth0").unwrap()),
+            gw_subnet: "172.30.0.0/16".parse().unwrap(),
+            gw_leases: BTreeMap::new(),
+            external: BTreeMap::new(),
+            task_dir: PathBuf::from("/run/sn/tasks"),
+        }
+    }
+
+    #[test]
+    fn projects_networks_peers_and_sandboxes() {
+        let intent = Intent::from_json(INTENT).unwrap();
+        let mut c = ctx("n1");
+        let (leases, exhausted) = lease_gw(c.gw_subnet, &c.gw_leases, &gw_tasks(&intent, &c.node));
+        assert!(exhausted.is_empty());
+        c.gw_leases = leases;
+        let (d, issues) = project(&intent, &c);
+        assert!(issues.is_empty(), "{issues:?}");
+        assert_eq!(d.vteps.len(), 2);
+        let app = &d.networks[&Name::new("app").unwrap()];
+        assert_eq!(app.mtu, 1450, "underlay 1500 - 50");
+        assert_eq!(app.gateway.to_string(), "10.10.0.1/24");
+        assert_eq!(app.vxlan.as_str(), "snvx4097");
+        assert_eq!(app.peers.len(), 1);
+        assert_eq!(app.peers[&"10.10.0.4".parse::<Ipv4Addr>().unwrap()].1.to_string(), "198.18.0.2");
+        let db = &d.networks[&Name::new("db").unwrap()];
+        assert_eq!(db.mtu, 1400, "override wins");
+        let web1 = &d.sandboxes[&TaskId::new("web1").unwrap()];
+        assert_eq!(web1.ifaces[0].ifname.as_str(), "eth0");
+        let gw = web1.gw.as_ref().unwrap();
+        assert_eq!(gw.ifname.as_str(), "eth1");
+        assert_eq!(gw.gateway.to_string(), "172.30.0.1");
+        assert_eq!(gw.addr.to_string(), "172.30.0.2/16");
+        // An internal network gets no gateway interface.
+        assert!(d.sandboxes[&TaskId::new("pg1").unwrap()].gw.is_none());
+        assert!(d.gw_bridge.is_some());
+        // n3 only has pg2: it sees the db network, with pg1 as a peer, and not app.
+        let (d3, _) = project(&intent, &ctx("n3"));
+        assert_eq!(d3.networks.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["db"]);
+        assert_eq!(d3.networks[&Name::new("db").unwrap()].peers.len(), 1);
+    }
+
+    #[test]
+    fn names_fit_and_are_stable() {
+        let t = TaskId::new("a-very-long-task-identifier-0123456789").unwrap();
+        let n = Name::new("backend-network").unwrap();
+        let a = overlay_host_if(&t, &n);
+        assert!(a.as_str().len() <= 15);
+        assert_eq!(a, overlay_host_if(&t, &n));
+        assert_ne!(a, overlay_host_if(&TaskId::new("other").unwrap(), &n));
+        // Golden: these names are in kernels of running nodes; changing the hash breaks adoption.
+        assert_eq!(overlay_host_if(&TaskId::new("web1").unwrap(), &Name::new("app").unwrap()).as_str(), "snva61a215b84");
+        assert_eq!(gw_host_if(&TaskId::new("web1").unwrap()).as_str(), "sngf619ea4040");
+    }
+
+    #[test]
+    fn gw_leases_are_kept_and_reused() {
+        let subnet: Ipv4Net = "172.30.0.0/30".parse().unwrap();
+        let t = |s: &str| TaskId::new(s).unwrap();
+        let wanted: BTreeSet<TaskId> = [t("a"), t("b")].into();
+        let (l, ex) = lease_gw(subnet, &BTreeMap::new(), &wanted);
+        // A /30 has two hosts; the first is the bridge: one lease, one exhausted.
+        assert_eq!(l.len(), 1);
+        assert_eq!(ex, vec![t("b")]);
+        let (l2, _) = lease_gw(subnet, &l, &[t("a")].into());
+        assert_eq!(l2, l, "existing lease kept");
+        let (l3, ex3) = lease_gw(subnet, &l, &[t("b")].into());
+        assert!(ex3.is_empty(), "a's lease was released and reused: {l3:?}");
+    }
+
+    #[test]
+    fn missing_node_is_an_issue_not_a_panic() {
+        let intent = Intent::from_json(INTENT).unwrap();
+        let (d, issues) = project(&intent, &ctx("n9"));
+        assert!(d.networks.is_empty() && d.sandboxes.is_empty());
+        assert!(issues[0].message.contains("not in the intent"));
+    }
+}

@@ -1,0 +1,579 @@
+//! The reconciler: the thin effectful shell around `project` and `plan`.
+//!
+//! A round: project the intent → decide the scope (everything in a full round; in an incremental
+//! round, the objects whose desired state changed, that failed and are due a retry, or that
+//! were changed last round and need a confirming look) → observe just those objects → plan →
+//! apply each object's ops in order. An object that fails gets an error status and an
+//! exponential backoff; the others proceed. Full rounds also prune what netd owns but no
+//! longer wants, and repair drift made by anyone else.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use swarmnet_model::spec::RestartPolicy;
+use swarmnet_model::{IfName, Intent, NodeId, TaskId};
+use tracing::{debug, info, warn};
+
+use crate::desired::{self, DesiredNode, NodeContext};
+use crate::plan::{self, NsObserved, ObjectKey, ObjectPlan, Observed, Op, ProcessGate, Scope};
+use crate::port::{
+    FirewallPort, LinkKindState, LinkPort, NsName, NsRef, PortError, PortResult, ProcessPort,
+    ProcessSpec, ProcessState,
+};
+
+/// The three kernel-facing ports netd works through.
+pub struct Ports {
+    pub links: Box<dyn LinkPort>,
+    pub firewall: Box<dyn FirewallPort>,
+    pub processes: Box<dyn ProcessPort>,
+}
+
+impl std::fmt::Debug for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ports")
+    }
+}
+
+/// Node settings the reconciler needs (a subset of netd's config).
+#[derive(Debug, Clone)]
+pub struct ReconcilerConfig {
+    pub node: NodeId,
+    pub vxlan_port: u16,
+    pub gw_subnet: Ipv4Net,
+    /// Per-task files: logs, resolv.conf, gateway leases.
+    pub task_dir: PathBuf,
+    /// How long a stopping task gets between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectState {
+    Ok,
+    /// Changed last round; waiting for a confirming observation.
+    Pending,
+    Error,
+}
+
+/// Reconcile status of one object, shown in status.json and by `swarmnet inspect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObjectStatus {
+    pub state: ObjectState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Consecutive failed attempts.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    /// Ops applied in the last round that touched it.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub last_ops: u32,
+    #[serde(skip)]
+    pub retry_at: Option<Instant>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+#[derive(Debug, Clone, Default)]
+struct RestartState {
+    exits: u32,
+    not_before: Option<Instant>,
+    done: bool,
+    started_at: Option<Instant>,
+}
+
+/// What a round did, for logs, status and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    pub full: bool,
+    pub objects: usize,
+    pub ops_applied: usize,
+    pub errors: usize,
+    /// Ops applied in full rounds to objects whose desired state had not changed: drift.
+    pub drift_repaired: usize,
+}
+
+/// Backoff after `attempts` failures: 200 ms doubling, capped at 30 s.
+pub fn backoff(attempts: u32) -> Duration {
+    let ms = 200u64.saturating_mul(1u64 << attempts.min(8).saturating_sub(1));
+    Duration::from_millis(ms.min(30_000))
+}
+
+pub struct Reconciler {
+    ports: Ports,
+    cfg: ReconcilerConfig,
+    intent: Intent,
+    intent_generation: u64,
+    leases: BTreeMap<TaskId, Ipv4Addr>,
+    external: BTreeMap<TaskId, PathBuf>,
+    underlay: Option<(IfName, u16)>,
+    underlay_error: Option<String>,
+    last_desired: Option<DesiredNode>,
+    status: BTreeMap<ObjectKey, ObjectStatus>,
+    projection_issues: BTreeMap<ObjectKey, String>,
+    firewall_expected: Option<String>,
+    restarts: BTreeMap<TaskId, RestartState>,
+    round: u64,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler").field("node", &self.cfg.node).field("round", &self.round).finish()
+    }
+}
+
+fn lease_file(task_dir: &Path) -> PathBuf {
+    task_dir.join("gw-leases.json")
+}
+
+impl Reconciler {
+    /// Starts with an empty intent; gateway leases are read back from the task directory so
+    /// that a restarted netd keeps every sandbox's address.
+    pub fn new(ports: Ports, cfg: ReconcilerConfig) -> Self {
+        let leases = std::fs::read(lease_file(&cfg.task_dir))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<BTreeMap<TaskId, Ipv4Addr>>(&b).ok())
+            .unwrap_or_default();
+        Self {
+            ports,
+            cfg,
+            intent: Intent::empty(),
+            intent_generation: 0,
+            leases,
+            external: BTreeMap::new(),
+            underlay: None,
+            underlay_error: None,
+            last_desired: None,
+            status: BTreeMap::new(),
+            projection_issues: BTreeMap::new(),
+            firewall_expected: None,
+            restarts: BTreeMap::new(),
+            round: 0,
+        }
+    }
+
+    pub fn set_intent(&mut self, intent: Intent) {
+        self.intent = intent;
+        self.intent_generation += 1;
+    }
+
+    pub fn intent_generation(&self) -> u64 {
+        self.intent_generation
+    }
+
+    /// Hands an external task's namespace to netd (the attach API).
+    pub fn attach(&mut self, task: TaskId, netns: PathBuf) {
+        self.external.insert(task, netns);
+    }
+    pub fn detach(&mut self, task: &TaskId) -> bool {
+        self.external.remove(task).is_some()
+    }
+
+    pub fn status(&self) -> &BTreeMap<ObjectKey, ObjectStatus> {
+        &self.status
+    }
+    pub fn round_number(&self) -> u64 {
+        self.round
+    }
+    pub fn desired(&self) -> Option<&DesiredNode> {
+        self.last_desired.as_ref()
+    }
+    pub fn underlay_error(&self) -> Option<&str> {
+        self.underlay_error.as_deref()
+    }
+
+    /// True when the last round left nothing pending and nothing failing.
+    pub fn converged(&self) -> bool {
+        self.last_desired.is_some()
+            && self.underlay_error.is_none()
+            && self.status.values().all(|s| s.state == ObjectState::Ok)
+    }
+
+    /// Whether an incremental round has work: pending objects, retries due, or tasks to start.
+    pub fn wants_round(&mut self, now: Instant) -> bool {
+        if self.status.values().any(|s| s.state == ObjectState::Pending || s.retry_at.is_some_and(|t| t <= now)) {
+            return true;
+        }
+        let Some(d) = &self.last_desired else { return true };
+        let Ok(procs) = self.ports.processes.list() else { return true };
+        let procs: BTreeMap<_, _> = procs.into_iter().map(|p| (p.task.clone(), p)).collect();
+        d.sandboxes.values().filter(|s| s.process.is_some()).any(|s| match procs.get(&s.task) {
+            Some(p) => p.exit.is_some(),
+            None => gate_for(self.restarts.get(&s.task), now) == ProcessGate::Start,
+        })
+    }
+
+    fn context(&mut self) -> NodeContext {
+        let addr = self.intent.node(&self.cfg.node).map(|n| n.addr);
+        if let Some(addr) = addr {
+            match self.ports.links.underlay_for(addr) {
+                Ok(u) => {
+                    self.underlay = Some(u);
+                    self.underlay_error = None;
+                }
+                Err(e) => {
+                    self.underlay_error =
+                        Some(format!("underlay: no interface in the node namespace holds {addr} ({e})"));
+                }
+            }
+        }
+        let (underlay_if, underlay_mtu) = self.underlay.clone().map_or((None, 1500), |(i, m)| (Some(i), m));
+        let wanted = desired::gw_tasks(&self.intent, &self.cfg.node);
+        let (leases, _exhausted) = desired::lease_gw(self.cfg.gw_subnet, &self.leases, &wanted);
+        if leases != self.leases {
+            self.leases = leases;
+            if let Err(e) = persist_json(&lease_file(&self.cfg.task_dir), &self.leases) {
+                warn!(error = %e, "cannot persist gateway leases");
+            }
+        }
+        NodeContext {
+            node: self.cfg.node.clone(),
+            vxlan_port: self.cfg.vxlan_port,
+            underlay_mtu,
+            underlay_if,
+            gw_subnet: self.cfg.gw_subnet,
+            gw_leases: self.leases.clone(),
+            external: self.external.clone(),
+            task_dir: self.cfg.task_dir.clone(),
+        }
+    }
+
+    /// Runs one round. `full` rounds look at everything and prune.
+    pub fn round(&mut self, full: bool, now: Instant) -> RoundReport {
+        self.round += 1;
+        let ctx = self.context();
+        let (desired, issues) = desired::project(&self.intent, &ctx);
+        self.projection_issues = issues
+            .into_iter()
+            .map(|i| {
+                let key = match i.object.strip_prefix("sandbox/").and_then(|t| TaskId::new(t).ok()) {
+                    Some(t) => ObjectKey::Sandbox(t),
+                    None => ObjectKey::Node,
+                };
+                (key, i.message)
+            })
+            .collect();
+        let changed = changed_objects(self.last_desired.as_ref(), &desired);
+        let scope = if full {
+            Scope::Full
+        } else {
+            let mut keys = changed.clone();
+            for (k, s) in &self.status {
+                if s.state == ObjectState::Pending || s.retry_at.is_some_and(|t| t <= now) {
+                    keys.insert(k.clone());
+                }
+            }
+            // Tasks whose process exited, or that may start now.
+            let procs: BTreeMap<TaskId, ProcessState> = self
+                .ports
+                .processes
+                .list()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| (p.task.clone(), p))
+                .collect();
+            for s in desired.sandboxes.values().filter(|s| s.process.is_some()) {
+                let due = match procs.get(&s.task) {
+                    Some(p) => p.exit.is_some(),
+                    None => gate_for(self.restarts.get(&s.task), now) == ProcessGate::Start,
+                };
+                if due {
+                    keys.insert(ObjectKey::Sandbox(s.task.clone()));
+                }
+            }
+            Scope::Objects(keys)
+        };
+        let observed = self.observe(&desired, &scope);
+        self.note_exits(&observed, &desired, now);
+        let restarts = &self.restarts;
+        let gate = |t: &TaskId| gate_for(restarts.get(t), now);
+        let plans = plan::plan(&desired, &observed, &scope, self.firewall_expected.as_deref(), &gate);
+        let mut report = RoundReport { full, objects: plans.len(), ..RoundReport::default() };
+        let planned: BTreeSet<ObjectKey> = plans.iter().map(|p| p.key.clone()).collect();
+        for p in plans {
+            let in_backoff = self.status.get(&p.key).and_then(|s| s.retry_at).is_some_and(|t| t > now);
+            if in_backoff && !full {
+                continue;
+            }
+            let n = p.ops.len();
+            match self.apply(&p, now) {
+                Ok(()) => {
+                    report.ops_applied += n;
+                    if full && !changed.contains(&p.key) && !is_process_only(&p) {
+                        report.drift_repaired += n;
+                        warn!(object = %p.key, ops = n, "drift repaired");
+                    }
+                    self.status.insert(
+                        p.key.clone(),
+                        ObjectStatus { state: ObjectState::Pending, error: None, attempts: 0, last_ops: n as u32, retry_at: None },
+                    );
+                }
+                Err((done, e)) => {
+                    report.ops_applied += done;
+                    report.errors += 1;
+                    let attempts = self.status.get(&p.key).map_or(0, |s| s.attempts) + 1;
+                    warn!(object = %p.key, attempts, error = %e, "reconcile failed");
+                    self.status.insert(
+                        p.key.clone(),
+                        ObjectStatus {
+                            state: ObjectState::Error,
+                            error: Some(e.to_string()),
+                            attempts,
+                            last_ops: done as u32,
+                            retry_at: Some(now + backoff(attempts)),
+                        },
+                    );
+                }
+            }
+        }
+        // Objects in scope that needed nothing are confirmed ok.
+        let all_keys: BTreeSet<ObjectKey> = std::iter::once(ObjectKey::Node)
+            .chain(desired.networks.keys().map(|k| ObjectKey::Network(k.clone())))
+            .chain(desired.sandboxes.keys().map(|k| ObjectKey::Sandbox(k.clone())))
+            .collect();
+        for k in &all_keys {
+            if scope.includes(k) && !planned.contains(k) {
+                self.status.insert(k.clone(), ObjectStatus { state: ObjectState::Ok, error: None, attempts: 0, last_ops: 0, retry_at: None });
+            }
+        }
+        // Forget objects that are gone and no longer planned.
+        self.status.retain(|k, _| all_keys.contains(k) || planned.contains(k));
+        for (k, msg) in &self.projection_issues {
+            self.status.insert(
+                k.clone(),
+                ObjectStatus { state: ObjectState::Error, error: Some(msg.clone()), attempts: 1, last_ops: 0, retry_at: None },
+            );
+        }
+        self.restarts.retain(|t, _| desired.sandboxes.contains_key(t));
+        self.last_desired = Some(desired);
+        if report.ops_applied > 0 || report.errors > 0 {
+            info!(round = self.round, full, ops = report.ops_applied, errors = report.errors, "round applied");
+        } else {
+            debug!(round = self.round, full, "round: nothing to do");
+        }
+        report
+    }
+
+    fn note_exits(&mut self, observed: &Observed, desired: &DesiredNode, now: Instant) {
+        for p in observed.processes.values() {
+            let Some(exit) = p.exit else { continue };
+            let Some(proc_spec) = desired.sandboxes.get(&p.task).and_then(|s| s.process.as_ref()) else { continue };
+            let st = self.restarts.entry(p.task.clone()).or_default();
+            if st.not_before.is_some_and(|t| t > now) {
+                continue; // already handled this exit
+            }
+            let long_run = st.started_at.is_some_and(|s| now.duration_since(s) > Duration::from_secs(10));
+            if long_run {
+                st.exits = 0;
+            }
+            let stays_down = match proc_spec.restart {
+                RestartPolicy::Never => true,
+                RestartPolicy::OnFailure => exit.success(),
+                RestartPolicy::Always => false,
+            };
+            if stays_down {
+                st.done = true;
+                info!(task = %p.task, ?exit, "task exited; restart policy keeps it down");
+            } else {
+                st.exits += 1;
+                let delay = backoff(st.exits);
+                st.not_before = Some(now + delay);
+                warn!(task = %p.task, ?exit, restart_in_ms = delay.as_millis() as u64, "task exited; restarting");
+            }
+        }
+    }
+
+    fn observe(&mut self, desired: &DesiredNode, scope: &Scope) -> Observed {
+        let mut o = Observed::default();
+        let links = &mut self.ports.links;
+        match links.list_netns() {
+            Ok(v) => o.netns = v.into_iter().collect(),
+            Err(e) => warn!(error = %e, "cannot list namespaces"),
+        }
+        o.node = observe_ns(links.as_mut(), &NsRef::Node, false);
+        if let Ok(v) = links.get_sysctl(&NsRef::Node, "net/ipv4/ip_forward") {
+            o.node.sysctls.insert("net/ipv4/ip_forward".into(), v.trim().to_owned());
+        }
+        if scope.includes(&ObjectKey::Node) {
+            match self.ports.firewall.list_table() {
+                Ok(l) => o.firewall = l.map(|l| plan::normalize_listing(&l)),
+                Err(e) => warn!(error = %e, "cannot list the firewall table"),
+            }
+        }
+        let mut wanted: BTreeSet<NsName> = BTreeSet::new();
+        match scope {
+            Scope::Full => wanted.extend(o.netns.iter().cloned()),
+            Scope::Objects(keys) => {
+                for k in keys {
+                    match k {
+                        ObjectKey::Network(id) => {
+                            wanted.insert(desired::network_ns(id));
+                        }
+                        ObjectKey::Sandbox(t) => {
+                            wanted.insert(desired::sandbox_ns(t));
+                            for d in [Some(desired), self.last_desired.as_ref()].into_iter().flatten() {
+                                if let Some(s) = d.sandboxes.get(t) {
+                                    wanted.extend(s.ifaces.iter().map(|i| i.net_ns.clone()));
+                                }
+                            }
+                        }
+                        ObjectKey::Orphan(ns) => {
+                            wanted.insert(ns.clone());
+                        }
+                        ObjectKey::Node => {}
+                    }
+                }
+            }
+        }
+        for ns in wanted.into_iter().filter(|n| o.netns.contains(n)) {
+            let vx = ns.as_str().starts_with("net-");
+            let obs = observe_ns(links.as_mut(), &NsRef::Owned(ns.clone()), vx);
+            o.ns.insert(ns, obs);
+        }
+        match self.ports.processes.list() {
+            Ok(v) => o.processes = v.into_iter().map(|p| (p.task.clone(), p)).collect(),
+            Err(e) => warn!(error = %e, "cannot list task processes"),
+        }
+        o
+    }
+
+    /// Applies one object's ops in order; stops at the first failure.
+    fn apply(&mut self, p: &ObjectPlan, now: Instant) -> Result<(), (usize, PortError)> {
+        for (i, op) in p.ops.iter().enumerate() {
+            debug!(object = %p.key, %op, "apply");
+            self.apply_op(op, now).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
+
+    fn apply_op(&mut self, op: &Op, now: Instant) -> PortResult<()> {
+        let l = &mut self.ports.links;
+        match op {
+            Op::CreateNetns(ns) => l.create_netns(ns),
+            Op::BindNetns { ns, from } => l.bind_netns(ns, from),
+            Op::DeleteNetns(ns) => ok_if_missing(l.delete_netns(ns)),
+            Op::CreateLink { ns, spec } => l.create_link(ns, spec),
+            Op::SetLink { ns, name, change } => l.set_link(ns, name, change),
+            Op::DeleteLink { ns, name } => ok_if_missing(l.delete_link(ns, name)),
+            Op::AddAddr { ns, link, addr } => l.add_addr(ns, link, *addr),
+            Op::DeleteAddr { ns, link, addr } => ok_if_missing(l.delete_addr(ns, link, *addr)),
+            Op::AddRoute { ns, route } => l.add_route(ns, route),
+            Op::DeleteRoute { ns, route } => ok_if_missing(l.delete_route(ns, route)),
+            Op::AddFdb { ns, link, entry } => l.add_fdb(ns, link, entry),
+            Op::DeleteFdb { ns, link, entry } => ok_if_missing(l.delete_fdb(ns, link, entry)),
+            Op::AddNeigh { ns, link, entry } => l.add_neigh(ns, link, entry),
+            Op::DeleteNeigh { ns, link, entry } => ok_if_missing(l.delete_neigh(ns, link, entry)),
+            Op::SetSysctl { ns, key, value } => match l.set_sysctl(ns, key, value) {
+                // IPv6 compiled out or disabled: there is no accept_ra to turn off.
+                Err(e) if e.is_not_found() && key.starts_with("net/ipv6/") => Ok(()),
+                r => r,
+            },
+            Op::ApplyFirewall(ruleset) => {
+                self.ports.firewall.apply(ruleset)?;
+                self.firewall_expected = self.ports.firewall.list_table()?.map(|l| plan::normalize_listing(&l));
+                Ok(())
+            }
+            Op::StartProcess { task, ns, process } => {
+                let spec = ProcessSpec {
+                    task: task.clone(),
+                    netns: l.netns_path(ns),
+                    argv: process.argv.clone(),
+                    env: process.env.clone(),
+                    resolv_conf: None,
+                    log: process.log.clone(),
+                };
+                self.ports.processes.start(&spec)?;
+                let st = self.restarts.entry(task.clone()).or_default();
+                st.started_at = Some(now);
+                st.not_before = None;
+                Ok(())
+            }
+            Op::StopProcess(t) => ok_if_missing(self.ports.processes.stop(t, self.cfg.stop_grace)),
+            Op::ForgetProcess(t) => ok_if_missing(self.ports.processes.forget(t)),
+        }
+    }
+}
+
+fn is_process_only(p: &ObjectPlan) -> bool {
+    p.ops.iter().all(|o| matches!(o, Op::StartProcess { .. } | Op::ForgetProcess(_) | Op::StopProcess(_)))
+}
+
+fn gate_for(st: Option<&RestartState>, now: Instant) -> ProcessGate {
+    match st {
+        Some(s) if s.done => ProcessGate::Done,
+        Some(s) if s.not_before.is_some_and(|t| t > now) => ProcessGate::Wait,
+        _ => ProcessGate::Start,
+    }
+}
+
+fn ok_if_missing(r: PortResult<()>) -> PortResult<()> {
+    match r {
+        Err(e) if e.is_not_found() => Ok(()),
+        r => r,
+    }
+}
+
+/// Observes one namespace. A failed dump leaves that part empty; the planner then tries to
+/// create what it expects, and the resulting error lands on the object's status.
+fn observe_ns(links: &mut dyn LinkPort, ns: &NsRef, with_fdb: bool) -> NsObserved {
+    let mut o = NsObserved::default();
+    match links.list_links(ns) {
+        Ok(v) => o.links = v,
+        Err(e) => {
+            warn!(%ns, error = %e, "cannot list links");
+            return o;
+        }
+    }
+    o.addrs = links.list_addrs(ns).unwrap_or_default();
+    o.routes = links.list_routes(ns).unwrap_or_default();
+    if with_fdb {
+        let vx: Vec<IfName> =
+            o.links.iter().filter(|l| matches!(l.kind, LinkKindState::Vxlan { .. })).map(|l| l.name.clone()).collect();
+        for name in vx {
+            o.fdb.insert(name.clone(), links.list_fdb(ns, &name).unwrap_or_default().into_iter().collect());
+            o.neighs.insert(name.clone(), links.list_neighs(ns, &name).unwrap_or_default().into_iter().collect());
+        }
+    }
+    o
+}
+
+/// Objects whose desired state differs between two projections (added, removed or changed).
+pub fn changed_objects(old: Option<&DesiredNode>, new: &DesiredNode) -> BTreeSet<ObjectKey> {
+    let mut out = BTreeSet::new();
+    let Some(old) = old else {
+        out.insert(ObjectKey::Node);
+        out.extend(new.networks.keys().map(|k| ObjectKey::Network(k.clone())));
+        out.extend(new.sandboxes.keys().map(|k| ObjectKey::Sandbox(k.clone())));
+        return out;
+    };
+    let gw_ifs = |d: &DesiredNode| d.sandboxes.values().filter_map(|s| s.gw.as_ref().map(|g| g.host_if.clone())).collect::<BTreeSet<_>>();
+    if old.vteps != new.vteps || old.gw_bridge != new.gw_bridge || old.vxlan_port != new.vxlan_port || gw_ifs(old) != gw_ifs(new) {
+        out.insert(ObjectKey::Node);
+    }
+    for k in old.networks.keys().chain(new.networks.keys()) {
+        if old.networks.get(k) != new.networks.get(k) {
+            out.insert(ObjectKey::Network(k.clone()));
+        }
+    }
+    for k in old.sandboxes.keys().chain(new.sandboxes.keys()) {
+        if old.sandboxes.get(k) != new.sandboxes.get(k) {
+            out.insert(ObjectKey::Sandbox(k.clone()));
+        }
+    }
+    out
+}
+
+/// Writes JSON atomically (temp file + rename).
+pub fn persist_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, path)
+}
