@@ -3,13 +3,13 @@
 //! Each task gets:
 //! - the sandbox's network namespace (`setns` in the child between fork and exec: the child is
 //!   single-threaded there, which `setns(CLONE_NEWNET)` needs and the daemon is not);
-//! - when a resolv.conf is given, a private mount namespace with that file bind-mounted over
-//!   `/etc/resolv.conf`, made a slave of the node's mounts first so nothing propagates back
-//!   (what `ip netns exec` does);
+//! - a private mount namespace, made a recursive slave of the node's mounts so nothing
+//!   propagates back, and, when a resolv.conf is given, that file bind-mounted over
+//!   `/etc/resolv.conf` (what `ip netns exec` does with `/etc/netns/<name>/resolv.conf`);
 //! - a cgroup2 directory of its own, `<cgroup_dir>/<task id>`, which is how `stop` finds every
 //!   process the task forked, and the only thing it ever signals besides the recorded pid;
-//! - a session of its own (`setsid`), stdin from `/dev/null`, stdout and stderr appended to the
-//!   log file, and an environment of `PATH` plus the spec's variables only.
+//! - a session of its own (`setsid`), cwd `/`, stdin from `/dev/null`, stdout and stderr
+//!   appended to the log file, and an environment of `PATH` plus the spec's variables only.
 //!
 //! Records: `<state_dir>/<task>.json` holds `{pid, start_time, task, argv, exit}`, written to a
 //! temporary file and renamed. `start_time` (field 22 of `/proc/<pid>/stat`) tells a live process
@@ -363,19 +363,22 @@ impl ChildSetup {
         nix::unistd::setsid()?;
         step(STEP_NETNS);
         nix::sched::setns(&self.netns, CloneFlags::CLONE_NEWNET)?;
+        // Always a private mount namespace (the port's contract), so nothing the task mounts
+        // reaches the node, and the resolv.conf bind mount stays the task's own.
+        step(STEP_UNSHARE_NS);
+        nix::sched::unshare(CloneFlags::CLONE_NEWNS)?;
+        // Without this, mounts would still propagate to the node's mount namespace (/ is
+        // usually a shared mount, and unshare copies that). Slave: the node's later mounts
+        // still show up in the task, as with `ip netns exec`.
+        step(STEP_SLAVE);
+        nix::mount::mount(
+            None::<&CStr>,
+            c"/",
+            None::<&CStr>,
+            MsFlags::MS_REC | MsFlags::MS_SLAVE,
+            None::<&CStr>,
+        )?;
         if let Some(src) = &self.resolv {
-            step(STEP_UNSHARE_NS);
-            nix::sched::unshare(CloneFlags::CLONE_NEWNS)?;
-            // Without this the bind mount below would propagate to the node's mount namespace
-            // (/ is usually a shared mount).
-            step(STEP_SLAVE);
-            nix::mount::mount(
-                None::<&CStr>,
-                c"/",
-                None::<&CStr>,
-                MsFlags::MS_REC | MsFlags::MS_SLAVE,
-                None::<&CStr>,
-            )?;
             step(STEP_BIND);
             nix::mount::mount(
                 Some(src.as_c_str()),
@@ -763,22 +766,20 @@ impl ProcessPort for LinuxProcessPort {
         if task.stop.as_ref().is_some_and(|s| s.deadline <= deadline) {
             return Ok(());
         }
+        let cancel = match spawn_killer(&cgroup, grace, id) {
+            Ok(cancel) => cancel,
+            // The lazy kill in `list` still applies, so the stop itself has not failed.
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "no stop timer; will kill on the next list");
+                None
+            }
+        };
+        // Replacing an earlier stop drops its sender, which cancels its timer.
         task.stop = Some(Stop {
             deadline,
             killed: false,
-            _cancel: None,
+            _cancel: cancel,
         });
-        match spawn_killer(&cgroup, grace, id) {
-            Ok(cancel) => {
-                if let Some(stop) = &mut task.stop {
-                    stop._cancel = cancel;
-                }
-            }
-            // The lazy kill in `list` still applies, so the stop itself has not failed.
-            Err(e) => {
-                tracing::warn!(task = %id, error = %e, "no stop timer; will kill on the next list")
-            }
-        }
         Ok(())
     }
 
