@@ -99,6 +99,7 @@ fn main() -> anyhow::Result<()> {
             vxlan_port: cfg.vxlan_port,
             gw_subnet: cfg.gw_subnet,
             task_dir,
+            lease_file: cfg.run_dir.join("gw-leases.json"),
             stop_grace: cfg.stop_grace,
         },
     );

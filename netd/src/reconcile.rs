@@ -44,8 +44,10 @@ pub struct ReconcilerConfig {
     pub node: NodeId,
     pub vxlan_port: u16,
     pub gw_subnet: Ipv4Net,
-    /// Per-task files: logs, resolv.conf, gateway leases.
+    /// Per-task files: logs, resolv.conf.
     pub task_dir: PathBuf,
+    /// Where gateway-bridge leases are kept across restarts.
+    pub lease_file: PathBuf,
     /// How long a stopping task gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
 }
@@ -127,15 +129,11 @@ impl std::fmt::Debug for Reconciler {
     }
 }
 
-fn lease_file(task_dir: &Path) -> PathBuf {
-    task_dir.join("gw-leases.json")
-}
-
 impl Reconciler {
     /// Starts with an empty intent; gateway leases are read back from the task directory so
     /// that a restarted netd keeps every sandbox's address.
     pub fn new(ports: Ports, cfg: ReconcilerConfig) -> Self {
-        let leases = std::fs::read(lease_file(&cfg.task_dir))
+        let leases = std::fs::read(&cfg.lease_file)
             .ok()
             .and_then(|b| serde_json::from_slice::<BTreeMap<TaskId, Ipv4Addr>>(&b).ok())
             .unwrap_or_default();
@@ -227,7 +225,7 @@ impl Reconciler {
         let (leases, _exhausted) = desired::lease_gw(self.cfg.gw_subnet, &self.leases, &wanted);
         if leases != self.leases {
             self.leases = leases;
-            if let Err(e) = persist_json(&lease_file(&self.cfg.task_dir), &self.leases) {
+            if let Err(e) = persist_json(&self.cfg.lease_file, &self.leases) {
                 warn!(error = %e, "cannot persist gateway leases");
             }
         }
