@@ -617,6 +617,48 @@ fn run_linux(name: &'static str, case: Case) {
     }
 }
 
+/// UDP ports bound in the namespace of the calling thread (`/proc/net` follows the main
+/// thread; `thread-self` follows this one).
+fn udp_ports() -> Vec<u16> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/udp").unwrap();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|local| u16::from_str_radix(local.rsplit(':').next()?, 16).ok())
+        .collect()
+}
+
+/// Linux only (the fake has no sockets): a VXLAN device created in the node namespace and
+/// moved keeps its UDP socket in the node namespace, where the underlay is.
+#[test]
+fn linux_vxlan_socket_stays_in_node_namespace() {
+    run_linux("linux_vxlan_socket_stays_in_node_namespace", |port| {
+        port.create_netns(&ns("snt-ov")).unwrap();
+        let ov = owned("snt-ov");
+        let mut s = vxlan("vxlan0", 4100);
+        s.move_to = Some(ov.clone());
+        port.create_link(&NsRef::Node, &s).unwrap();
+        // The socket is opened when the device goes up.
+        port.set_link(&ov, &n("vxlan0"), &up()).unwrap();
+        assert!(
+            udp_ports().contains(&4789),
+            "node namespace: {:?}",
+            udp_ports()
+        );
+        let file = swarmnet_netd::linux::netns::open(&port.netns_path(&ns("snt-ov"))).unwrap();
+        let inside = swarmnet_netd::linux::netns::run_in(&file, || Ok(udp_ports())).unwrap();
+        assert!(!inside.contains(&4789), "overlay namespace: {inside:?}");
+        drop(file);
+        port.delete_netns(&ns("snt-ov")).unwrap();
+        // Deleting the namespace deleted the device first, so the socket is gone at once.
+        assert!(
+            !udp_ports().contains(&4789),
+            "node namespace: {:?}",
+            udp_ports()
+        );
+    });
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod fake {
@@ -639,3 +681,51 @@ contract!(
     sysctls,
     underlay_for,
 );
+
+/// `NftFirewall` in a scratch namespace (it acts on the namespace of the calling thread), and
+/// the fake alongside: apply replaces the table, list shows it, delete of a missing table is Ok.
+#[test]
+fn firewall_apply_list_delete() {
+    use swarmnet_netd::fake::firewall::FakeFirewall;
+    use swarmnet_netd::linux::firewall::NftFirewall;
+    use swarmnet_netd::port::FirewallPort;
+
+    fn check(fw: &mut dyn FirewallPort, exact: bool) {
+        let ruleset = "add table inet swarmnet\ndelete table inet swarmnet\n\
+                       table inet swarmnet {\n\tchain c {\n\t\ttype filter hook input priority 0;\n\t}\n}\n";
+        assert_eq!(fw.list_table().unwrap(), None);
+        fw.delete_table().unwrap();
+        fw.apply(ruleset).unwrap();
+        fw.apply(ruleset).unwrap(); // replacing an existing table is one transaction too
+        let listed = fw.list_table().unwrap().unwrap();
+        assert!(listed.contains("chain c"), "{listed}");
+        if exact {
+            // The fake stores the text as given (it does not parse nft).
+            assert_eq!(listed, ruleset);
+        } else {
+            let err = fw.apply("this is not nft").unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Invalid, "{err}");
+            // A failed transaction leaves the previous table in place.
+            assert!(fw.list_table().unwrap().is_some());
+        }
+        fw.delete_table().unwrap();
+        assert_eq!(fw.list_table().unwrap(), None);
+    }
+
+    check(&mut FakeFirewall::new(), true);
+    if !swarmnet_tests_netns::gate::privileged("firewall_apply_list_delete") {
+        return;
+    }
+    std::thread::spawn(|| {
+        let before = netns_inode();
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        assert_ne!(
+            before,
+            netns_inode(),
+            "must never run in the caller's network namespace"
+        );
+        check(&mut NftFirewall::new("inet", "swarmnet"), false);
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+}
