@@ -172,6 +172,16 @@ impl Reconciler {
         self.external.remove(task).is_some()
     }
 
+    /// The ports, for tests that inject drift and for inspection.
+    pub fn ports_mut(&mut self) -> &mut Ports {
+        &mut self.ports
+    }
+
+    /// Gives the ports back, as a netd that stops leaves the kernel to the next one.
+    pub fn into_ports(self) -> Ports {
+        self.ports
+    }
+
     pub fn status(&self) -> &BTreeMap<ObjectKey, ObjectStatus> {
         &self.status
     }

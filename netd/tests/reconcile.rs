@@ -1,0 +1,316 @@
+//! The reconciler against the in-memory ports: convergence, idempotence, drift repair, prune,
+//! adoption after a restart, failure isolation and task restarts. The same scenarios run on
+//! real kernels in `tests-netns`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use swarmnet_model::{IfName, Intent, Name, NodeId, TaskId};
+use swarmnet_netd::fake::firewall::FakeFirewall;
+use swarmnet_netd::fake::link::FakeLinkPort;
+use swarmnet_netd::fake::process::FakeProcessPort;
+use swarmnet_netd::plan::ObjectKey;
+use swarmnet_netd::port::{
+    ErrorKind, Exit, FdbEntry, LinkKind, LinkPort, LinkSpec, NsName, NsRef, PortError, PortResult,
+    ProcessPort, ProcessSpec, ProcessState,
+};
+use swarmnet_netd::reconcile::{ObjectState, Ports, Reconciler, ReconcilerConfig, RoundReport};
+
+const INTENT: &str = r#"{
+  "version": 1,
+  "nodes": [
+    {"id": "n1", "addr": "198.18.0.1"},
+    {"id": "n2", "addr": "198.18.0.2"}
+  ],
+  "networks": [
+    {"name": "app", "subnet": "10.10.0.0/24", "vni": 4097},
+    {"name": "db", "subnet": "10.11.0.0/24", "vni": 4098, "internal": true}
+  ],
+  "services": [
+    {"name": "web", "networks": [{"network": "app"}]},
+    {"name": "pg", "networks": [{"network": "db"}], "restart": "on_failure"}
+  ],
+  "tasks": [
+    {"id": "web1", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.3"}]},
+    {"id": "web2", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.5"}]},
+    {"id": "web3", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.4"}]},
+    {"id": "pg1", "service": "pg", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "db", "ip": "10.11.0.3"}]}
+  ]
+}"#;
+
+/// A process port whose state the test can also reach, to act out crashes.
+#[derive(Clone, Default)]
+struct SharedProcs(Arc<Mutex<FakeProcessPort>>);
+
+impl ProcessPort for SharedProcs {
+    fn list(&mut self) -> PortResult<Vec<ProcessState>> {
+        self.0.lock().unwrap().list()
+    }
+    fn start(&mut self, spec: &ProcessSpec) -> PortResult<u32> {
+        self.0.lock().unwrap().start(spec)
+    }
+    fn stop(&mut self, task: &TaskId, grace: Duration) -> PortResult<()> {
+        self.0.lock().unwrap().stop(task, grace)
+    }
+    fn forget(&mut self, task: &TaskId) -> PortResult<()> {
+        self.0.lock().unwrap().forget(task)
+    }
+}
+
+fn node_with_underlay() -> FakeLinkPort {
+    let mut l = FakeLinkPort::new();
+    let eth0 = IfName::new("eth0").unwrap();
+    l.create_link(
+        &NsRef::Node,
+        &LinkSpec { name: eth0.clone(), kind: LinkKind::Bridge, mtu: Some(1500), mac: None, alias: None, move_to: None },
+    )
+    .unwrap();
+    l.add_addr(&NsRef::Node, &eth0, "198.18.0.1/24".parse().unwrap()).unwrap();
+    l
+}
+
+fn config() -> ReconcilerConfig {
+    ReconcilerConfig {
+        node: NodeId::new("n1").unwrap(),
+        vxlan_port: 4789,
+        gw_subnet: "172.30.0.0/16".parse().unwrap(),
+        task_dir: "/nonexistent/tasks".into(),
+        // Unwritable on purpose: leases then live in memory only, as the fake kernel does.
+        lease_file: "/nonexistent/gw-leases.json".into(),
+        stop_grace: Duration::from_secs(1),
+    }
+}
+
+fn reconciler(links: FakeLinkPort, procs: SharedProcs) -> Reconciler {
+    let ports = Ports { links: Box::new(links), firewall: Box::new(FakeFirewall::new()), processes: Box::new(procs) };
+    Reconciler::new(ports, config())
+}
+
+/// Runs incremental rounds until converged (bounded), returning the rounds' reports.
+fn settle(r: &mut Reconciler) -> Vec<RoundReport> {
+    let mut reports = Vec::new();
+    for _ in 0..20 {
+        if r.converged() && !r.wants_round(Instant::now()) {
+            return reports;
+        }
+        reports.push(r.round(false, Instant::now()));
+    }
+    panic!("did not converge in 20 rounds: {:?}", r.status());
+}
+
+fn intent(text: &str) -> Intent {
+    Intent::from_json(text).unwrap()
+}
+
+fn ns(name: &str) -> NsRef {
+    NsRef::Owned(NsName::new(name).unwrap())
+}
+
+fn link_names(r: &mut Reconciler, at: &NsRef) -> Vec<String> {
+    r.ports_mut().links.list_links(at).unwrap().into_iter().map(|l| l.name.to_string()).collect()
+}
+
+#[test]
+fn converges_and_is_idempotent() {
+    let procs = SharedProcs::default();
+    let mut r = reconciler(node_with_underlay(), procs.clone());
+    r.set_intent(intent(INTENT));
+    let first = r.round(true, Instant::now());
+    assert_eq!(first.errors, 0, "{:?}", r.status());
+    settle(&mut r);
+    assert!(r.converged());
+
+    let mut netns: Vec<String> = r.ports_mut().links.list_netns().unwrap().iter().map(|n| n.to_string()).collect();
+    netns.sort();
+    assert_eq!(netns, ["net-app", "net-db", "sb-pg1", "sb-web1", "sb-web2"]);
+    let app = link_names(&mut r, &ns("net-app"));
+    assert!(app.contains(&"br0".to_string()) && app.contains(&"snvx4097".to_string()), "{app:?}");
+    // One remote peer on app (web3 on n2): one FDB entry towards n2, nothing on db.
+    let fdb = r.ports_mut().links.list_fdb(&ns("net-app"), &IfName::new("snvx4097").unwrap()).unwrap();
+    assert_eq!(fdb.len(), 1);
+    assert_eq!(fdb[0].dst.to_string(), "198.18.0.2");
+    // The gateway bridge exists; pg1 is only on an internal network, so it has no gateway veth.
+    assert!(link_names(&mut r, &NsRef::Node).contains(&"sngw0".to_string()));
+    assert!(!link_names(&mut r, &ns("sb-pg1")).contains(&"eth1".to_string()));
+    assert!(procs.0.lock().unwrap().running(&TaskId::new("web1").unwrap()));
+
+    // Nothing changed: a full round applies nothing.
+    let again = r.round(true, Instant::now());
+    assert_eq!(again.ops_applied, 0, "{again:?}");
+}
+
+#[test]
+fn full_round_repairs_drift() {
+    let mut r = reconciler(node_with_underlay(), SharedProcs::default());
+    r.set_intent(intent(INTENT));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    let vx = IfName::new("snvx4097").unwrap();
+    let entry = r.ports_mut().links.list_fdb(&ns("net-app"), &vx).unwrap()[0].clone();
+    r.ports_mut().links.delete_fdb(&ns("net-app"), &vx, &entry).unwrap();
+    r.ports_mut().links.delete_link(&ns("net-db"), &IfName::new("br0").unwrap()).unwrap();
+    // An incremental round does not look; a full one does.
+    assert_eq!(r.round(false, Instant::now()).ops_applied, 0);
+    let rep = r.round(true, Instant::now());
+    assert!(rep.drift_repaired > 0, "{rep:?}");
+    settle(&mut r);
+    assert_eq!(r.ports_mut().links.list_fdb(&ns("net-app"), &vx).unwrap(), vec![entry]);
+    assert!(link_names(&mut r, &ns("net-db")).contains(&"br0".to_string()));
+}
+
+#[test]
+fn removed_network_leaves_nothing_behind() {
+    let procs = SharedProcs::default();
+    let mut r = reconciler(node_with_underlay(), procs.clone());
+    r.set_intent(intent(INTENT));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    // Drop the db network, its service and its task.
+    let mut spec = intent(INTENT).spec().clone();
+    spec.networks.retain(|n| n.name.as_str() != "db");
+    spec.services.retain(|s| s.name.as_str() != "pg");
+    spec.tasks.retain(|t| t.id.as_str() != "pg1");
+    r.set_intent(Intent::new(spec).unwrap());
+    r.round(false, Instant::now());
+    settle(&mut r);
+    let netns: Vec<String> = r.ports_mut().links.list_netns().unwrap().iter().map(|n| n.to_string()).collect();
+    assert!(!netns.iter().any(|n| n == "net-db" || n == "sb-pg1"), "{netns:?}");
+    assert!(!procs.0.lock().unwrap().running(&TaskId::new("pg1").unwrap()));
+    // The VXLAN device of db is gone too (its VNI is free for another network).
+    assert!(!link_names(&mut r, &NsRef::Node).iter().any(|l| l == "snvx4098"));
+}
+
+#[test]
+fn restart_adopts_without_touching_links() {
+    let procs = SharedProcs::default();
+    let mut r = reconciler(node_with_underlay(), procs.clone());
+    r.set_intent(intent(INTENT));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    // netd dies; the kernel and the processes stay; a new netd starts over the same state.
+    let ports = r.into_ports();
+    procs.0.lock().unwrap().restart();
+    let mut r2 = Reconciler::new(ports, config());
+    r2.set_intent(intent(INTENT));
+    let rep = r2.round(true, Instant::now());
+    assert_eq!(rep.errors, 0, "{:?}", r2.status());
+    // Only the firewall table is re-applied (one atomic replace: its expected listing is not
+    // known to a new process); no link, address, namespace or process op.
+    assert!(rep.ops_applied <= 1, "{rep:?}");
+    for (k, s) in r2.status() {
+        if *k != ObjectKey::Node {
+            assert_eq!(s.last_ops, 0, "{k}: {s:?}");
+        }
+    }
+}
+
+/// Fault injection: every link creation in one namespace fails with EBUSY while the fault is
+/// set. Everything else is the fake kernel.
+struct FaultyLinks {
+    inner: FakeLinkPort,
+    fail_in: Arc<Mutex<Option<NsRef>>>,
+}
+
+macro_rules! delegate {
+    ($($name:ident(&mut self $(, $a:ident: $t:ty)*) -> $r:ty;)*) => {
+        $(fn $name(&mut self $(, $a: $t)*) -> $r { self.inner.$name($($a),*) })*
+    };
+}
+
+impl LinkPort for FaultyLinks {
+    fn create_link(&mut self, ns: &NsRef, spec: &LinkSpec) -> PortResult<()> {
+        let target = spec.move_to.as_ref().unwrap_or(ns);
+        if self.fail_in.lock().unwrap().as_ref() == Some(target) {
+            return Err(PortError::new("create link", spec.name.to_string(), ErrorKind::Busy, "injected fault"));
+        }
+        self.inner.create_link(ns, spec)
+    }
+    fn netns_path(&self, ns: &NsName) -> std::path::PathBuf {
+        self.inner.netns_path(ns)
+    }
+    delegate! {
+        list_netns(&mut self) -> PortResult<Vec<NsName>>;
+        create_netns(&mut self, ns: &NsName) -> PortResult<()>;
+        bind_netns(&mut self, ns: &NsName, from: &std::path::Path) -> PortResult<()>;
+        delete_netns(&mut self, ns: &NsName) -> PortResult<()>;
+        list_links(&mut self, ns: &NsRef) -> PortResult<Vec<swarmnet_netd::port::LinkState>>;
+        set_link(&mut self, ns: &NsRef, name: &IfName, change: &swarmnet_netd::port::LinkChange) -> PortResult<()>;
+        delete_link(&mut self, ns: &NsRef, name: &IfName) -> PortResult<()>;
+        list_addrs(&mut self, ns: &NsRef) -> PortResult<Vec<swarmnet_netd::port::AddrState>>;
+        add_addr(&mut self, ns: &NsRef, link: &IfName, addr: ipnet::Ipv4Net) -> PortResult<()>;
+        delete_addr(&mut self, ns: &NsRef, link: &IfName, addr: ipnet::Ipv4Net) -> PortResult<()>;
+        list_routes(&mut self, ns: &NsRef) -> PortResult<Vec<swarmnet_netd::port::RouteState>>;
+        add_route(&mut self, ns: &NsRef, route: &swarmnet_netd::port::RouteState) -> PortResult<()>;
+        delete_route(&mut self, ns: &NsRef, route: &swarmnet_netd::port::RouteState) -> PortResult<()>;
+        list_fdb(&mut self, ns: &NsRef, link: &IfName) -> PortResult<Vec<FdbEntry>>;
+        add_fdb(&mut self, ns: &NsRef, link: &IfName, entry: &FdbEntry) -> PortResult<()>;
+        delete_fdb(&mut self, ns: &NsRef, link: &IfName, entry: &FdbEntry) -> PortResult<()>;
+        list_neighs(&mut self, ns: &NsRef, link: &IfName) -> PortResult<Vec<swarmnet_netd::port::NeighEntry>>;
+        add_neigh(&mut self, ns: &NsRef, link: &IfName, entry: &swarmnet_netd::port::NeighEntry) -> PortResult<()>;
+        delete_neigh(&mut self, ns: &NsRef, link: &IfName, entry: &swarmnet_netd::port::NeighEntry) -> PortResult<()>;
+        get_sysctl(&mut self, ns: &NsRef, key: &str) -> PortResult<String>;
+        set_sysctl(&mut self, ns: &NsRef, key: &str, value: &str) -> PortResult<()>;
+        underlay_for(&mut self, addr: std::net::Ipv4Addr) -> PortResult<(IfName, u16)>;
+    }
+}
+
+#[test]
+fn one_failing_object_does_not_stall_the_others() {
+    let fault = Arc::new(Mutex::new(Some(ns("net-db"))));
+    let links = FaultyLinks { inner: node_with_underlay(), fail_in: Arc::clone(&fault) };
+    let ports = Ports { links: Box::new(links), firewall: Box::new(FakeFirewall::new()), processes: Box::new(SharedProcs::default()) };
+    let mut r = Reconciler::new(ports, config());
+    r.set_intent(intent(INTENT));
+    let t0 = Instant::now();
+    let rep = r.round(true, t0);
+    assert!(rep.errors >= 1, "{rep:?}");
+    let db = &r.status()[&ObjectKey::Network(Name::new("db").unwrap())];
+    assert_eq!(db.state, ObjectState::Error);
+    assert!(db.error.as_deref().unwrap().contains("injected fault"), "{db:?}");
+    assert_eq!(db.attempts, 1);
+    // app and its sandboxes went ahead.
+    r.round(false, t0);
+    for key in [ObjectKey::Network(Name::new("app").unwrap()), ObjectKey::Sandbox(TaskId::new("web1").unwrap())] {
+        assert_eq!(r.status()[&key].state, ObjectState::Ok, "{key}");
+    }
+    assert!(!r.converged());
+    // Within the backoff an incremental round does not hammer the failing object.
+    r.round(false, t0);
+    assert_eq!(r.status()[&ObjectKey::Network(Name::new("db").unwrap())].attempts, 1);
+    // The fault clears; after the backoff the object is retried and everything converges.
+    *fault.lock().unwrap() = None;
+    let later = t0 + Duration::from_secs(2);
+    assert!(r.wants_round(later));
+    for _ in 0..5 {
+        r.round(false, later);
+    }
+    assert!(r.converged(), "{:?}", r.status());
+}
+
+#[test]
+fn crashed_task_is_restarted_with_backoff_and_policy() {
+    let procs = SharedProcs::default();
+    let mut r = reconciler(node_with_underlay(), procs.clone());
+    r.set_intent(intent(INTENT));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    let web1 = TaskId::new("web1").unwrap();
+    let pg1 = TaskId::new("pg1").unwrap();
+    assert!(procs.0.lock().unwrap().exit(&web1, Exit::Code(1)));
+    assert!(procs.0.lock().unwrap().exit(&pg1, Exit::Code(0)));
+    let t0 = Instant::now();
+    assert!(r.wants_round(t0));
+    r.round(false, t0);
+    // Backing off: not started at once.
+    assert!(!procs.0.lock().unwrap().running(&web1));
+    // After the backoff it starts again; pg1 (on_failure, exited 0) stays down.
+    let later = t0 + Duration::from_secs(1);
+    assert!(r.wants_round(later));
+    r.round(false, later);
+    assert!(procs.0.lock().unwrap().running(&web1));
+    assert!(!procs.0.lock().unwrap().running(&pg1));
+}
