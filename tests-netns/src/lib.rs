@@ -5,3 +5,4 @@
 //! it creates carries the `snt` prefix and is removed on drop or swept by the next run.
 
 pub mod gate;
+pub mod topo;
