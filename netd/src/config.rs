@@ -73,7 +73,9 @@ impl RawConfig {
             advertise_addr: over.advertise_addr.or(self.advertise_addr),
             run_dir: over.run_dir.or(self.run_dir),
             vxlan_port: over.vxlan_port.or(self.vxlan_port),
-            full_reconcile_interval: over.full_reconcile_interval.or(self.full_reconcile_interval),
+            full_reconcile_interval: over
+                .full_reconcile_interval
+                .or(self.full_reconcile_interval),
             gw_subnet: over.gw_subnet.or(self.gw_subnet),
             cgroup_dir: over.cgroup_dir.or(self.cgroup_dir),
             stop_grace: over.stop_grace.or(self.stop_grace),
@@ -82,15 +84,21 @@ impl RawConfig {
     }
 
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError { field: "config file", message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError {
+            field: "config file",
+            message: e.to_string(),
+        })
     }
 
     pub fn validate(self) -> Result<NetdConfig, ConfigError> {
         let err = |field: &'static str, message: String| ConfigError { field, message };
-        let node_id = self.node_id.ok_or_else(|| err("node_id", "is required (--node-id)".into()))?;
+        let node_id = self
+            .node_id
+            .ok_or_else(|| err("node_id", "is required (--node-id)".into()))?;
         let node_id = NodeId::new(node_id).map_err(|e| err("node_id", e.to_string()))?;
         let intent = IntentSource::File(
-            self.intent_file.ok_or_else(|| err("intent_file", "is required (--intent FILE)".into()))?,
+            self.intent_file
+                .ok_or_else(|| err("intent_file", "is required (--intent FILE)".into()))?,
         );
         let vxlan_port = self.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT);
         if vxlan_port == 0 {
@@ -101,16 +109,27 @@ impl RawConfig {
             None => DEFAULT_FULL_RECONCILE,
         };
         if full_reconcile_interval < Duration::from_millis(100) {
-            return Err(err("full_reconcile_interval", "must be at least 100ms".into()));
+            return Err(err(
+                "full_reconcile_interval",
+                "must be at least 100ms".into(),
+            ));
         }
         let gw_subnet: Ipv4Net = self
             .gw_subnet
             .as_deref()
             .unwrap_or(DEFAULT_GW_SUBNET)
             .parse()
-            .map_err(|e| err("gw_subnet", format!("{e}; expected a CIDR like 172.30.0.0/16")))?;
+            .map_err(|e| {
+                err(
+                    "gw_subnet",
+                    format!("{e}; expected a CIDR like 172.30.0.0/16"),
+                )
+            })?;
         if gw_subnet.prefix_len() > 29 {
-            return Err(err("gw_subnet", format!("{gw_subnet} is too small; use a /29 or larger")));
+            return Err(err(
+                "gw_subnet",
+                format!("{gw_subnet} is too small; use a /29 or larger"),
+            ));
         }
         let stop_grace = match self.stop_grace {
             Some(s) => parse_duration(&s).map_err(|m| err("stop_grace", m))?,
@@ -120,7 +139,9 @@ impl RawConfig {
             node_id,
             intent,
             advertise_addr: self.advertise_addr,
-            run_dir: self.run_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
+            run_dir: self
+                .run_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
             vxlan_port,
             full_reconcile_interval,
             gw_subnet: gw_subnet.trunc(),
@@ -143,7 +164,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_e| format!("{s:?} is not a duration like 500ms, 2s or 5m"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_e| format!("{s:?} is not a duration like 500ms, 2s or 5m"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -159,7 +182,11 @@ mod tests {
     use super::*;
 
     fn base() -> RawConfig {
-        RawConfig { node_id: Some("n1".into()), intent_file: Some("/x.json".into()), ..Default::default() }
+        RawConfig {
+            node_id: Some("n1".into()),
+            intent_file: Some("/x.json".into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -175,18 +202,41 @@ mod tests {
     fn strict_file_and_flags_override() {
         let e = RawConfig::from_toml("node_id = \"n1\"\nvxlan_prot = 1\n").unwrap_err();
         assert!(e.to_string().contains("unknown field `vxlan_prot`"), "{e}");
-        let file = RawConfig::from_toml("node_id = \"n1\"\nintent_file = \"/a\"\nvxlan_port = 4790\n").unwrap();
-        let c = file.overlay(RawConfig { vxlan_port: Some(4800), ..Default::default() }).validate().unwrap();
+        let file =
+            RawConfig::from_toml("node_id = \"n1\"\nintent_file = \"/a\"\nvxlan_port = 4790\n")
+                .unwrap();
+        let c = file
+            .overlay(RawConfig {
+                vxlan_port: Some(4800),
+                ..Default::default()
+            })
+            .validate()
+            .unwrap();
         assert_eq!(c.vxlan_port, 4800);
     }
 
     #[test]
     fn bad_values_name_the_field() {
-        let e = RawConfig { full_reconcile_interval: Some("5 parsecs".into()), ..base() }.validate().unwrap_err();
+        let e = RawConfig {
+            full_reconcile_interval: Some("5 parsecs".into()),
+            ..base()
+        }
+        .validate()
+        .unwrap_err();
         assert_eq!(e.field, "full_reconcile_interval");
-        let e = RawConfig { gw_subnet: Some("172.30.0.0/30".into()), ..base() }.validate().unwrap_err();
+        let e = RawConfig {
+            gw_subnet: Some("172.30.0.0/30".into()),
+            ..base()
+        }
+        .validate()
+        .unwrap_err();
         assert_eq!(e.field, "gw_subnet");
-        let e = RawConfig { node_id: Some("N 1".into()), ..base() }.validate().unwrap_err();
+        let e = RawConfig {
+            node_id: Some("N 1".into()),
+            ..base()
+        }
+        .validate()
+        .unwrap_err();
         assert_eq!(e.field, "node_id");
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
     }

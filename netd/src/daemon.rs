@@ -14,6 +14,9 @@ use serde::Serialize;
 use swarmnet_model::Intent;
 use tracing::{error, info, warn};
 
+use std::sync::mpsc::Receiver;
+
+use crate::api::{Call, Request, Response};
 use crate::config::{IntentSource, NetdConfig};
 use crate::plan::ObjectKey;
 use crate::reconcile::{ObjectStatus, Reconciler, persist_json};
@@ -46,7 +49,11 @@ struct FileStamp {
 fn stamp(path: &Path) -> Option<FileStamp> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp { modified: m.modified().ok(), len: m.len(), ino: m.ino() })
+    Some(FileStamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        ino: m.ino(),
+    })
 }
 
 /// Watches the intent file by polling its stamp: it works with editors and with atomic
@@ -60,7 +67,11 @@ pub struct IntentWatcher {
 
 impl IntentWatcher {
     pub fn new(path: PathBuf) -> Self {
-        Self { path, last: None, error: None }
+        Self {
+            path,
+            last: None,
+            error: None,
+        }
     }
 
     /// A new valid intent if the file changed and parses; a parse failure is kept in `error`
@@ -100,8 +111,73 @@ impl IntentWatcher {
     }
 }
 
-/// Runs until `shutdown` is set.
-pub fn run(cfg: &NetdConfig, mut rec: Reconciler, shutdown: Arc<AtomicBool>) -> anyhow::Result<()> {
+fn status_json(
+    cfg: &NetdConfig,
+    rec: &Reconciler,
+    watcher: &IntentWatcher,
+    full: bool,
+) -> serde_json::Value {
+    let status = StatusFile {
+        node: cfg.node_id.as_str(),
+        pid: std::process::id(),
+        round: rec.round_number(),
+        full,
+        intent_generation: rec.intent_generation(),
+        intent_error: watcher.error.as_deref(),
+        underlay_error: rec.underlay_error(),
+        converged: rec.converged() && watcher.error.is_none(),
+        objects: rec
+            .status()
+            .iter()
+            .map(|(k, v): (&ObjectKey, _)| (k.to_string(), v))
+            .collect(),
+    };
+    serde_json::to_value(&status).expect("status serializes")
+}
+
+/// Answers one local-API request. Attach and detach run a round at once, so that when the
+/// answer comes the interfaces are in place (or the error says why not).
+fn answer(
+    cfg: &NetdConfig,
+    rec: &mut Reconciler,
+    watcher: &IntentWatcher,
+    req: Request,
+) -> Response {
+    let task = match &req {
+        Request::Attach { task, .. } | Request::Detach { task } => Some(task.clone()),
+        Request::Status {} => None,
+    };
+    let r = match req {
+        Request::Status {} => Ok(()),
+        Request::Attach { task, netns } => rec.attach(task, netns),
+        Request::Detach { task } => rec.detach(&task),
+    };
+    if let Err(e) = r {
+        return Response::error(e);
+    }
+    if let Some(t) = task {
+        let now = Instant::now();
+        rec.round(false, now);
+        rec.round(false, now);
+        if let Some(s) = rec.status().get(&ObjectKey::Sandbox(t))
+            && let Some(e) = &s.error
+        {
+            return Response::error(e.clone());
+        }
+    }
+    Response {
+        status: Some(status_json(cfg, rec, watcher, false)),
+        ..Response::ok()
+    }
+}
+
+/// Runs until `shutdown` is set, answering local-API calls from `calls`.
+pub fn run(
+    cfg: &NetdConfig,
+    mut rec: Reconciler,
+    calls: Receiver<Call>,
+    shutdown: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let IntentSource::File(path) = &cfg.intent;
     let mut watcher = IntentWatcher::new(path.clone());
     let status_path = cfg.run_dir.join("status.json");
@@ -137,21 +213,15 @@ pub fn run(cfg: &NetdConfig, mut rec: Reconciler, shutdown: Arc<AtomicBool>) -> 
         } else if rec.intent_generation() > 0 && rec.wants_round(now) {
             ran = Some(rec.round(false, now));
         }
-        if ran.is_some() || watcher.error != last_err {
+        let mut answered = false;
+        while let Ok((req, reply)) = calls.try_recv() {
+            let _ = reply.send(answer(cfg, &mut rec, &watcher, req));
+            answered = true;
+        }
+        if ran.is_some() || answered || watcher.error != last_err {
             last_err = watcher.error.clone();
             let full = ran.as_ref().is_some_and(|r| r.full);
-            let status = StatusFile {
-                node: cfg.node_id.as_str(),
-                pid: std::process::id(),
-                round: rec.round_number(),
-                full,
-                intent_generation: rec.intent_generation(),
-                intent_error: watcher.error.as_deref(),
-                underlay_error: rec.underlay_error(),
-                converged: rec.converged() && watcher.error.is_none(),
-                objects: rec.status().iter().map(|(k, v): (&ObjectKey, _)| (k.to_string(), v)).collect(),
-            };
-            if let Err(e) = persist_json(&status_path, &status) {
+            if let Err(e) = persist_json(&status_path, &status_json(cfg, &rec, &watcher, full)) {
                 warn!(error = %e, path = %status_path.display(), "cannot write status");
             }
         }

@@ -171,7 +171,9 @@ pub fn gw_tasks(intent: &Intent, node: &NodeId) -> BTreeSet<TaskId> {
         .filter(|(t, atts)| {
             &t.node == node
                 && t.desired_state == DesiredState::Running
-                && atts.iter().any(|a| intent.network(&a.network).is_some_and(|n| !n.spec.internal))
+                && atts
+                    .iter()
+                    .any(|a| intent.network(&a.network).is_some_and(|n| !n.spec.internal))
         })
         .map(|(t, _)| t.id.clone())
         .collect()
@@ -185,8 +187,11 @@ pub fn lease_gw(
     leases: &BTreeMap<TaskId, Ipv4Addr>,
     wanted: &BTreeSet<TaskId>,
 ) -> (BTreeMap<TaskId, Ipv4Addr>, Vec<TaskId>) {
-    let mut out: BTreeMap<TaskId, Ipv4Addr> =
-        leases.iter().filter(|(t, ip)| wanted.contains(*t) && subnet.contains(*ip)).map(|(t, ip)| (t.clone(), *ip)).collect();
+    let mut out: BTreeMap<TaskId, Ipv4Addr> = leases
+        .iter()
+        .filter(|(t, ip)| wanted.contains(*t) && subnet.contains(*ip))
+        .map(|(t, ip)| (t.clone(), *ip))
+        .collect();
     let used: BTreeSet<Ipv4Addr> = out.values().copied().collect();
     let mut free = subnet.hosts().skip(1).filter(|ip| !used.contains(ip));
     let mut exhausted = Vec::new();
@@ -207,7 +212,11 @@ pub fn lease_gw(
 pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<ProjectionIssue>) {
     let mut issues = Vec::new();
     let me = intent.node(&ctx.node);
-    let vteps = intent.nodes().filter(|n| n.id != ctx.node).map(|n| n.addr).collect();
+    let vteps = intent
+        .nodes()
+        .filter(|n| n.id != ctx.node)
+        .map(|n| n.addr)
+        .collect();
     let mut out = DesiredNode {
         node: ctx.node.clone(),
         vxlan_port: ctx.vxlan_port,
@@ -219,7 +228,10 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
     let Some(me) = me else {
         issues.push(ProjectionIssue {
             object: format!("node/{}", ctx.node),
-            message: format!("node {:?} is not in the intent; nothing is placed on it", ctx.node.as_str()),
+            message: format!(
+                "node {:?} is not in the intent; nothing is placed on it",
+                ctx.node.as_str()
+            ),
         });
         return (out, issues);
     };
@@ -229,27 +241,41 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
 
     // Networks used by a running local task are instantiated here.
     let running = |t: &swarmnet_model::spec::TaskSpec| t.desired_state == DesiredState::Running;
-    for (t, atts) in intent.tasks().filter(|(t, _)| t.node == ctx.node && running(t)) {
+    for (t, atts) in intent
+        .tasks()
+        .filter(|(t, _)| t.node == ctx.node && running(t))
+    {
         for a in atts {
             let net = intent.network(&a.network).expect("validated reference");
-            out.networks.entry(net.id.clone()).or_insert_with(|| DesiredNetwork {
-                id: net.id.clone(),
-                ns: network_ns(&net.id),
-                vni: net.spec.vni.get(),
-                vxlan: vxlan_name(net.spec.vni.get()),
-                gateway: Ipv4Net::new(net.gateway, net.spec.subnet.prefix_len()).expect("valid prefix"),
-                mtu: net_mtu(net),
-                local: me.addr,
-                port: ctx.vxlan_port,
-                underlay_if: me.data_interface.clone().or_else(|| ctx.underlay_if.clone()),
-                peers: BTreeMap::new(),
-            });
+            out.networks
+                .entry(net.id.clone())
+                .or_insert_with(|| DesiredNetwork {
+                    id: net.id.clone(),
+                    ns: network_ns(&net.id),
+                    vni: net.spec.vni.get(),
+                    vxlan: vxlan_name(net.spec.vni.get()),
+                    gateway: Ipv4Net::new(net.gateway, net.spec.subnet.prefix_len())
+                        .expect("valid prefix"),
+                    mtu: net_mtu(net),
+                    local: me.addr,
+                    port: ctx.vxlan_port,
+                    underlay_if: me
+                        .data_interface
+                        .clone()
+                        .or_else(|| ctx.underlay_if.clone()),
+                    peers: BTreeMap::new(),
+                });
         }
         let _ = t;
     }
     // Remote endpoints of those networks become FDB and neighbour entries.
-    for (t, atts) in intent.tasks().filter(|(t, _)| t.node != ctx.node && running(t)) {
-        let Some(vtep) = node_addr(&t.node) else { continue };
+    for (t, atts) in intent
+        .tasks()
+        .filter(|(t, _)| t.node != ctx.node && running(t))
+    {
+        let Some(vtep) = node_addr(&t.node) else {
+            continue;
+        };
         for a in atts {
             let net = intent.network(&a.network).expect("validated reference");
             if let Some(d) = out.networks.get_mut(&net.id) {
@@ -259,7 +285,10 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
     }
 
     let gw_gateway = ctx.gw_subnet.hosts().next();
-    for (t, atts) in intent.tasks().filter(|(t, _)| t.node == ctx.node && running(t)) {
+    for (t, atts) in intent
+        .tasks()
+        .filter(|(t, _)| t.node == ctx.node && running(t))
+    {
         let external = match t.runtime {
             TaskRuntime::Netd => None,
             TaskRuntime::External => match ctx.external.get(&t.id) {
@@ -283,7 +312,9 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
                 }
             })
             .collect();
-        let wants_gw = atts.iter().any(|a| intent.network(&a.network).is_some_and(|n| !n.spec.internal));
+        let wants_gw = atts
+            .iter()
+            .any(|a| intent.network(&a.network).is_some_and(|n| !n.spec.internal));
         let gw = match (wants_gw, ctx.gw_leases.get(&t.id), gw_gateway) {
             (false, _, _) => None,
             (true, Some(ip), Some(gateway)) => Some(DesiredGwIface {
@@ -310,7 +341,14 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
         });
         out.sandboxes.insert(
             t.id.clone(),
-            DesiredSandbox { task: t.id.clone(), ns: sandbox_ns(&t.id), external, ifaces, gw, process },
+            DesiredSandbox {
+                task: t.id.clone(),
+                ns: sandbox_ns(&t.id),
+                external,
+                ifaces,
+                gw,
+                process,
+            },
         );
     }
     if out.sandboxes.values().any(|s| s.gw.is_some())
@@ -391,7 +429,12 @@ mod tests {
         assert_eq!(app.gateway.to_string(), "10.10.0.1/24");
         assert_eq!(app.vxlan.as_str(), "snvx4097");
         assert_eq!(app.peers.len(), 1);
-        assert_eq!(app.peers[&"10.10.0.4".parse::<Ipv4Addr>().unwrap()].1.to_string(), "198.18.0.2");
+        assert_eq!(
+            app.peers[&"10.10.0.4".parse::<Ipv4Addr>().unwrap()]
+                .1
+                .to_string(),
+            "198.18.0.2"
+        );
         let db = &d.networks[&Name::new("db").unwrap()];
         assert_eq!(db.mtu, 1400, "override wins");
         let web1 = &d.sandboxes[&TaskId::new("web1").unwrap()];
@@ -405,7 +448,10 @@ mod tests {
         assert!(d.gw_bridge.is_some());
         // n3 only has pg2: it sees the db network, with pg1 as a peer, and not app.
         let (d3, _) = project(&intent, &ctx("n3"));
-        assert_eq!(d3.networks.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["db"]);
+        assert_eq!(
+            d3.networks.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["db"]
+        );
         assert_eq!(d3.networks[&Name::new("db").unwrap()].peers.len(), 1);
     }
 
@@ -418,8 +464,14 @@ mod tests {
         assert_eq!(a, overlay_host_if(&t, &n));
         assert_ne!(a, overlay_host_if(&TaskId::new("other").unwrap(), &n));
         // Golden: these names are in kernels of running nodes; changing the hash breaks adoption.
-        assert_eq!(overlay_host_if(&TaskId::new("web1").unwrap(), &Name::new("app").unwrap()).as_str(), "snva61a215b84");
-        assert_eq!(gw_host_if(&TaskId::new("web1").unwrap()).as_str(), "sngf619ea4040");
+        assert_eq!(
+            overlay_host_if(&TaskId::new("web1").unwrap(), &Name::new("app").unwrap()).as_str(),
+            "snva61a215b84"
+        );
+        assert_eq!(
+            gw_host_if(&TaskId::new("web1").unwrap()).as_str(),
+            "sngf619ea4040"
+        );
     }
 
     #[test]

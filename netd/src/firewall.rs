@@ -29,14 +29,20 @@ pub fn render(d: &DesiredNode) -> String {
     }
     let _ = writeln!(s, "\t}}");
     let _ = writeln!(s, "\tchain input {{");
-    let _ = writeln!(s, "\t\ttype filter hook input priority filter - 5; policy accept;");
+    let _ = writeln!(
+        s,
+        "\t\ttype filter hook input priority filter - 5; policy accept;"
+    );
     let _ = writeln!(
         s,
         "\t\tudp dport {port} ip saddr != @vteps counter drop comment \"VXLAN only from known nodes\""
     );
     let _ = writeln!(s, "\t}}");
     let _ = writeln!(s, "\tchain forward {{");
-    let _ = writeln!(s, "\t\ttype filter hook forward priority filter - 5; policy accept;");
+    let _ = writeln!(
+        s,
+        "\t\ttype filter hook forward priority filter - 5; policy accept;"
+    );
     let _ = writeln!(
         s,
         "\t\tiifname \"sng*\" udp dport {port} counter drop comment \"no VXLAN from sandboxes\""
@@ -44,7 +50,10 @@ pub fn render(d: &DesiredNode) -> String {
     let _ = writeln!(s, "\t}}");
     if let Some(gw) = &d.gw_bridge {
         let _ = writeln!(s, "\tchain postrouting {{");
-        let _ = writeln!(s, "\t\ttype nat hook postrouting priority srcnat; policy accept;");
+        let _ = writeln!(
+            s,
+            "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+        );
         let _ = writeln!(
             s,
             "\t\tip saddr {} oifname != \"{}\" masquerade comment \"sandbox egress\"",

@@ -10,12 +10,13 @@
 //! Invariants: pure modules never do I/O; every kernel object netd creates carries the `sn`
 //! name prefix or lives in a namespace under the run directory, and prune touches nothing else.
 
-pub mod fake;
-pub mod linux;
-pub mod port;
-pub mod desired;
-pub mod firewall;
-pub mod plan;
-pub mod reconcile;
+pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod desired;
+pub mod fake;
+pub mod firewall;
+pub mod linux;
+pub mod plan;
+pub mod port;
+pub mod reconcile;

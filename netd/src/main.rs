@@ -12,7 +12,7 @@ use swarmnet_netd::linux::firewall::NftFirewall;
 use swarmnet_netd::linux::link::LinuxLinkPort;
 use swarmnet_netd::linux::process::{LinuxProcessPort, default_cgroup_dir};
 use swarmnet_netd::reconcile::{Ports, Reconciler, ReconcilerConfig};
-use swarmnet_netd::{daemon, firewall};
+use swarmnet_netd::{api, daemon, firewall};
 
 /// The swarmnet node daemon: overlay networks, sandboxes and tasks for this node.
 #[derive(Debug, Parser)]
@@ -50,13 +50,58 @@ struct Args {
     stop_grace: Option<String>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+/// Talk to a running netd through its local API instead of running one.
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Plug a container runtime's network namespace in as an external task's sandbox.
+    Attach {
+        /// The task id (the intent must place it on this node with runtime "external").
+        task: String,
+        /// The namespace, e.g. /proc/<pid>/ns/net or /run/netns/<name>.
+        netns: PathBuf,
+    },
+    /// Unplug an external task: its interfaces go; the namespace stays with the runtime.
+    Detach { task: String },
+    /// Print the node's reconcile status as JSON.
+    Status,
+}
+
+fn client(run_dir: &std::path::Path, cmd: Cmd) -> anyhow::Result<()> {
+    let task = |t: String| swarmnet_model::TaskId::new(t).map_err(anyhow::Error::from);
+    let req = match cmd {
+        Cmd::Attach { task: t, netns } => api::Request::Attach {
+            task: task(t)?,
+            netns,
+        },
+        Cmd::Detach { task: t } => api::Request::Detach { task: task(t)? },
+        Cmd::Status => api::Request::Status {},
+    };
+    let resp = api::call(run_dir, &req)?;
+    if let Some(s) = &resp.status {
+        println!("{}", serde_json::to_string_pretty(s)?);
+    }
+    match resp.error {
+        Some(e) => anyhow::bail!("netd refused: {e}"),
+        None => Ok(()),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(cmd) = args.cmd {
+        let run_dir = args
+            .run_dir
+            .unwrap_or_else(|| PathBuf::from(swarmnet_netd::config::DEFAULT_RUN_DIR));
+        return client(&run_dir, cmd);
+    }
     let file = match &args.config {
         Some(p) => RawConfig::from_toml(
-            &std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?,
+            &std::fs::read_to_string(p)
+                .with_context(|| format!("reading config file {}", p.display()))?,
         )?,
         None => RawConfig::default(),
     };
@@ -77,7 +122,10 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_unset| tracing_subscriber::EnvFilter::new("info"));
     match cfg.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
     }
 
     std::fs::create_dir_all(&cfg.run_dir)
@@ -99,13 +147,17 @@ fn main() -> anyhow::Result<()> {
             vxlan_port: cfg.vxlan_port,
             gw_subnet: cfg.gw_subnet,
             task_dir,
-            lease_file: cfg.run_dir.join("gw-leases.json"),
+            state_dir: cfg.run_dir.clone(),
             stop_grace: cfg.stop_grace,
         },
     );
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&shutdown)).context("installing signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&shutdown))
+            .context("installing signal handler")?;
     }
-    daemon::run(&cfg, rec, shutdown)
+    let (calls_tx, calls) = std::sync::mpsc::channel();
+    api::serve(&cfg.run_dir, calls_tx)
+        .with_context(|| format!("opening the local API socket in {}", cfg.run_dir.display()))?;
+    daemon::run(&cfg, rec, calls, shutdown)
 }

@@ -23,8 +23,10 @@ use crate::port::{
 
 /// Sysctls set in every namespace netd creates, before any link exists, so that links inherit
 /// them: never accept router advertisements on our interfaces (CVE-2020-10749).
-pub const NS_SYSCTLS: &[(&str, &str)] =
-    &[("net/ipv6/conf/all/accept_ra", "0"), ("net/ipv6/conf/default/accept_ra", "0")];
+pub const NS_SYSCTLS: &[(&str, &str)] = &[
+    ("net/ipv6/conf/all/accept_ra", "0"),
+    ("net/ipv6/conf/default/accept_ra", "0"),
+];
 
 /// What was observed in one namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -45,7 +47,10 @@ impl NsObserved {
     }
     fn addrs_on(&self, link: &str) -> impl Iterator<Item = Ipv4Net> + '_ {
         let link = link.to_owned();
-        self.addrs.iter().filter(move |a| a.link.as_str() == link).map(|a| a.addr)
+        self.addrs
+            .iter()
+            .filter(move |a| a.link.as_str() == link)
+            .map(|a| a.addr)
     }
 }
 
@@ -98,23 +103,74 @@ impl fmt::Display for ObjectKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     CreateNetns(NsName),
-    BindNetns { ns: NsName, from: PathBuf },
+    BindNetns {
+        ns: NsName,
+        from: PathBuf,
+    },
     DeleteNetns(NsName),
-    CreateLink { ns: NsRef, spec: LinkSpec },
-    SetLink { ns: NsRef, name: IfName, change: LinkChange },
-    DeleteLink { ns: NsRef, name: IfName },
-    AddAddr { ns: NsRef, link: IfName, addr: Ipv4Net },
-    DeleteAddr { ns: NsRef, link: IfName, addr: Ipv4Net },
-    AddRoute { ns: NsRef, route: RouteState },
-    DeleteRoute { ns: NsRef, route: RouteState },
-    AddFdb { ns: NsRef, link: IfName, entry: FdbEntry },
-    DeleteFdb { ns: NsRef, link: IfName, entry: FdbEntry },
-    AddNeigh { ns: NsRef, link: IfName, entry: NeighEntry },
-    DeleteNeigh { ns: NsRef, link: IfName, entry: NeighEntry },
-    SetSysctl { ns: NsRef, key: String, value: String },
+    CreateLink {
+        ns: NsRef,
+        spec: LinkSpec,
+    },
+    SetLink {
+        ns: NsRef,
+        name: IfName,
+        change: LinkChange,
+    },
+    DeleteLink {
+        ns: NsRef,
+        name: IfName,
+    },
+    AddAddr {
+        ns: NsRef,
+        link: IfName,
+        addr: Ipv4Net,
+    },
+    DeleteAddr {
+        ns: NsRef,
+        link: IfName,
+        addr: Ipv4Net,
+    },
+    AddRoute {
+        ns: NsRef,
+        route: RouteState,
+    },
+    DeleteRoute {
+        ns: NsRef,
+        route: RouteState,
+    },
+    AddFdb {
+        ns: NsRef,
+        link: IfName,
+        entry: FdbEntry,
+    },
+    DeleteFdb {
+        ns: NsRef,
+        link: IfName,
+        entry: FdbEntry,
+    },
+    AddNeigh {
+        ns: NsRef,
+        link: IfName,
+        entry: NeighEntry,
+    },
+    DeleteNeigh {
+        ns: NsRef,
+        link: IfName,
+        entry: NeighEntry,
+    },
+    SetSysctl {
+        ns: NsRef,
+        key: String,
+        value: String,
+    },
     /// Replace the node firewall table with this ruleset.
     ApplyFirewall(String),
-    StartProcess { task: TaskId, ns: NsName, process: DesiredProcess },
+    StartProcess {
+        task: TaskId,
+        ns: NsName,
+        process: DesiredProcess,
+    },
     StopProcess(TaskId),
     ForgetProcess(TaskId),
 }
@@ -126,7 +182,12 @@ impl fmt::Display for Op {
             Self::BindNetns { ns, from } => write!(f, "bind netns {ns} from {}", from.display()),
             Self::DeleteNetns(n) => write!(f, "delete netns {n}"),
             Self::CreateLink { ns, spec } => {
-                write!(f, "create {:?} link {} in {ns}", kind_name(&spec.kind), spec.name)?;
+                write!(
+                    f,
+                    "create {:?} link {} in {ns}",
+                    kind_name(&spec.kind),
+                    spec.name
+                )?;
                 if let Some(to) = &spec.move_to {
                     write!(f, " and move it to {to}")?;
                 }
@@ -139,16 +200,32 @@ impl fmt::Display for Op {
             Self::AddRoute { ns, route } => write!(f, "add route {route:?} in {ns}"),
             Self::DeleteRoute { ns, route } => write!(f, "delete route {route:?} in {ns}"),
             Self::AddFdb { ns, link, entry } => {
-                write!(f, "add fdb {} dst {} on {link} in {ns}", entry.mac, entry.dst)
+                write!(
+                    f,
+                    "add fdb {} dst {} on {link} in {ns}",
+                    entry.mac, entry.dst
+                )
             }
             Self::DeleteFdb { ns, link, entry } => {
-                write!(f, "delete fdb {} dst {} on {link} in {ns}", entry.mac, entry.dst)
+                write!(
+                    f,
+                    "delete fdb {} dst {} on {link} in {ns}",
+                    entry.mac, entry.dst
+                )
             }
             Self::AddNeigh { ns, link, entry } => {
-                write!(f, "add neigh {} lladdr {} on {link} in {ns}", entry.ip, entry.mac)
+                write!(
+                    f,
+                    "add neigh {} lladdr {} on {link} in {ns}",
+                    entry.ip, entry.mac
+                )
             }
             Self::DeleteNeigh { ns, link, entry } => {
-                write!(f, "delete neigh {} lladdr {} on {link} in {ns}", entry.ip, entry.mac)
+                write!(
+                    f,
+                    "delete neigh {} lladdr {} on {link} in {ns}",
+                    entry.ip, entry.mac
+                )
             }
             Self::SetSysctl { ns, key, value } => write!(f, "sysctl {key}={value} in {ns}"),
             Self::ApplyFirewall(_) => write!(f, "apply node firewall table"),
@@ -206,7 +283,10 @@ pub fn plan(
         }
     };
     if scope.includes(&ObjectKey::Node) {
-        push(ObjectKey::Node, plan_node(desired, observed, firewall_expected, scope == &Scope::Full));
+        push(
+            ObjectKey::Node,
+            plan_node(desired, observed, firewall_expected, scope == &Scope::Full),
+        );
     }
     // Removals first (sandboxes, then networks), so that a VNI or a name freed by a removal can
     // be taken by a creation in the same round.
@@ -217,16 +297,26 @@ pub fn plan(
     for n in desired.networks.values() {
         explained.insert(n.ns.clone());
     }
-    let orphans: Vec<&NsName> = observed.netns.iter().filter(|n| !explained.contains(*n)).collect();
+    let orphans: Vec<&NsName> = observed
+        .netns
+        .iter()
+        .filter(|n| !explained.contains(*n))
+        .collect();
     for ns in orphans.iter().filter(|n| n.as_str().starts_with("sb-")) {
         let task = TaskId::new(&ns.as_str()[3..]).ok();
-        let key = task.clone().map_or_else(|| ObjectKey::Orphan((*ns).clone()), ObjectKey::Sandbox);
+        let key = task
+            .clone()
+            .map_or_else(|| ObjectKey::Orphan((*ns).clone()), ObjectKey::Sandbox);
         if scope.includes(&key) || scope == &Scope::Full {
             push(key, plan_sandbox_removal(ns, task.as_ref(), observed));
         }
     }
     for ns in orphans.iter().filter(|n| !n.as_str().starts_with("sb-")) {
-        let key = match ns.as_str().strip_prefix("net-").and_then(|id| Name::new(id).ok()) {
+        let key = match ns
+            .as_str()
+            .strip_prefix("net-")
+            .and_then(|id| Name::new(id).ok())
+        {
             Some(id) => ObjectKey::Network(id),
             None => ObjectKey::Orphan((*ns).clone()),
         };
@@ -254,15 +344,27 @@ fn alias(owner: &str) -> Option<String> {
 }
 
 fn owned_by(l: &LinkState, owner: &str) -> bool {
-    l.alias.as_deref().and_then(|a| a.strip_prefix(ALIAS_PREFIX)) == Some(owner)
+    l.alias
+        .as_deref()
+        .and_then(|a| a.strip_prefix(ALIAS_PREFIX))
+        == Some(owner)
 }
 
 fn ours(l: &LinkState) -> bool {
-    l.name.as_str().starts_with("sn") && l.alias.as_deref().is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+    l.name.as_str().starts_with("sn")
+        && l.alias
+            .as_deref()
+            .is_some_and(|a| a.starts_with(ALIAS_PREFIX))
 }
 
 /// Brings an existing link to the wanted master/MTU/up state.
-fn converge_link(ns: &NsRef, l: &LinkState, mtu: Option<u16>, master: Option<&str>, ops: &mut Vec<Op>) {
+fn converge_link(
+    ns: &NsRef,
+    l: &LinkState,
+    mtu: Option<u16>,
+    master: Option<&str>,
+    ops: &mut Vec<Op>,
+) {
     let mut change = LinkChange::default();
     if let Some(m) = mtu
         && l.mtu != m
@@ -278,42 +380,78 @@ fn converge_link(ns: &NsRef, l: &LinkState, mtu: Option<u16>, master: Option<&st
         change.up = Some(true);
     }
     if change != LinkChange::default() {
-        ops.push(Op::SetLink { ns: ns.clone(), name: l.name.clone(), change });
+        ops.push(Op::SetLink {
+            ns: ns.clone(),
+            name: l.name.clone(),
+            change,
+        });
     }
 }
 
 fn up_change(master: Option<&IfName>) -> LinkChange {
-    LinkChange { master: master.map(|m| Some(m.clone())), up: Some(true), ..LinkChange::default() }
+    LinkChange {
+        master: master.map(|m| Some(m.clone())),
+        up: Some(true),
+        ..LinkChange::default()
+    }
 }
 
 /// Adds the wanted addresses on `link` and removes the others.
-fn converge_addrs(ns: &NsRef, link: &IfName, obs: &NsObserved, want: &[Ipv4Net], ops: &mut Vec<Op>) {
+fn converge_addrs(
+    ns: &NsRef,
+    link: &IfName,
+    obs: &NsObserved,
+    want: &[Ipv4Net],
+    ops: &mut Vec<Op>,
+) {
     let have: BTreeSet<Ipv4Net> = obs.addrs_on(link.as_str()).collect();
     for a in have.iter().filter(|a| !want.contains(a)) {
-        ops.push(Op::DeleteAddr { ns: ns.clone(), link: link.clone(), addr: *a });
+        ops.push(Op::DeleteAddr {
+            ns: ns.clone(),
+            link: link.clone(),
+            addr: *a,
+        });
     }
     for a in want.iter().filter(|a| !have.contains(a)) {
-        ops.push(Op::AddAddr { ns: ns.clone(), link: link.clone(), addr: *a });
+        ops.push(Op::AddAddr {
+            ns: ns.clone(),
+            link: link.clone(),
+            addr: *a,
+        });
     }
 }
 
 fn create_ns_ops(ns: &NsName, ops: &mut Vec<Op>) {
     ops.push(Op::CreateNetns(ns.clone()));
     for (k, v) in NS_SYSCTLS {
-        ops.push(Op::SetSysctl { ns: NsRef::Owned(ns.clone()), key: (*k).into(), value: (*v).into() });
+        ops.push(Op::SetSysctl {
+            ns: NsRef::Owned(ns.clone()),
+            key: (*k).into(),
+            value: (*v).into(),
+        });
     }
 }
 
-fn plan_node(desired: &DesiredNode, observed: &Observed, firewall_expected: Option<&str>, prune: bool) -> Vec<Op> {
+fn plan_node(
+    desired: &DesiredNode,
+    observed: &Observed,
+    firewall_expected: Option<&str>,
+    prune: bool,
+) -> Vec<Op> {
     let mut ops = Vec::new();
     let node = NsRef::Node;
     let obs = &observed.node;
     if let Some(gw) = &desired.gw_bridge {
         match obs.link(gw.name.as_str()) {
-            Some(l) if l.kind == LinkKindState::Bridge => converge_link(&node, l, None, None, &mut ops),
+            Some(l) if l.kind == LinkKindState::Bridge => {
+                converge_link(&node, l, None, None, &mut ops)
+            }
             other => {
                 if other.is_some() {
-                    ops.push(Op::DeleteLink { ns: node.clone(), name: gw.name.clone() });
+                    ops.push(Op::DeleteLink {
+                        ns: node.clone(),
+                        name: gw.name.clone(),
+                    });
                 }
                 ops.push(Op::CreateLink {
                     ns: node.clone(),
@@ -331,15 +469,30 @@ fn plan_node(desired: &DesiredNode, observed: &Observed, firewall_expected: Opti
                     key: format!("net/ipv6/conf/{}/accept_ra", gw.name),
                     value: "0".into(),
                 });
-                ops.push(Op::SetLink { ns: node.clone(), name: gw.name.clone(), change: up_change(None) });
+                ops.push(Op::SetLink {
+                    ns: node.clone(),
+                    name: gw.name.clone(),
+                    change: up_change(None),
+                });
             }
         }
         let empty = NsObserved::default();
-        let gw_obs = if obs.link(gw.name.as_str()).is_some_and(|l| l.kind == LinkKindState::Bridge) { obs } else { &empty };
+        let gw_obs = if obs
+            .link(gw.name.as_str())
+            .is_some_and(|l| l.kind == LinkKindState::Bridge)
+        {
+            obs
+        } else {
+            &empty
+        };
         converge_addrs(&node, &gw.name, gw_obs, &[gw.addr], &mut ops);
         // Sandboxes reach the world through the node: forwarding must be on.
         if obs.sysctls.get("net/ipv4/ip_forward").map(String::as_str) != Some("1") {
-            ops.push(Op::SetSysctl { ns: node.clone(), key: "net/ipv4/ip_forward".into(), value: "1".into() });
+            ops.push(Op::SetSysctl {
+                ns: node.clone(),
+                key: "net/ipv4/ip_forward".into(),
+                value: "1".into(),
+            });
         }
     }
     let ruleset = crate::firewall::render(desired);
@@ -348,14 +501,26 @@ fn plan_node(desired: &DesiredNode, observed: &Observed, firewall_expected: Opti
         ops.push(Op::ApplyFirewall(ruleset));
     }
     if prune {
-        let mut wanted: BTreeSet<&str> = desired.sandboxes.values().filter_map(|s| s.gw.as_ref()).map(|g| g.host_if.as_str()).collect();
+        let mut wanted: BTreeSet<&str> = desired
+            .sandboxes
+            .values()
+            .filter_map(|s| s.gw.as_ref())
+            .map(|g| g.host_if.as_str())
+            .collect();
         if let Some(gw) = &desired.gw_bridge {
             wanted.insert(gw.name.as_str());
         }
-        for l in obs.links.iter().filter(|l| ours(l) && !wanted.contains(l.name.as_str())) {
+        for l in obs
+            .links
+            .iter()
+            .filter(|l| ours(l) && !wanted.contains(l.name.as_str()))
+        {
             // gateway veth ends of live sandboxes vanish with their namespace; the rest
             // (a stale bridge, a VXLAN left behind by a crash mid-create) is ours to delete.
-            ops.push(Op::DeleteLink { ns: node.clone(), name: l.name.clone() });
+            ops.push(Op::DeleteLink {
+                ns: node.clone(),
+                name: l.name.clone(),
+            });
         }
     }
     ops
@@ -371,7 +536,11 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
     let ns = NsRef::Owned(n.ns.clone());
     let empty = NsObserved::default();
     let present = observed.netns.contains(&n.ns);
-    let obs = if present { observed.ns.get(&n.ns).unwrap_or(&empty) } else { &empty };
+    let obs = if present {
+        observed.ns.get(&n.ns).unwrap_or(&empty)
+    } else {
+        &empty
+    };
     if !present {
         create_ns_ops(&n.ns, &mut ops);
     }
@@ -384,17 +553,37 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
         }
         other => {
             if other.is_some() {
-                ops.push(Op::DeleteLink { ns: ns.clone(), name: br.clone() });
+                ops.push(Op::DeleteLink {
+                    ns: ns.clone(),
+                    name: br.clone(),
+                });
             }
             ops.push(Op::CreateLink {
                 ns: ns.clone(),
-                spec: LinkSpec { name: br.clone(), kind: LinkKind::Bridge, mtu: Some(n.mtu), mac: None, alias: alias(owner), move_to: None },
+                spec: LinkSpec {
+                    name: br.clone(),
+                    kind: LinkKind::Bridge,
+                    mtu: Some(n.mtu),
+                    mac: None,
+                    alias: alias(owner),
+                    move_to: None,
+                },
             });
-            ops.push(Op::SetLink { ns: ns.clone(), name: br.clone(), change: up_change(None) });
+            ops.push(Op::SetLink {
+                ns: ns.clone(),
+                name: br.clone(),
+                change: up_change(None),
+            });
             false
         }
     };
-    converge_addrs(&ns, &br, if bridge_ok { obs } else { &empty }, &[n.gateway], &mut ops);
+    converge_addrs(
+        &ns,
+        &br,
+        if bridge_ok { obs } else { &empty },
+        &[n.gateway],
+        &mut ops,
+    );
 
     let vx_ok = match obs.link(n.vxlan.as_str()) {
         Some(l) if vxlan_matches(l, n) => {
@@ -403,48 +592,93 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
         }
         other => {
             if other.is_some() {
-                ops.push(Op::DeleteLink { ns: ns.clone(), name: n.vxlan.clone() });
+                ops.push(Op::DeleteLink {
+                    ns: ns.clone(),
+                    name: n.vxlan.clone(),
+                });
             }
             // A VXLAN left in the node namespace by a crash between create and move holds the
             // VNI and port: remove it first or the create fails with EEXIST.
             if observed.node.link(n.vxlan.as_str()).is_some() {
-                ops.push(Op::DeleteLink { ns: NsRef::Node, name: n.vxlan.clone() });
+                ops.push(Op::DeleteLink {
+                    ns: NsRef::Node,
+                    name: n.vxlan.clone(),
+                });
             }
             ops.push(Op::CreateLink {
                 ns: NsRef::Node,
                 spec: LinkSpec {
                     name: n.vxlan.clone(),
-                    kind: LinkKind::Vxlan { vni: n.vni, local: n.local, port: n.port, underlay: n.underlay_if.clone() },
+                    kind: LinkKind::Vxlan {
+                        vni: n.vni,
+                        local: n.local,
+                        port: n.port,
+                        underlay: n.underlay_if.clone(),
+                    },
                     mtu: Some(n.mtu),
                     mac: None,
                     alias: alias(owner),
                     move_to: Some(ns.clone()),
                 },
             });
-            ops.push(Op::SetLink { ns: ns.clone(), name: n.vxlan.clone(), change: up_change(Some(&br)) });
+            ops.push(Op::SetLink {
+                ns: ns.clone(),
+                name: n.vxlan.clone(),
+                change: up_change(Some(&br)),
+            });
             false
         }
     };
     let no_fdb = BTreeSet::new();
     let no_neigh = BTreeSet::new();
     let (have_fdb, have_neigh) = if vx_ok {
-        (obs.fdb.get(&n.vxlan).unwrap_or(&no_fdb), obs.neighs.get(&n.vxlan).unwrap_or(&no_neigh))
+        (
+            obs.fdb.get(&n.vxlan).unwrap_or(&no_fdb),
+            obs.neighs.get(&n.vxlan).unwrap_or(&no_neigh),
+        )
     } else {
         (&no_fdb, &no_neigh)
     };
-    let want_fdb: BTreeSet<FdbEntry> = n.peers.values().map(|(mac, vtep)| FdbEntry { mac: *mac, dst: *vtep }).collect();
-    let want_neigh: BTreeSet<NeighEntry> = n.peers.iter().map(|(ip, (mac, _))| NeighEntry { ip: *ip, mac: *mac }).collect();
+    let want_fdb: BTreeSet<FdbEntry> = n
+        .peers
+        .values()
+        .map(|(mac, vtep)| FdbEntry {
+            mac: *mac,
+            dst: *vtep,
+        })
+        .collect();
+    let want_neigh: BTreeSet<NeighEntry> = n
+        .peers
+        .iter()
+        .map(|(ip, (mac, _))| NeighEntry { ip: *ip, mac: *mac })
+        .collect();
     for e in have_fdb.difference(&want_fdb) {
-        ops.push(Op::DeleteFdb { ns: ns.clone(), link: n.vxlan.clone(), entry: e.clone() });
+        ops.push(Op::DeleteFdb {
+            ns: ns.clone(),
+            link: n.vxlan.clone(),
+            entry: e.clone(),
+        });
     }
     for e in want_fdb.difference(have_fdb) {
-        ops.push(Op::AddFdb { ns: ns.clone(), link: n.vxlan.clone(), entry: e.clone() });
+        ops.push(Op::AddFdb {
+            ns: ns.clone(),
+            link: n.vxlan.clone(),
+            entry: e.clone(),
+        });
     }
     for e in have_neigh.difference(&want_neigh) {
-        ops.push(Op::DeleteNeigh { ns: ns.clone(), link: n.vxlan.clone(), entry: e.clone() });
+        ops.push(Op::DeleteNeigh {
+            ns: ns.clone(),
+            link: n.vxlan.clone(),
+            entry: e.clone(),
+        });
     }
     for e in want_neigh.difference(have_neigh) {
-        ops.push(Op::AddNeigh { ns: ns.clone(), link: n.vxlan.clone(), entry: e.clone() });
+        ops.push(Op::AddNeigh {
+            ns: ns.clone(),
+            link: n.vxlan.clone(),
+            entry: e.clone(),
+        });
     }
     // Host ends of sandboxes that are no longer on this network (a detach).
     let attached: BTreeSet<String> = desired
@@ -453,10 +687,20 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
         .filter(|s| s.ifaces.iter().any(|i| i.net_ns == n.ns))
         .map(|s| s.ns.as_str().to_owned())
         .collect();
-    for l in obs.links.iter().filter(|l| l.name.as_str().starts_with("snv")) {
-        let owner = l.alias.as_deref().and_then(|a| a.strip_prefix(ALIAS_PREFIX));
+    for l in obs
+        .links
+        .iter()
+        .filter(|l| l.name.as_str().starts_with("snv"))
+    {
+        let owner = l
+            .alias
+            .as_deref()
+            .and_then(|a| a.strip_prefix(ALIAS_PREFIX));
         if owner.is_some_and(|o| o.starts_with("sb-") && !attached.contains(o)) {
-            ops.push(Op::DeleteLink { ns: ns.clone(), name: l.name.clone() });
+            ops.push(Op::DeleteLink {
+                ns: ns.clone(),
+                name: l.name.clone(),
+            });
         }
     }
     ops
@@ -467,8 +711,15 @@ fn plan_network_removal(ns: &NsName, observed: &Observed) -> Vec<Op> {
     if let Some(obs) = observed.ns.get(ns) {
         // Delete the VXLAN device first: namespace teardown is asynchronous in the kernel, and
         // until it finishes the VNI stays bound; deleting the link frees it at once.
-        for l in obs.links.iter().filter(|l| matches!(l.kind, LinkKindState::Vxlan { .. })) {
-            ops.push(Op::DeleteLink { ns: NsRef::Owned(ns.clone()), name: l.name.clone() });
+        for l in obs
+            .links
+            .iter()
+            .filter(|l| matches!(l.kind, LinkKindState::Vxlan { .. }))
+        {
+            ops.push(Op::DeleteLink {
+                ns: NsRef::Owned(ns.clone()),
+                name: l.name.clone(),
+            });
         }
     }
     ops.push(Op::DeleteNetns(ns.clone()));
@@ -495,13 +746,19 @@ fn plan_sandbox_removal(ns: &NsName, task: Option<&TaskId>, observed: &Observed)
             continue;
         }
         for l in obs.links.iter().filter(|l| owned_by(l, owner)) {
-            ops.push(Op::DeleteLink { ns: NsRef::Owned(net_ns.clone()), name: l.name.clone() });
+            ops.push(Op::DeleteLink {
+                ns: NsRef::Owned(net_ns.clone()),
+                name: l.name.clone(),
+            });
         }
     }
     if let Some(t) = task {
         let gw = gw_host_if(t);
         if observed.node.link(gw.as_str()).is_some() {
-            ops.push(Op::DeleteLink { ns: NsRef::Node, name: gw });
+            ops.push(Op::DeleteLink {
+                ns: NsRef::Node,
+                name: gw,
+            });
         }
     }
     ops.push(Op::DeleteNetns(ns.clone()));
@@ -513,16 +770,27 @@ fn plan_sandbox(s: &DesiredSandbox, observed: &Observed, gate: ProcessGate) -> V
     let sb = NsRef::Owned(s.ns.clone());
     let empty = NsObserved::default();
     let present = observed.netns.contains(&s.ns);
-    let obs = if present { observed.ns.get(&s.ns).unwrap_or(&empty) } else { &empty };
+    let obs = if present {
+        observed.ns.get(&s.ns).unwrap_or(&empty)
+    } else {
+        &empty
+    };
     if !present {
         match &s.external {
-            Some(from) => ops.push(Op::BindNetns { ns: s.ns.clone(), from: from.clone() }),
+            Some(from) => ops.push(Op::BindNetns {
+                ns: s.ns.clone(),
+                from: from.clone(),
+            }),
             None => create_ns_ops(&s.ns, &mut ops),
         }
     }
     // A new namespace has its loopback down; 127.0.0.1 (and later 127.0.0.11) need it up.
     if !present || obs.link("lo").is_some_and(|l| !l.up) {
-        ops.push(Op::SetLink { ns: sb.clone(), name: IfName::new("lo").expect("valid"), change: up_change(None) });
+        ops.push(Op::SetLink {
+            ns: sb.clone(),
+            name: IfName::new("lo").expect("valid"),
+            change: up_change(None),
+        });
     }
     let owner = s.ns.as_str();
     for i in &s.ifaces {
@@ -538,12 +806,18 @@ fn plan_sandbox(s: &DesiredSandbox, observed: &Observed, gate: ProcessGate) -> V
             Some(_) => {
                 ops.push(Op::ForgetProcess(s.task.clone()));
                 if gate == ProcessGate::Start {
-                    ops.push(Op::StartProcess { task: s.task.clone(), ns: s.ns.clone(), process: p.clone() });
+                    ops.push(Op::StartProcess {
+                        task: s.task.clone(),
+                        ns: s.ns.clone(),
+                        process: p.clone(),
+                    });
                 }
             }
-            None if gate == ProcessGate::Start => {
-                ops.push(Op::StartProcess { task: s.task.clone(), ns: s.ns.clone(), process: p.clone() })
-            }
+            None if gate == ProcessGate::Start => ops.push(Op::StartProcess {
+                task: s.task.clone(),
+                ns: s.ns.clone(),
+                process: p.clone(),
+            }),
             None => {}
         }
     }
@@ -551,14 +825,23 @@ fn plan_sandbox(s: &DesiredSandbox, observed: &Observed, gate: ProcessGate) -> V
 }
 
 /// One veth per attached network: host end on the network's `br0`, inner end in the sandbox.
-fn plan_veth(s: &DesiredSandbox, i: &DesiredIface, obs: &NsObserved, net_obs: &NsObserved, owner: &str, ops: &mut Vec<Op>) {
+fn plan_veth(
+    s: &DesiredSandbox,
+    i: &DesiredIface,
+    obs: &NsObserved,
+    net_obs: &NsObserved,
+    owner: &str,
+    ops: &mut Vec<Op>,
+) {
     let sb = NsRef::Owned(s.ns.clone());
     let net = NsRef::Owned(i.net_ns.clone());
     let host = net_obs.link(i.host_if.as_str());
     let inner = obs.link(i.ifname.as_str());
     let br = IfName::new(NET_BRIDGE).expect("valid");
     match (host, inner) {
-        (Some(h), Some(inn)) if inn.kind == LinkKindState::Veth && h.kind == LinkKindState::Veth => {
+        (Some(h), Some(inn))
+            if inn.kind == LinkKindState::Veth && h.kind == LinkKindState::Veth =>
+        {
             converge_link(&net, h, Some(i.mtu), Some(NET_BRIDGE), ops);
             let mut change = LinkChange::default();
             if inn.mtu != i.mtu {
@@ -571,43 +854,78 @@ fn plan_veth(s: &DesiredSandbox, i: &DesiredIface, obs: &NsObserved, net_obs: &N
                 change.up = Some(true);
             }
             if change != LinkChange::default() {
-                ops.push(Op::SetLink { ns: sb.clone(), name: i.ifname.clone(), change });
+                ops.push(Op::SetLink {
+                    ns: sb.clone(),
+                    name: i.ifname.clone(),
+                    change,
+                });
             }
             converge_addrs(&sb, &i.ifname, obs, &[i.addr], ops);
         }
         (host, inner) => {
             if host.is_some() {
-                ops.push(Op::DeleteLink { ns: net.clone(), name: i.host_if.clone() });
+                ops.push(Op::DeleteLink {
+                    ns: net.clone(),
+                    name: i.host_if.clone(),
+                });
             }
             if inner.is_some() {
-                ops.push(Op::DeleteLink { ns: sb.clone(), name: i.ifname.clone() });
+                ops.push(Op::DeleteLink {
+                    ns: sb.clone(),
+                    name: i.ifname.clone(),
+                });
             }
             ops.push(Op::CreateLink {
                 ns: net.clone(),
                 spec: LinkSpec {
                     name: i.host_if.clone(),
-                    kind: LinkKind::Veth { peer: i.ifname.clone(), peer_ns: Some(sb.clone()), peer_mac: Some(i.mac) },
+                    kind: LinkKind::Veth {
+                        peer: i.ifname.clone(),
+                        peer_ns: Some(sb.clone()),
+                        peer_mac: Some(i.mac),
+                    },
                     mtu: Some(i.mtu),
                     mac: None,
                     alias: alias(owner),
                     move_to: None,
                 },
             });
-            ops.push(Op::SetLink { ns: net, name: i.host_if.clone(), change: up_change(Some(&br)) });
-            ops.push(Op::SetLink { ns: sb.clone(), name: i.ifname.clone(), change: up_change(None) });
-            ops.push(Op::AddAddr { ns: sb, link: i.ifname.clone(), addr: i.addr });
+            ops.push(Op::SetLink {
+                ns: net,
+                name: i.host_if.clone(),
+                change: up_change(Some(&br)),
+            });
+            ops.push(Op::SetLink {
+                ns: sb.clone(),
+                name: i.ifname.clone(),
+                change: up_change(None),
+            });
+            ops.push(Op::AddAddr {
+                ns: sb,
+                link: i.ifname.clone(),
+                addr: i.addr,
+            });
         }
     }
 }
 
 /// The gateway veth: host end on the node's gateway bridge, default route through it.
-fn plan_gw(s: &DesiredSandbox, g: &DesiredGwIface, obs: &NsObserved, node: &NsObserved, owner: &str, ops: &mut Vec<Op>) {
+fn plan_gw(
+    s: &DesiredSandbox,
+    g: &DesiredGwIface,
+    obs: &NsObserved,
+    node: &NsObserved,
+    owner: &str,
+    ops: &mut Vec<Op>,
+) {
     let sb = NsRef::Owned(s.ns.clone());
     let gwbr = IfName::new(crate::desired::GW_BRIDGE).expect("valid");
     let host = node.link(g.host_if.as_str());
     let inner = obs.link(g.ifname.as_str());
     let fresh = match (host, inner) {
-        (Some(h), Some(inn)) if inn.kind == LinkKindState::Veth && h.kind == LinkKindState::Veth => {
+        (Some(h), Some(inn))
+            if inn.kind == LinkKindState::Veth && h.kind == LinkKindState::Veth =>
+        {
             converge_link(&NsRef::Node, h, Some(g.mtu), Some(gwbr.as_str()), ops);
             converge_link(&sb, inn, Some(g.mtu), None, ops);
             converge_addrs(&sb, &g.ifname, obs, &[g.addr], ops);
@@ -615,36 +933,79 @@ fn plan_gw(s: &DesiredSandbox, g: &DesiredGwIface, obs: &NsObserved, node: &NsOb
         }
         (host, inner) => {
             if host.is_some() {
-                ops.push(Op::DeleteLink { ns: NsRef::Node, name: g.host_if.clone() });
+                ops.push(Op::DeleteLink {
+                    ns: NsRef::Node,
+                    name: g.host_if.clone(),
+                });
             }
             if inner.is_some() {
-                ops.push(Op::DeleteLink { ns: sb.clone(), name: g.ifname.clone() });
+                ops.push(Op::DeleteLink {
+                    ns: sb.clone(),
+                    name: g.ifname.clone(),
+                });
             }
             ops.push(Op::CreateLink {
                 ns: NsRef::Node,
                 spec: LinkSpec {
                     name: g.host_if.clone(),
-                    kind: LinkKind::Veth { peer: g.ifname.clone(), peer_ns: Some(sb.clone()), peer_mac: None },
+                    kind: LinkKind::Veth {
+                        peer: g.ifname.clone(),
+                        peer_ns: Some(sb.clone()),
+                        peer_mac: None,
+                    },
                     mtu: Some(g.mtu),
                     mac: None,
                     alias: alias(owner),
                     move_to: None,
                 },
             });
-            ops.push(Op::SetSysctl { ns: NsRef::Node, key: format!("net/ipv6/conf/{}/accept_ra", g.host_if), value: "0".into() });
-            ops.push(Op::SetLink { ns: NsRef::Node, name: g.host_if.clone(), change: up_change(Some(&gwbr)) });
-            ops.push(Op::SetLink { ns: sb.clone(), name: g.ifname.clone(), change: up_change(None) });
-            ops.push(Op::AddAddr { ns: sb.clone(), link: g.ifname.clone(), addr: g.addr });
+            ops.push(Op::SetSysctl {
+                ns: NsRef::Node,
+                key: format!("net/ipv6/conf/{}/accept_ra", g.host_if),
+                value: "0".into(),
+            });
+            ops.push(Op::SetLink {
+                ns: NsRef::Node,
+                name: g.host_if.clone(),
+                change: up_change(Some(&gwbr)),
+            });
+            ops.push(Op::SetLink {
+                ns: sb.clone(),
+                name: g.ifname.clone(),
+                change: up_change(None),
+            });
+            ops.push(Op::AddAddr {
+                ns: sb.clone(),
+                link: g.ifname.clone(),
+                addr: g.addr,
+            });
             true
         }
     };
-    let want = RouteState { dst: Ipv4Net::default(), gateway: Some(g.gateway), link: Some(g.ifname.clone()) };
-    let defaults: Vec<&RouteState> = if fresh { vec![] } else { obs.routes.iter().filter(|r| r.dst.prefix_len() == 0).collect() };
+    let want = RouteState {
+        dst: Ipv4Net::default(),
+        gateway: Some(g.gateway),
+        link: Some(g.ifname.clone()),
+    };
+    let defaults: Vec<&RouteState> = if fresh {
+        vec![]
+    } else {
+        obs.routes
+            .iter()
+            .filter(|r| r.dst.prefix_len() == 0)
+            .collect()
+    };
     if !defaults.contains(&&want) {
         for r in defaults {
-            ops.push(Op::DeleteRoute { ns: sb.clone(), route: r.clone() });
+            ops.push(Op::DeleteRoute {
+                ns: sb.clone(),
+                route: r.clone(),
+            });
         }
-        ops.push(Op::AddRoute { ns: sb, route: want });
+        ops.push(Op::AddRoute {
+            ns: sb,
+            route: want,
+        });
     }
 }
 

@@ -22,7 +22,12 @@ impl NsName {
     pub fn new(s: impl Into<String>) -> Result<Self, PortError> {
         let s = s.into();
         if s.is_empty() || s.contains('/') || s == "." || s == ".." || s.len() > 200 {
-            return Err(PortError::new("netns name", s, ErrorKind::Invalid, "not a valid file name"));
+            return Err(PortError::new(
+                "netns name",
+                s,
+                ErrorKind::Invalid,
+                "not a valid file name",
+            ));
         }
         Ok(Self(s))
     }
@@ -76,9 +81,11 @@ impl ErrorKind {
         match errno {
             libc::EEXIST => Self::Exists,
             libc::ENOENT | libc::ENODEV | libc::ESRCH | libc::ENXIO => Self::NotFound,
-            libc::EINVAL | libc::EOPNOTSUPP | libc::ERANGE | libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT => {
-                Self::Invalid
-            }
+            libc::EINVAL
+            | libc::EOPNOTSUPP
+            | libc::ERANGE
+            | libc::EAFNOSUPPORT
+            | libc::EPROTONOSUPPORT => Self::Invalid,
             libc::EBUSY | libc::EAGAIN | libc::ENOBUFS | libc::EINTR => Self::Busy,
             libc::EPERM | libc::EACCES => Self::Permission,
             _ => Self::Other,
@@ -101,13 +108,32 @@ pub struct PortError {
 }
 
 impl PortError {
-    pub fn new(op: &'static str, object: impl Into<String>, kind: ErrorKind, detail: impl Into<String>) -> Self {
-        Self { op, object: object.into(), kind, detail: detail.into(), source: None }
+    pub fn new(
+        op: &'static str,
+        object: impl Into<String>,
+        kind: ErrorKind,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            op,
+            object: object.into(),
+            kind,
+            detail: detail.into(),
+            source: None,
+        }
     }
     /// From an OS error: the kind is classified from the errno and the cause kept.
     pub fn io(op: &'static str, object: impl Into<String>, err: std::io::Error) -> Self {
-        let kind = err.raw_os_error().map_or(ErrorKind::Other, ErrorKind::from_errno);
-        Self { op, object: object.into(), kind, detail: err.to_string(), source: Some(err) }
+        let kind = err
+            .raw_os_error()
+            .map_or(ErrorKind::Other, ErrorKind::from_errno);
+        Self {
+            op,
+            object: object.into(),
+            kind,
+            detail: err.to_string(),
+            source: Some(err),
+        }
     }
     pub fn is_not_found(&self) -> bool {
         self.kind == ErrorKind::NotFound
@@ -125,10 +151,19 @@ pub enum LinkKind {
     Bridge,
     /// A VXLAN device: learning off, ARP proxy on, no default destination (so no flooding),
     /// UDP checksums off (the inner packet has its own).
-    Vxlan { vni: u32, local: Ipv4Addr, port: u16, underlay: Option<IfName> },
+    Vxlan {
+        vni: u32,
+        local: Ipv4Addr,
+        port: u16,
+        underlay: Option<IfName>,
+    },
     /// A veth pair. This end is named by the spec; the peer is created directly in `peer_ns`
     /// (or in the same namespace when `None`).
-    Veth { peer: IfName, peer_ns: Option<NsRef>, peer_mac: Option<MacAddr> },
+    Veth {
+        peer: IfName,
+        peer_ns: Option<NsRef>,
+        peer_mac: Option<MacAddr>,
+    },
 }
 
 /// A link to create. `move_to` moves it into another namespace right after creation (used for
@@ -148,7 +183,12 @@ pub struct LinkSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkKindState {
     Bridge,
-    Vxlan { vni: u32, local: Option<Ipv4Addr>, port: u16, learning: bool },
+    Vxlan {
+        vni: u32,
+        local: Option<Ipv4Addr>,
+        port: u16,
+        learning: bool,
+    },
     Veth,
     Other(String),
 }
@@ -323,7 +363,8 @@ pub trait ProcessPort: Send {
     fn start(&mut self, spec: &ProcessSpec) -> PortResult<u32>;
     /// Asks the task's processes to stop (SIGTERM to its cgroup) and kills what is left after
     /// `grace`; returns at once. Unknown task: [`ErrorKind::NotFound`].
-    fn stop(&mut self, task: &swarmnet_model::TaskId, grace: std::time::Duration) -> PortResult<()>;
+    fn stop(&mut self, task: &swarmnet_model::TaskId, grace: std::time::Duration)
+    -> PortResult<()>;
     /// Drops the record of an exited process (and its cgroup directory).
     fn forget(&mut self, task: &swarmnet_model::TaskId) -> PortResult<()>;
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
-use swarmnet_model::spec::RestartPolicy;
+use swarmnet_model::spec::{RestartPolicy, TaskRuntime};
 use swarmnet_model::{IfName, Intent, NodeId, TaskId};
 use tracing::{debug, info, warn};
 
@@ -46,8 +46,8 @@ pub struct ReconcilerConfig {
     pub gw_subnet: Ipv4Net,
     /// Per-task files: logs, resolv.conf.
     pub task_dir: PathBuf,
-    /// Where gateway-bridge leases are kept across restarts.
-    pub lease_file: PathBuf,
+    /// Where state that must survive a restart is kept (gateway leases, attachments).
+    pub state_dir: PathBuf,
     /// How long a stopping task gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
 }
@@ -125,7 +125,10 @@ pub struct Reconciler {
 
 impl std::fmt::Debug for Reconciler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reconciler").field("node", &self.cfg.node).field("round", &self.round).finish()
+        f.debug_struct("Reconciler")
+            .field("node", &self.cfg.node)
+            .field("round", &self.round)
+            .finish()
     }
 }
 
@@ -133,17 +136,15 @@ impl Reconciler {
     /// Starts with an empty intent; gateway leases are read back from the task directory so
     /// that a restarted netd keeps every sandbox's address.
     pub fn new(ports: Ports, cfg: ReconcilerConfig) -> Self {
-        let leases = std::fs::read(&cfg.lease_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<BTreeMap<TaskId, Ipv4Addr>>(&b).ok())
-            .unwrap_or_default();
+        let leases = read_json(&cfg.state_dir.join(LEASES)).unwrap_or_default();
+        let external = read_json(&cfg.state_dir.join(ATTACHMENTS)).unwrap_or_default();
         Self {
             ports,
             cfg,
             intent: Intent::empty(),
             intent_generation: 0,
             leases,
-            external: BTreeMap::new(),
+            external,
             underlay: None,
             underlay_error: None,
             last_desired: None,
@@ -164,12 +165,57 @@ impl Reconciler {
         self.intent_generation
     }
 
-    /// Hands an external task's namespace to netd (the attach API).
-    pub fn attach(&mut self, task: TaskId, netns: PathBuf) {
+    /// Hands an external task's namespace to netd (the attach API). Only a task that the intent
+    /// places on this node with `runtime: external` can be attached.
+    pub fn attach(&mut self, task: TaskId, netns: PathBuf) -> Result<(), String> {
+        let Some((t, _)) = self.intent.tasks().find(|(t, _)| t.id == task) else {
+            return Err(format!(
+                "task {task:?} is not in the intent; the orchestrator (or the intent file) must place it first"
+            ));
+        };
+        if t.node != self.cfg.node {
+            return Err(format!(
+                "task {task:?} is placed on node {:?}, not on this node {:?}",
+                t.node.as_str(),
+                self.cfg.node.as_str()
+            ));
+        }
+        if t.runtime != TaskRuntime::External {
+            return Err(format!(
+                "task {task:?} is run by netd; only tasks with runtime \"external\" can be attached"
+            ));
+        }
+        if !netns.exists() {
+            return Err(format!(
+                "{} does not exist; pass the runtime's network namespace (e.g. /proc/<pid>/ns/net)",
+                netns.display()
+            ));
+        }
+        if let Some(old) = self.external.get(&task)
+            && old != &netns
+        {
+            return Err(format!(
+                "task {task:?} is already attached to {}; detach it first",
+                old.display()
+            ));
+        }
         self.external.insert(task, netns);
+        self.persist_attachments();
+        Ok(())
     }
-    pub fn detach(&mut self, task: &TaskId) -> bool {
-        self.external.remove(task).is_some()
+
+    pub fn detach(&mut self, task: &TaskId) -> Result<(), String> {
+        if self.external.remove(task).is_none() {
+            return Err(format!("task {task:?} is not attached"));
+        }
+        self.persist_attachments();
+        Ok(())
+    }
+
+    fn persist_attachments(&self) {
+        if let Err(e) = persist_json(&self.cfg.state_dir.join(ATTACHMENTS), &self.external) {
+            warn!(error = %e, "cannot persist attachments");
+        }
     }
 
     /// The ports, for tests that inject drift and for inspection.
@@ -204,16 +250,27 @@ impl Reconciler {
 
     /// Whether an incremental round has work: pending objects, retries due, or tasks to start.
     pub fn wants_round(&mut self, now: Instant) -> bool {
-        if self.status.values().any(|s| s.state == ObjectState::Pending || s.retry_at.is_some_and(|t| t <= now)) {
+        if self
+            .status
+            .values()
+            .any(|s| s.state == ObjectState::Pending || s.retry_at.is_some_and(|t| t <= now))
+        {
             return true;
         }
-        let Some(d) = &self.last_desired else { return true };
-        let Ok(procs) = self.ports.processes.list() else { return true };
+        let Some(d) = &self.last_desired else {
+            return true;
+        };
+        let Ok(procs) = self.ports.processes.list() else {
+            return true;
+        };
         let procs: BTreeMap<_, _> = procs.into_iter().map(|p| (p.task.clone(), p)).collect();
-        d.sandboxes.values().filter(|s| s.process.is_some()).any(|s| match procs.get(&s.task) {
-            Some(p) => p.exit.is_some(),
-            None => gate_for(self.restarts.get(&s.task), now) == ProcessGate::Start,
-        })
+        d.sandboxes
+            .values()
+            .filter(|s| s.process.is_some())
+            .any(|s| match procs.get(&s.task) {
+                Some(p) => p.exit.is_some(),
+                None => gate_for(self.restarts.get(&s.task), now) == ProcessGate::Start,
+            })
     }
 
     fn context(&mut self) -> NodeContext {
@@ -225,17 +282,21 @@ impl Reconciler {
                     self.underlay_error = None;
                 }
                 Err(e) => {
-                    self.underlay_error =
-                        Some(format!("underlay: no interface in the node namespace holds {addr} ({e})"));
+                    self.underlay_error = Some(format!(
+                        "underlay: no interface in the node namespace holds {addr} ({e})"
+                    ));
                 }
             }
         }
-        let (underlay_if, underlay_mtu) = self.underlay.clone().map_or((None, 1500), |(i, m)| (Some(i), m));
+        let (underlay_if, underlay_mtu) = self
+            .underlay
+            .clone()
+            .map_or((None, 1500), |(i, m)| (Some(i), m));
         let wanted = desired::gw_tasks(&self.intent, &self.cfg.node);
         let (leases, _exhausted) = desired::lease_gw(self.cfg.gw_subnet, &self.leases, &wanted);
         if leases != self.leases {
             self.leases = leases;
-            if let Err(e) = persist_json(&self.cfg.lease_file, &self.leases) {
+            if let Err(e) = persist_json(&self.cfg.state_dir.join(LEASES), &self.leases) {
                 warn!(error = %e, "cannot persist gateway leases");
             }
         }
@@ -259,7 +320,11 @@ impl Reconciler {
         self.projection_issues = issues
             .into_iter()
             .map(|i| {
-                let key = match i.object.strip_prefix("sandbox/").and_then(|t| TaskId::new(t).ok()) {
+                let key = match i
+                    .object
+                    .strip_prefix("sandbox/")
+                    .and_then(|t| TaskId::new(t).ok())
+                {
                     Some(t) => ObjectKey::Sandbox(t),
                     None => ObjectKey::Node,
                 };
@@ -300,11 +365,25 @@ impl Reconciler {
         self.note_exits(&observed, &desired, now);
         let restarts = &self.restarts;
         let gate = |t: &TaskId| gate_for(restarts.get(t), now);
-        let plans = plan::plan(&desired, &observed, &scope, self.firewall_expected.as_deref(), &gate);
-        let mut report = RoundReport { full, objects: plans.len(), ..RoundReport::default() };
+        let plans = plan::plan(
+            &desired,
+            &observed,
+            &scope,
+            self.firewall_expected.as_deref(),
+            &gate,
+        );
+        let mut report = RoundReport {
+            full,
+            objects: plans.len(),
+            ..RoundReport::default()
+        };
         let planned: BTreeSet<ObjectKey> = plans.iter().map(|p| p.key.clone()).collect();
         for p in plans {
-            let in_backoff = self.status.get(&p.key).and_then(|s| s.retry_at).is_some_and(|t| t > now);
+            let in_backoff = self
+                .status
+                .get(&p.key)
+                .and_then(|s| s.retry_at)
+                .is_some_and(|t| t > now);
             if in_backoff && !full {
                 continue;
             }
@@ -318,7 +397,13 @@ impl Reconciler {
                     }
                     self.status.insert(
                         p.key.clone(),
-                        ObjectStatus { state: ObjectState::Pending, error: None, attempts: 0, last_ops: n as u32, retry_at: None },
+                        ObjectStatus {
+                            state: ObjectState::Pending,
+                            error: None,
+                            attempts: 0,
+                            last_ops: n as u32,
+                            retry_at: None,
+                        },
                     );
                 }
                 Err((done, e)) => {
@@ -341,26 +426,59 @@ impl Reconciler {
         }
         // Objects in scope that needed nothing are confirmed ok.
         let all_keys: BTreeSet<ObjectKey> = std::iter::once(ObjectKey::Node)
-            .chain(desired.networks.keys().map(|k| ObjectKey::Network(k.clone())))
-            .chain(desired.sandboxes.keys().map(|k| ObjectKey::Sandbox(k.clone())))
+            .chain(
+                desired
+                    .networks
+                    .keys()
+                    .map(|k| ObjectKey::Network(k.clone())),
+            )
+            .chain(
+                desired
+                    .sandboxes
+                    .keys()
+                    .map(|k| ObjectKey::Sandbox(k.clone())),
+            )
             .collect();
         for k in &all_keys {
             if scope.includes(k) && !planned.contains(k) {
-                self.status.insert(k.clone(), ObjectStatus { state: ObjectState::Ok, error: None, attempts: 0, last_ops: 0, retry_at: None });
+                self.status.insert(
+                    k.clone(),
+                    ObjectStatus {
+                        state: ObjectState::Ok,
+                        error: None,
+                        attempts: 0,
+                        last_ops: 0,
+                        retry_at: None,
+                    },
+                );
             }
         }
         // Forget objects that are gone and no longer planned.
-        self.status.retain(|k, _| all_keys.contains(k) || planned.contains(k));
+        self.status
+            .retain(|k, _| all_keys.contains(k) || planned.contains(k));
         for (k, msg) in &self.projection_issues {
             self.status.insert(
                 k.clone(),
-                ObjectStatus { state: ObjectState::Error, error: Some(msg.clone()), attempts: 1, last_ops: 0, retry_at: None },
+                ObjectStatus {
+                    state: ObjectState::Error,
+                    error: Some(msg.clone()),
+                    attempts: 1,
+                    last_ops: 0,
+                    retry_at: None,
+                },
             );
         }
-        self.restarts.retain(|t, _| desired.sandboxes.contains_key(t));
+        self.restarts
+            .retain(|t, _| desired.sandboxes.contains_key(t));
         self.last_desired = Some(desired);
         if report.ops_applied > 0 || report.errors > 0 {
-            info!(round = self.round, full, ops = report.ops_applied, errors = report.errors, "round applied");
+            info!(
+                round = self.round,
+                full,
+                ops = report.ops_applied,
+                errors = report.errors,
+                "round applied"
+            );
         } else {
             debug!(round = self.round, full, "round: nothing to do");
         }
@@ -370,12 +488,20 @@ impl Reconciler {
     fn note_exits(&mut self, observed: &Observed, desired: &DesiredNode, now: Instant) {
         for p in observed.processes.values() {
             let Some(exit) = p.exit else { continue };
-            let Some(proc_spec) = desired.sandboxes.get(&p.task).and_then(|s| s.process.as_ref()) else { continue };
+            let Some(proc_spec) = desired
+                .sandboxes
+                .get(&p.task)
+                .and_then(|s| s.process.as_ref())
+            else {
+                continue;
+            };
             let st = self.restarts.entry(p.task.clone()).or_default();
             if st.not_before.is_some_and(|t| t > now) {
                 continue; // already handled this exit
             }
-            let long_run = st.started_at.is_some_and(|s| now.duration_since(s) > Duration::from_secs(10));
+            let long_run = st
+                .started_at
+                .is_some_and(|s| now.duration_since(s) > Duration::from_secs(10));
             if long_run {
                 st.exits = 0;
             }
@@ -405,7 +531,9 @@ impl Reconciler {
         }
         o.node = observe_ns(links.as_mut(), &NsRef::Node, false);
         if let Ok(v) = links.get_sysctl(&NsRef::Node, "net/ipv4/ip_forward") {
-            o.node.sysctls.insert("net/ipv4/ip_forward".into(), v.trim().to_owned());
+            o.node
+                .sysctls
+                .insert("net/ipv4/ip_forward".into(), v.trim().to_owned());
         }
         if scope.includes(&ObjectKey::Node) {
             match self.ports.firewall.list_table() {
@@ -424,7 +552,10 @@ impl Reconciler {
                         }
                         ObjectKey::Sandbox(t) => {
                             wanted.insert(desired::sandbox_ns(t));
-                            for d in [Some(desired), self.last_desired.as_ref()].into_iter().flatten() {
+                            for d in [Some(desired), self.last_desired.as_ref()]
+                                .into_iter()
+                                .flatten()
+                            {
                                 if let Some(s) = d.sandboxes.get(t) {
                                     wanted.extend(s.ifaces.iter().map(|i| i.net_ns.clone()));
                                 }
@@ -483,7 +614,11 @@ impl Reconciler {
             },
             Op::ApplyFirewall(ruleset) => {
                 self.ports.firewall.apply(ruleset)?;
-                self.firewall_expected = self.ports.firewall.list_table()?.map(|l| plan::normalize_listing(&l));
+                self.firewall_expected = self
+                    .ports
+                    .firewall
+                    .list_table()?
+                    .map(|l| plan::normalize_listing(&l));
                 Ok(())
             }
             Op::StartProcess { task, ns, process } => {
@@ -508,7 +643,12 @@ impl Reconciler {
 }
 
 fn is_process_only(p: &ObjectPlan) -> bool {
-    p.ops.iter().all(|o| matches!(o, Op::StartProcess { .. } | Op::ForgetProcess(_) | Op::StopProcess(_)))
+    p.ops.iter().all(|o| {
+        matches!(
+            o,
+            Op::StartProcess { .. } | Op::ForgetProcess(_) | Op::StopProcess(_)
+        )
+    })
 }
 
 fn gate_for(st: Option<&RestartState>, now: Instant) -> ProcessGate {
@@ -540,11 +680,29 @@ fn observe_ns(links: &mut dyn LinkPort, ns: &NsRef, with_fdb: bool) -> NsObserve
     o.addrs = links.list_addrs(ns).unwrap_or_default();
     o.routes = links.list_routes(ns).unwrap_or_default();
     if with_fdb {
-        let vx: Vec<IfName> =
-            o.links.iter().filter(|l| matches!(l.kind, LinkKindState::Vxlan { .. })).map(|l| l.name.clone()).collect();
+        let vx: Vec<IfName> = o
+            .links
+            .iter()
+            .filter(|l| matches!(l.kind, LinkKindState::Vxlan { .. }))
+            .map(|l| l.name.clone())
+            .collect();
         for name in vx {
-            o.fdb.insert(name.clone(), links.list_fdb(ns, &name).unwrap_or_default().into_iter().collect());
-            o.neighs.insert(name.clone(), links.list_neighs(ns, &name).unwrap_or_default().into_iter().collect());
+            o.fdb.insert(
+                name.clone(),
+                links
+                    .list_fdb(ns, &name)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+            );
+            o.neighs.insert(
+                name.clone(),
+                links
+                    .list_neighs(ns, &name)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+            );
         }
     }
     o
@@ -559,8 +717,17 @@ pub fn changed_objects(old: Option<&DesiredNode>, new: &DesiredNode) -> BTreeSet
         out.extend(new.sandboxes.keys().map(|k| ObjectKey::Sandbox(k.clone())));
         return out;
     };
-    let gw_ifs = |d: &DesiredNode| d.sandboxes.values().filter_map(|s| s.gw.as_ref().map(|g| g.host_if.clone())).collect::<BTreeSet<_>>();
-    if old.vteps != new.vteps || old.gw_bridge != new.gw_bridge || old.vxlan_port != new.vxlan_port || gw_ifs(old) != gw_ifs(new) {
+    let gw_ifs = |d: &DesiredNode| {
+        d.sandboxes
+            .values()
+            .filter_map(|s| s.gw.as_ref().map(|g| g.host_if.clone()))
+            .collect::<BTreeSet<_>>()
+    };
+    if old.vteps != new.vteps
+        || old.gw_bridge != new.gw_bridge
+        || old.vxlan_port != new.vxlan_port
+        || gw_ifs(old) != gw_ifs(new)
+    {
         out.insert(ObjectKey::Node);
     }
     for k in old.networks.keys().chain(new.networks.keys()) {
@@ -576,12 +743,36 @@ pub fn changed_objects(old: Option<&DesiredNode>, new: &DesiredNode) -> BTreeSet
     out
 }
 
+const LEASES: &str = "gw-leases.json";
+const ATTACHMENTS: &str = "attachments.json";
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot read state file");
+            return None;
+        }
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "state file is corrupt; starting without it");
+            None
+        }
+    }
+}
+
 /// Writes JSON atomically (temp file + rename).
 pub fn persist_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?,
+    )?;
     std::fs::rename(&tmp, path)
 }

@@ -66,10 +66,18 @@ fn node_with_underlay() -> FakeLinkPort {
     let eth0 = IfName::new("eth0").unwrap();
     l.create_link(
         &NsRef::Node,
-        &LinkSpec { name: eth0.clone(), kind: LinkKind::Bridge, mtu: Some(1500), mac: None, alias: None, move_to: None },
+        &LinkSpec {
+            name: eth0.clone(),
+            kind: LinkKind::Bridge,
+            mtu: Some(1500),
+            mac: None,
+            alias: None,
+            move_to: None,
+        },
     )
     .unwrap();
-    l.add_addr(&NsRef::Node, &eth0, "198.18.0.1/24".parse().unwrap()).unwrap();
+    l.add_addr(&NsRef::Node, &eth0, "198.18.0.1/24".parse().unwrap())
+        .unwrap();
     l
 }
 
@@ -79,14 +87,18 @@ fn config() -> ReconcilerConfig {
         vxlan_port: 4789,
         gw_subnet: "172.30.0.0/16".parse().unwrap(),
         task_dir: "/nonexistent/tasks".into(),
-        // Unwritable on purpose: leases then live in memory only, as the fake kernel does.
-        lease_file: "/nonexistent/gw-leases.json".into(),
+        // Unwritable on purpose: state then lives in memory only, as the fake kernel does.
+        state_dir: "/nonexistent".into(),
         stop_grace: Duration::from_secs(1),
     }
 }
 
 fn reconciler(links: FakeLinkPort, procs: SharedProcs) -> Reconciler {
-    let ports = Ports { links: Box::new(links), firewall: Box::new(FakeFirewall::new()), processes: Box::new(procs) };
+    let ports = Ports {
+        links: Box::new(links),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(procs),
+    };
     Reconciler::new(ports, config())
 }
 
@@ -111,7 +123,13 @@ fn ns(name: &str) -> NsRef {
 }
 
 fn link_names(r: &mut Reconciler, at: &NsRef) -> Vec<String> {
-    r.ports_mut().links.list_links(at).unwrap().into_iter().map(|l| l.name.to_string()).collect()
+    r.ports_mut()
+        .links
+        .list_links(at)
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name.to_string())
+        .collect()
 }
 
 #[test]
@@ -124,19 +142,39 @@ fn converges_and_is_idempotent() {
     settle(&mut r);
     assert!(r.converged());
 
-    let mut netns: Vec<String> = r.ports_mut().links.list_netns().unwrap().iter().map(|n| n.to_string()).collect();
+    let mut netns: Vec<String> = r
+        .ports_mut()
+        .links
+        .list_netns()
+        .unwrap()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
     netns.sort();
     assert_eq!(netns, ["net-app", "net-db", "sb-pg1", "sb-web1", "sb-web2"]);
     let app = link_names(&mut r, &ns("net-app"));
-    assert!(app.contains(&"br0".to_string()) && app.contains(&"snvx4097".to_string()), "{app:?}");
+    assert!(
+        app.contains(&"br0".to_string()) && app.contains(&"snvx4097".to_string()),
+        "{app:?}"
+    );
     // One remote peer on app (web3 on n2): one FDB entry towards n2, nothing on db.
-    let fdb = r.ports_mut().links.list_fdb(&ns("net-app"), &IfName::new("snvx4097").unwrap()).unwrap();
+    let fdb = r
+        .ports_mut()
+        .links
+        .list_fdb(&ns("net-app"), &IfName::new("snvx4097").unwrap())
+        .unwrap();
     assert_eq!(fdb.len(), 1);
     assert_eq!(fdb[0].dst.to_string(), "198.18.0.2");
     // The gateway bridge exists; pg1 is only on an internal network, so it has no gateway veth.
     assert!(link_names(&mut r, &NsRef::Node).contains(&"sngw0".to_string()));
     assert!(!link_names(&mut r, &ns("sb-pg1")).contains(&"eth1".to_string()));
-    assert!(procs.0.lock().unwrap().running(&TaskId::new("web1").unwrap()));
+    assert!(
+        procs
+            .0
+            .lock()
+            .unwrap()
+            .running(&TaskId::new("web1").unwrap())
+    );
 
     // Nothing changed: a full round applies nothing.
     let again = r.round(true, Instant::now());
@@ -151,14 +189,23 @@ fn full_round_repairs_drift() {
     settle(&mut r);
     let vx = IfName::new("snvx4097").unwrap();
     let entry = r.ports_mut().links.list_fdb(&ns("net-app"), &vx).unwrap()[0].clone();
-    r.ports_mut().links.delete_fdb(&ns("net-app"), &vx, &entry).unwrap();
-    r.ports_mut().links.delete_link(&ns("net-db"), &IfName::new("br0").unwrap()).unwrap();
+    r.ports_mut()
+        .links
+        .delete_fdb(&ns("net-app"), &vx, &entry)
+        .unwrap();
+    r.ports_mut()
+        .links
+        .delete_link(&ns("net-db"), &IfName::new("br0").unwrap())
+        .unwrap();
     // An incremental round does not look; a full one does.
     assert_eq!(r.round(false, Instant::now()).ops_applied, 0);
     let rep = r.round(true, Instant::now());
     assert!(rep.drift_repaired > 0, "{rep:?}");
     settle(&mut r);
-    assert_eq!(r.ports_mut().links.list_fdb(&ns("net-app"), &vx).unwrap(), vec![entry]);
+    assert_eq!(
+        r.ports_mut().links.list_fdb(&ns("net-app"), &vx).unwrap(),
+        vec![entry]
+    );
     assert!(link_names(&mut r, &ns("net-db")).contains(&"br0".to_string()));
 }
 
@@ -177,11 +224,31 @@ fn removed_network_leaves_nothing_behind() {
     r.set_intent(Intent::new(spec).unwrap());
     r.round(false, Instant::now());
     settle(&mut r);
-    let netns: Vec<String> = r.ports_mut().links.list_netns().unwrap().iter().map(|n| n.to_string()).collect();
-    assert!(!netns.iter().any(|n| n == "net-db" || n == "sb-pg1"), "{netns:?}");
-    assert!(!procs.0.lock().unwrap().running(&TaskId::new("pg1").unwrap()));
+    let netns: Vec<String> = r
+        .ports_mut()
+        .links
+        .list_netns()
+        .unwrap()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert!(
+        !netns.iter().any(|n| n == "net-db" || n == "sb-pg1"),
+        "{netns:?}"
+    );
+    assert!(
+        !procs
+            .0
+            .lock()
+            .unwrap()
+            .running(&TaskId::new("pg1").unwrap())
+    );
     // The VXLAN device of db is gone too (its VNI is free for another network).
-    assert!(!link_names(&mut r, &NsRef::Node).iter().any(|l| l == "snvx4098"));
+    assert!(
+        !link_names(&mut r, &NsRef::Node)
+            .iter()
+            .any(|l| l == "snvx4098")
+    );
 }
 
 #[test]
@@ -225,7 +292,12 @@ impl LinkPort for FaultyLinks {
     fn create_link(&mut self, ns: &NsRef, spec: &LinkSpec) -> PortResult<()> {
         let target = spec.move_to.as_ref().unwrap_or(ns);
         if self.fail_in.lock().unwrap().as_ref() == Some(target) {
-            return Err(PortError::new("create link", spec.name.to_string(), ErrorKind::Busy, "injected fault"));
+            return Err(PortError::new(
+                "create link",
+                spec.name.to_string(),
+                ErrorKind::Busy,
+                "injected fault",
+            ));
         }
         self.inner.create_link(ns, spec)
     }
@@ -261,8 +333,15 @@ impl LinkPort for FaultyLinks {
 #[test]
 fn one_failing_object_does_not_stall_the_others() {
     let fault = Arc::new(Mutex::new(Some(ns("net-db"))));
-    let links = FaultyLinks { inner: node_with_underlay(), fail_in: Arc::clone(&fault) };
-    let ports = Ports { links: Box::new(links), firewall: Box::new(FakeFirewall::new()), processes: Box::new(SharedProcs::default()) };
+    let links = FaultyLinks {
+        inner: node_with_underlay(),
+        fail_in: Arc::clone(&fault),
+    };
+    let ports = Ports {
+        links: Box::new(links),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(SharedProcs::default()),
+    };
     let mut r = Reconciler::new(ports, config());
     r.set_intent(intent(INTENT));
     let t0 = Instant::now();
@@ -270,17 +349,26 @@ fn one_failing_object_does_not_stall_the_others() {
     assert!(rep.errors >= 1, "{rep:?}");
     let db = &r.status()[&ObjectKey::Network(Name::new("db").unwrap())];
     assert_eq!(db.state, ObjectState::Error);
-    assert!(db.error.as_deref().unwrap().contains("injected fault"), "{db:?}");
+    assert!(
+        db.error.as_deref().unwrap().contains("injected fault"),
+        "{db:?}"
+    );
     assert_eq!(db.attempts, 1);
     // app and its sandboxes went ahead.
     r.round(false, t0);
-    for key in [ObjectKey::Network(Name::new("app").unwrap()), ObjectKey::Sandbox(TaskId::new("web1").unwrap())] {
+    for key in [
+        ObjectKey::Network(Name::new("app").unwrap()),
+        ObjectKey::Sandbox(TaskId::new("web1").unwrap()),
+    ] {
         assert_eq!(r.status()[&key].state, ObjectState::Ok, "{key}");
     }
     assert!(!r.converged());
     // Within the backoff an incremental round does not hammer the failing object.
     r.round(false, t0);
-    assert_eq!(r.status()[&ObjectKey::Network(Name::new("db").unwrap())].attempts, 1);
+    assert_eq!(
+        r.status()[&ObjectKey::Network(Name::new("db").unwrap())].attempts,
+        1
+    );
     // The fault clears; after the backoff the object is retried and everything converges.
     *fault.lock().unwrap() = None;
     let later = t0 + Duration::from_secs(2);
