@@ -204,26 +204,26 @@ impl LinuxProcessPort {
             };
             let text = fs::read_to_string(&path)
                 .map_err(|e| PortError::io("read process record", path.display().to_string(), e))?;
-            let record: Record = serde_json::from_str(&text).map_err(|e| PortError {
-                op: "parse process record",
-                object: path.display().to_string(),
-                kind: ErrorKind::Invalid,
-                detail: format!(
-                    "{e}; if its process is gone, remove the file (and the task's cgroup dir)"
-                ),
-                source: Some(io::Error::new(io::ErrorKind::InvalidData, e)),
-            })?;
-            if record.task.as_str() != stem {
-                return Err(PortError::new(
-                    "parse process record",
-                    path.display().to_string(),
-                    ErrorKind::Invalid,
-                    format!(
-                        "holds task {:?}, not the one its file name says",
-                        record.task.as_str()
-                    ),
-                ));
-            }
+            // A record that cannot be read must not keep netd from starting: set it aside
+            // (kept for the operator) and go on. If its process still runs, its cgroup is not
+            // empty and starting the task again reports Busy in the task's status.
+            let record = match serde_json::from_str::<Record>(&text) {
+                Ok(r) if r.task.as_str() == stem => r,
+                Ok(r) => {
+                    set_aside(
+                        &path,
+                        &format!(
+                            "holds task {:?}, not the one its file name says",
+                            r.task.as_str()
+                        ),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    set_aside(&path, &e.to_string());
+                    continue;
+                }
+            };
             let mut task = Task {
                 record,
                 child: None,
@@ -866,5 +866,14 @@ mod tests {
         assert_eq!(r.exit, Some(Exit::Code(3)));
         let again: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(again, r);
+    }
+}
+
+/// Renames an unreadable process record to `<name>.corrupt` and says so in the log.
+fn set_aside(path: &Path, why: &str) {
+    let aside = path.with_extension("json.corrupt");
+    tracing::error!(path = %path.display(), moved_to = %aside.display(), reason = why, "unreadable process record set aside; its task will be started anew");
+    if let Err(e) = fs::rename(path, &aside) {
+        tracing::error!(path = %path.display(), error = %e, "cannot set the record aside");
     }
 }
