@@ -521,7 +521,7 @@ impl Node {
             ]);
         }
         cmd.args(extra);
-        cmd.env("RUST_BACKTRACE", "1");
+        cmd.env("RUST_BACKTRACE", "1").env("NO_COLOR", "1");
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -1028,6 +1028,27 @@ impl Drop for Topology {
             eprintln!("swarmnet-test cleanup of {}: {note}", self.name);
         }
     }
+}
+
+/// Builds a topology of `nodes` nodes and runs `test` on it. A failure panics while the
+/// topology is still up, so its [`Drop`] prints every node's status and netd log tail; after a
+/// success, teardown must not have had to force anything (stray processes are a netd bug).
+pub fn with_topology(nodes: usize, test: impl FnOnce(&mut Topology) -> Result<()>) {
+    let mut topo = match Topology::new(nodes) {
+        Ok(t) => t,
+        Err(e) => panic!("building a {nodes}-node topology: {e:?}"),
+    };
+    if let Err(e) = test(&mut topo) {
+        panic!("{e:?}");
+    }
+    let name = topo.name.clone();
+    let notes = topo.cleanup();
+    assert!(
+        notes.is_empty(),
+        "teardown of {name} had to force things: {notes:#?}"
+    );
+    let left = leftovers(&name);
+    assert!(left.is_empty(), "teardown of {name} left {left:?}");
 }
 
 /// What is still on the machine for topology `name`: namespaces, run dir, cgroup dir, mounts.
