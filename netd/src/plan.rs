@@ -182,23 +182,55 @@ impl fmt::Display for Op {
             Self::BindNetns { ns, from } => write!(f, "bind netns {ns} from {}", from.display()),
             Self::DeleteNetns(n) => write!(f, "delete netns {n}"),
             Self::CreateLink { ns, spec } => {
-                write!(
-                    f,
-                    "create {:?} link {} in {ns}",
-                    kind_name(&spec.kind),
-                    spec.name
-                )?;
+                write!(f, "create {} {} in {ns}", kind_name(&spec.kind), spec.name)?;
+                match &spec.kind {
+                    LinkKind::Vxlan {
+                        vni, local, port, ..
+                    } => write!(f, " (vni {vni} local {local} port {port})")?,
+                    LinkKind::Veth { peer, peer_ns, .. } => {
+                        write!(f, " (peer {peer}")?;
+                        if let Some(p) = peer_ns {
+                            write!(f, " in {p}")?;
+                        }
+                        write!(f, ")")?;
+                    }
+                    LinkKind::Bridge => {}
+                }
+                if let Some(m) = spec.mtu {
+                    write!(f, " mtu {m}")?;
+                }
                 if let Some(to) = &spec.move_to {
                     write!(f, " and move it to {to}")?;
                 }
                 Ok(())
             }
-            Self::SetLink { ns, name, change } => write!(f, "set link {name} in {ns}: {change:?}"),
+            Self::SetLink { ns, name, change } => {
+                write!(f, "set link {name} in {ns}:")?;
+                if let Some(m) = change.mtu {
+                    write!(f, " mtu {m}")?;
+                }
+                match &change.master {
+                    Some(Some(m)) => write!(f, " master {m}")?,
+                    Some(None) => write!(f, " nomaster")?,
+                    None => {}
+                }
+                if let Some(mac) = change.mac {
+                    write!(f, " address {mac}")?;
+                }
+                match change.up {
+                    Some(true) => write!(f, " up")?,
+                    Some(false) => write!(f, " down")?,
+                    None => {}
+                }
+                Ok(())
+            }
             Self::DeleteLink { ns, name } => write!(f, "delete link {name} in {ns}"),
             Self::AddAddr { ns, link, addr } => write!(f, "add {addr} to {link} in {ns}"),
             Self::DeleteAddr { ns, link, addr } => write!(f, "delete {addr} from {link} in {ns}"),
-            Self::AddRoute { ns, route } => write!(f, "add route {route:?} in {ns}"),
-            Self::DeleteRoute { ns, route } => write!(f, "delete route {route:?} in {ns}"),
+            Self::AddRoute { ns, route } => write!(f, "add route {} in {ns}", route_text(route)),
+            Self::DeleteRoute { ns, route } => {
+                write!(f, "delete route {} in {ns}", route_text(route))
+            }
             Self::AddFdb { ns, link, entry } => {
                 write!(
                     f,
@@ -234,6 +266,21 @@ impl fmt::Display for Op {
             Self::ForgetProcess(t) => write!(f, "forget exited task {t}"),
         }
     }
+}
+
+fn route_text(r: &RouteState) -> String {
+    let mut s = if r.dst.prefix_len() == 0 {
+        "default".to_owned()
+    } else {
+        r.dst.to_string()
+    };
+    if let Some(g) = r.gateway {
+        s.push_str(&format!(" via {g}"));
+    }
+    if let Some(l) = &r.link {
+        s.push_str(&format!(" dev {l}"));
+    }
+    s
 }
 
 fn kind_name(k: &LinkKind) -> &'static str {

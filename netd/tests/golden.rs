@@ -1,0 +1,118 @@
+//! Golden files for everything netd renders: the node firewall ruleset and the plans the planner
+//! makes for a fresh node, a node that drifted, and a node losing a network. Regenerate with
+//! `SWARMNET_BLESS=1 cargo test -p swarmnet-netd --test golden` and review the diff.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use swarmnet_model::{IfName, Intent, NodeId, TaskId};
+use swarmnet_netd::desired::{NodeContext, gw_tasks, lease_gw, project};
+use swarmnet_netd::plan::{Observed, ProcessGate, Scope, plan};
+
+const INTENT: &str = r#"{
+  "version": 1,
+  "nodes": [
+    {"id": "n1", "addr": "198.18.0.1"},
+    {"id": "n2", "addr": "198.18.0.2"},
+    {"id": "n3", "addr": "198.18.0.3"}
+  ],
+  "networks": [
+    {"name": "app", "subnet": "10.10.0.0/24", "vni": 4097},
+    {"name": "db", "subnet": "10.11.0.0/24", "vni": 4098, "internal": true}
+  ],
+  "services": [
+    {"name": "web", "networks": [{"network": "app"}]},
+    {"name": "pg", "networks": [{"network": "db"}]}
+  ],
+  "tasks": [
+    {"id": "web1", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.3"}]},
+    {"id": "web2", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.4"}]},
+    {"id": "pg1", "service": "pg", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "db", "ip": "10.11.0.3"}]},
+    {"id": "pg2", "service": "pg", "node": "n3", "argv": ["sleep", "inf"],
+     "networks": [{"network": "db", "ip": "10.11.0.4"}]}
+  ]
+}"#;
+
+fn check_golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("SWARMNET_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run with SWARMNET_BLESS=1 to create it",
+            path.display()
+        )
+    });
+    if expected != actual {
+        panic!(
+            "{} differs from what was rendered; if the change is intended, regenerate with \
+             SWARMNET_BLESS=1 and review the diff.\n--- expected\n{expected}\n--- actual\n{actual}",
+            path.display()
+        );
+    }
+}
+
+fn desired(node: &str) -> swarmnet_netd::desired::DesiredNode {
+    let intent = Intent::from_json(INTENT).unwrap();
+    let mut ctx = NodeContext {
+        node: NodeId::new(node).unwrap(),
+        vxlan_port: 4789,
+        underlay_mtu: 1500,
+        underlay_if: Some(IfName::new("eth0").unwrap()),
+        gw_subnet: "172.30.0.0/16".parse().unwrap(),
+        gw_leases: BTreeMap::new(),
+        external: BTreeMap::new(),
+        task_dir: "/run/swarmnet/tasks".into(),
+    };
+    ctx.gw_leases = lease_gw(ctx.gw_subnet, &ctx.gw_leases, &gw_tasks(&intent, &ctx.node)).0;
+    let (d, issues) = project(&intent, &ctx);
+    assert!(issues.is_empty());
+    d
+}
+
+fn render_plan(plans: &[swarmnet_netd::plan::ObjectPlan]) -> String {
+    let mut s = String::new();
+    for p in plans {
+        s.push_str(&format!("[{}]\n", p.key));
+        for op in &p.ops {
+            match op {
+                // The ruleset has its own golden file.
+                swarmnet_netd::plan::Op::ApplyFirewall(_) => {
+                    s.push_str("  apply node firewall table\n")
+                }
+                other => s.push_str(&format!("  {other}\n")),
+            }
+        }
+    }
+    s
+}
+
+fn start(_: &TaskId) -> ProcessGate {
+    ProcessGate::Start
+}
+
+#[test]
+fn firewall_ruleset() {
+    check_golden(
+        "firewall-n1.nft",
+        &swarmnet_netd::firewall::render(&desired("n1")),
+    );
+    check_golden(
+        "firewall-n3.nft",
+        &swarmnet_netd::firewall::render(&desired("n3")),
+    );
+}
+
+#[test]
+fn plan_for_a_fresh_node() {
+    let d = desired("n1");
+    let plans = plan(&d, &Observed::default(), &Scope::Full, None, &start);
+    check_golden("plan-fresh-n1.txt", &render_plan(&plans));
+}
