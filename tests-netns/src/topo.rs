@@ -462,13 +462,14 @@ impl Node {
             bail!("netd is not running on {}", self.id)
         };
         if let Some(st) = child.try_wait().context("checking netd")? {
-            let pid = child.id();
-            self.netd = None;
-            bail!(
-                "netd on {} (pid {pid}) exited: {st}\n--- log tail:\n{}",
+            // The Child stays: every later check fails the same way until a restart.
+            return Err(NetdExited(format!(
+                "netd on {} (pid {}) exited: {st}\n--- log tail:\n{}",
                 self.id,
+                child.id(),
                 self.log_tail(40)
-            );
+            ))
+            .into());
         }
         Ok(child.id())
     }
@@ -605,6 +606,18 @@ impl Node {
         )
     }
 }
+
+/// netd died under a test: waiting for it is pointless, so waits fail at once with this.
+#[derive(Debug)]
+pub struct NetdExited(pub String);
+
+impl std::fmt::Display for NetdExited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NetdExited {}
 
 fn netd_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SWARMNET_NETD_BIN") {
@@ -915,7 +928,7 @@ impl Topology {
                     Ok(s) => {
                         done.insert(n.id.clone(), s);
                     }
-                    Err(e) if e.to_string().contains("exited") => return Err(e),
+                    Err(e) if e.is::<NetdExited>() => return Err(e),
                     Err(e) => pending.push(format!("{}: {e:#}", n.id)),
                 }
             }
@@ -953,7 +966,7 @@ impl Topology {
                         }
                         other => pending.push(format!("{}: intent_error = {other:?}", n.id)),
                     },
-                    Err(e) if e.to_string().contains("exited") => return Err(e),
+                    Err(e) if e.is::<NetdExited>() => return Err(e),
                     Err(e) => pending.push(format!("{}: {e:#}", n.id)),
                 }
             }

@@ -223,3 +223,27 @@ fn sweep_removes_only_leftovers_of_dead_creators() -> Result<()> {
     }
     result
 }
+
+#[test]
+fn a_dead_netd_fails_the_wait_at_once() -> Result<()> {
+    if !gate::privileged("a_dead_netd_fails_the_wait_at_once") {
+        return Ok(());
+    }
+    let mut topo = Topology::new(1)?;
+    topo.write_intent(topo.cluster_intent().build())?;
+    let path = topo.intent_path.clone();
+    topo.nodes[0].spawn_netd_bin(Path::new("/bin/false"), &path, &[])?;
+    let started = std::time::Instant::now();
+    let err = topo
+        .wait_converged(Duration::from_secs(60))
+        .expect_err("netd is dead");
+    assert!(err.is::<topo::NetdExited>(), "{err:#}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    // Still reported after the first check.
+    assert!(topo.wait_converged(Duration::from_secs(1)).is_err());
+    Ok(())
+}
