@@ -335,7 +335,7 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
         let service = intent.service(&t.service).expect("validated reference");
         let process = (t.runtime == TaskRuntime::Netd).then(|| DesiredProcess {
             argv: t.argv.clone(),
-            env: t.env.clone(),
+            env: task_env(t),
             restart: service.restart,
             log: ctx.task_dir.join(format!("{}.log", t.id)),
         });
@@ -360,6 +360,18 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
         });
     }
     (out, issues)
+}
+
+/// The task's environment: the intent's, plus who it is (these win over the intent's, so a
+/// task can trust them): `SWARMNET_TASK_ID`, `SWARMNET_SERVICE`, `SWARMNET_TASK_SLOT`,
+/// `SWARMNET_NODE`.
+pub fn task_env(t: &swarmnet_model::spec::TaskSpec) -> BTreeMap<String, String> {
+    let mut env = t.env.clone();
+    env.insert("SWARMNET_TASK_ID".into(), t.id.to_string());
+    env.insert("SWARMNET_SERVICE".into(), t.service.to_string());
+    env.insert("SWARMNET_TASK_SLOT".into(), t.slot.to_string());
+    env.insert("SWARMNET_NODE".into(), t.node.to_string());
+    env
 }
 
 /// The first `ethN` not taken by the overlay interfaces.

@@ -120,12 +120,12 @@ fn main() -> anyhow::Result<()> {
     let cfg = file.overlay(flags).validate()?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_unset| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr; colour only when a person is watching.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
     match cfg.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init(),
+        LogFormat::Text => fmt.with_ansi(ansi).init(),
+        LogFormat::Json => fmt.json().init(),
     }
 
     std::fs::create_dir_all(&cfg.run_dir)
