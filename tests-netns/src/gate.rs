@@ -26,7 +26,9 @@ fn probe() -> Result<(), String> {
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
         if !found {
-            return Err(format!("`{tool}` is not installed (apt-get install iproute2 nftables)"));
+            return Err(format!(
+                "`{tool}` is not installed (apt-get install iproute2 nftables)"
+            ));
         }
     }
     Ok(())
@@ -34,7 +36,11 @@ fn probe() -> Result<(), String> {
 
 /// Whether CI demands that privileged tests run.
 pub fn required() -> bool {
-    let set = |k: &str| std::env::var(k).map(|v| !v.is_empty() && v != "0" && v != "false").unwrap_or(false);
+    let set = |k: &str| {
+        std::env::var(k)
+            .map(|v| !v.is_empty() && v != "0" && v != "false")
+            .unwrap_or(false)
+    };
     set("CI") || set("SWARMNET_REQUIRE_PRIVILEGED")
 }
 
@@ -43,7 +49,9 @@ pub fn privileged(name: &str) -> bool {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
     match PROBE.get_or_init(probe) {
         Ok(()) => true,
-        Err(e) if required() => panic!("privileged test {name} cannot run here: {e} (CI requires it)"),
+        Err(e) if required() => {
+            panic!("privileged test {name} cannot run here: {e} (CI requires it)")
+        }
         Err(e) => {
             eprintln!("SKIP privileged test {name}: {e}");
             false

@@ -619,7 +619,8 @@ impl std::fmt::Display for NetdExited {
 
 impl std::error::Error for NetdExited {}
 
-fn netd_binary() -> Result<PathBuf> {
+/// The netd binary the tests run: `SWARMNET_NETD_BIN`, or the one built beside the test binary.
+pub fn netd_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SWARMNET_NETD_BIN") {
         return Ok(PathBuf::from(p));
     }
