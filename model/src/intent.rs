@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::spec::{ClusterSpec, NetworkSpec, ServiceSpec, TaskSpec, TaskRuntime};
+use crate::spec::{ClusterSpec, NetworkSpec, ServiceSpec, TaskRuntime, TaskSpec};
 use crate::types::{IfName, MacAddr, Name, NodeId};
 
 /// One thing wrong with an intent, located by its path in the document (`networks[1].subnet`).
@@ -42,7 +42,12 @@ impl fmt::Display for IntentError {
 
 impl IntentError {
     fn one(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { issues: vec![IntentIssue { path: path.into(), message: message.into() }] }
+        Self {
+            issues: vec![IntentIssue {
+                path: path.into(),
+                message: message.into(),
+            }],
+        }
     }
 }
 
@@ -79,7 +84,14 @@ impl Intent {
         let de = &mut serde_json::Deserializer::from_str(text);
         let spec: ClusterSpec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            IntentError::one(if path == "." { "(document)".into() } else { path }, e.into_inner().to_string())
+            IntentError::one(
+                if path == "." {
+                    "(document)".into()
+                } else {
+                    path
+                },
+                e.into_inner().to_string(),
+            )
         })?;
         Self::new(spec)
     }
@@ -89,8 +101,14 @@ impl Intent {
     }
 
     pub fn empty() -> Self {
-        Self::new(ClusterSpec { version: 1, nodes: vec![], networks: vec![], services: vec![], tasks: vec![] })
-            .expect("empty intent is valid")
+        Self::new(ClusterSpec {
+            version: 1,
+            nodes: vec![],
+            networks: vec![],
+            services: vec![],
+            tasks: vec![],
+        })
+        .expect("empty intent is valid")
     }
 
     pub fn new(spec: ClusterSpec) -> Result<Self, IntentError> {
@@ -98,7 +116,12 @@ impl Intent {
         let built = v.check(&spec);
         if v.issues.is_empty() {
             let (networks, service_index, attachments) = built;
-            Ok(Self { spec, networks, service_index, attachments })
+            Ok(Self {
+                spec,
+                networks,
+                service_index,
+                attachments,
+            })
         } else {
             Err(IntentError { issues: v.issues })
         }
@@ -123,11 +146,17 @@ impl Intent {
         self.spec.services.iter()
     }
     pub fn service(&self, name: &Name) -> Option<&ServiceSpec> {
-        self.service_index.get(name).map(|&i| &self.spec.services[i])
+        self.service_index
+            .get(name)
+            .map(|&i| &self.spec.services[i])
     }
     /// Tasks with their attachments (defaults resolved).
     pub fn tasks(&self) -> impl Iterator<Item = (&TaskSpec, &[Attachment])> {
-        self.spec.tasks.iter().enumerate().map(|(i, t)| (t, self.attachments[&i].as_slice()))
+        self.spec
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t, self.attachments[&i].as_slice()))
     }
 }
 
@@ -145,7 +174,11 @@ fn usable(net: &Ipv4Net, ip: Ipv4Addr) -> Result<(), String> {
     Ok(())
 }
 
-type Built = (BTreeMap<Name, Network>, BTreeMap<Name, usize>, BTreeMap<usize, Vec<Attachment>>);
+type Built = (
+    BTreeMap<Name, Network>,
+    BTreeMap<Name, usize>,
+    BTreeMap<usize, Vec<Attachment>>,
+);
 
 struct Validator {
     issues: Vec<IntentIssue>,
@@ -153,19 +186,31 @@ struct Validator {
 
 impl Validator {
     fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.issues.push(IntentIssue { path: path.into(), message: message.into() });
+        self.issues.push(IntentIssue {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 
     fn check(&mut self, spec: &ClusterSpec) -> Built {
         if spec.version != 1 {
-            self.err("version", format!("unsupported format version {}; this netd reads version 1", spec.version));
+            self.err(
+                "version",
+                format!(
+                    "unsupported format version {}; this netd reads version 1",
+                    spec.version
+                ),
+            );
         }
         let nodes = self.check_nodes(spec);
         let networks = self.check_networks(spec);
         // Addresses taken per network, and by whom, to report duplicates by name.
         let mut taken: HashMap<(Name, Ipv4Addr), String> = HashMap::new();
         for n in networks.values() {
-            taken.insert((n.spec.name.clone(), n.gateway), format!("the gateway of network {:?}", n.spec.name.as_str()));
+            taken.insert(
+                (n.spec.name.clone(), n.gateway),
+                format!("the gateway of network {:?}", n.spec.name.as_str()),
+            );
         }
         let service_index = self.check_services(spec, &networks, &mut taken);
         let attachments = self.check_tasks(spec, &nodes, &networks, &service_index, &mut taken);
@@ -177,13 +222,26 @@ impl Validator {
         let mut addrs: HashMap<Ipv4Addr, &NodeId> = HashMap::new();
         for (i, n) in spec.nodes.iter().enumerate() {
             if !ids.insert(n.id.clone()) {
-                self.err(format!("nodes[{i}].id"), format!("node id {:?} is used twice", n.id.as_str()));
+                self.err(
+                    format!("nodes[{i}].id"),
+                    format!("node id {:?} is used twice", n.id.as_str()),
+                );
             }
             if n.addr.is_unspecified() || n.addr.is_multicast() || n.addr.is_broadcast() {
-                self.err(format!("nodes[{i}].addr"), format!("{} cannot be a node's underlay address", n.addr));
+                self.err(
+                    format!("nodes[{i}].addr"),
+                    format!("{} cannot be a node's underlay address", n.addr),
+                );
             }
             if let Some(other) = addrs.insert(n.addr, &n.id) {
-                self.err(format!("nodes[{i}].addr"), format!("{} is also the address of node {:?}", n.addr, other.as_str()));
+                self.err(
+                    format!("nodes[{i}].addr"),
+                    format!(
+                        "{} is also the address of node {:?}",
+                        n.addr,
+                        other.as_str()
+                    ),
+                );
             }
         }
         ids
@@ -199,46 +257,90 @@ impl Validator {
             let p = format!("networks[{i}]");
             let id = n.id.clone().unwrap_or_else(|| n.name.clone());
             if out.contains_key(&n.name) {
-                self.err(format!("{p}.name"), format!("network name {:?} is used twice", n.name.as_str()));
+                self.err(
+                    format!("{p}.name"),
+                    format!("network name {:?} is used twice", n.name.as_str()),
+                );
                 continue;
             }
             if let Some(j) = ids.insert(id.clone(), i) {
-                self.err(format!("{p}.id"), format!("network id {:?} is also the id of networks[{j}]", id.as_str()));
+                self.err(
+                    format!("{p}.id"),
+                    format!(
+                        "network id {:?} is also the id of networks[{j}]",
+                        id.as_str()
+                    ),
+                );
             }
             if let Some(j) = vnis.insert(n.vni.get(), i) {
-                self.err(format!("{p}.vni"), format!("VNI {} is also used by networks[{j}] ({:?})", n.vni, spec.networks[j].name.as_str()));
+                self.err(
+                    format!("{p}.vni"),
+                    format!(
+                        "VNI {} is also used by networks[{j}] ({:?})",
+                        n.vni,
+                        spec.networks[j].name.as_str()
+                    ),
+                );
             }
             if n.subnet != n.subnet.trunc() {
-                self.err(format!("{p}.subnet"), format!("{} has host bits set; did you mean {}?", n.subnet, n.subnet.trunc()));
+                self.err(
+                    format!("{p}.subnet"),
+                    format!(
+                        "{} has host bits set; did you mean {}?",
+                        n.subnet,
+                        n.subnet.trunc()
+                    ),
+                );
             }
             if n.subnet.prefix_len() > 30 {
-                self.err(format!("{p}.subnet"), format!("{} is too small: a network needs at least a /30", n.subnet));
+                self.err(
+                    format!("{p}.subnet"),
+                    format!("{} is too small: a network needs at least a /30", n.subnet),
+                );
             }
             for (j, other) in &placed {
                 if n.subnet.contains(&other.network()) || other.contains(&n.subnet.network()) {
                     self.err(
                         format!("{p}.subnet"),
-                        format!("{} overlaps {} of networks[{j}] ({:?})", n.subnet, other, spec.networks[*j].name.as_str()),
+                        format!(
+                            "{} overlaps {} of networks[{j}] ({:?})",
+                            n.subnet,
+                            other,
+                            spec.networks[*j].name.as_str()
+                        ),
                     );
                 }
             }
             placed.push((i, n.subnet.trunc()));
             if n.ingress {
                 if let Some(j) = ingress {
-                    self.err(format!("{p}.ingress"), format!("only one ingress network may exist; networks[{j}] is one already"));
+                    self.err(
+                        format!("{p}.ingress"),
+                        format!("only one ingress network may exist; networks[{j}] is one already"),
+                    );
                 }
                 ingress = Some(i);
                 if n.internal {
-                    self.err(format!("{p}.internal"), "the ingress network cannot be internal");
+                    self.err(
+                        format!("{p}.internal"),
+                        "the ingress network cannot be internal",
+                    );
                 }
             }
-            let gateway = n.gateway.unwrap_or_else(|| {
-                n.subnet.hosts().next().unwrap_or(n.subnet.network())
-            });
+            let gateway = n
+                .gateway
+                .unwrap_or_else(|| n.subnet.hosts().next().unwrap_or(n.subnet.network()));
             if let Err(e) = usable(&n.subnet, gateway) {
                 self.err(format!("{p}.gateway"), e);
             }
-            out.insert(n.name.clone(), Network { id, spec: n.clone(), gateway });
+            out.insert(
+                n.name.clone(),
+                Network {
+                    id,
+                    spec: n.clone(),
+                    gateway,
+                },
+            );
         }
         out
     }
@@ -255,12 +357,21 @@ impl Validator {
         for (i, s) in spec.services.iter().enumerate() {
             let p = format!("services[{i}]");
             if index.insert(s.name.clone(), i).is_some() {
-                self.err(format!("{p}.name"), format!("service name {:?} is used twice", s.name.as_str()));
+                self.err(
+                    format!("{p}.name"),
+                    format!("service name {:?} is used twice", s.name.as_str()),
+                );
                 continue;
             }
             let id = s.id.clone().unwrap_or_else(|| s.name.clone());
             if let Some(j) = ids.insert(id.clone(), i) {
-                self.err(format!("{p}.id"), format!("service id {:?} is also the id of services[{j}]", id.as_str()));
+                self.err(
+                    format!("{p}.id"),
+                    format!(
+                        "service id {:?} is also the id of services[{j}]",
+                        id.as_str()
+                    ),
+                );
             }
             let mut port_names = BTreeSet::new();
             for (k, port) in s.ports.iter().enumerate() {
@@ -271,15 +382,28 @@ impl Validator {
                 if let Some(n) = &port.name
                     && !port_names.insert((n.clone(), port.protocol))
                 {
-                    self.err(format!("{pp}.name"), format!("port name {:?} is used twice for {}", n.as_str(), port.protocol));
+                    self.err(
+                        format!("{pp}.name"),
+                        format!(
+                            "port name {:?} is used twice for {}",
+                            n.as_str(),
+                            port.protocol
+                        ),
+                    );
                 }
                 if let Some(pub_port) = port.published {
                     if pub_port == 0 {
                         self.err(format!("{pp}.published"), "port 0 cannot be published");
-                    } else if let Some(other) = published.insert((pub_port, port.protocol), &s.name) {
+                    } else if let Some(other) = published.insert((pub_port, port.protocol), &s.name)
+                    {
                         self.err(
                             format!("{pp}.published"),
-                            format!("{}/{} is already published by service {:?}", pub_port, port.protocol, other.as_str()),
+                            format!(
+                                "{}/{} is already published by service {:?}",
+                                pub_port,
+                                port.protocol,
+                                other.as_str()
+                            ),
                         );
                     }
                 }
@@ -288,18 +412,25 @@ impl Validator {
             for (k, sn) in s.networks.iter().enumerate() {
                 let pp = format!("{p}.networks[{k}]");
                 let Some(net) = networks.get(&sn.network) else {
-                    self.err(format!("{pp}.network"), format!("no network is named {:?}", sn.network.as_str()));
+                    self.err(
+                        format!("{pp}.network"),
+                        format!("no network is named {:?}", sn.network.as_str()),
+                    );
                     continue;
                 };
                 if !seen_nets.insert(sn.network.clone()) {
-                    self.err(format!("{pp}.network"), format!("network {:?} is listed twice", sn.network.as_str()));
+                    self.err(
+                        format!("{pp}.network"),
+                        format!("network {:?} is listed twice", sn.network.as_str()),
+                    );
                 }
                 if let Some(vip) = sn.vip {
                     if let Err(e) = usable(&net.spec.subnet, vip) {
                         self.err(format!("{pp}.vip"), e);
-                    } else if let Some(owner) =
-                        taken.insert((sn.network.clone(), vip), format!("the VIP of service {:?}", s.name.as_str()))
-                    {
+                    } else if let Some(owner) = taken.insert(
+                        (sn.network.clone(), vip),
+                        format!("the VIP of service {:?}", s.name.as_str()),
+                    ) {
                         self.err(format!("{pp}.vip"), format!("{vip} is already {owner}"));
                     }
                 }
@@ -323,14 +454,23 @@ impl Validator {
             let p = format!("tasks[{i}]");
             let mut atts = Vec::new();
             if let Some(j) = ids.insert(t.id.clone(), i) {
-                self.err(format!("{p}.id"), format!("task id {:?} is also the id of tasks[{j}]", t.id.as_str()));
+                self.err(
+                    format!("{p}.id"),
+                    format!("task id {:?} is also the id of tasks[{j}]", t.id.as_str()),
+                );
             }
             if !nodes.contains(&t.node) {
-                self.err(format!("{p}.node"), format!("no node has the id {:?}", t.node.as_str()));
+                self.err(
+                    format!("{p}.node"),
+                    format!("no node has the id {:?}", t.node.as_str()),
+                );
             }
             let service = services.get(&t.service).map(|&k| &spec.services[k]);
             if service.is_none() {
-                self.err(format!("{p}.service"), format!("no service is named {:?}", t.service.as_str()));
+                self.err(
+                    format!("{p}.service"),
+                    format!("no service is named {:?}", t.service.as_str()),
+                );
             }
             match t.runtime {
                 TaskRuntime::Netd if t.argv.is_empty() => {
@@ -347,35 +487,62 @@ impl Validator {
             for (k, a) in t.networks.iter().enumerate() {
                 let pp = format!("{p}.networks[{k}]");
                 let Some(net) = networks.get(&a.network) else {
-                    self.err(format!("{pp}.network"), format!("no network is named {:?}", a.network.as_str()));
+                    self.err(
+                        format!("{pp}.network"),
+                        format!("no network is named {:?}", a.network.as_str()),
+                    );
                     continue;
                 };
                 if !nets.insert(a.network.clone()) {
-                    self.err(format!("{pp}.network"), format!("the task is attached to {:?} twice", a.network.as_str()));
+                    self.err(
+                        format!("{pp}.network"),
+                        format!("the task is attached to {:?} twice", a.network.as_str()),
+                    );
                 }
                 if let Some(s) = service
                     && !s.networks.iter().any(|sn| sn.network == a.network)
                 {
                     self.err(
                         format!("{pp}.network"),
-                        format!("service {:?} is not on network {:?}", s.name.as_str(), a.network.as_str()),
+                        format!(
+                            "service {:?} is not on network {:?}",
+                            s.name.as_str(),
+                            a.network.as_str()
+                        ),
                     );
                 }
                 if let Err(e) = usable(&net.spec.subnet, a.ip) {
                     self.err(format!("{pp}.ip"), e);
-                } else if let Some(owner) = taken.insert((a.network.clone(), a.ip), format!("the address of task {:?}", t.id.as_str()))
-                {
+                } else if let Some(owner) = taken.insert(
+                    (a.network.clone(), a.ip),
+                    format!("the address of task {:?}", t.id.as_str()),
+                ) {
                     self.err(format!("{pp}.ip"), format!("{} is already {owner}", a.ip));
                 }
                 let mac = a.mac.unwrap_or_else(|| MacAddr::from_ipv4(a.ip));
                 if let Some(owner) = macs.insert((a.network.clone(), mac), t.id.to_string()) {
-                    self.err(format!("{pp}.mac"), format!("{mac} is already used by task {owner:?} on this network"));
+                    self.err(
+                        format!("{pp}.mac"),
+                        format!("{mac} is already used by task {owner:?} on this network"),
+                    );
                 }
-                let ifname = a.ifname.clone().unwrap_or_else(|| IfName::new(format!("eth{k}")).expect("ethN is valid"));
+                let ifname = a
+                    .ifname
+                    .clone()
+                    .unwrap_or_else(|| IfName::new(format!("eth{k}")).expect("ethN is valid"));
                 if !ifnames.insert(ifname.clone()) {
-                    self.err(format!("{pp}.ifname"), format!("interface name {ifname:?} is used twice in this task"));
+                    self.err(
+                        format!("{pp}.ifname"),
+                        format!("interface name {ifname:?} is used twice in this task"),
+                    );
                 }
-                atts.push(Attachment { network: a.network.clone(), ip: a.ip, mac, aliases: a.aliases.clone(), ifname });
+                atts.push(Attachment {
+                    network: a.network.clone(),
+                    ip: a.ip,
+                    mac,
+                    aliases: a.aliases.clone(),
+                    ifname,
+                });
             }
             out.insert(i, atts);
         }
@@ -411,7 +578,12 @@ mod tests {
     }"#;
 
     fn issues(text: &str) -> Vec<String> {
-        Intent::from_json(text).unwrap_err().issues.iter().map(|i| i.to_string()).collect()
+        Intent::from_json(text)
+            .unwrap_err()
+            .issues
+            .iter()
+            .map(|i| i.to_string())
+            .collect()
     }
 
     #[test]
@@ -430,7 +602,10 @@ mod tests {
 
     #[test]
     fn unknown_field_is_named() {
-        let text = GOOD.replace(r#""internal": true"#, r#""internal": true, "colour": "red""#);
+        let text = GOOD.replace(
+            r#""internal": true"#,
+            r#""internal": true, "colour": "red""#,
+        );
         let e = issues(&text);
         assert!(e[0].starts_with("networks[1]"), "{e:?}");
         assert!(e[0].contains("unknown field `colour`"), "{e:?}");
@@ -450,7 +625,10 @@ mod tests {
         let e = issues(&GOOD.replace("10.11.0.0/24", "10.10.0.0/16"));
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("networks[1].subnet"), "{e:?}");
-        assert!(e[0].contains("overlaps 10.10.0.0/24 of networks[0] (\"app\")"), "{e:?}");
+        assert!(
+            e[0].contains("overlaps 10.10.0.0/24 of networks[0] (\"app\")"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -458,7 +636,10 @@ mod tests {
         let e = issues(&GOOD.replace("10.10.0.4", "10.10.0.3"));
         assert_eq!(e.len(), 2, "ip and derived MAC collide: {e:?}");
         assert!(e[0].starts_with("tasks[1].networks[0].ip"), "{e:?}");
-        assert!(e[0].contains("already the address of task \"web1\""), "{e:?}");
+        assert!(
+            e[0].contains("already the address of task \"web1\""),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -466,7 +647,10 @@ mod tests {
         let e = issues(&GOOD.replace("10.10.0.4", "10.10.0.2"));
         assert!(e[0].contains("already the VIP of service \"web\""), "{e:?}");
         let e = issues(&GOOD.replace("10.10.0.4", "10.10.0.1"));
-        assert!(e[0].contains("already the gateway of network \"app\""), "{e:?}");
+        assert!(
+            e[0].contains("already the gateway of network \"app\""),
+            "{e:?}"
+        );
         let e = issues(&GOOD.replace("10.10.0.4", "10.10.0.255"));
         assert!(e[0].contains("broadcast"), "{e:?}");
         let e = issues(&GOOD.replace("10.10.0.4", "10.12.0.4"));
@@ -475,7 +659,10 @@ mod tests {
 
     #[test]
     fn long_interface_name() {
-        let text = GOOD.replace(r#""ip": "10.10.0.4""#, r#""ip": "10.10.0.4", "ifname": "averyveryverylong0""#);
+        let text = GOOD.replace(
+            r#""ip": "10.10.0.4""#,
+            r#""ip": "10.10.0.4", "ifname": "averyveryverylong0""#,
+        );
         let e = issues(&text);
         assert!(e[0].starts_with("tasks[1].networks[0].ifname"), "{e:?}");
         assert!(e[0].contains("Linux allows at most 15"), "{e:?}");
@@ -485,8 +672,14 @@ mod tests {
     fn dangling_references() {
         let e = issues(&GOOD.replace(r#""node": "n2""#, r#""node": "n9""#));
         assert!(e[0].contains("no node has the id \"n9\""), "{e:?}");
-        let e = issues(&GOOD.replace(r#"{"network": "app", "ip": "10.10.0.4"}"#, r#"{"network": "db", "ip": "10.11.0.4"}"#));
-        assert!(e[0].contains("service \"web\" is not on network \"db\""), "{e:?}");
+        let e = issues(&GOOD.replace(
+            r#"{"network": "app", "ip": "10.10.0.4"}"#,
+            r#"{"network": "db", "ip": "10.11.0.4"}"#,
+        ));
+        assert!(
+            e[0].contains("service \"web\" is not on network \"db\""),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -497,8 +690,14 @@ mod tests {
             r#""services": [{"name": "api", "ports": [{"target": 81, "published": 8080}]},"#,
         );
         let e = issues(&spec_text);
-        assert!(e[0].contains("8080/tcp is already published by service \"api\""), "{e:?}");
-        let ok = spec_text.replace(r#""target": 81, "published": 8080"#, r#""target": 81, "published": 8080, "protocol": "udp""#);
+        assert!(
+            e[0].contains("8080/tcp is already published by service \"api\""),
+            "{e:?}"
+        );
+        let ok = spec_text.replace(
+            r#""target": 81, "published": 8080"#,
+            r#""target": 81, "published": 8080, "protocol": "udp""#,
+        );
         Intent::from_json(&ok).unwrap();
     }
 

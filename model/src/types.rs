@@ -17,7 +17,11 @@ pub struct ValueError {
 
 impl ValueError {
     fn new(what: &'static str, input: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { what, input: input.into(), reason: reason.into() }
+        Self {
+            what,
+            input: input.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -82,8 +86,9 @@ fn check_label(s: &str, max: usize) -> Result<(), String> {
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
         return Err("must start with a lowercase letter or a digit".into());
     }
-    if let Some(c) =
-        s.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
     {
         return Err(format!("contains {c:?}; allowed are a-z, 0-9, '-' and '_'"));
     }
@@ -139,7 +144,11 @@ impl Vni {
     pub const MAX: u32 = (1 << 24) - 1;
     pub fn new(v: u64) -> Result<Self, ValueError> {
         if v == 0 || v > u64::from(Self::MAX) {
-            return Err(ValueError::new("VNI", v.to_string(), format!("must be in 1..={}", Self::MAX)));
+            return Err(ValueError::new(
+                "VNI",
+                v.to_string(),
+                format!("must be in 1..={}", Self::MAX),
+            ));
         }
         Ok(Self(v as u32))
     }
@@ -172,7 +181,11 @@ pub struct Mtu(u16);
 impl Mtu {
     pub fn new(v: u32) -> Result<Self, ValueError> {
         if !(68..=65535).contains(&v) {
-            return Err(ValueError::new("MTU", v.to_string(), "must be in 68..=65535"));
+            return Err(ValueError::new(
+                "MTU",
+                v.to_string(),
+                "must be in 68..=65535",
+            ));
         }
         Ok(Self(v as u16))
     }
@@ -206,10 +219,18 @@ impl MacAddr {
     pub fn new(octets: [u8; 6]) -> Result<Self, ValueError> {
         let m = Self(octets);
         if octets[0] & 1 == 1 {
-            return Err(ValueError::new("MAC address", m.to_string(), "is a multicast address"));
+            return Err(ValueError::new(
+                "MAC address",
+                m.to_string(),
+                "is a multicast address",
+            ));
         }
         if octets == [0; 6] {
-            return Err(ValueError::new("MAC address", m.to_string(), "is all zeros"));
+            return Err(ValueError::new(
+                "MAC address",
+                m.to_string(),
+                "is all zeros",
+            ));
         }
         Ok(m)
     }
@@ -226,7 +247,13 @@ impl MacAddr {
 impl FromStr for MacAddr {
     type Err = ValueError;
     fn from_str(s: &str) -> Result<Self, ValueError> {
-        let bad = || ValueError::new("MAC address", s, "expected six hex octets like 02:42:0a:00:00:02");
+        let bad = || {
+            ValueError::new(
+                "MAC address",
+                s,
+                "expected six hex octets like 02:42:0a:00:00:02",
+            )
+        };
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for o in &mut out {
@@ -256,7 +283,11 @@ impl From<MacAddr> for String {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let o = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3], o[4], o[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            o[0], o[1], o[2], o[3], o[4], o[5]
+        )
     }
 }
 impl fmt::Debug for MacAddr {
@@ -274,7 +305,11 @@ mod tests {
         assert!(IfName::new("eth0").is_ok());
         assert!(IfName::new("a234567890abcde").is_ok());
         let e = IfName::new("a234567890abcdef").unwrap_err();
-        assert!(e.to_string().contains("16 bytes long, Linux allows at most 15"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("16 bytes long, Linux allows at most 15"),
+            "{e}"
+        );
         assert!(IfName::new("a/b").is_err());
         assert!(IfName::new("").is_err());
         assert!(IfName::new("..").is_err());
@@ -285,7 +320,12 @@ mod tests {
         assert!(Vni::new(0).is_err());
         assert_eq!(Vni::new(1).unwrap().get(), 1);
         assert_eq!(Vni::new(16_777_215).unwrap().get(), 16_777_215);
-        assert!(Vni::new(16_777_216).unwrap_err().to_string().contains("1..=16777215"));
+        assert!(
+            Vni::new(16_777_216)
+                .unwrap_err()
+                .to_string()
+                .contains("1..=16777215")
+        );
     }
 
     #[test]

@@ -122,7 +122,9 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|_unset| tracing_subscriber::EnvFilter::new("info"));
     // Logs go to stderr; colour only when a person is watching.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    let fmt = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
     match cfg.log_format {
         LogFormat::Text => fmt.with_ansi(ansi).init(),
         LogFormat::Json => fmt.json().init(),

@@ -14,7 +14,9 @@ fn env(k: &str) -> String {
 
 /// IPv4 addresses of this network namespace, from /proc/net/fib_trie's local entries.
 fn addresses() -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string("/proc/net/fib_trie") else { return vec![] };
+    let Ok(text) = std::fs::read_to_string("/proc/net/fib_trie") else {
+        return vec![];
+    };
     let mut out: Vec<String> = Vec::new();
     let mut last = "";
     for line in text.lines() {
@@ -71,7 +73,9 @@ fn main() -> std::io::Result<()> {
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--port", Some(p)) => {
-                port = p.parse().map_err(|e| std::io::Error::other(format!("--port {p}: {e}")))?
+                port = p
+                    .parse()
+                    .map_err(|e| std::io::Error::other(format!("--port {p}: {e}")))?
             }
             _ => {
                 eprintln!("usage: swarmnet-whoami [--port PORT]");
