@@ -33,7 +33,7 @@ pub struct StatusFile<'a> {
     pub full: bool,
     pub intent_generation: u64,
     pub intent_error: Option<&'a str>,
-    pub underlay_error: Option<&'a str>,
+    pub node_error: Option<&'a str>,
     pub converged: bool,
     pub objects: std::collections::BTreeMap<String, &'a ObjectStatus>,
 }
@@ -124,7 +124,7 @@ fn status_json(
         full,
         intent_generation: rec.intent_generation(),
         intent_error: watcher.error.as_deref(),
-        underlay_error: rec.underlay_error(),
+        node_error: rec.node_error(),
         converged: rec.converged() && watcher.error.is_none(),
         objects: rec
             .status()

@@ -114,7 +114,7 @@ pub struct Reconciler {
     leases: BTreeMap<TaskId, Ipv4Addr>,
     external: BTreeMap<TaskId, PathBuf>,
     underlay: Option<(IfName, u16)>,
-    underlay_error: Option<String>,
+    node_error: Option<String>,
     last_desired: Option<DesiredNode>,
     status: BTreeMap<ObjectKey, ObjectStatus>,
     projection_issues: BTreeMap<ObjectKey, String>,
@@ -146,7 +146,7 @@ impl Reconciler {
             leases,
             external,
             underlay: None,
-            underlay_error: None,
+            node_error: None,
             last_desired: None,
             status: BTreeMap::new(),
             projection_issues: BTreeMap::new(),
@@ -237,14 +237,14 @@ impl Reconciler {
     pub fn desired(&self) -> Option<&DesiredNode> {
         self.last_desired.as_ref()
     }
-    pub fn underlay_error(&self) -> Option<&str> {
-        self.underlay_error.as_deref()
+    pub fn node_error(&self) -> Option<&str> {
+        self.node_error.as_deref()
     }
 
     /// True when the last round left nothing pending and nothing failing.
     pub fn converged(&self) -> bool {
         self.last_desired.is_some()
-            && self.underlay_error.is_none()
+            && self.node_error.is_none()
             && self.status.values().all(|s| s.state == ObjectState::Ok)
     }
 
@@ -279,10 +279,10 @@ impl Reconciler {
             match self.ports.links.underlay_for(addr) {
                 Ok(u) => {
                     self.underlay = Some(u);
-                    self.underlay_error = None;
+                    self.node_error = None;
                 }
                 Err(e) => {
-                    self.underlay_error = Some(format!(
+                    self.node_error = Some(format!(
                         "underlay: no interface in the node namespace holds {addr} ({e})"
                     ));
                 }
@@ -315,6 +315,20 @@ impl Reconciler {
     /// Runs one round. `full` rounds look at everything and prune.
     pub fn round(&mut self, full: bool, now: Instant) -> RoundReport {
         self.round += 1;
+        // A node the intent does not know (a mistyped --node-id, a file for another cluster)
+        // must not be read as "this node should have nothing": that would prune every network
+        // and task here. Refuse to reconcile and say why.
+        if self.intent.node(&self.cfg.node).is_none() {
+            self.node_error = Some(format!(
+                "node {:?} is not in the intent; nothing is changed on this node until it is (check --node-id)",
+                self.cfg.node.as_str()
+            ));
+            warn!(node = %self.cfg.node, "node not in the intent; round skipped");
+            return RoundReport {
+                full,
+                ..RoundReport::default()
+            };
+        }
         let ctx = self.context();
         let (desired, issues) = desired::project(&self.intent, &ctx);
         self.projection_issues = issues

@@ -402,3 +402,32 @@ fn crashed_task_is_restarted_with_backoff_and_policy() {
     assert!(procs.0.lock().unwrap().running(&web1));
     assert!(!procs.0.lock().unwrap().running(&pg1));
 }
+
+#[test]
+fn an_intent_without_this_node_changes_nothing() {
+    let procs = SharedProcs::default();
+    let mut r = reconciler(node_with_underlay(), procs.clone());
+    r.set_intent(intent(INTENT));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    let before = r.ports_mut().links.list_netns().unwrap();
+    // A file for another cluster (or a mistyped --node-id): n1 is not in it.
+    let other = r#"{"version": 1, "nodes": [{"id": "n2", "addr": "198.18.0.2"}]}"#;
+    r.set_intent(intent(other));
+    let rep = r.round(true, Instant::now());
+    assert_eq!(rep.ops_applied, 0, "{rep:?}");
+    assert_eq!(r.ports_mut().links.list_netns().unwrap(), before);
+    assert!(
+        procs
+            .0
+            .lock()
+            .unwrap()
+            .running(&TaskId::new("web1").unwrap())
+    );
+    assert!(!r.converged());
+    assert!(
+        r.node_error().unwrap().contains("not in the intent"),
+        "{:?}",
+        r.node_error()
+    );
+}
