@@ -130,6 +130,7 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Json => fmt.json().init(),
     }
 
+    raise_fd_limit();
     std::fs::create_dir_all(&cfg.run_dir)
         .with_context(|| format!("creating run directory {}", cfg.run_dir.display()))?;
     let task_dir = cfg.run_dir.join("tasks");
@@ -162,4 +163,19 @@ fn main() -> anyhow::Result<()> {
     api::serve(&cfg.run_dir, calls_tx)
         .with_context(|| format!("opening the local API socket in {}", cfg.run_dir.display()))?;
     daemon::run(&cfg, rec, calls, shutdown)
+}
+
+/// netd keeps one netlink socket per namespace it manages (a node with a thousand sandboxes
+/// needs over a thousand descriptors), so lift the soft descriptor limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }
