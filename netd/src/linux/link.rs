@@ -597,11 +597,15 @@ impl LinkPort for LinuxLinkPort {
 
     fn create_netns(&mut self, ns: &NsName) -> PortResult<()> {
         let path = self.netns_path(ns);
+        // A cached socket for this name belongs to a namespace someone removed behind our back
+        // (the file was unmounted); it must not be used for the new one.
+        self.sockets.remove(&NsRef::Owned(ns.clone()));
         netns::create(&path).map_err(|e| perr("create netns", ns.to_string(), e))
     }
 
     fn bind_netns(&mut self, ns: &NsName, from: &Path) -> PortResult<()> {
         let path = self.netns_path(ns);
+        self.sockets.remove(&NsRef::Owned(ns.clone()));
         let object = format!("{ns} from {}", from.display());
         netns::bind_existing(from, &path).map_err(|e| perr("bind netns", object.clone(), e))?;
         let marker = self.bound_marker(ns);
