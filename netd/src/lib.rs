@@ -5,6 +5,8 @@
 //! - [`port`]: the kernel-facing interfaces (links/netns, firewall, processes) and their errors.
 //! - [`linux`]: the real implementations (netlink, nftables, fork/exec). The only module that
 //!   touches the kernel.
+//! - [`dns`]: the embedded resolver at 127.0.0.11 (views, fast/full answer paths, forwarding,
+//!   the per-sandbox server runtime).
 //! - [`fake`]: in-memory implementations that model kernel semantics, for tests.
 //!
 //! Invariants: pure modules never do I/O; every kernel object netd creates carries the `sn`
@@ -14,6 +16,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod desired;
+pub mod dns;
 pub mod fake;
 pub mod firewall;
 pub mod linux;
