@@ -19,6 +19,7 @@ pub mod desired;
 pub mod dns;
 pub mod fake;
 pub mod firewall;
+pub mod lb;
 pub mod linux;
 pub mod plan;
 pub mod port;

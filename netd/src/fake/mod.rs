@@ -2,5 +2,6 @@
 //! reconciler's tests and for the contract suites.
 
 pub mod firewall;
+pub mod lb;
 pub mod link;
 pub mod process;

@@ -4,4 +4,5 @@ pub mod dns_socket;
 pub mod firewall;
 pub mod link;
 pub mod netns;
+pub mod nft;
 pub mod process;
