@@ -81,6 +81,11 @@ def write_atomic(path, text):
 
 # --- netd step ----------------------------------------------------------------------------------
 
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
 def proc_cpu(pid):
     """(self utime+stime, reaped children cutime+cstime) in seconds, from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
@@ -104,6 +109,7 @@ def cmd_netd_step(a):
     status_path = os.path.join(a.run_dir, "status.json")
     netns_dir = os.path.join(a.run_dir, "netns")
     text = json.dumps(make_intent(a.networks, a.sandboxes, a.variant), indent=1)
+    load_start = loadavg()
     cpu0, ccpu0 = proc_cpu(a.pid)
     last_stamp = None
     st = {}
@@ -147,6 +153,7 @@ def cmd_netd_step(a):
         "final_round": st.get("round"),
         "not_ok_objects": dict(list(bad.items())[:5]),
         "not_ok_count": len(bad),
+        "loadavg_at_start": load_start,
         "intent_error": st.get("intent_error"),
         "underlay_error": st.get("underlay_error"),
     }
@@ -413,6 +420,7 @@ def cmd_peer_scripts(a):
 # --- timed run --------------------------------------------------------------------------------------
 
 def cmd_run(a):
+    load_start = loadavg()
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     with open(a.log, "ab") as log:
@@ -429,6 +437,7 @@ def cmd_run(a):
         "timed_out": timed_out,
         "seconds": round(t1 - t0, 4),
         "cpu_s": round((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), 3),
+        "loadavg_at_start": load_start,
     }
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1)
@@ -494,6 +503,10 @@ def cmd_report(a):
     lines.append("ratio = swarmnet time / ip time (below 1: swarmnet faster). netd CPU = netd's own utime+stime;")
     lines.append("ip CPU = every waited-for process of the plain peer script (not the sleeps). 'children' below =")
     lines.append("netd's reaped children: nft, and the task processes (their pre-exec setup) once reaped at teardown.")
+    loads = [f"{k}/{side}={res['steps'][k][side].get('loadavg_at_start')}" for _, k in steps
+             for side in ("swarmnet", "ip_plain", "ip_batch") if res["steps"][k][side]]
+    lines.append(f"1-min load average at step start ({os.cpu_count()} cores; higher = busier machine, noisier times):")
+    lines.append("  " + " ".join(loads))
     mem = res["netd"] or {}
     if mem:
         lines.append(f"netd peak RSS (VmHWM): {mem.get('vm_hwm_kb', 0) / 1024:.1f} MiB; "
