@@ -31,7 +31,11 @@ fn view() -> &'static DnsView {
                "networks": [{"network": "app", "ip": "10.10.0.21"}]}]}"#,
         )
         .expect("fuzz intent is valid");
-        DnsView::build(&intent, &TaskId::new("w1").expect("valid id"), &ViewOptions::default())
+        DnsView::build(
+            &intent,
+            &TaskId::new("w1").expect("valid id"),
+            &ViewOptions::default(),
+        )
     })
 }
 
