@@ -100,7 +100,7 @@ fn reached(o: &Outcome) -> Ipv4Addr {
 // Cases: the seven requirements of DESIGN.md "Load balancing".
 // ---------------------------------------------------------------------------------------------
 
-/// 1. One load-balancing point per node per network: state lives in the network's namespace
+/// Requirement 1: One load-balancing point per node per network: state lives in the network's namespace
 /// only (not in sandboxes), and two networks are independent even with the same VIP.
 fn one_point_per_network(w: &mut dyn World) {
     let k = key("10.50.100.1", Proto::Tcp, 80);
@@ -130,7 +130,7 @@ fn one_point_per_network(w: &mut dyn World) {
     assert_eq!(w.lb().observe(&n0).unwrap(), LbObserved::Absent);
 }
 
-/// 2. East-west traffic keeps the client's source address, over TCP and UDP.
+/// Requirement 2: East-west traffic keeps the client's source address, over TCP and UDP.
 fn source_ip_preserved(w: &mut dyn World) {
     let t = key("10.50.100.2", Proto::Tcp, 80);
     let u = key("10.50.100.2", Proto::Udp, 53);
@@ -154,7 +154,7 @@ fn source_ip_preserved(w: &mut dyn World) {
     assert!(seen.len() >= 2, "connections spread: {seen:?}");
 }
 
-/// 3. An endpoint change costs O(1) kernel work: the same small batch whether the namespace
+/// Requirement 3: An endpoint change costs O(1) kernel work: the same small batch whether the namespace
 /// has 1 or 300 other services.
 fn endpoint_change_is_o1(w: &mut dyn World) {
     let mut sizes = Vec::new();
@@ -194,7 +194,7 @@ fn endpoint_change_is_o1(w: &mut dyn World) {
     assert!(sizes[0] <= 8, "one endpoint added: {} messages", sizes[0]);
 }
 
-/// 4. Draining: a draining backend gets no new connection at once; an open one continues,
+/// Requirement 4: Draining: a draining backend gets no new connection at once; an open one continues,
 /// also after the backend is removed (its grace period is the caller's).
 fn drain(w: &mut dyn World) {
     let k = key("10.50.100.4", Proto::Tcp, 80);
@@ -219,7 +219,7 @@ fn drain(w: &mut dyn World) {
     }
 }
 
-/// 5. No healthy backend: refused at once (TCP reset, ICMP port-unreachable), also when the
+/// Requirement 5: No healthy backend: refused at once (TCP reset, ICMP port-unreachable), also when the
 /// only backends are draining; never a timeout.
 fn zero_backends_refuse(w: &mut dyn World) {
     let t = key("10.50.100.5", Proto::Tcp, 80);
@@ -247,7 +247,7 @@ fn zero_backends_refuse(w: &mut dyn World) {
     assert_eq!(w.connect(0, t), Outcome::Refused);
 }
 
-/// 6. Affinity on: one client's 20 connections land on one backend; off: they spread.
+/// Requirement 6: Affinity on: one client's 20 connections land on one backend; off: they spread.
 fn affinity(w: &mut dyn World) {
     let k = key("10.50.100.6", Proto::Tcp, 80);
     w.add_vip(0, k.vip);
@@ -265,7 +265,7 @@ fn affinity(w: &mut dyn World) {
     assert!(seen.len() >= 2, "affinity off: {seen:?}");
 }
 
-/// 7. All changes of one round land in one transaction; an unchanged round commits nothing;
+/// Requirement 7: All changes of one round land in one transaction; an unchanged round commits nothing;
 /// drift is seen by `observe` and repaired by the next apply.
 fn atomic_rounds_and_drift(w: &mut dyn World) {
     let b: Vec<_> = (0..3).map(|i| w.backend(i)).collect();
@@ -314,7 +314,6 @@ struct FakeWorld {
 }
 
 struct FakeHeld {
-    lb: *const FakeLoadBalancer,
     id: u64,
     backend: Ipv4Addr,
 }
@@ -324,8 +323,7 @@ impl Held for FakeHeld {
         self.backend
     }
     fn alive(&mut self) -> bool {
-        // The fake's conntrack never forgets an entry; `lb` is only compared, not read.
-        let _ = self.lb;
+        // The fake's conntrack never forgets an entry (checked when it was opened).
         self.id > 0
     }
 }
@@ -367,7 +365,6 @@ impl World for FakeWorld {
         let c = self.lb.connect(&net, self.client(client), key).unwrap();
         assert!(self.lb.established(c.id).is_some());
         Box::new(FakeHeld {
-            lb: &self.lb,
             id: c.id,
             backend: c.backend,
         })
@@ -634,7 +631,7 @@ impl Held for TcpHeld {
             return false;
         }
         let mut line = String::new();
-        matches!(self.reader.read_line(&mut line), Ok(_) if line == "ping\n")
+        self.reader.read_line(&mut line).is_ok() && line == "ping\n"
     }
 }
 
@@ -983,14 +980,28 @@ fn scale_10k_services() {
                 let backends: Vec<Ipv4Addr> = (0..10)
                     .map(|j| Ipv4Addr::from(u32::from(ip("10.64.0.0")) + i * 10 + j))
                     .collect();
-                svc(ServiceKey { vip: vip(i), proto: Proto::Tcp, port: 80 }, &backends)
+                svc(
+                    ServiceKey {
+                        vip: vip(i),
+                        proto: Proto::Tcp,
+                        port: 80,
+                    },
+                    &backends,
+                )
             })
             .collect();
         // The last one: the three real backends healthy, seven more draining (never picked).
-        let last_key = ServiceKey { vip: vip(SERVICES - 1), proto: Proto::Tcp, port: 80 };
+        let last_key = ServiceKey {
+            vip: vip(SERVICES - 1),
+            proto: Proto::Tcp,
+            port: 80,
+        };
         let mut last = svc(last_key, &(0..3).map(|i| w.backend(i)).collect::<Vec<_>>());
         for j in 0..7 {
-            last.backends.insert(Ipv4Addr::from(u32::from(ip("10.127.0.1")) + j), BackendState::Draining);
+            last.backends.insert(
+                Ipv4Addr::from(u32::from(ip("10.127.0.1")) + j),
+                BackendState::Draining,
+            );
         }
         services.push(last);
         let mut spec = LbSpec::from_services(services);
@@ -1017,7 +1028,11 @@ fn scale_10k_services() {
         }
 
         // One endpoint change in the middle of the table.
-        let mid = ServiceKey { vip: vip(SERVICES / 2), proto: Proto::Tcp, port: 80 };
+        let mid = ServiceKey {
+            vip: vip(SERVICES / 2),
+            proto: Proto::Tcp,
+            port: 80,
+        };
         spec.services
             .get_mut(&mid)
             .unwrap()
@@ -1031,7 +1046,9 @@ fn scale_10k_services() {
             st.messages, st.bytes
         );
         assert_eq!((st.services_changed, st.transactions), (1, 1));
-        assert!(st.messages <= 8 && st.bytes < 4096, "{st:?}");
+        // Flush of the service chain, one rule per healthy backend (11), the new backend's
+        // chain and rule, its hairpin element: nothing of the other 9,999 services.
+        assert!(st.messages <= 16 && st.bytes < 4096, "{st:?}");
 
         // One endpoint drained.
         spec.services
@@ -1047,11 +1064,20 @@ fn scale_10k_services() {
             st.messages,
             st.bytes
         );
-        assert!(st.messages <= 8 && st.bytes < 4096, "{st:?}");
+        assert!(st.messages <= 16 && st.bytes < 4096, "{st:?}");
 
         // One more service.
-        let extra = ServiceKey { vip: vip(SERVICES), proto: Proto::Tcp, port: 80 };
-        spec.insert(svc(extra, &(0..10).map(|j| Ipv4Addr::from(u32::from(ip("10.125.0.1")) + j)).collect::<Vec<_>>()));
+        let extra = ServiceKey {
+            vip: vip(SERVICES),
+            proto: Proto::Tcp,
+            port: 80,
+        };
+        spec.insert(svc(
+            extra,
+            &(0..10)
+                .map(|j| Ipv4Addr::from(u32::from(ip("10.125.0.1")) + j))
+                .collect::<Vec<_>>(),
+        ));
         let t = Instant::now();
         let st = w.lb.apply(&net, &spec).unwrap();
         println!(
@@ -1061,7 +1087,8 @@ fn scale_10k_services() {
             st.bytes
         );
         assert_eq!(st.services_changed, 1);
-        assert!(st.messages <= 30, "{st:?}");
+        // 10 backend chains + their rules, the service chain + 10 picks, 2 elements.
+        assert!(st.messages <= 40, "{st:?}");
 
         // The table is still whole and the last VIP still answers.
         assert_eq!(w.lb.observe(&net).unwrap(), LbObserved::InSync);

@@ -7,8 +7,9 @@
 //! - map `services` `ip daddr . meta l4proto . th dport : goto svc-<key>` for every service
 //!   with at least one healthy backend, looked up from nat chains at prerouting (traffic from
 //!   sandboxes through the bridge, with bridge netfilter on) and output;
-//! - chain `svc-<key>`: `numgen random mod N vmap { i : goto be-<key>-<ip> }` over the healthy
-//!   backends (`jhash ip saddr` with a fixed seed for client-IP affinity);
+//! - chain `svc-<key>`: one rule per healthy backend, `numgen random mod (N-i) 0 goto
+//!   be-<key>-<ip>` (uniform overall; `jhash ip saddr mod N seed S i` with a fixed seed for
+//!   client-IP affinity), the last a plain `goto`;
 //! - chain `be-<key>-<ip>` per backend (healthy or draining): `dnat to ip:target_port`;
 //! - map `no-backends` (same key, `goto reject-svc`) for services without a healthy backend,
 //!   looked up for `ct state new` in filter chains at priority dstnat - 10: a reject in a nat
@@ -151,8 +152,17 @@ pub enum Rule {
     RejectTcp,
     /// `reject` (ICMP port-unreachable)
     Reject,
-    /// Picks one of `chains` (`goto`): at random, or by a hash of the client address.
-    Pick { hash: bool, chains: Vec<String> },
+    /// `numgen random mod <modulus> 0 goto <chain>`: rule `i` of a service's `n` picks has
+    /// modulus `n - i`, so each backend gets 1/n of the new connections.
+    RandomGoto { modulus: u32, chain: String },
+    /// `jhash ip saddr mod <modulus> seed <AFFINITY_SEED> <index> goto <chain>`
+    HashGoto {
+        modulus: u32,
+        index: u32,
+        chain: String,
+    },
+    /// `goto <chain>`: the last pick.
+    Goto(String),
     /// `meta l4proto <proto> dnat to ip:port`
     Dnat {
         proto: Proto,
@@ -173,24 +183,17 @@ impl Rule {
             }
             Self::RejectTcp => "reject with tcp reset".into(),
             Self::Reject => "reject".into(),
-            Self::Pick { hash, chains } => {
-                let mut s = if *hash {
-                    format!(
-                        "jhash ip saddr mod {} seed {AFFINITY_SEED:#x} vmap {{ ",
-                        chains.len()
-                    )
-                } else {
-                    format!("numgen random mod {} vmap {{ ", chains.len())
-                };
-                for (i, c) in chains.iter().enumerate() {
-                    if i > 0 {
-                        s.push_str(", ");
-                    }
-                    let _ = write!(s, "{i} : goto {c}");
-                }
-                s.push_str(" }");
-                s
+            Self::RandomGoto { modulus, chain } => {
+                format!("numgen random mod {modulus} 0 goto {chain}")
             }
+            Self::HashGoto {
+                modulus,
+                index,
+                chain,
+            } => {
+                format!("jhash ip saddr mod {modulus} seed {AFFINITY_SEED:#x} {index} goto {chain}")
+            }
+            Self::Goto(chain) => format!("goto {chain}"),
             Self::Dnat { proto, ip, port } => format!("meta l4proto {proto} dnat to {ip}:{port}"),
         }
     }
@@ -274,15 +277,33 @@ fn base_chains() -> Vec<(&'static str, BaseChain, Rule)> {
     ]
 }
 
-fn pick_rule(s: &ServiceSpec) -> Option<Rule> {
-    let healthy = s.healthy();
-    if healthy.is_empty() {
-        return None;
+/// The rules of a service chain: one `goto` per healthy backend, each taken with the
+/// probability that makes the choice uniform (or by the client's hash, for affinity). Rules
+/// rather than a `numgen ... vmap { }` anonymous map: the kernel finds an anonymous map of a
+/// batch by walking the whole transaction, which made a 10k-service program quadratic.
+fn pick_rules(s: &ServiceSpec) -> Vec<Rule> {
+    let chains: Vec<String> = s.healthy().iter().map(|ip| be_chain(&s.key, *ip)).collect();
+    let n = u32::try_from(chains.len()).unwrap_or(u32::MAX);
+    let hash = matches!(s.affinity, Affinity::ClientIp { .. });
+    let mut out = Vec::with_capacity(chains.len());
+    for (i, chain) in chains.into_iter().enumerate() {
+        let i = u32::try_from(i).unwrap_or(u32::MAX);
+        out.push(if i + 1 == n {
+            Rule::Goto(chain)
+        } else if hash {
+            Rule::HashGoto {
+                modulus: n,
+                index: i,
+                chain,
+            }
+        } else {
+            Rule::RandomGoto {
+                modulus: n - i,
+                chain,
+            }
+        });
     }
-    Some(Rule::Pick {
-        hash: matches!(s.affinity, Affinity::ClientIp { .. }),
-        chains: healthy.iter().map(|ip| be_chain(&s.key, *ip)).collect(),
-    })
+    out
 }
 
 /// Where a service's map element lives and what it points to.
@@ -349,8 +370,11 @@ impl Phases {
             name: name.clone(),
             base: None,
         });
-        if let Some(rule) = pick_rule(s) {
-            self.create.push(NftOp::AddRule { chain: name, rule });
+        for rule in pick_rules(s) {
+            self.create.push(NftOp::AddRule {
+                chain: name.clone(),
+                rule,
+            });
         }
         let (set, elem) = dispatch_elem(s);
         self.add_elems.entry(set).or_default().push(elem);
@@ -382,14 +406,17 @@ impl Phases {
                 });
             }
         }
-        let (old_pick, new_pick) = (pick_rule(old), pick_rule(new));
+        let (old_pick, new_pick) = (pick_rules(old), pick_rules(new));
         if old_pick != new_pick {
             let name = svc_chain(&new.key);
-            if old_pick.is_some() {
+            if !old_pick.is_empty() {
                 self.rewire.push(NftOp::FlushChain { name: name.clone() });
             }
-            if let Some(rule) = new_pick {
-                self.rewire.push(NftOp::AddRule { chain: name, rule });
+            for rule in new_pick {
+                self.rewire.push(NftOp::AddRule {
+                    chain: name.clone(),
+                    rule,
+                });
             }
         }
         let (old_set, old_elem) = dispatch_elem(old);
@@ -801,7 +828,9 @@ mod tests {
                 "add chain ip swarmnet-lb be-10.0.0.1-tcp-80-10.0.1.200\n\
                  add rule ip swarmnet-lb be-10.0.0.1-tcp-80-10.0.1.200 meta l4proto tcp dnat to 10.0.1.200:8080\n\
                  flush chain ip swarmnet-lb svc-10.0.0.1-tcp-80\n\
-                 add rule ip swarmnet-lb svc-10.0.0.1-tcp-80 numgen random mod 3 vmap { 0 : goto be-10.0.0.1-tcp-80-10.0.1.1, 1 : goto be-10.0.0.1-tcp-80-10.0.1.100, 2 : goto be-10.0.0.1-tcp-80-10.0.1.200 }\n\
+                 add rule ip swarmnet-lb svc-10.0.0.1-tcp-80 numgen random mod 3 0 goto be-10.0.0.1-tcp-80-10.0.1.1\n\
+                 add rule ip swarmnet-lb svc-10.0.0.1-tcp-80 numgen random mod 2 0 goto be-10.0.0.1-tcp-80-10.0.1.100\n\
+                 add rule ip swarmnet-lb svc-10.0.0.1-tcp-80 goto be-10.0.0.1-tcp-80-10.0.1.200\n\
                  add element ip swarmnet-lb hairpin { 10.0.1.200 . 10.0.1.200 }\n"
             );
             assert_eq!(state.spec, new);

@@ -8,7 +8,7 @@
 //! Invariants: every message is 4-byte aligned, attributes are padded; nftables values are
 //! big-endian except register contents, which are in the byte order of the data they hold
 //! (addresses and ports in network order, `numgen`/`jhash` results and ct bits in host
-//! order); a batch holds a fresh set id per anonymous map it creates.
+//! order); no anonymous sets (the kernel resolves them by walking the batch: quadratic).
 
 use crate::lb::nft_render::{AFFINITY_SEED, Elem, NamedSet, NftOp, Rule, TABLE};
 
@@ -64,18 +64,10 @@ const NFTA_SET_KEY_TYPE: u16 = 4;
 const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_DATA_TYPE: u16 = 6;
 const NFTA_SET_DATA_LEN: u16 = 7;
-const NFTA_SET_DESC: u16 = 9;
-const NFTA_SET_DESC_SIZE: u16 = 1;
 const NFTA_SET_ID: u16 = 10;
-const NFTA_SET_USERDATA: u16 = 13;
-/// libnftnl's `NFTNL_UDATA_SET_KEYBYTEORDER` (a TLV of nft's own in the set's userdata).
-const UDATA_SET_KEYBYTEORDER: u8 = 0;
-/// nft's `BYTEORDER_HOST_ENDIAN`.
-const BYTEORDER_HOST_ENDIAN: u32 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
@@ -84,8 +76,6 @@ const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 pub const NFTA_GEN_ID: u16 = 1;
 
-const NFT_SET_ANONYMOUS: u32 = 0x1;
-const NFT_SET_CONSTANT: u32 = 0x2;
 const NFT_SET_MAP: u32 = 0x8;
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 const NFT_GOTO: i32 = -4;
@@ -93,7 +83,6 @@ const NF_ACCEPT: u32 = 1;
 
 // nft's datatype ids (src/datatype.h), concatenated 6 bits per field: what `nft list` uses to
 // print keys.
-const TYPE_INTEGER: u32 = 4;
 const TYPE_IPADDR: u32 = 7;
 const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
@@ -119,7 +108,7 @@ pub struct Writer {
 
 impl Writer {
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -327,58 +316,7 @@ impl Encoder {
         }
     }
 
-    /// An anonymous constant verdict map `{ 0 : goto c0, 1 : goto c1, ... }`; returns its id.
-    fn anon_goto_map(&mut self, chains: &[String]) -> u32 {
-        self.next_set_id += 1;
-        let id = self.next_set_id;
-        let m = self.msg(NFT_MSG_NEWSET, NLM_F_CREATE);
-        self.w.str(NFTA_SET_TABLE, TABLE);
-        self.w.str(NFTA_SET_NAME, "__map%d");
-        self.w.be32(
-            NFTA_SET_FLAGS,
-            NFT_SET_ANONYMOUS | NFT_SET_CONSTANT | NFT_SET_MAP,
-        );
-        self.w.be32(NFTA_SET_KEY_TYPE, TYPE_INTEGER);
-        self.w.be32(NFTA_SET_KEY_LEN, 4);
-        self.w.be32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
-        self.w.be32(NFTA_SET_DATA_LEN, 0);
-        self.w.be32(NFTA_SET_ID, id);
-        // Without this nft would print the host-order keys of numgen/jhash maps as big-endian
-        // numbers (`16777216` for 1); the kernel does not read it.
-        let mut udata = vec![UDATA_SET_KEYBYTEORDER, 4];
-        udata.extend_from_slice(&BYTEORDER_HOST_ENDIAN.to_ne_bytes());
-        self.w.attr(NFTA_SET_USERDATA, &udata);
-        let desc = self.w.nest(NFTA_SET_DESC);
-        self.w.be32(
-            NFTA_SET_DESC_SIZE,
-            u32::try_from(chains.len()).unwrap_or(u32::MAX),
-        );
-        self.w.end_nest(desc);
-        self.w.end_msg(m);
-
-        let m = self.msg(NFT_MSG_NEWSETELEM, NLM_F_CREATE);
-        self.w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
-        self.w.str(NFTA_SET_ELEM_LIST_SET, "__map%d");
-        self.w.be32(NFTA_SET_ELEM_LIST_SET_ID, id);
-        let list = self.w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
-        for (i, c) in chains.iter().enumerate() {
-            let item = self.w.nest(NFTA_LIST_ELEM);
-            let idx = u32::try_from(i).unwrap_or(u32::MAX);
-            // numgen and jhash write a host-order u32.
-            self.w.data_value(NFTA_SET_ELEM_KEY, &idx.to_ne_bytes());
-            self.w.data_goto(NFTA_SET_ELEM_DATA, c);
-            self.w.end_nest(item);
-        }
-        self.w.end_nest(list);
-        self.w.end_msg(m);
-        id
-    }
-
     fn rule(&mut self, chain: &str, rule: &Rule) {
-        let anon = match rule {
-            Rule::Pick { chains, .. } => Some(self.anon_goto_map(chains)),
-            _ => None,
-        };
         let m = self.msg(NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND);
         self.w.str(NFTA_RULE_TABLE, TABLE);
         self.w.str(NFTA_RULE_CHAIN, chain);
@@ -396,7 +334,7 @@ impl Encoder {
                 x.ct_bit(2, 1 << 5);
                 x.payload(REG_1, 1, 12, 4);
                 x.payload(REG32_01, 1, 16, 4);
-                x.lookup(NamedSet::Hairpin.name(), None, REG_1, None);
+                x.lookup(NamedSet::Hairpin.name(), REG_1, None);
                 x.expr("masq", |_| {});
             }
             Rule::RejectTcp => {
@@ -405,29 +343,36 @@ impl Encoder {
                 x.reject(1, 0);
             }
             Rule::Reject => x.reject(0, 3),
-            Rule::Pick { hash, chains } => {
-                let n = u32::try_from(chains.len()).unwrap_or(u32::MAX);
-                if *hash {
-                    x.payload(REG_2, 1, 12, 4);
-                    x.expr("hash", |w| {
-                        w.be32(1, REG_2); // SREG
-                        w.be32(2, REG_1); // DREG
-                        w.be32(3, 4); // LEN
-                        w.be32(4, n); // MODULUS
-                        w.be32(5, AFFINITY_SEED); // SEED
-                        w.be32(6, 0); // OFFSET
-                        w.be32(7, 0); // TYPE: jenkins
-                    });
-                } else {
-                    x.expr("numgen", |w| {
-                        w.be32(1, REG_1); // DREG
-                        w.be32(2, n); // MODULUS
-                        w.be32(3, 1); // TYPE: random
-                        w.be32(4, 0); // OFFSET
-                    });
-                }
-                x.lookup("__map%d", anon, REG_1, Some(REG_VERDICT));
+            Rule::RandomGoto { modulus, chain } => {
+                x.expr("numgen", |w| {
+                    w.be32(1, REG_1); // DREG
+                    w.be32(2, *modulus); // MODULUS
+                    w.be32(3, 1); // TYPE: random
+                    w.be32(4, 0); // OFFSET
+                });
+                // numgen writes a host-order u32.
+                x.cmp_eq(REG_1, &0u32.to_ne_bytes());
+                x.goto(chain);
             }
+            Rule::HashGoto {
+                modulus,
+                index,
+                chain,
+            } => {
+                x.payload(REG_2, 1, 12, 4);
+                x.expr("hash", |w| {
+                    w.be32(1, REG_2); // SREG
+                    w.be32(2, REG_1); // DREG
+                    w.be32(3, 4); // LEN
+                    w.be32(4, *modulus); // MODULUS
+                    w.be32(5, AFFINITY_SEED); // SEED
+                    w.be32(6, 0); // OFFSET
+                    w.be32(7, 0); // TYPE: jenkins
+                });
+                x.cmp_eq(REG_1, &index.to_ne_bytes());
+                x.goto(chain);
+            }
+            Rule::Goto(chain) => x.goto(chain),
             Rule::Dnat { proto, ip, port } => {
                 x.meta_l4proto(REG_1);
                 x.cmp_eq(REG_1, &[proto.number()]);
@@ -554,19 +499,24 @@ impl Exprs<'_> {
         self.payload(REG_1, 1, 16, 4);
         self.meta_l4proto(REG32_01);
         self.payload(REG32_02, 2, 2, 2);
-        self.lookup(set, None, REG_1, Some(REG_VERDICT));
+        self.lookup(set, REG_1, Some(REG_VERDICT));
     }
 
-    fn lookup(&mut self, set: &str, set_id: Option<u32>, sreg: u32, dreg: Option<u32>) {
+    fn lookup(&mut self, set: &str, sreg: u32, dreg: Option<u32>) {
         self.expr("lookup", |w| {
             w.be32(2, sreg);
             if let Some(d) = dreg {
                 w.be32(3, d);
             }
             w.str(1, set);
-            if let Some(id) = set_id {
-                w.be32(4, id);
-            }
+        });
+    }
+
+    /// `goto chain`: an immediate verdict.
+    fn goto(&mut self, chain: &str) {
+        self.expr("immediate", |w| {
+            w.be32(1, REG_VERDICT);
+            w.data_goto(2, chain);
         });
     }
 
