@@ -68,7 +68,8 @@ cat > "$run/cluster.json" <<JSON
   ],
   "networks": [{"name": "app", "subnet": "10.20.0.0/24", "vni": 4100}],
   "services": [
-    {"name": "web", "mode": {"replicated": {"replicas": 2}}, "networks": [{"network": "app"}]},
+    {"name": "web", "mode": {"replicated": {"replicas": 2}}, "endpoint_mode": "dnsrr",
+     "networks": [{"network": "app", "aliases": ["www"]}], "ports": [{"name": "http", "target": 80}]},
     {"name": "client", "networks": [{"network": "app"}]}
   ],
   "tasks": [
@@ -108,6 +109,11 @@ converged || { echo "the lab did not converge; logs in $run/n*/netd.log" >&2; ta
 echo "   all three nodes converged"
 
 client() { nsenter --net="$run/n3/netns/sb-client1" "$@"; }
+# Like a task: its network namespace plus its resolv.conf (nameserver 127.0.0.11).
+client_resolving() {
+  nsenter --net="$run/n3/netns/sb-client1" unshare --mount sh -c \
+    "mount --bind '$run/n3/tasks/client1.resolv.conf' /etc/resolv.conf && exec \"\$@\"" sh "$@"
+}
 wait_http() { for _ in $(seq 1 50); do client curl -s -m 1 -o /dev/null "http://$1/" && return 0; sleep 0.1; done; return 1; }
 
 echo
@@ -120,6 +126,20 @@ for ip in 10.20.0.11 10.20.0.12; do
   client curl -s -m 2 "http://$ip/" | sed 's/^/   /'
 done
 echo
+echo "== name resolution at 127.0.0.11 inside the client (the task's own resolv.conf)"
+echo "-- getent hosts web            (dnsrr: every replica, in random order)"
+client_resolving getent ahostsv4 web | awk '{print $1}' | sort -u | sed 's/^/   /'
+echo "-- dig +short tasks.web"
+client dig +short +time=2 @127.0.0.11 tasks.web | sed 's/^/   /'
+echo "-- dig +short web.1 (a task name) and www (an alias)"
+client dig +short +time=2 @127.0.0.11 web.1 www | sed 's/^/   /'
+echo "-- dig +short -x 10.20.0.12 (PTR of a task)"
+client dig +short +time=2 @127.0.0.11 -x 10.20.0.12 | sed 's/^/   /'
+echo "-- dig SRV _http._tcp.web"
+client dig +short +time=2 @127.0.0.11 SRV _http._tcp.web | sed 's/^/   /'
+echo "-- curl http://web/ five times by name"
+for _ in 1 2 3 4 5; do client_resolving curl -s -m 2 http://web/ | grep '^task' | sed 's/^/   /'; done
+echo
 echo "== the overlay on n3: the remote endpoints as the kernel holds them"
 nsenter --net="$run/n3/netns/net-app" bridge fdb show dev snvx4100 | grep dst | sed 's/^/   /'
 nsenter --net="$run/n3/netns/net-app" ip neigh show dev snvx4100 | sed 's/^/   /'
@@ -127,7 +147,8 @@ echo
 echo "== summary"
 echo "   3 nodes, 1 overlay network (VXLAN 4100, MTU $(nsenter --net="$run/n3/netns/sb-client1" cat /sys/class/net/eth0/mtu 2>/dev/null || echo 1450)), 3 tasks; every request crossed nodes over VXLAN"
 echo "   the web replicas saw the client's own address (10.20.0.21): no NAT on the overlay"
-echo "   not yet in this demo: name resolution at 127.0.0.11 and the routing mesh (issues 3 and 5)"
+echo "   names resolved by netd's resolver at 127.0.0.11 inside the sandbox"
+echo "   not yet in this demo: VIP load balancing and the routing mesh (issues 4 and 5)"
 if [ $keep = 1 ]; then
   echo
   echo "lab left up: namespaces $lab-*, state in $run. netd pids: ${pids[*]}"

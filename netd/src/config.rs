@@ -39,7 +39,15 @@ pub struct NetdConfig {
     pub cgroup_dir: Option<PathBuf>,
     pub stop_grace: Duration,
     pub log_format: LogFormat,
+    /// Upstream resolvers for names outside the cluster; `None`: the node's /etc/resolv.conf.
+    pub dns_upstreams: Option<Vec<std::net::SocketAddr>>,
+    /// TTL of cluster answers, seconds. Short, so a changed DNSRR set does not linger.
+    pub dns_ttl: u32,
+    /// What sandboxes on internal networks get for names outside the cluster.
+    pub dns_internal_answer: crate::dns::DenyAnswer,
 }
+
+pub const DEFAULT_DNS_TTL: u32 = 5;
 
 pub const DEFAULT_RUN_DIR: &str = "/run/swarmnet";
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -62,6 +70,11 @@ pub struct RawConfig {
     pub cgroup_dir: Option<PathBuf>,
     pub stop_grace: Option<String>,
     pub log_format: Option<LogFormat>,
+    /// Comma-separated `ip[:port]` list, or `none` to forward nothing.
+    pub dns_upstreams: Option<String>,
+    pub dns_ttl: Option<u32>,
+    /// `refused` or `nxdomain`.
+    pub dns_internal_answer: Option<String>,
 }
 
 impl RawConfig {
@@ -80,6 +93,9 @@ impl RawConfig {
             cgroup_dir: over.cgroup_dir.or(self.cgroup_dir),
             stop_grace: over.stop_grace.or(self.stop_grace),
             log_format: over.log_format.or(self.log_format),
+            dns_upstreams: over.dns_upstreams.or(self.dns_upstreams),
+            dns_ttl: over.dns_ttl.or(self.dns_ttl),
+            dns_internal_answer: over.dns_internal_answer.or(self.dns_internal_answer),
         }
     }
 
@@ -135,6 +151,26 @@ impl RawConfig {
             Some(s) => parse_duration(&s).map_err(|m| err("stop_grace", m))?,
             None => DEFAULT_STOP_GRACE,
         };
+        let dns_upstreams = match self.dns_upstreams.as_deref().map(str::trim) {
+            None => None,
+            Some("none") | Some("") => Some(Vec::new()),
+            Some(list) => Some(
+                list.split(',')
+                    .map(|u| parse_upstream(u.trim()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|m| err("dns_upstreams", m))?,
+            ),
+        };
+        let dns_internal_answer = match self.dns_internal_answer.as_deref() {
+            None | Some("refused") => crate::dns::DenyAnswer::Refused,
+            Some("nxdomain") => crate::dns::DenyAnswer::NxDomain,
+            Some(other) => {
+                return Err(err(
+                    "dns_internal_answer",
+                    format!("{other:?} is not refused or nxdomain"),
+                ));
+            }
+        };
         Ok(NetdConfig {
             node_id,
             intent,
@@ -148,6 +184,9 @@ impl RawConfig {
             cgroup_dir: self.cgroup_dir,
             stop_grace,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
+            dns_upstreams,
+            dns_ttl: self.dns_ttl.unwrap_or(DEFAULT_DNS_TTL),
+            dns_internal_answer,
         })
     }
 }
@@ -157,6 +196,15 @@ impl RawConfig {
 pub struct ConfigError {
     pub field: &'static str,
     pub message: String,
+}
+
+/// `1.2.3.4` (port 53) or `1.2.3.4:5353`.
+fn parse_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    s.parse()
+        .map_err(|_e| format!("{s:?} is not an address like 192.0.2.53 or 192.0.2.53:5353"))
 }
 
 /// Parses `500ms`, `2s`, `5m`, `1h`.
@@ -239,5 +287,26 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "node_id");
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        let e = RawConfig {
+            dns_upstreams: Some("1.2.3.4,nope".into()),
+            ..base()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.field, "dns_upstreams");
+        let c = RawConfig {
+            dns_upstreams: Some("198.18.0.9, 198.18.0.10:5353".into()),
+            ..base()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.dns_upstreams.unwrap()[1].to_string(), "198.18.0.10:5353");
+        let c = RawConfig {
+            dns_upstreams: Some("none".into()),
+            ..base()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.dns_upstreams, Some(vec![]));
     }
 }

@@ -18,6 +18,7 @@ use std::sync::mpsc::Receiver;
 
 use crate::api::{Call, Request, Response};
 use crate::config::{IntentSource, NetdConfig};
+use crate::dns_sync::DnsSync;
 use crate::plan::ObjectKey;
 use crate::reconcile::{ObjectStatus, Reconciler, persist_json};
 
@@ -175,6 +176,7 @@ fn answer(
 pub fn run(
     cfg: &NetdConfig,
     mut rec: Reconciler,
+    mut dns: DnsSync,
     calls: Receiver<Call>,
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
@@ -183,6 +185,7 @@ pub fn run(
     let status_path = cfg.run_dir.join("status.json");
     let mut next_full: Option<Instant> = None;
     let mut last_err: Option<String> = None;
+    let mut tick: u64 = 0;
     info!(node = %cfg.node_id, intent = %path.display(), "netd running");
     while !shutdown.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -213,9 +216,16 @@ pub fn run(
         } else if rec.intent_generation() > 0 && rec.wants_round(now) {
             ran = Some(rec.round(false, now));
         }
+        tick += 1;
+        if ran.is_some() || (dns.pending_retry() && tick % 10 == 0) {
+            // Answers follow the round at once (an intent change shows in DNS within a tick);
+            // a sandbox whose resolver could not start is retried about once a second.
+            dns.sync(&rec);
+        }
         let mut answered = false;
         while let Ok((req, reply)) = calls.try_recv() {
             let _ = reply.send(answer(cfg, &mut rec, &watcher, req));
+            dns.sync(&rec);
             answered = true;
         }
         if ran.is_some() || answered || watcher.error != last_err {

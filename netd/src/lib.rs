@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod desired;
 pub mod dns;
+pub mod dns_sync;
 pub mod fake;
 pub mod firewall;
 pub mod lb;

@@ -12,7 +12,7 @@ use swarmnet_netd::linux::firewall::NftFirewall;
 use swarmnet_netd::linux::link::LinuxLinkPort;
 use swarmnet_netd::linux::process::{LinuxProcessPort, default_cgroup_dir};
 use swarmnet_netd::reconcile::{Ports, Reconciler, ReconcilerConfig};
-use swarmnet_netd::{api, daemon, firewall};
+use swarmnet_netd::{api, daemon, dns, dns_sync, firewall};
 
 /// The swarmnet node daemon: overlay networks, sandboxes and tasks for this node.
 #[derive(Debug, Parser)]
@@ -50,6 +50,16 @@ struct Args {
     stop_grace: Option<String>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// Upstream resolvers for names outside the cluster: `ip[:port],...` or `none`
+    /// [default: the node's /etc/resolv.conf].
+    #[arg(long)]
+    dns_upstreams: Option<String>,
+    /// TTL of cluster DNS answers in seconds [default: 5].
+    #[arg(long)]
+    dns_ttl: Option<u32>,
+    /// Answer for outside names on internal networks: refused or nxdomain [default: refused].
+    #[arg(long)]
+    dns_internal_answer: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -116,6 +126,9 @@ fn main() -> anyhow::Result<()> {
         cgroup_dir: args.cgroup_dir,
         stop_grace: args.stop_grace,
         log_format: args.log_format,
+        dns_upstreams: args.dns_upstreams,
+        dns_ttl: args.dns_ttl,
+        dns_internal_answer: args.dns_internal_answer,
     };
     let cfg = file.overlay(flags).validate()?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -159,10 +172,26 @@ fn main() -> anyhow::Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&shutdown))
             .context("installing signal handler")?;
     }
+    let upstreams = match &cfg.dns_upstreams {
+        Some(u) => u.clone(),
+        None => {
+            dns::node_upstreams().context("reading the node's resolvers from /etc/resolv.conf")?
+        }
+    };
+    let dns_server = dns::DnsServer::start(dns::DnsServerConfig::default())
+        .context("starting the DNS server")?;
+    let dns = dns_sync::DnsSync::new(
+        dns_server,
+        dns_sync::DnsSyncConfig {
+            ttl: cfg.dns_ttl,
+            upstreams,
+            deny: cfg.dns_internal_answer,
+        },
+    );
     let (calls_tx, calls) = std::sync::mpsc::channel();
     api::serve(&cfg.run_dir, calls_tx)
         .with_context(|| format!("opening the local API socket in {}", cfg.run_dir.display()))?;
-    daemon::run(&cfg, rec, calls, shutdown)
+    daemon::run(&cfg, rec, dns, calls, shutdown)
 }
 
 /// netd keeps one netlink socket per namespace it manages (a node with a thousand sandboxes

@@ -231,6 +231,16 @@ impl Reconciler {
     pub fn status(&self) -> &BTreeMap<ObjectKey, ObjectStatus> {
         &self.status
     }
+    /// The intent in force.
+    pub fn intent(&self) -> &Intent {
+        &self.intent
+    }
+
+    /// Where the namespace file of `ns` is.
+    pub fn netns_path(&self, ns: &NsName) -> PathBuf {
+        self.ports.links.netns_path(ns)
+    }
+
     pub fn round_number(&self) -> u64 {
         self.round
     }
@@ -636,12 +646,16 @@ impl Reconciler {
                 Ok(())
             }
             Op::StartProcess { task, ns, process } => {
+                let resolv = self.cfg.task_dir.join(format!("{task}.resolv.conf"));
+                write_resolv_conf(&resolv).map_err(|e| {
+                    PortError::io("write resolv.conf", resolv.display().to_string(), e)
+                })?;
                 let spec = ProcessSpec {
                     task: task.clone(),
                     netns: l.netns_path(ns),
                     argv: process.argv.clone(),
                     env: process.env.clone(),
-                    resolv_conf: None,
+                    resolv_conf: Some(resolv),
                     log: process.log.clone(),
                 };
                 self.ports.processes.start(&spec)?;
@@ -755,6 +769,23 @@ pub fn changed_objects(old: Option<&DesiredNode>, new: &DesiredNode) -> BTreeSet
         }
     }
     out
+}
+
+/// The resolv.conf every task sees (bind-mounted over /etc/resolv.conf in its private mount
+/// namespace): the embedded resolver only. `ndots:0` sends every name to it as written, so a
+/// service name is one query, not a walk through search domains.
+pub const RESOLV_CONF: &str = "# written by swarmnet-netd: the embedded resolver of this sandbox\nnameserver 127.0.0.11\noptions ndots:0\n";
+
+fn write_resolv_conf(path: &Path) -> std::io::Result<()> {
+    if std::fs::read_to_string(path).is_ok_and(|t| t == RESOLV_CONF) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, RESOLV_CONF)?;
+    std::fs::rename(&tmp, path)
 }
 
 const LEASES: &str = "gw-leases.json";

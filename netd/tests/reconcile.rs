@@ -81,25 +81,24 @@ fn node_with_underlay() -> FakeLinkPort {
     l
 }
 
-fn config() -> ReconcilerConfig {
+fn config(dir: &std::path::Path) -> ReconcilerConfig {
     ReconcilerConfig {
         node: NodeId::new("n1").unwrap(),
         vxlan_port: 4789,
         gw_subnet: "172.30.0.0/16".parse().unwrap(),
-        task_dir: "/nonexistent/tasks".into(),
-        // Unwritable on purpose: state then lives in memory only, as the fake kernel does.
-        state_dir: "/nonexistent".into(),
+        task_dir: dir.join("tasks"),
+        state_dir: dir.to_path_buf(),
         stop_grace: Duration::from_secs(1),
     }
 }
 
-fn reconciler(links: FakeLinkPort, procs: SharedProcs) -> Reconciler {
+fn reconciler(links: FakeLinkPort, procs: SharedProcs, dir: &tempfile::TempDir) -> Reconciler {
     let ports = Ports {
         links: Box::new(links),
         firewall: Box::new(FakeFirewall::new()),
         processes: Box::new(procs),
     };
-    Reconciler::new(ports, config())
+    Reconciler::new(ports, config(dir.path()))
 }
 
 /// Runs incremental rounds until converged (bounded), returning the rounds' reports.
@@ -134,8 +133,9 @@ fn link_names(r: &mut Reconciler, at: &NsRef) -> Vec<String> {
 
 #[test]
 fn converges_and_is_idempotent() {
+    let tmp = tempfile::tempdir().unwrap();
     let procs = SharedProcs::default();
-    let mut r = reconciler(node_with_underlay(), procs.clone());
+    let mut r = reconciler(node_with_underlay(), procs.clone(), &tmp);
     r.set_intent(intent(INTENT));
     let first = r.round(true, Instant::now());
     assert_eq!(first.errors, 0, "{:?}", r.status());
@@ -183,7 +183,8 @@ fn converges_and_is_idempotent() {
 
 #[test]
 fn full_round_repairs_drift() {
-    let mut r = reconciler(node_with_underlay(), SharedProcs::default());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = reconciler(node_with_underlay(), SharedProcs::default(), &tmp);
     r.set_intent(intent(INTENT));
     r.round(true, Instant::now());
     settle(&mut r);
@@ -211,8 +212,9 @@ fn full_round_repairs_drift() {
 
 #[test]
 fn removed_network_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
     let procs = SharedProcs::default();
-    let mut r = reconciler(node_with_underlay(), procs.clone());
+    let mut r = reconciler(node_with_underlay(), procs.clone(), &tmp);
     r.set_intent(intent(INTENT));
     r.round(true, Instant::now());
     settle(&mut r);
@@ -253,15 +255,16 @@ fn removed_network_leaves_nothing_behind() {
 
 #[test]
 fn restart_adopts_without_touching_links() {
+    let tmp = tempfile::tempdir().unwrap();
     let procs = SharedProcs::default();
-    let mut r = reconciler(node_with_underlay(), procs.clone());
+    let mut r = reconciler(node_with_underlay(), procs.clone(), &tmp);
     r.set_intent(intent(INTENT));
     r.round(true, Instant::now());
     settle(&mut r);
     // netd dies; the kernel and the processes stay; a new netd starts over the same state.
     let ports = r.into_ports();
     procs.0.lock().unwrap().restart();
-    let mut r2 = Reconciler::new(ports, config());
+    let mut r2 = Reconciler::new(ports, config(tmp.path()));
     r2.set_intent(intent(INTENT));
     let rep = r2.round(true, Instant::now());
     assert_eq!(rep.errors, 0, "{:?}", r2.status());
@@ -332,6 +335,7 @@ impl LinkPort for FaultyLinks {
 
 #[test]
 fn one_failing_object_does_not_stall_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
     let fault = Arc::new(Mutex::new(Some(ns("net-db"))));
     let links = FaultyLinks {
         inner: node_with_underlay(),
@@ -342,7 +346,7 @@ fn one_failing_object_does_not_stall_the_others() {
         firewall: Box::new(FakeFirewall::new()),
         processes: Box::new(SharedProcs::default()),
     };
-    let mut r = Reconciler::new(ports, config());
+    let mut r = Reconciler::new(ports, config(tmp.path()));
     r.set_intent(intent(INTENT));
     let t0 = Instant::now();
     let rep = r.round(true, t0);
@@ -381,8 +385,9 @@ fn one_failing_object_does_not_stall_the_others() {
 
 #[test]
 fn crashed_task_is_restarted_with_backoff_and_policy() {
+    let tmp = tempfile::tempdir().unwrap();
     let procs = SharedProcs::default();
-    let mut r = reconciler(node_with_underlay(), procs.clone());
+    let mut r = reconciler(node_with_underlay(), procs.clone(), &tmp);
     r.set_intent(intent(INTENT));
     r.round(true, Instant::now());
     settle(&mut r);
@@ -405,8 +410,9 @@ fn crashed_task_is_restarted_with_backoff_and_policy() {
 
 #[test]
 fn an_intent_without_this_node_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
     let procs = SharedProcs::default();
-    let mut r = reconciler(node_with_underlay(), procs.clone());
+    let mut r = reconciler(node_with_underlay(), procs.clone(), &tmp);
     r.set_intent(intent(INTENT));
     r.round(true, Instant::now());
     settle(&mut r);

@@ -831,6 +831,15 @@ impl ProcessPort for LinuxProcessPort {
     }
 }
 
+/// Renames an unreadable process record to `<name>.corrupt` and says so in the log.
+fn set_aside(path: &Path, why: &str) {
+    let aside = path.with_extension("json.corrupt");
+    tracing::error!(path = %path.display(), moved_to = %aside.display(), reason = why, "unreadable process record set aside; its task will be started anew");
+    if let Err(e) = fs::rename(path, &aside) {
+        tracing::error!(path = %path.display(), error = %e, "cannot set the record aside");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -866,14 +875,5 @@ mod tests {
         assert_eq!(r.exit, Some(Exit::Code(3)));
         let again: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(again, r);
-    }
-}
-
-/// Renames an unreadable process record to `<name>.corrupt` and says so in the log.
-fn set_aside(path: &Path, why: &str) {
-    let aside = path.with_extension("json.corrupt");
-    tracing::error!(path = %path.display(), moved_to = %aside.display(), reason = why, "unreadable process record set aside; its task will be started anew");
-    if let Err(e) = fs::rename(path, &aside) {
-        tracing::error!(path = %path.display(), error = %e, "cannot set the record aside");
     }
 }

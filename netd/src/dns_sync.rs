@@ -1,0 +1,126 @@
+//! Keeps the DNS server's sandboxes in step with the reconciler: after every round, each local
+//! sandbox gets the view of its task (built from the intent) and its forwarding policy.
+//!
+//! Views depend only on the intent and on the ordered networks of the asking task, so one view
+//! is built per distinct network list and shared (`Arc`) by every sandbox on the same networks:
+//! a node with a thousand sandboxes on three networks builds three views per intent change.
+//! Nothing is rebuilt when neither the intent nor the set of sandboxes changed, unless the last
+//! sync left a sandbox without its resolver (it is retried).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use swarmnet_model::{Name, TaskId};
+use tracing::{debug, warn};
+
+use crate::dns::{DenyAnswer, DnsServer, DnsView, ForwardPolicy, SandboxDns, ViewOptions};
+use crate::reconcile::Reconciler;
+
+/// DNS settings from netd's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSyncConfig {
+    pub ttl: u32,
+    pub upstreams: Vec<SocketAddr>,
+    pub deny: DenyAnswer,
+}
+
+#[derive(Debug)]
+pub struct DnsSync {
+    server: DnsServer,
+    cfg: DnsSyncConfig,
+    last_generation: u64,
+    last_set: BTreeMap<TaskId, PathBuf>,
+    retry: bool,
+    failing: BTreeSet<TaskId>,
+}
+
+impl DnsSync {
+    pub fn new(server: DnsServer, cfg: DnsSyncConfig) -> Self {
+        Self {
+            server,
+            cfg,
+            last_generation: 0,
+            last_set: BTreeMap::new(),
+            retry: false,
+            failing: BTreeSet::new(),
+        }
+    }
+
+    /// Tasks whose resolver could not be opened in the last sync.
+    pub fn failing(&self) -> &BTreeSet<TaskId> {
+        &self.failing
+    }
+
+    /// Whether a sandbox is waiting for its resolver (the next sync retries it).
+    pub fn pending_retry(&self) -> bool {
+        self.retry
+    }
+
+    pub fn server(&self) -> &DnsServer {
+        &self.server
+    }
+
+    /// Brings the server in line with the reconciler's current intent and sandboxes.
+    pub fn sync(&mut self, rec: &Reconciler) {
+        let Some(desired) = rec.desired() else { return };
+        let want: BTreeMap<TaskId, PathBuf> = desired
+            .sandboxes
+            .values()
+            .map(|s| (s.task.clone(), rec.netns_path(&s.ns)))
+            .collect();
+        let generation = rec.intent_generation();
+        if !self.retry && generation == self.last_generation && want == self.last_set {
+            return;
+        }
+        let intent = rec.intent();
+        let opts = ViewOptions {
+            ttl: self.cfg.ttl,
+            live: None,
+        };
+        let mut shared: HashMap<Vec<Name>, (Arc<DnsView>, ForwardPolicy)> = HashMap::new();
+        let mut set = BTreeMap::new();
+        for (task, netns) in &want {
+            let nets: Vec<Name> = intent
+                .tasks()
+                .find(|(t, _)| &t.id == task)
+                .map(|(_, atts)| atts.iter().map(|a| a.network.clone()).collect())
+                .unwrap_or_default();
+            let (view, forward) = shared
+                .entry(nets)
+                .or_insert_with(|| {
+                    let view = Arc::new(DnsView::build(intent, task, &opts));
+                    let policy =
+                        ForwardPolicy::for_task(intent, task, &self.cfg.upstreams, self.cfg.deny);
+                    (view, policy)
+                })
+                .clone();
+            set.insert(
+                task.clone(),
+                SandboxDns {
+                    netns: netns.clone(),
+                    view,
+                    forward,
+                },
+            );
+        }
+        let errors = self.server.set_sandboxes(set);
+        let failing: BTreeSet<TaskId> = errors.iter().map(|e| e.task.clone()).collect();
+        for e in &errors {
+            if !self.failing.contains(&e.task) {
+                warn!(task = %e.task, error = %e, cause = %e.source, "dns: resolver not started; retrying");
+            }
+        }
+        debug!(
+            sandboxes = want.len(),
+            views = shared.len(),
+            errors = errors.len(),
+            "dns synced"
+        );
+        self.retry = !failing.is_empty();
+        self.failing = failing;
+        self.last_generation = generation;
+        self.last_set = want;
+    }
+}
