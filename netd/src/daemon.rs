@@ -217,7 +217,7 @@ pub fn run(
             ran = Some(rec.round(false, now));
         }
         tick += 1;
-        if ran.is_some() || (dns.pending_retry() && tick % 10 == 0) {
+        if ran.is_some() || (dns.pending_retry() && tick.is_multiple_of(10)) {
             // Answers follow the round at once (an intent change shows in DNS within a tick);
             // a sandbox whose resolver could not start is retried about once a second.
             dns.sync(&rec);
