@@ -66,6 +66,8 @@ pub struct Observed {
     /// Normalized listing of our firewall table, `None` when it does not exist.
     pub firewall: Option<String>,
     pub processes: BTreeMap<TaskId, ProcessState>,
+    /// Namespaces bound from another runtime (they outlive our reference).
+    pub bound: BTreeSet<NsName>,
 }
 
 /// Whether a sandbox's process may be started now (decided by the reconciler from the
@@ -785,8 +787,13 @@ fn plan_sandbox_removal(ns: &NsName, task: Option<&TaskId>, observed: &Observed)
             (Some(_), _) => ops.push(Op::ForgetProcess(t.clone())),
         }
     }
-    // Host ends: with a namespace we created they would die with it, but a bound (external)
-    // namespace lives on, so delete them explicitly either way.
+    // Host ends die with a namespace we created (the kernel removes its devices and their
+    // peers in one batch); a bound (external) namespace lives on, so its veths must be deleted
+    // explicitly, or the container keeps its interfaces.
+    if !observed.bound.contains(ns) {
+        ops.push(Op::DeleteNetns(ns.clone()));
+        return ops;
+    }
     let owner = ns.as_str();
     for (net_ns, obs) in &observed.ns {
         if net_ns == ns {

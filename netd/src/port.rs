@@ -254,7 +254,9 @@ pub struct NeighEntry {
 /// - creating what exists fails with [`ErrorKind::Exists`]; deleting or changing what does not
 ///   exist fails with [`ErrorKind::NotFound`] (the reconciler decides what is idempotent);
 /// - a master must exist and be a bridge; FDB entries need a VXLAN device;
-/// - deleting a namespace deletes every link in it, and the other end of each veth pair.
+/// - deleting a namespace we created deletes every link in it, and the other end of each veth
+///   pair (the kernel does this asynchronously, in one batch: far cheaper than one request per
+///   link); deleting a bound namespace only drops our reference.
 pub trait LinkPort: Send {
     /// Namespaces under the run directory (owned by this netd).
     fn list_netns(&mut self) -> PortResult<Vec<NsName>>;
@@ -265,6 +267,9 @@ pub trait LinkPort: Send {
     fn bind_netns(&mut self, ns: &NsName, from: &std::path::Path) -> PortResult<()>;
     /// Path of the namespace file, for processes and for other runtimes.
     fn netns_path(&self, ns: &NsName) -> std::path::PathBuf;
+    /// Whether `ns` was bound from another runtime's namespace (which outlives our reference,
+    /// so our links in it must be deleted explicitly).
+    fn is_bound(&self, ns: &NsName) -> bool;
     fn delete_netns(&mut self, ns: &NsName) -> PortResult<()>;
 
     fn list_links(&mut self, ns: &NsRef) -> PortResult<Vec<LinkState>>;

@@ -553,6 +553,12 @@ impl Reconciler {
             Ok(v) => o.netns = v.into_iter().collect(),
             Err(e) => warn!(error = %e, "cannot list namespaces"),
         }
+        o.bound = o
+            .netns
+            .iter()
+            .filter(|n| links.is_bound(n))
+            .cloned()
+            .collect();
         o.node = observe_ns(links.as_mut(), &NsRef::Node, false);
         if let Ok(v) = links.get_sysctl(&NsRef::Node, "net/ipv4/ip_forward") {
             o.node

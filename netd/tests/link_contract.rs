@@ -201,6 +201,22 @@ fn link_create_exists_notfound(port: &mut dyn LinkPort) {
     port.delete_netns(&ns("snt-l")).unwrap();
 }
 
+/// Waits (up to 10 s) for an effect the kernel applies asynchronously.
+fn eventually(
+    what: &str,
+    port: &mut dyn LinkPort,
+    mut cond: impl FnMut(&mut dyn LinkPort) -> bool,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond(port) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within 10 s: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 fn master_must_exist_and_be_a_bridge(port: &mut dyn LinkPort) {
     port.create_netns(&ns("snt-m")).unwrap();
     let at = owned("snt-m");
@@ -273,8 +289,10 @@ fn veth_peer_in_other_ns_and_pair_deletion(port: &mut dyn LinkPort) {
     port.create_link(&NsRef::Node, &veth("sn-n0", "eth1", Some(b.clone())))
         .unwrap();
     port.delete_netns(&ns("snt-b")).unwrap();
-    assert!(find(port, &a, "sn-a0").is_none());
-    assert!(find(port, &NsRef::Node, "sn-n0").is_none());
+    // The kernel removes a dead namespace's devices (and their peers) asynchronously.
+    eventually("peers of snt-b's veths are gone", port, |p| {
+        find(p, &a, "sn-a0").is_none() && find(p, &NsRef::Node, "sn-n0").is_none()
+    });
     port.delete_netns(&ns("snt-a")).unwrap();
 }
 
@@ -367,7 +385,9 @@ fn vxlan_create_move_and_fdb(port: &mut dyn LinkPort) {
         ErrorKind::NotFound
     );
 
-    // Deleting the namespace frees the VNI at once: the same device can be made again.
+    // Deleting the VXLAN device frees the VNI at once (namespace teardown alone is
+    // asynchronous, which is why the planner deletes the device before the namespace).
+    port.delete_link(&ov, &n("vxlan0")).unwrap();
     port.delete_netns(&ns("snt-ov")).unwrap();
     port.create_link(&NsRef::Node, &again).unwrap();
     assert!(find(port, &owned("snt-ov2"), "vxlan1").is_some());
@@ -461,7 +481,9 @@ fn addresses_and_default_route(port: &mut dyn LinkPort) {
         ErrorKind::NotFound
     );
     port.delete_netns(&ns("snt-s")).unwrap();
-    assert!(find(port, &NsRef::Node, "sn-gw0").is_none());
+    eventually("the node end of the sandbox's veth is gone", port, |p| {
+        find(p, &NsRef::Node, "sn-gw0").is_none()
+    });
 }
 
 fn sysctls(port: &mut dyn LinkPort) {
@@ -649,8 +671,10 @@ fn linux_vxlan_socket_stays_in_node_namespace() {
         let inside = swarmnet_netd::linux::netns::run_in(&file, || Ok(udp_ports())).unwrap();
         assert!(!inside.contains(&4789), "overlay namespace: {inside:?}");
         drop(file);
+        // Deleting the device closes the socket at once (the planner deletes it before the
+        // namespace, whose own teardown is asynchronous).
+        port.delete_link(&ov, &n("vxlan0")).unwrap();
         port.delete_netns(&ns("snt-ov")).unwrap();
-        // Deleting the namespace deleted the device first, so the socket is gone at once.
         assert!(
             !udp_ports().contains(&4789),
             "node namespace: {:?}",

@@ -307,6 +307,9 @@ impl LinkPort for FaultyLinks {
     fn netns_path(&self, ns: &NsName) -> std::path::PathBuf {
         self.inner.netns_path(ns)
     }
+    fn is_bound(&self, ns: &NsName) -> bool {
+        self.inner.is_bound(ns)
+    }
     delegate! {
         list_netns(&mut self) -> PortResult<Vec<NsName>>;
         create_netns(&mut self, ns: &NsName) -> PortResult<()>;

@@ -326,6 +326,12 @@ impl LinkPort for FakeLinkPort {
         self.run_dir.join("netns").join(ns.as_str())
     }
 
+    fn is_bound(&self, ns: &NsName) -> bool {
+        self.namespaces
+            .get(&NsRef::Owned(ns.clone()))
+            .is_some_and(|n| n.bound)
+    }
+
     fn delete_netns(&mut self, ns: &NsName) -> PortResult<()> {
         let r = NsRef::Owned(ns.clone());
         let n = self
