@@ -1117,6 +1117,18 @@ impl IntentBuilder {
         self
     }
 
+    /// A service given in full (endpoint mode, VIPs, aliases, ports).
+    pub fn service_json(mut self, spec: Value) -> Self {
+        self.services.push(spec);
+        self
+    }
+
+    /// A task given in full (slot, aliases, desired state).
+    pub fn task_json(mut self, spec: Value) -> Self {
+        self.tasks.push(spec);
+        self
+    }
+
     pub fn service(mut self, name: &str, networks: &[&str]) -> Self {
         let nets: Vec<Value> = networks.iter().map(|n| json!({"network": n})).collect();
         self.services.push(json!({"name": name, "networks": nets}));
