@@ -544,6 +544,16 @@ fn plan_node(
             });
         }
     }
+    if desired.gw_bridge.is_none()
+        && let Some(l) = obs.link(crate::desired::GW_BRIDGE)
+        && ours(l)
+    {
+        // The last sandbox that needed egress is gone: so is the gateway bridge.
+        ops.push(Op::DeleteLink {
+            ns: node.clone(),
+            name: l.name.clone(),
+        });
+    }
     let ruleset = crate::firewall::render(desired);
     let current = observed.firewall.as_deref();
     if current.is_none() || current != firewall_expected {
@@ -559,10 +569,13 @@ fn plan_node(
         if let Some(gw) = &desired.gw_bridge {
             wanted.insert(gw.name.as_str());
         }
+        let gw_done = desired.gw_bridge.is_none();
         for l in obs
             .links
             .iter()
             .filter(|l| ours(l) && !wanted.contains(l.name.as_str()))
+            // Already deleted above.
+            .filter(|l| !(gw_done && l.name.as_str() == crate::desired::GW_BRIDGE))
         {
             // gateway veth ends of live sandboxes vanish with their namespace; the rest
             // (a stale bridge, a VXLAN left behind by a crash mid-create) is ours to delete.

@@ -273,6 +273,11 @@ pub trait LinkPort: Send {
     fn delete_netns(&mut self, ns: &NsName) -> PortResult<()>;
 
     fn list_links(&mut self, ns: &NsRef) -> PortResult<Vec<LinkState>>;
+    /// One link by name, `None` when it does not exist. Cheaper than a dump in a namespace with
+    /// many links (the node namespace holds one veth end per sandbox).
+    fn get_link(&mut self, ns: &NsRef, name: &IfName) -> PortResult<Option<LinkState>> {
+        Ok(self.list_links(ns)?.into_iter().find(|l| &l.name == name))
+    }
     fn create_link(&mut self, ns: &NsRef, spec: &LinkSpec) -> PortResult<()>;
     fn set_link(&mut self, ns: &NsRef, name: &IfName, change: &LinkChange) -> PortResult<()>;
     fn delete_link(&mut self, ns: &NsRef, name: &IfName) -> PortResult<()>;

@@ -559,7 +559,25 @@ impl Reconciler {
             .filter(|n| links.is_bound(n))
             .cloned()
             .collect();
-        o.node = observe_ns(links.as_mut(), &NsRef::Node, false);
+        o.node = match scope {
+            Scope::Full => observe_ns(links.as_mut(), &NsRef::Node, false),
+            // The node namespace holds a veth end per sandbox, and dumping them all costs the
+            // kernel a peer-namespace lookup each (quadratic in the sandbox count): an
+            // incremental round fetches only the links its objects can touch.
+            Scope::Objects(keys) => {
+                let names = node_links_for(keys, desired, self.last_desired.as_ref());
+                let mut n = NsObserved::default();
+                for name in names {
+                    match links.get_link(&NsRef::Node, &name) {
+                        Ok(Some(l)) => n.links.push(l),
+                        Ok(None) => {}
+                        Err(e) => warn!(link = %name, error = %e, "cannot read a node link"),
+                    }
+                }
+                n.addrs = links.list_addrs(&NsRef::Node).unwrap_or_default();
+                n
+            }
+        };
         if let Ok(v) = links.get_sysctl(&NsRef::Node, "net/ipv4/ip_forward") {
             o.node
                 .sysctls
@@ -698,6 +716,36 @@ fn ok_if_missing(r: PortResult<()>) -> PortResult<()> {
         Err(e) if e.is_not_found() => Ok(()),
         r => r,
     }
+}
+
+/// The node-namespace links the objects in `keys` can touch: the gateway bridge, VXLAN
+/// devices of the networks (a leftover of a crash between create and move), gateway veth ends
+/// of the sandboxes.
+fn node_links_for(
+    keys: &BTreeSet<ObjectKey>,
+    desired: &DesiredNode,
+    last: Option<&DesiredNode>,
+) -> BTreeSet<IfName> {
+    let mut out = BTreeSet::new();
+    for k in keys {
+        match k {
+            ObjectKey::Node => {
+                out.insert(IfName::new(desired::GW_BRIDGE).expect("valid"));
+            }
+            ObjectKey::Network(id) => {
+                for d in std::iter::once(desired).chain(last) {
+                    if let Some(n) = d.networks.get(id) {
+                        out.insert(n.vxlan.clone());
+                    }
+                }
+            }
+            ObjectKey::Sandbox(t) => {
+                out.insert(desired::gw_host_if(t));
+            }
+            ObjectKey::Orphan(_) => {}
+        }
+    }
+    out
 }
 
 /// Observes one namespace. A failed dump leaves that part empty; the planner then tries to

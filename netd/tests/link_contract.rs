@@ -201,6 +201,39 @@ fn link_create_exists_notfound(port: &mut dyn LinkPort) {
     port.delete_netns(&ns("snt-l")).unwrap();
 }
 
+fn get_link_by_name(port: &mut dyn LinkPort) {
+    port.create_netns(&ns("snt-g")).unwrap();
+    let at = owned("snt-g");
+    port.create_link(&at, &bridge("br0")).unwrap();
+    port.create_link(&at, &veth("sn-g0", "sn-g1", None))
+        .unwrap();
+    port.set_link(
+        &at,
+        &n("sn-g0"),
+        &LinkChange {
+            master: Some(Some(n("br0"))),
+            ..up()
+        },
+    )
+    .unwrap();
+    let one = port.get_link(&at, &n("sn-g0")).unwrap().expect("exists");
+    // The same as the dump says, master resolved to its name.
+    assert_eq!(
+        Some(&one),
+        port.list_links(&at)
+            .unwrap()
+            .iter()
+            .find(|l| l.name == n("sn-g0"))
+    );
+    assert_eq!(one.master, Some(n("br0")));
+    assert_eq!(port.get_link(&at, &n("nope0")).unwrap(), None);
+    assert_eq!(
+        kind_of(port.get_link(&owned("snt-none"), &n("br0"))),
+        ErrorKind::NotFound
+    );
+    port.delete_netns(&ns("snt-g")).unwrap();
+}
+
 /// Waits (up to 10 s) for an effect the kernel applies asynchronously.
 fn eventually(
     what: &str,
@@ -695,6 +728,7 @@ macro_rules! contract {
 }
 
 contract!(
+    get_link_by_name,
     netns_lifecycle,
     link_create_exists_notfound,
     master_must_exist_and_be_a_bridge,

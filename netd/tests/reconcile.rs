@@ -440,3 +440,25 @@ fn an_intent_without_this_node_changes_nothing() {
         r.node_error()
     );
 }
+
+#[test]
+fn gateway_bridge_goes_with_the_last_sandbox_without_waiting_for_a_full_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = reconciler(node_with_underlay(), SharedProcs::default(), &tmp);
+    r.set_intent(intent(INTENT));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    assert!(link_names(&mut r, &NsRef::Node).contains(&"sngw0".to_string()));
+    let empty = r#"{"version": 1, "nodes": [{"id": "n1", "addr": "198.18.0.1"}]}"#;
+    r.set_intent(intent(empty));
+    // Incremental rounds only: tasks stop, namespaces go, and the bridge with them.
+    for _ in 0..6 {
+        r.round(false, Instant::now());
+    }
+    assert!(r.converged(), "{:?}", r.status());
+    assert_eq!(
+        link_names(&mut r, &NsRef::Node),
+        ["eth0", "lo"].map(String::from)
+    );
+    assert!(r.ports_mut().links.list_netns().unwrap().is_empty());
+}

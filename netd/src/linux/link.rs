@@ -653,6 +653,35 @@ impl LinkPort for LinuxLinkPort {
             .collect())
     }
 
+    fn get_link(&mut self, ns: &NsRef, name: &IfName) -> PortResult<Option<LinkState>> {
+        let decode_one = |replies: &[RouteNetlinkMessage]| {
+            replies.iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => decode_link(l),
+                _ => None,
+            })
+        };
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let replies = match self.nl(ns)?.request(RouteNetlinkMessage::GetLink(msg), 0) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
+            Err(e) => return Err(perr("get link", in_ns(name.as_str(), ns), e)),
+        };
+        let Some((mut link, master)) = decode_one(&replies) else {
+            return Ok(None);
+        };
+        if master != 0 {
+            let mut by_index = LinkMessage::default();
+            by_index.header.index = master;
+            let replies = self
+                .nl(ns)?
+                .request(RouteNetlinkMessage::GetLink(by_index), 0)
+                .map_err(|e| perr("get link", format!("master {master} of {name} in {ns}"), e))?;
+            link.master = decode_one(&replies).map(|(m, _)| m.name);
+        }
+        Ok(Some(link))
+    }
+
     fn create_link(&mut self, ns: &NsRef, spec: &LinkSpec) -> PortResult<()> {
         self.create_link_inner(ns, spec)
     }
