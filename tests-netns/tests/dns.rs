@@ -398,19 +398,19 @@ fn task(
            "networks": [{"network": net, "ip": ip, "aliases": aliases}]})
 }
 
-/// A DNS server in the namespace `<topo>-up` at `198.18.<k>.53:53/udp`, attached to the
-/// underlay bridge. Answers every A query with [`UPSTREAM_ANSWER`] (or stays silent), and
-/// records the names it was asked. Stopped (thread joined) on drop.
+/// A DNS server in the namespace `<topo>-up` at `198.18.<k>.53:53`, attached to the
+/// underlay bridge, UDP and TCP. Answers every A query with [`UPSTREAM_ANSWER`] and records the
+/// names it was asked. Stopped (threads joined) on drop.
 struct Upstream {
     addr: SocketAddr,
     seen: Arc<AtomicUsize>,
     names: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Upstream {
-    fn start(topo: &Topology, silent: bool) -> Result<Self> {
+    fn start(topo: &Topology) -> Result<Self> {
         let ns = format!("{}-up", topo.name);
         let ul = topo.underlay_ns.clone();
         let addr = Ipv4Addr::new(198, 18, topo.k, 53);
@@ -428,33 +428,71 @@ impl Upstream {
         ] {
             topo::host_cmd(&args)?.check()?;
         }
-        let sock = in_netns(&Path::new(topo::NETNS_DIR).join(&ns), move || {
+        let netns = Path::new(topo::NETNS_DIR).join(&ns);
+        let sock = in_netns(&netns, move || {
             let s = UdpSocket::bind((addr, 53))?;
             s.set_read_timeout(Some(Duration::from_millis(50)))?;
             Ok(s)
         })?;
+        let listener = in_netns(&netns, move || {
+            let l = std::net::TcpListener::bind((addr, 53))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
         let seen = Arc::new(AtomicUsize::new(0));
         let names = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (seen, names, stop) = (seen.clone(), names.clone(), stop.clone());
+        let note = {
+            let (seen, names) = (seen.clone(), names.clone());
+            move |name: String| {
+                seen.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut v) = names.lock()
+                    && v.len() < 100_000
+                {
+                    v.push(name);
+                }
+            }
+        };
+        let udp = {
+            let (stop, note) = (stop.clone(), note.clone());
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while !stop.load(Ordering::Relaxed) {
                     let Ok((n, peer)) = sock.recv_from(&mut buf) else {
                         continue;
                     };
-                    seen.fetch_add(1, Ordering::Relaxed);
                     if let Some((name, answer)) = wire::upstream_answer(&buf[..n], UPSTREAM_ANSWER)
                     {
-                        if let Ok(mut v) = names.lock()
-                            && v.len() < 100_000
-                        {
-                            v.push(name);
-                        }
-                        if !silent {
-                            drop(sock.send_to(&answer, peer));
-                        }
+                        note(name);
+                        drop(sock.send_to(&answer, peer));
+                    }
+                }
+            })
+        };
+        let tcp = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut s, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    drop(s.set_nonblocking(false));
+                    drop(s.set_read_timeout(Some(Duration::from_secs(2))));
+                    // One query per connection is all the resolver sends.
+                    let mut len = [0u8; 2];
+                    if s.read_exact(&mut len).is_err() {
+                        continue;
+                    }
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if s.read_exact(&mut q).is_err() {
+                        continue;
+                    }
+                    if let Some((name, answer)) = wire::upstream_answer(&q, UPSTREAM_ANSWER) {
+                        note(name);
+                        let n = u16::try_from(answer.len()).unwrap_or(0).to_be_bytes();
+                        drop(s.write_all(&n).and_then(|()| s.write_all(&answer)));
                     }
                 }
             })
@@ -464,7 +502,7 @@ impl Upstream {
             seen,
             names,
             stop,
-            thread: Some(thread),
+            threads: vec![udp, tcp],
         })
     }
 
@@ -483,7 +521,7 @@ impl Upstream {
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             drop(t.join());
         }
     }
@@ -674,7 +712,7 @@ fn unknown_names_go_upstream_except_from_internal_networks_and_a_self_upstream_f
         return;
     }
     topo::with_topology(2, |topo| {
-        let upstream = Upstream::start(topo, false)?;
+        let upstream = Upstream::start(topo)?;
         let intent = topo
             .cluster_intent()
             .network("app", "10.30.0.0/24", 4300)
@@ -1282,7 +1320,7 @@ fn a_flooding_sandbox_does_not_starve_another_on_the_same_node() {
     topo::with_topology(2, |topo| {
         // The upstream answers, so forwards complete: the flood loads both the cluster path and
         // the forwarding path (in-flight caps) of the flooding sandbox.
-        let upstream = Upstream::start(topo, false)?;
+        let upstream = Upstream::start(topo)?;
         let intent = topo
             .cluster_intent()
             .network("app", "10.30.0.0/24", 4300)
