@@ -179,6 +179,7 @@ pub fn run(
     mut dns: DnsSync,
     calls: Receiver<Call>,
     shutdown: Arc<AtomicBool>,
+    child_exited: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let IntentSource::File(path) = &cfg.intent;
     let mut watcher = IntentWatcher::new(path.clone());
@@ -213,7 +214,11 @@ pub fn run(
         } else if next_full.is_some_and(|t| t <= now) {
             ran = Some(rec.round(true, now));
             next_full = Some(now + cfg.full_reconcile_interval);
-        } else if rec.intent_generation() > 0 && rec.wants_round(now) {
+        } else if rec.intent_generation() > 0
+            && (rec.wants_round(now)
+                || ((child_exited.swap(false, Ordering::Relaxed) || tick.is_multiple_of(20))
+                    && rec.poll_processes(now)))
+        {
             ran = Some(rec.round(false, now));
         }
         tick += 1;

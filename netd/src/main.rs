@@ -191,7 +191,11 @@ fn main() -> anyhow::Result<()> {
     let (calls_tx, calls) = std::sync::mpsc::channel();
     api::serve(&cfg.run_dir, calls_tx)
         .with_context(|| format!("opening the local API socket in {}", cfg.run_dir.display()))?;
-    daemon::run(&cfg, rec, dns, calls, shutdown)
+    // Task exits wake the loop; adopted tasks (not our children) are also polled every 2 s.
+    let child_exited = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGCHLD, Arc::clone(&child_exited))
+        .context("installing the SIGCHLD handler")?;
+    daemon::run(&cfg, rec, dns, calls, shutdown, child_exited)
 }
 
 /// netd keeps one netlink socket per namespace it manages (a node with a thousand sandboxes

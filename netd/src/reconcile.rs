@@ -120,6 +120,8 @@ pub struct Reconciler {
     projection_issues: BTreeMap<ObjectKey, String>,
     firewall_expected: Option<String>,
     restarts: BTreeMap<TaskId, RestartState>,
+    /// Task processes as last listed.
+    proc_snapshot: BTreeMap<TaskId, ProcessState>,
     round: u64,
 }
 
@@ -152,6 +154,7 @@ impl Reconciler {
             projection_issues: BTreeMap::new(),
             firewall_expected: None,
             restarts: BTreeMap::new(),
+            proc_snapshot: BTreeMap::new(),
             round: 0,
         }
     }
@@ -267,17 +270,32 @@ impl Reconciler {
         {
             return true;
         }
+        self.tasks_due(now)
+    }
+
+    /// Asks the process port for exits (a `waitpid` per child, a /proc read per adopted
+    /// process) and says whether a round is due for them. Costly on a node with many tasks:
+    /// the daemon calls it on SIGCHLD and every couple of seconds, not every tick.
+    pub fn poll_processes(&mut self, now: Instant) -> bool {
+        match self.ports.processes.list() {
+            Ok(v) => self.proc_snapshot = v.into_iter().map(|p| (p.task.clone(), p)).collect(),
+            Err(e) => {
+                warn!(error = %e, "cannot list task processes");
+                return true;
+            }
+        }
+        self.tasks_due(now)
+    }
+
+    /// A task whose process exited, or that may (re)start now, per the last process listing.
+    fn tasks_due(&self, now: Instant) -> bool {
         let Some(d) = &self.last_desired else {
             return true;
         };
-        let Ok(procs) = self.ports.processes.list() else {
-            return true;
-        };
-        let procs: BTreeMap<_, _> = procs.into_iter().map(|p| (p.task.clone(), p)).collect();
         d.sandboxes
             .values()
             .filter(|s| s.process.is_some())
-            .any(|s| match procs.get(&s.task) {
+            .any(|s| match self.proc_snapshot.get(&s.task) {
                 Some(p) => p.exit.is_some(),
                 None => gate_for(self.restarts.get(&s.task), now) == ProcessGate::Start,
             })
@@ -386,6 +404,7 @@ impl Reconciler {
             Scope::Objects(keys)
         };
         let observed = self.observe(&desired, &scope);
+        self.proc_snapshot = observed.processes.clone();
         self.note_exits(&observed, &desired, now);
         let restarts = &self.restarts;
         let gate = |t: &TaskId| gate_for(restarts.get(t), now);

@@ -105,7 +105,7 @@ fn reconciler(links: FakeLinkPort, procs: SharedProcs, dir: &tempfile::TempDir) 
 fn settle(r: &mut Reconciler) -> Vec<RoundReport> {
     let mut reports = Vec::new();
     for _ in 0..20 {
-        if r.converged() && !r.wants_round(Instant::now()) {
+        if r.converged() && !r.wants_round(Instant::now()) && !r.poll_processes(Instant::now()) {
             return reports;
         }
         reports.push(r.round(false, Instant::now()));
@@ -399,7 +399,7 @@ fn crashed_task_is_restarted_with_backoff_and_policy() {
     assert!(procs.0.lock().unwrap().exit(&web1, Exit::Code(1)));
     assert!(procs.0.lock().unwrap().exit(&pg1, Exit::Code(0)));
     let t0 = Instant::now();
-    assert!(r.wants_round(t0));
+    assert!(r.poll_processes(t0));
     r.round(false, t0);
     // Backing off: not started at once.
     assert!(!procs.0.lock().unwrap().running(&web1));

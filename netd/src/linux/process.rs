@@ -598,10 +598,19 @@ fn spawn_killer(
     };
     let (tx, rx) = mpsc::channel::<()>();
     let task = task.clone();
+    let events = cgroup.join("cgroup.events");
     std::thread::Builder::new()
         .name("sn-stop-timer".into())
         .spawn(move || {
             if rx.recv_timeout(grace) == Err(mpsc::RecvTimeoutError::Timeout) {
+                // Most tasks leave on SIGTERM well within the grace: then there is nothing to
+                // kill and nothing to say.
+                let emptied = std::fs::read_to_string(&events)
+                    .map(|e| e.lines().any(|l| l == "populated 0"))
+                    .unwrap_or(true);
+                if emptied {
+                    return;
+                }
                 match f.write_all(b"1") {
                     Ok(()) => {
                         tracing::info!(task = %task, "grace expired, killed the task's cgroup")
