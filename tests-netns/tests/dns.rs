@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
@@ -956,21 +956,23 @@ fn dnsrr_with_300_tasks_is_truncated_on_whole_records_over_udp_and_whole_over_tc
     });
 }
 
-/// Polls `name` from each `(node, client)` until its A set equals `want`; returns the time from
-/// `since` at which each node first gave it.
+/// When each node first answered, as time since the intent write and as wall-clock time.
+type Answered = Vec<(String, Duration, SystemTime)>;
+
+/// Polls `name` from each `(node, client)` until its A set equals `want`; returns when each
+/// node first gave it.
 fn wait_answers(
     clients: &mut [(&str, Client)],
     name: &str,
     want: &[&str],
     since: Instant,
-) -> Result<Vec<(String, Duration)>> {
-    let want: Vec<Ipv4Addr> = want
+) -> Result<Answered> {
+    let mut want: Vec<Ipv4Addr> = want
         .iter()
         .map(|s| s.parse().expect("an address"))
         .collect();
-    let mut want = want;
     want.sort();
-    let mut done: Vec<Option<Duration>> = vec![None; clients.len()];
+    let mut done: Vec<Option<(Duration, SystemTime)>> = vec![None; clients.len()];
     let mut last = vec![String::new(); clients.len()];
     while done.iter().any(Option::is_none) {
         for (i, (_, c)) in clients.iter_mut().enumerate() {
@@ -978,7 +980,7 @@ fn wait_answers(
                 continue;
             }
             match c.a_set(name) {
-                Ok(got) if got == want => done[i] = Some(since.elapsed()),
+                Ok(got) if got == want => done[i] = Some((since.elapsed(), SystemTime::now())),
                 Ok(got) => last[i] = format!("{got:?}"),
                 Err(e) => last[i] = format!("{e:#}"),
             }
@@ -998,8 +1000,53 @@ fn wait_answers(
     Ok(clients
         .iter()
         .zip(done)
-        .map(|((node, _), d)| (node.to_string(), d.unwrap_or_default()))
+        .map(|((node, _), d)| {
+            let (took, at) = d.unwrap_or((Duration::ZERO, SystemTime::UNIX_EPOCH));
+            (node.to_string(), took, at)
+        })
         .collect())
+}
+
+/// [`netd_side`]: ms from netd loading the intent to the answer, and the round's duration.
+type NetdSide = Option<(f64, f64)>;
+
+/// Each node's answer time with [`netd_side`]'s view of it.
+fn with_netd_side(topo: &Topology, answered: Answered) -> Vec<(String, Duration, NetdSide)> {
+    answered
+        .into_iter()
+        .map(|(node, took, at)| {
+            let side = netd_side(topo, &node, at);
+            (node, took, side)
+        })
+        .collect()
+}
+
+/// Seconds since midnight (UTC) of a log line starting `2026-01-02T15:07:54.801363Z`.
+fn log_time(line: &str) -> Option<f64> {
+    let t = line.get(11..)?.split('Z').next()?;
+    let mut parts = t.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// From netd's log on `node`: (answer time − when netd loaded the latest intent, how long the
+/// round that followed took), both in ms. The harness waits for convergence between writes,
+/// so the last `intent loaded` line is this change's.
+fn netd_side(topo: &Topology, node: &str, answered: SystemTime) -> Option<(f64, f64)> {
+    let log = std::fs::read_to_string(topo.node(node).log_path()).ok()?;
+    let lines: Vec<&str> = log.lines().collect();
+    let at = lines.iter().rposition(|l| l.contains("intent loaded"))?;
+    let loaded = log_time(lines[at])?;
+    let round = lines[at..]
+        .iter()
+        .find(|l| l.contains("round applied"))
+        .and_then(|l| log_time(l))?;
+    let unix = answered.duration_since(SystemTime::UNIX_EPOCH).ok()?;
+    let answer = (unix.as_secs() % 86_400) as f64 + f64::from(unix.subsec_nanos()) / 1e9;
+    let day = |d: f64| (d + 86_400.0) % 86_400.0;
+    Some((day(answer - loaded) * 1e3, day(round - loaded) * 1e3))
 }
 
 #[test]
@@ -1073,31 +1120,37 @@ fn scaling_a_service_changes_the_answer_on_every_node() {
             &["10.30.0.21", "10.30.0.22", "10.30.0.23", "10.30.0.24"],
             t,
         )?;
-        report.push(("scale 2 -> 4", up));
         topo.wait_converged(CONVERGE_TIMEOUT)?;
+        report.push(("scale 2 -> 4", with_netd_side(topo, up)));
         // Scale down: api1 (on n1) and api4 (on n2) removed.
         topo.write_intent(base(&[api(2, "n2"), api(3, "n3")]))?;
         let t = Instant::now();
         let down = wait_answers(&mut clients, "tasks.api", &["10.30.0.22", "10.30.0.23"], t)?;
-        report.push(("scale 4 -> 2", down));
         topo.wait_converged(CONVERGE_TIMEOUT)?;
+        report.push(("scale 4 -> 2", with_netd_side(topo, down)));
         // A task that stops (desired state shutdown) leaves the answer too.
         let mut stopped = api(2, "n2");
         stopped["desired_state"] = json!("shutdown");
         topo.write_intent(base(&[stopped, api(3, "n3")]))?;
         let t = Instant::now();
         let stop = wait_answers(&mut clients, "api", &["10.30.0.23"], t)?;
-        report.push(("task shut down", stop));
         topo.wait_converged(CONVERGE_TIMEOUT)?;
+        report.push(("task shut down", with_netd_side(topo, stop)));
 
         for (what, per_node) in &report {
             let text: Vec<String> = per_node
                 .iter()
-                .map(|(n, d)| format!("{n} {:.0} ms", d.as_secs_f64() * 1e3))
+                .map(|(n, d, netd)| match netd {
+                    Some((seen, round)) => format!(
+                        "{n} {:.0} ms (after netd loaded it: {seen:.0} ms, its round took {round:.0} ms)",
+                        d.as_secs_f64() * 1e3
+                    ),
+                    None => format!("{n} {:.0} ms", d.as_secs_f64() * 1e3),
+                })
                 .collect();
             eprintln!(
                 "DNS follows intent ({what}), intent write -> answer: {}",
-                text.join(", ")
+                text.join("; ")
             );
         }
         // Nothing flaps back afterwards.
