@@ -165,6 +165,7 @@ fn main() -> anyhow::Result<()> {
             task_dir,
             state_dir: cfg.run_dir.clone(),
             stop_grace: cfg.stop_grace,
+            round_budget: swarmnet_netd::reconcile::DEFAULT_ROUND_BUDGET,
         },
     );
     let shutdown = Arc::new(AtomicBool::new(false));

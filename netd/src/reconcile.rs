@@ -50,6 +50,8 @@ pub struct ReconcilerConfig {
     pub state_dir: PathBuf,
     /// How long a stopping task gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
+    /// How long one round may apply before leaving the rest pending for the next round.
+    pub round_budget: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -98,7 +100,14 @@ pub struct RoundReport {
     pub errors: usize,
     /// Ops applied in full rounds to objects whose desired state had not changed: drift.
     pub drift_repaired: usize,
+    /// Objects left for the next round because this one used its time budget.
+    pub deferred: usize,
+    /// Objects whose ops were applied (successfully or not).
+    pub objects_applied: usize,
 }
+
+/// How long one round may spend applying before it leaves the rest to the next round.
+pub const DEFAULT_ROUND_BUDGET: Duration = Duration::from_secs(1);
 
 /// Backoff after `attempts` failures: 200 ms doubling, capped at 30 s.
 pub fn backoff(attempts: u32) -> Duration {
@@ -421,7 +430,26 @@ impl Reconciler {
             ..RoundReport::default()
         };
         let planned: BTreeSet<ObjectKey> = plans.iter().map(|p| p.key.clone()).collect();
+        let started = Instant::now();
         for p in plans {
+            // At least one object per round, so a round always makes progress.
+            if report.objects_applied > 0 && started.elapsed() > self.cfg.round_budget {
+                // A big change (a node's first bring-up) is applied in slices, so that status
+                // stays fresh and a newer intent is not kept waiting; the rest is pending and
+                // the next round takes it up.
+                report.deferred += 1;
+                self.status.insert(
+                    p.key.clone(),
+                    ObjectStatus {
+                        state: ObjectState::Pending,
+                        error: None,
+                        attempts: 0,
+                        last_ops: 0,
+                        retry_at: None,
+                    },
+                );
+                continue;
+            }
             let in_backoff = self
                 .status
                 .get(&p.key)
@@ -431,6 +459,7 @@ impl Reconciler {
                 continue;
             }
             let n = p.ops.len();
+            report.objects_applied += 1;
             match self.apply(&p, now) {
                 Ok(()) => {
                     report.ops_applied += n;
@@ -520,6 +549,7 @@ impl Reconciler {
                 full,
                 ops = report.ops_applied,
                 errors = report.errors,
+                deferred = report.deferred,
                 "round applied"
             );
         } else {

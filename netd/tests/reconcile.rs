@@ -89,6 +89,7 @@ fn config(dir: &std::path::Path) -> ReconcilerConfig {
         task_dir: dir.join("tasks"),
         state_dir: dir.to_path_buf(),
         stop_grace: Duration::from_secs(1),
+        round_budget: Duration::from_secs(1),
     }
 }
 
@@ -461,4 +462,37 @@ fn gateway_bridge_goes_with_the_last_sandbox_without_waiting_for_a_full_round() 
         ["eth0", "lo"].map(String::from)
     );
     assert!(r.ports_mut().links.list_netns().unwrap().is_empty());
+}
+
+#[test]
+fn a_big_change_is_applied_in_slices_with_status_pending_meanwhile() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ports = Ports {
+        links: Box::new(node_with_underlay()),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(SharedProcs::default()),
+    };
+    // No time budget at all: every round applies exactly one object.
+    let mut r = Reconciler::new(
+        ports,
+        ReconcilerConfig {
+            round_budget: Duration::ZERO,
+            ..config(tmp.path())
+        },
+    );
+    r.set_intent(intent(INTENT));
+    let first = r.round(true, Instant::now());
+    assert_eq!(first.objects_applied, 1, "{first:?}");
+    assert!(first.deferred >= 4, "{first:?}");
+    assert!(!r.converged());
+    assert!(r.status().values().any(|s| s.state == ObjectState::Pending));
+    let mut rounds = 1;
+    while !r.converged() {
+        r.round(false, Instant::now());
+        rounds += 1;
+        assert!(rounds < 50, "no progress: {:?}", r.status());
+    }
+    // node, app, db, web1, web2, pg1: six objects, one per round, plus confirmations.
+    assert!(rounds >= 6, "{rounds}");
+    assert_eq!(r.round(true, Instant::now()).ops_applied, 0);
 }
