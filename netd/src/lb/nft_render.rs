@@ -3,41 +3,59 @@
 //! rendered as `nft` text (a script for `nft -f`, and the listing form for golden files).
 //! Pure: the netlink encoder (`crate::linux::nft`) turns the same ops into one batch.
 //!
-//! Layout of table `ip swarmnet-lb` (kube-proxy's nftables mode is the model):
-//! - map `services` `ip daddr . meta l4proto . th dport : goto svc-<key>` for every service
-//!   with at least one healthy backend, looked up from nat chains at prerouting (traffic from
-//!   sandboxes through the bridge, with bridge netfilter on) and output;
-//! - chain `svc-<key>`: one rule per healthy backend, `numgen random mod (N-i) 0 goto
-//!   be-<key>-<ip>` (uniform overall; `jhash ip saddr mod N seed S i` with a fixed seed for
-//!   client-IP affinity), the last a plain `goto`;
-//! - chain `be-<key>-<ip>` per backend (healthy or draining): `dnat to ip:target_port`;
-//! - map `no-backends` (same key, `goto reject-svc`) for services without a healthy backend,
-//!   looked up for `ct state new` in filter chains at priority dstnat - 10: a reject in a nat
-//!   chain never fires; `reject-svc` answers TCP with a reset and anything else with ICMP
-//!   port-unreachable; established connections (draining backends) pass;
+//! Layout of table `ip swarmnet-lb`: no verdict maps, no per-service or per-backend chains, so
+//! no jump graph that grows with the services. Every service is data in named maps:
+//! - map `random-<N>` (or `hash-<N>` with client-IP affinity) for the services that pick among
+//!   `N` healthy backends: `vip . proto . port . slot : backend-ip . target-port`, slots `0..N`
+//!   in address order;
+//! - chain `services` has one rule per such map, `dnat ip to ip daddr . meta l4proto . th dport
+//!   . numgen random mod <N> map @random-<N>` (uniform), or the same with `jhash ip saddr mod
+//!   <N> seed S` for affinity (the fixed seed keeps a client's backend while its service keeps
+//!   its backends); a service that is not in the map misses the lookup and the rule does not
+//!   apply. The number of these rules is the number of distinct backend counts in use, not
+//!   the number of services; the nat base chains at prerouting and output `jump services`;
+//! - set `no-backends`: services without a healthy backend, rejected for `ct state new` from
+//!   filter chains at priority dstnat - 10 (`goto reject-svc`: a reject in a nat chain never
+//!   fires); TCP gets a reset, anything else ICMP port-unreachable;
 //! - set `hairpin` of `ip . ip` for every backend address, and a nat postrouting rule that
 //!   masquerades only a DNATed connection that lands on its own source.
 //!
-//! Draining: a draining backend leaves the `numgen` map at once; NAT is decided on a
-//! connection's first packet, so established connections keep their conntrack binding.
+//! Why (measured with perf on 6.18, see bench/README.md): the kernel validates the whole jump
+//! graph of a table (every chain reachable through `jump`/`goto`, every verdict-map element)
+//! on each commit that adds a rule or a `goto` element, and a rule that binds a map walks every
+//! element of that map (`nf_tables_bind_set`). With per-service chains the first made one
+//! endpoint change cost O(services) (200 ms at 10k services); a single shared slot map made
+//! the second cost O(backends) whenever a rule was added. Here an endpoint change is element
+//! updates only, which need no validation; a rule is added only when a backend count appears
+//! table-wide, and it binds a new, empty map.
 //!
-//! Invariants: an endpoint change of one service touches only that service's chains and map
-//! elements (plus the `hairpin` element of an address that appears or disappears in the whole
-//! namespace), never another service's objects, so its batch size does not depend on how many
-//! services exist; chain and set names are derived from the key, so the layout is stable.
+//! Draining: a draining backend leaves the slots at once; NAT is decided on a connection's first
+//! packet, so established connections keep their conntrack binding.
+//!
+//! Invariants: an endpoint change of one service touches only that service's elements (its
+//! slots, in one `random-<N>` map or moved to another, plus the `hairpin` element of an
+//! address that appears or disappears in the whole namespace, and one map and rule when its
+//! backend count is new to the table), so its batch size does not depend on how many services
+//! exist; slots are in address order, so the elements are a function of the spec; pick maps
+//! and rules stay, empty, after their last service left (see [`NftLbState`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use super::model::{Affinity, LbSpec, Proto, ServiceChange, ServiceKey, ServiceSpec, diff};
+use super::model::{Affinity, LbSpec, ServiceChange, ServiceKey, ServiceSpec, diff};
 
 /// Our table: family `ip`, this name.
 pub const TABLE: &str = "swarmnet-lb";
 /// Chain that answers services without a healthy backend.
 pub const REJECT_CHAIN: &str = "reject-svc";
+/// Regular chain with the pick rules, jumped to from the nat base chains.
+pub const SERVICES_CHAIN: &str = "services";
 /// Seed of the affinity hash: fixed, so a client keeps its backend across rule replacements.
 pub const AFFINITY_SEED: u32 = 0x736e_6c62;
+/// The declared type of the pick maps, as nft prints it.
+pub const PICK_MAP_TYPEOF: &str =
+    "typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport";
 
 /// Netfilter hooks we attach to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,32 +103,53 @@ impl BaseChain {
     }
 }
 
+/// How a service picks among its `n` healthy backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pick {
+    /// Client-IP affinity (`jhash ip saddr`) instead of `numgen random`.
+    pub hash: bool,
+    pub n: u32,
+}
+
+impl Pick {
+    /// The pick of a service, `None` without a healthy backend.
+    pub fn of(s: &ServiceSpec) -> Option<Self> {
+        let n = u32::try_from(s.healthy().len()).unwrap_or(u32::MAX);
+        (n > 0).then_some(Self {
+            hash: matches!(s.affinity, Affinity::ClientIp { .. }),
+            n,
+        })
+    }
+}
+
 /// Our named sets and maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum NamedSet {
-    /// `ipv4_addr . inet_proto . inet_service : verdict`
-    Services,
-    /// Same type, every element `goto reject-svc`.
+    /// `ipv4_addr . inet_proto . inet_service`: services without a healthy backend.
     NoBackends,
     /// `ipv4_addr . ipv4_addr`
     Hairpin,
+    /// `vip . proto . port . slot : ip . port` of the services that pick this way.
+    Pick(Pick),
 }
 
 impl NamedSet {
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            Self::Services => "services",
-            Self::NoBackends => "no-backends",
-            Self::Hairpin => "hairpin",
+            Self::NoBackends => "no-backends".into(),
+            Self::Hairpin => "hairpin".into(),
+            Self::Pick(Pick { hash: false, n }) => format!("random-{n}"),
+            Self::Pick(Pick { hash: true, n }) => format!("hash-{n}"),
         }
     }
     pub fn is_map(self) -> bool {
-        !matches!(self, Self::Hairpin)
+        matches!(self, Self::Pick(_))
     }
     fn type_text(self) -> &'static str {
         match self {
-            Self::Services | Self::NoBackends => "ipv4_addr . inet_proto . inet_service : verdict",
-            Self::Hairpin => "ipv4_addr . ipv4_addr",
+            Self::NoBackends => "type ipv4_addr . inet_proto . inet_service",
+            Self::Hairpin => "type ipv4_addr . ipv4_addr",
+            Self::Pick(_) => PICK_MAP_TYPEOF,
         }
     }
 }
@@ -118,8 +157,15 @@ impl NamedSet {
 /// An element of a named set.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Elem {
-    /// `vip . proto . port : goto chain`
-    Service { key: ServiceKey, chain: String },
+    /// `vip . proto . port`
+    Service(ServiceKey),
+    /// `vip . proto . port . slot : ip . port`
+    Slot {
+        key: ServiceKey,
+        slot: u32,
+        ip: Ipv4Addr,
+        port: u16,
+    },
     /// `ip . ip`
     Hairpin(Ipv4Addr),
 }
@@ -127,14 +173,17 @@ pub enum Elem {
 impl Elem {
     fn key_text(&self) -> String {
         match self {
-            Self::Service { key, .. } => format!("{} . {} . {}", key.vip, key.proto, key.port),
+            Self::Service(key) => format!("{} . {} . {}", key.vip, key.proto, key.port),
+            Self::Slot { key, slot, .. } => {
+                format!("{} . {} . {} . {slot}", key.vip, key.proto, key.port)
+            }
             Self::Hairpin(ip) => format!("{ip} . {ip}"),
         }
     }
     fn text(&self) -> String {
         match self {
-            Self::Service { chain, .. } => format!("{} : goto {chain}", self.key_text()),
-            Self::Hairpin(_) => self.key_text(),
+            Self::Slot { ip, port, .. } => format!("{} : {ip} . {port}", self.key_text()),
+            _ => self.key_text(),
         }
     }
 }
@@ -142,59 +191,46 @@ impl Elem {
 /// The rules our layout uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rule {
-    /// `ip daddr . meta l4proto . th dport vmap @services`
-    Dispatch,
-    /// `ct state new ip daddr . meta l4proto . th dport vmap @no-backends`
-    NoBackendDispatch,
+    /// `jump services`
+    JumpServices,
+    /// `ct state new ip daddr . meta l4proto . th dport @no-backends goto reject-svc`
+    NoBackendReject,
     /// `ct status dnat ip saddr . ip daddr @hairpin masquerade`
     HairpinMasquerade,
     /// `reject with tcp reset` (nft adds the `meta l4proto tcp` dependency)
     RejectTcp,
     /// `reject` (ICMP port-unreachable)
     Reject,
-    /// `numgen random mod <modulus> 0 goto <chain>`: rule `i` of a service's `n` picks has
-    /// modulus `n - i`, so each backend gets 1/n of the new connections.
-    RandomGoto { modulus: u32, chain: String },
-    /// `jhash ip saddr mod <modulus> seed <AFFINITY_SEED> <index> goto <chain>`
-    HashGoto {
-        modulus: u32,
-        index: u32,
-        chain: String,
-    },
-    /// `goto <chain>`: the last pick.
-    Goto(String),
-    /// `meta l4proto <proto> dnat to ip:port`
-    Dnat {
-        proto: Proto,
-        ip: Ipv4Addr,
-        port: u16,
-    },
+    /// `dnat ip to ip daddr . meta l4proto . th dport . numgen random mod <n> map
+    /// @random-<n>` (or `jhash ip saddr mod <n> seed S` ... `@hash-<n>`).
+    Pick(Pick),
 }
+
+const SERVICE_TUPLE: &str = "ip daddr . meta l4proto . th dport";
 
 impl Rule {
     pub fn text(&self) -> String {
         match self {
-            Self::Dispatch => "ip daddr . meta l4proto . th dport vmap @services".into(),
-            Self::NoBackendDispatch => {
-                "ct state new ip daddr . meta l4proto . th dport vmap @no-backends".into()
+            Self::JumpServices => format!("jump {SERVICES_CHAIN}"),
+            Self::NoBackendReject => {
+                format!("ct state new {SERVICE_TUPLE} @no-backends goto {REJECT_CHAIN}")
             }
             Self::HairpinMasquerade => {
                 "ct status dnat ip saddr . ip daddr @hairpin masquerade".into()
             }
             Self::RejectTcp => "reject with tcp reset".into(),
             Self::Reject => "reject".into(),
-            Self::RandomGoto { modulus, chain } => {
-                format!("numgen random mod {modulus} 0 goto {chain}")
+            Self::Pick(p) => {
+                let slot = if p.hash {
+                    format!("jhash ip saddr mod {} seed {AFFINITY_SEED:#x}", p.n)
+                } else {
+                    format!("numgen random mod {}", p.n)
+                };
+                format!(
+                    "dnat ip to {SERVICE_TUPLE} . {slot} map @{}",
+                    NamedSet::Pick(*p).name()
+                )
             }
-            Self::HashGoto {
-                modulus,
-                index,
-                chain,
-            } => {
-                format!("jhash ip saddr mod {modulus} seed {AFFINITY_SEED:#x} {index} goto {chain}")
-            }
-            Self::Goto(chain) => format!("goto {chain}"),
-            Self::Dnat { proto, ip, port } => format!("meta l4proto {proto} dnat to {ip}:{port}"),
         }
     }
 }
@@ -213,11 +249,9 @@ pub enum NftOp {
     FlushChain {
         name: String,
     },
-    /// Deletes the chain and its rules; nothing may refer to it any more.
-    DelChain {
-        name: String,
-    },
     AddSet(NamedSet),
+    /// Deletes a set; no rule may refer to it any more.
+    DelSet(NamedSet),
     AddElems {
         set: NamedSet,
         elems: Vec<Elem>,
@@ -230,14 +264,6 @@ pub enum NftOp {
         chain: String,
         rule: Rule,
     },
-}
-
-pub fn svc_chain(key: &ServiceKey) -> String {
-    format!("svc-{}-{}-{}", key.vip, key.proto, key.port)
-}
-
-pub fn be_chain(key: &ServiceKey, ip: Ipv4Addr) -> String {
-    format!("be-{}-{}-{}-{ip}", key.vip, key.proto, key.port)
 }
 
 /// The base chains and their rules.
@@ -256,9 +282,9 @@ fn base_chains() -> Vec<(&'static str, BaseChain, Rule)> {
         (
             "nat-prerouting",
             nat(Hook::Prerouting, -100),
-            Rule::Dispatch,
+            Rule::JumpServices,
         ),
-        ("nat-output", nat(Hook::Output, -100), Rule::Dispatch),
+        ("nat-output", nat(Hook::Output, -100), Rule::JumpServices),
         (
             "nat-postrouting",
             nat(Hook::Postrouting, 100),
@@ -267,222 +293,157 @@ fn base_chains() -> Vec<(&'static str, BaseChain, Rule)> {
         (
             "filter-prerouting",
             filter(Hook::Prerouting, -110),
-            Rule::NoBackendDispatch,
+            Rule::NoBackendReject,
         ),
         (
             "filter-output",
             filter(Hook::Output, -110),
-            Rule::NoBackendDispatch,
+            Rule::NoBackendReject,
         ),
     ]
 }
 
-/// The rules of a service chain: one `goto` per healthy backend, each taken with the
-/// probability that makes the choice uniform (or by the client's hash, for affinity). Rules
-/// rather than a `numgen ... vmap { }` anonymous map: the kernel finds an anonymous map of a
-/// batch by walking the whole transaction, which made a 10k-service program quadratic.
-fn pick_rules(s: &ServiceSpec) -> Vec<Rule> {
-    let chains: Vec<String> = s.healthy().iter().map(|ip| be_chain(&s.key, *ip)).collect();
-    let n = u32::try_from(chains.len()).unwrap_or(u32::MAX);
-    let hash = matches!(s.affinity, Affinity::ClientIp { .. });
-    let mut out = Vec::with_capacity(chains.len());
-    for (i, chain) in chains.into_iter().enumerate() {
-        let i = u32::try_from(i).unwrap_or(u32::MAX);
-        out.push(if i + 1 == n {
-            Rule::Goto(chain)
-        } else if hash {
-            Rule::HashGoto {
-                modulus: n,
-                index: i,
-                chain,
-            }
-        } else {
-            Rule::RandomGoto {
-                modulus: n - i,
-                chain,
-            }
-        });
-    }
-    out
+/// The slots of a service: its healthy backends in address order.
+fn slots(s: &ServiceSpec) -> Vec<Elem> {
+    s.healthy()
+        .into_iter()
+        .enumerate()
+        .map(|(i, ip)| Elem::Slot {
+            key: s.key,
+            slot: u32::try_from(i).unwrap_or(u32::MAX),
+            ip,
+            port: s.target_port,
+        })
+        .collect()
 }
 
-/// Where a service's map element lives and what it points to.
-fn dispatch_elem(s: &ServiceSpec) -> (NamedSet, Elem) {
-    if s.healthy().is_empty() {
-        (
-            NamedSet::NoBackends,
-            Elem::Service {
-                key: s.key,
-                chain: REJECT_CHAIN.into(),
-            },
-        )
-    } else {
-        (
-            NamedSet::Services,
-            Elem::Service {
-                key: s.key,
-                chain: svc_chain(&s.key),
-            },
-        )
-    }
-}
-
-fn dnat(s: &ServiceSpec, ip: Ipv4Addr) -> Rule {
-    Rule::Dnat {
-        proto: s.key.proto,
-        ip,
-        port: s.target_port,
-    }
-}
-
-/// Ops grouped in the order one transaction needs them: new chains before the rules that
-/// jump to them; flushes before the deletion of what they referenced; elements removed before
-/// the chains they point to.
+/// Element changes grouped per set: deletions go before additions in a transaction, so that a
+/// key can be deleted and added again with other data.
 #[derive(Debug, Default)]
 struct Phases {
-    create: Vec<NftOp>,
-    rewire: Vec<NftOp>,
     del_elems: BTreeMap<NamedSet, Vec<Elem>>,
     add_elems: BTreeMap<NamedSet, Vec<Elem>>,
-    delete_svc: Vec<NftOp>,
-    delete_be: Vec<NftOp>,
 }
 
 impl Phases {
-    fn add_backend(&mut self, s: &ServiceSpec, ip: Ipv4Addr) {
-        let name = be_chain(&s.key, ip);
-        self.create.push(NftOp::AddChain {
-            name: name.clone(),
-            base: None,
-        });
-        self.create.push(NftOp::AddRule {
-            chain: name,
-            rule: dnat(s, ip),
-        });
+    fn add(&mut self, set: NamedSet, e: Elem) {
+        self.add_elems.entry(set).or_default().push(e);
+    }
+    fn del(&mut self, set: NamedSet, e: Elem) {
+        self.del_elems.entry(set).or_default().push(e);
+    }
+
+    /// A service's elements: its slots in its pick map, or its key in `no-backends`.
+    fn elems(s: &ServiceSpec) -> (NamedSet, Vec<Elem>) {
+        match Pick::of(s) {
+            Some(p) => (NamedSet::Pick(p), slots(s)),
+            None => (NamedSet::NoBackends, vec![Elem::Service(s.key)]),
+        }
     }
 
     fn added(&mut self, s: &ServiceSpec) {
-        for ip in s.backends.keys() {
-            self.add_backend(s, *ip);
-        }
-        let name = svc_chain(&s.key);
-        self.create.push(NftOp::AddChain {
-            name: name.clone(),
-            base: None,
-        });
-        for rule in pick_rules(s) {
-            self.create.push(NftOp::AddRule {
-                chain: name.clone(),
-                rule,
-            });
-        }
-        let (set, elem) = dispatch_elem(s);
-        self.add_elems.entry(set).or_default().push(elem);
+        let (set, elems) = Self::elems(s);
+        self.add_elems.entry(set).or_default().extend(elems);
     }
 
     fn removed(&mut self, s: &ServiceSpec) {
-        let (set, elem) = dispatch_elem(s);
-        self.del_elems.entry(set).or_default().push(elem);
-        self.delete_svc.push(NftOp::DelChain {
-            name: svc_chain(&s.key),
-        });
-        for ip in s.backends.keys() {
-            self.delete_be.push(NftOp::DelChain {
-                name: be_chain(&s.key, *ip),
-            });
-        }
+        let (set, elems) = Self::elems(s);
+        self.del_elems.entry(set).or_default().extend(elems);
     }
 
     fn changed(&mut self, old: &ServiceSpec, new: &ServiceSpec) {
-        for ip in new.backends.keys() {
-            if !old.backends.contains_key(ip) {
-                self.add_backend(new, *ip);
-            } else if old.target_port != new.target_port {
-                let name = be_chain(&new.key, *ip);
-                self.rewire.push(NftOp::FlushChain { name: name.clone() });
-                self.rewire.push(NftOp::AddRule {
-                    chain: name,
-                    rule: dnat(new, *ip),
-                });
+        let ((oset, os), (nset, ns)) = (Self::elems(old), Self::elems(new));
+        if oset != nset {
+            self.del_elems.entry(oset).or_default().extend(os);
+            self.add_elems.entry(nset).or_default().extend(ns);
+            return;
+        }
+        // Same map: only the slots that differ.
+        for i in 0..os.len().max(ns.len()) {
+            match (os.get(i), ns.get(i)) {
+                (Some(o), Some(n)) if o == n => {}
+                (o, n) => {
+                    if let Some(o) = o {
+                        self.del(oset, o.clone());
+                    }
+                    if let Some(n) = n {
+                        self.add(nset, n.clone());
+                    }
+                }
             }
         }
-        let (old_pick, new_pick) = (pick_rules(old), pick_rules(new));
-        if old_pick != new_pick {
-            let name = svc_chain(&new.key);
-            if !old_pick.is_empty() {
-                self.rewire.push(NftOp::FlushChain { name: name.clone() });
-            }
-            for rule in new_pick {
-                self.rewire.push(NftOp::AddRule {
-                    chain: name.clone(),
-                    rule,
-                });
-            }
-        }
-        let (old_set, old_elem) = dispatch_elem(old);
-        let (new_set, new_elem) = dispatch_elem(new);
-        if old_set != new_set {
-            self.del_elems.entry(old_set).or_default().push(old_elem);
-            self.add_elems.entry(new_set).or_default().push(new_elem);
-        }
-        for ip in old.backends.keys() {
-            if !new.backends.contains_key(ip) {
-                self.delete_be.push(NftOp::DelChain {
-                    name: be_chain(&old.key, *ip),
-                });
-            }
-        }
-    }
-
-    fn finish(self) -> Vec<NftOp> {
-        let mut out = self.create;
-        out.extend(self.rewire);
-        for (set, elems) in self.del_elems {
-            out.push(NftOp::DelElems { set, elems });
-        }
-        for (set, elems) in self.add_elems {
-            out.push(NftOp::AddElems { set, elems });
-        }
-        out.extend(self.delete_svc);
-        out.extend(self.delete_be);
-        out
     }
 }
 
-/// What the nftables backend keeps in memory about a namespace: the spec it applied last and
-/// how many backends use each address (for the `hairpin` set).
+/// What the nftables backend keeps in memory about a namespace: the spec it applied last, how
+/// many backends use each address (for the `hairpin` set), and the picks whose set and rule
+/// exist, in rule order.
+///
+/// Pick maps and rules are created when a backend count first appears and kept (empty) until
+/// the next full program: deleting a rule needs its handle, which would have to be read back
+/// from the kernel. An empty pick map costs one hash lookup per new connection.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NftLbState {
     pub spec: LbSpec,
     pub hairpin: BTreeMap<Ipv4Addr, u32>,
+    pub installed: Vec<Pick>,
+}
+
+fn pick_rule(p: Pick) -> NftOp {
+    NftOp::AddRule {
+        chain: SERVICES_CHAIN.into(),
+        rule: Rule::Pick(p),
+    }
+}
+
+fn bump<K: Ord + Copy>(m: &mut BTreeMap<K, i64>, k: K, d: i64) {
+    *m.entry(k).or_default() += d;
+}
+
+/// Applies counted deltas to `counts`; returns the keys that appeared and that disappeared.
+fn apply_deltas<K: Ord + Copy>(
+    counts: &mut BTreeMap<K, u32>,
+    delta: BTreeMap<K, i64>,
+) -> (Vec<K>, Vec<K>) {
+    let (mut appeared, mut gone) = (Vec::new(), Vec::new());
+    for (k, d) in delta {
+        let before = i64::from(counts.get(&k).copied().unwrap_or(0));
+        let after = u32::try_from((before + d).max(0)).unwrap_or(u32::MAX);
+        if before == 0 && after > 0 {
+            appeared.push(k);
+        } else if before > 0 && after == 0 {
+            gone.push(k);
+        }
+        if after == 0 {
+            counts.remove(&k);
+        } else {
+            counts.insert(k, after);
+        }
+    }
+    (appeared, gone)
 }
 
 impl NftLbState {
     /// Ops that replace whatever table exists with `spec`, and the state after them.
     pub fn plan_full(spec: &LbSpec) -> (Vec<NftOp>, Self) {
         let mut ops = vec![NftOp::AddTable, NftOp::DelTable, NftOp::AddTable];
-        for set in [NamedSet::Services, NamedSet::NoBackends, NamedSet::Hairpin] {
-            ops.push(NftOp::AddSet(set));
-        }
-        ops.push(NftOp::AddChain {
-            name: REJECT_CHAIN.into(),
-            base: None,
-        });
-        ops.push(NftOp::AddRule {
-            chain: REJECT_CHAIN.into(),
-            rule: Rule::RejectTcp,
-        });
-        ops.push(NftOp::AddRule {
-            chain: REJECT_CHAIN.into(),
-            rule: Rule::Reject,
-        });
         let mut phases = Phases::default();
         let mut hairpin: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        let mut picks: std::collections::BTreeSet<Pick> = std::collections::BTreeSet::new();
         for s in spec.services.values() {
             phases.added(s);
+            if let Some(p) = Pick::of(s) {
+                picks.insert(p);
+            }
             for ip in s.backends.keys() {
                 *hairpin.entry(*ip).or_default() += 1;
             }
+        }
+        for set in [NamedSet::NoBackends, NamedSet::Hairpin] {
+            ops.push(NftOp::AddSet(set));
+        }
+        for p in &picks {
+            ops.push(NftOp::AddSet(NamedSet::Pick(*p)));
         }
         if !hairpin.is_empty() {
             phases.add_elems.insert(
@@ -490,7 +451,21 @@ impl NftLbState {
                 hairpin.keys().map(|ip| Elem::Hairpin(*ip)).collect(),
             );
         }
-        ops.extend(phases.finish());
+        ops.push(NftOp::AddChain {
+            name: REJECT_CHAIN.into(),
+            base: None,
+        });
+        for rule in [Rule::RejectTcp, Rule::Reject] {
+            ops.push(NftOp::AddRule {
+                chain: REJECT_CHAIN.into(),
+                rule,
+            });
+        }
+        ops.push(NftOp::AddChain {
+            name: SERVICES_CHAIN.into(),
+            base: None,
+        });
+        ops.extend(picks.iter().map(|p| pick_rule(*p)));
         // Base chains last: the hooks see a complete table from the first packet on (the
         // transaction is atomic anyway; this keeps the text readable top-down too).
         for (name, base, rule) in base_chains() {
@@ -503,11 +478,17 @@ impl NftLbState {
                 rule,
             });
         }
+        // Elements after the rules: a rule that binds a map makes the kernel check every
+        // element already in it.
+        for (set, elems) in phases.add_elems {
+            ops.push(NftOp::AddElems { set, elems });
+        }
         (
             ops,
             Self {
                 spec: spec.clone(),
                 hairpin,
+                installed: picks.into_iter().collect(),
             },
         )
     }
@@ -517,55 +498,62 @@ impl NftLbState {
     /// comparison.
     pub fn plan_diff(&mut self, new: &LbSpec) -> (Vec<NftOp>, usize) {
         let mut phases = Phases::default();
-        let mut delta: BTreeMap<Ipv4Addr, i64> = BTreeMap::new();
+        let mut hairpin_delta: BTreeMap<Ipv4Addr, i64> = BTreeMap::new();
+        let mut new_picks: Vec<Pick> = Vec::new();
         let changes = diff(&self.spec, new);
         for change in &changes {
-            match change {
+            let (old, new) = match change {
                 ServiceChange::Added(s) => {
                     phases.added(s);
-                    for ip in s.backends.keys() {
-                        *delta.entry(*ip).or_default() += 1;
-                    }
+                    (None, Some(*s))
                 }
                 ServiceChange::Removed(s) => {
                     phases.removed(s);
-                    for ip in s.backends.keys() {
-                        *delta.entry(*ip).or_default() -= 1;
-                    }
+                    (Some(*s), None)
                 }
                 ServiceChange::Changed { old, new } => {
                     phases.changed(old, new);
-                    for ip in old.backends.keys() {
-                        *delta.entry(*ip).or_default() -= 1;
-                    }
-                    for ip in new.backends.keys() {
-                        *delta.entry(*ip).or_default() += 1;
-                    }
+                    (Some(*old), Some(*new))
+                }
+            };
+            for (s, d) in [(old, -1), (new, 1)] {
+                let Some(s) = s else { continue };
+                for ip in s.backends.keys() {
+                    bump(&mut hairpin_delta, *ip, d);
                 }
             }
-        }
-        for (ip, d) in delta {
-            let before = i64::from(self.hairpin.get(&ip).copied().unwrap_or(0));
-            let after = u32::try_from((before + d).max(0)).unwrap_or(u32::MAX);
-            if before == 0 && after > 0 {
-                phases
-                    .add_elems
-                    .entry(NamedSet::Hairpin)
-                    .or_default()
-                    .push(Elem::Hairpin(ip));
-            } else if before > 0 && after == 0 {
-                phases
-                    .del_elems
-                    .entry(NamedSet::Hairpin)
-                    .or_default()
-                    .push(Elem::Hairpin(ip));
-            }
-            if after == 0 {
-                self.hairpin.remove(&ip);
-            } else {
-                self.hairpin.insert(ip, after);
+            if let Some(p) = new.and_then(Pick::of)
+                && !self.installed.contains(&p)
+                && !new_picks.contains(&p)
+            {
+                new_picks.push(p);
             }
         }
+        let (ips_new, ips_gone) = apply_deltas(&mut self.hairpin, hairpin_delta);
+        for ip in ips_new {
+            phases.add(NamedSet::Hairpin, Elem::Hairpin(ip));
+        }
+        for ip in ips_gone {
+            phases.del(NamedSet::Hairpin, Elem::Hairpin(ip));
+        }
+        new_picks.sort();
+
+        // Order: new pick maps and their rules (appended to `services`; binding an empty map
+        // costs nothing); element deletions, then additions (a slot can be deleted and added
+        // again with another backend).
+        let mut ops: Vec<NftOp> = Vec::new();
+        for p in &new_picks {
+            ops.push(NftOp::AddSet(NamedSet::Pick(*p)));
+            ops.push(pick_rule(*p));
+        }
+        for (set, elems) in phases.del_elems {
+            ops.push(NftOp::DelElems { set, elems });
+        }
+        for (set, elems) in phases.add_elems {
+            ops.push(NftOp::AddElems { set, elems });
+        }
+        self.installed.extend(new_picks);
+
         // Update the remembered spec with the changed services only (no whole-spec clone).
         let updates: Vec<(ServiceKey, Option<ServiceSpec>)> = changes
             .iter()
@@ -576,7 +564,6 @@ impl NftLbState {
                 ServiceChange::Removed(s) => (s.key, None),
             })
             .collect();
-        let ops = phases.finish();
         let changed = updates.len();
         for (key, s) in updates {
             match s {
@@ -623,16 +610,21 @@ pub fn render_script(ops: &[NftOp]) -> String {
             NftOp::FlushChain { name } => {
                 let _ = writeln!(s, "flush chain {t} {name}");
             }
-            NftOp::DelChain { name } => {
-                let _ = writeln!(s, "delete chain {t} {name}");
-            }
             NftOp::AddSet(set) => {
                 let _ = writeln!(
                     s,
-                    "add {} {t} {} {{ type {}; }}",
+                    "add {} {t} {} {{ {}; }}",
                     if set.is_map() { "map" } else { "set" },
                     set.name(),
                     set.type_text()
+                );
+            }
+            NftOp::DelSet(set) => {
+                let _ = writeln!(
+                    s,
+                    "delete {} {t} {}",
+                    if set.is_map() { "map" } else { "set" },
+                    set.name()
                 );
             }
             NftOp::AddElems { set, elems } => {
@@ -661,21 +653,48 @@ pub fn render_script(ops: &[NftOp]) -> String {
     s
 }
 
-/// The whole table for `spec` in the form `nft list table ip swarmnet-lb` prints it, with
-/// sets, maps and chains sorted by name and elements sorted (see [`normalize_listing`]).
+/// The whole table for `spec` as a full program leaves it, in the form `nft list table ip
+/// swarmnet-lb` prints it, with sets, maps and chains sorted by name and elements sorted (see
+/// [`normalize_listing`]).
 pub fn render_table(spec: &LbSpec) -> String {
-    let (ops, _) = NftLbState::plan_full(spec);
-    let mut sets: BTreeMap<&'static str, (NamedSet, Vec<Elem>)> = BTreeMap::new();
+    NftLbState::plan_full(spec).1.render_table()
+}
+
+impl NftLbState {
+    /// The table as the kernel holds it after the applies that led to this state (the pick
+    /// sets and rules that stay after their last service left included), in the form of
+    /// [`render_table`].
+    pub fn render_table(&self) -> String {
+        let (mut ops, _) = Self::plan_full(&self.spec);
+        ops.retain(|op| {
+            !matches!(op, NftOp::AddSet(NamedSet::Pick(_)))
+                && !matches!(
+                    op,
+                    NftOp::AddRule {
+                        rule: Rule::Pick(_),
+                        ..
+                    }
+                )
+        });
+        for p in &self.installed {
+            ops.push(NftOp::AddSet(NamedSet::Pick(*p)));
+            ops.push(pick_rule(*p));
+        }
+        render_ops(&ops)
+    }
+}
+
+fn render_ops(ops: &[NftOp]) -> String {
+    let mut sets: BTreeMap<String, (NamedSet, Vec<Elem>)> = BTreeMap::new();
     let mut chains: BTreeMap<String, (Option<BaseChain>, Vec<String>)> = BTreeMap::new();
-    for op in &ops {
+    for op in ops {
         match op {
             NftOp::AddSet(set) => {
-                sets.insert(set.name(), (*set, Vec::new()));
+                sets.entry(set.name()).or_insert((*set, Vec::new()));
             }
             NftOp::AddElems { set, elems } => {
-                if let Some(e) = sets.get_mut(set.name()) {
-                    e.1.extend(elems.iter().cloned());
-                }
+                let e = sets.entry(set.name()).or_insert((*set, Vec::new()));
+                e.1.extend(elems.iter().cloned());
             }
             NftOp::AddChain { name, base } => {
                 chains.insert(name.clone(), (*base, Vec::new()));
@@ -691,7 +710,7 @@ pub fn render_table(spec: &LbSpec) -> String {
     let mut blocks = Vec::new();
     for (name, (set, elems)) in &sets {
         let mut b = format!(
-            "\t{} {name} {{\n\t\ttype {}\n",
+            "\t{} {name} {{\n\t\t{}\n",
             if set.is_map() { "map" } else { "set" },
             set.type_text()
         );
@@ -794,7 +813,7 @@ pub fn normalize_listing(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::model::BackendState;
+    use crate::lb::model::{BackendState, Proto};
 
     fn key(last: u8) -> ServiceKey {
         ServiceKey {
@@ -811,30 +830,45 @@ mod tests {
         LbSpec::from_services((1..=n).map(|i| ServiceSpec::new(key(i), 8080, [ip(i), ip(100)])))
     }
 
+    const MAP3: &str = "add map ip swarmnet-lb random-3 { typeof ip daddr . meta l4proto . th dport . numgen random mod 1 : ip daddr . th dport; }\n\
+                        add rule ip swarmnet-lb services dnat ip to ip daddr . meta l4proto . th dport . numgen random mod 3 map @random-3\n";
+
     #[test]
     fn endpoint_change_touches_only_its_service() {
         for n in [2u8, 50] {
             let (_, mut state) = NftLbState::plan_full(&spec(n));
             let mut new = spec(n);
+            // A third backend for service 1: its slots move from `random-2` to `random-3`,
+            // which is new to the table, so the map and its rule come with it.
             new.services
                 .get_mut(&key(1))
                 .unwrap()
                 .backends
                 .insert(ip(200), BackendState::Healthy);
             let ops = state.plan_diff(&new).0;
-            let script = render_script(&ops);
             assert_eq!(
-                script,
-                "add chain ip swarmnet-lb be-10.0.0.1-tcp-80-10.0.1.200\n\
-                 add rule ip swarmnet-lb be-10.0.0.1-tcp-80-10.0.1.200 meta l4proto tcp dnat to 10.0.1.200:8080\n\
-                 flush chain ip swarmnet-lb svc-10.0.0.1-tcp-80\n\
-                 add rule ip swarmnet-lb svc-10.0.0.1-tcp-80 numgen random mod 3 0 goto be-10.0.0.1-tcp-80-10.0.1.1\n\
-                 add rule ip swarmnet-lb svc-10.0.0.1-tcp-80 numgen random mod 2 0 goto be-10.0.0.1-tcp-80-10.0.1.100\n\
-                 add rule ip swarmnet-lb svc-10.0.0.1-tcp-80 goto be-10.0.0.1-tcp-80-10.0.1.200\n\
-                 add element ip swarmnet-lb hairpin { 10.0.1.200 . 10.0.1.200 }\n"
+                render_script(&ops),
+                format!(
+                    "{MAP3}delete element ip swarmnet-lb random-2 {{ 10.0.0.1 . tcp . 80 . 0, 10.0.0.1 . tcp . 80 . 1 }}\n\
+                     add element ip swarmnet-lb hairpin {{ 10.0.1.200 . 10.0.1.200 }}\n\
+                     add element ip swarmnet-lb random-3 {{ 10.0.0.1 . tcp . 80 . 0 : 10.0.1.1 . 8080, 10.0.0.1 . tcp . 80 . 1 : 10.0.1.100 . 8080, 10.0.0.1 . tcp . 80 . 2 : 10.0.1.200 . 8080 }}\n"
+                )
             );
             assert_eq!(state.spec, new);
             assert!(state.plan_diff(&new).0.is_empty());
+            // The same change to service 2: elements only.
+            new.services
+                .get_mut(&key(2))
+                .unwrap()
+                .backends
+                .insert(ip(201), BackendState::Healthy);
+            let ops = state.plan_diff(&new).0;
+            assert_eq!(
+                render_script(&ops),
+                "delete element ip swarmnet-lb random-2 { 10.0.0.2 . tcp . 80 . 0, 10.0.0.2 . tcp . 80 . 1 }\n\
+                 add element ip swarmnet-lb hairpin { 10.0.1.201 . 10.0.1.201 }\n\
+                 add element ip swarmnet-lb random-3 { 10.0.0.2 . tcp . 80 . 0 : 10.0.1.2 . 8080, 10.0.0.2 . tcp . 80 . 1 : 10.0.1.100 . 8080, 10.0.0.2 . tcp . 80 . 2 : 10.0.1.201 . 8080 }\n"
+            );
         }
     }
 
@@ -848,21 +882,36 @@ mod tests {
             .unwrap()
             .backends
             .insert(ip(1), BackendState::Draining);
-        let script = render_script(&state.plan_diff(&new).0);
         assert_eq!(
-            script,
-            "flush chain ip swarmnet-lb svc-10.0.0.1-tcp-80\n\
-             delete element ip swarmnet-lb services { 10.0.0.1 . tcp . 80 }\n\
-             add element ip swarmnet-lb no-backends { 10.0.0.1 . tcp . 80 : goto reject-svc }\n"
+            render_script(&state.plan_diff(&new).0),
+            "delete element ip swarmnet-lb random-1 { 10.0.0.1 . tcp . 80 . 0 }\n\
+             add element ip swarmnet-lb no-backends { 10.0.0.1 . tcp . 80 }\n"
         );
-        // Removing the service deletes its element, its chain, then its backends' chains.
-        let script = render_script(&state.plan_diff(&LbSpec::default()).0);
+        // Removing the service deletes its element and its address's hairpin element; the
+        // empty `random-1` map and its rule stay until the next full program.
         assert_eq!(
-            script,
+            render_script(&state.plan_diff(&LbSpec::default()).0),
             "delete element ip swarmnet-lb no-backends { 10.0.0.1 . tcp . 80 }\n\
-             delete element ip swarmnet-lb hairpin { 10.0.1.1 . 10.0.1.1 }\n\
-             delete chain ip swarmnet-lb svc-10.0.0.1-tcp-80\n\
-             delete chain ip swarmnet-lb be-10.0.0.1-tcp-80-10.0.1.1\n"
+             delete element ip swarmnet-lb hairpin { 10.0.1.1 . 10.0.1.1 }\n"
+        );
+        assert_eq!(state.installed, vec![Pick { hash: false, n: 1 }]);
+        assert!(state.render_table().contains("map @random-1"));
+    }
+
+    #[test]
+    fn replaced_backend_changes_only_its_slots() {
+        let s = LbSpec::from_services([ServiceSpec::new(key(1), 8080, [ip(1), ip(2), ip(3)])]);
+        let (_, mut state) = NftLbState::plan_full(&s);
+        let mut new = s.clone();
+        let b = &mut new.services.get_mut(&key(1)).unwrap().backends;
+        b.remove(&ip(3));
+        b.insert(ip(4), BackendState::Healthy);
+        assert_eq!(
+            render_script(&state.plan_diff(&new).0),
+            "delete element ip swarmnet-lb hairpin { 10.0.1.3 . 10.0.1.3 }\n\
+             delete element ip swarmnet-lb random-3 { 10.0.0.1 . tcp . 80 . 2 }\n\
+             add element ip swarmnet-lb hairpin { 10.0.1.4 . 10.0.1.4 }\n\
+             add element ip swarmnet-lb random-3 { 10.0.0.1 . tcp . 80 . 2 : 10.0.1.4 . 8080 }\n"
         );
     }
 

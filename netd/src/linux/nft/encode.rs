@@ -10,7 +10,9 @@
 //! (addresses and ports in network order, `numgen`/`jhash` results and ct bits in host
 //! order); no anonymous sets (the kernel resolves them by walking the batch: quadratic).
 
-use crate::lb::nft_render::{AFFINITY_SEED, Elem, NamedSet, NftOp, Rule, TABLE};
+use crate::lb::nft_render::{
+    AFFINITY_SEED, Elem, NamedSet, NftOp, Pick, REJECT_CHAIN, Rule, SERVICES_CHAIN, TABLE,
+};
 
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub const NFNL_MSG_BATCH_BEGIN: u16 = 16;
@@ -22,10 +24,10 @@ pub const NFT_MSG_NEWTABLE: u16 = 0;
 pub const NFT_MSG_GETTABLE: u16 = 1;
 pub const NFT_MSG_DELTABLE: u16 = 2;
 pub const NFT_MSG_NEWCHAIN: u16 = 3;
-pub const NFT_MSG_DELCHAIN: u16 = 5;
 pub const NFT_MSG_NEWRULE: u16 = 6;
 pub const NFT_MSG_DELRULE: u16 = 8;
 pub const NFT_MSG_NEWSET: u16 = 9;
+pub const NFT_MSG_DELSET: u16 = 11;
 pub const NFT_MSG_NEWSETELEM: u16 = 12;
 pub const NFT_MSG_DELSETELEM: u16 = 14;
 pub const NFT_MSG_NEWGEN: u16 = 15;
@@ -65,6 +67,7 @@ const NFTA_SET_KEY_LEN: u16 = 5;
 const NFTA_SET_DATA_TYPE: u16 = 6;
 const NFTA_SET_DATA_LEN: u16 = 7;
 const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -77,7 +80,7 @@ const NFTA_VERDICT_CHAIN: u16 = 2;
 pub const NFTA_GEN_ID: u16 = 1;
 
 const NFT_SET_MAP: u32 = 0x8;
-const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
+const NFT_JUMP: i32 = -3;
 const NFT_GOTO: i32 = -4;
 const NF_ACCEPT: u32 = 1;
 
@@ -86,6 +89,25 @@ const NF_ACCEPT: u32 = 1;
 const TYPE_IPADDR: u32 = 7;
 const TYPE_INET_PROTOCOL: u32 = 12;
 const TYPE_INET_SERVICE: u32 = 13;
+const TYPE_INTEGER: u32 = 4;
+
+/// The set userdata (of every pick map) nft 1.0.6 writes for `typeof ip daddr . meta l4proto . th dport . numgen
+/// random mod 1 : ip daddr . th dport` (key/data byte order and the typeof expressions, in
+/// libnftnl's udata TLVs), captured with `nft --debug=mnl`. The kernel stores it opaquely;
+/// `nft list` needs it to print the map's declaration and its keys.
+const PICK_MAP_USERDATA: [u8; 170] = [
+    0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x01, 0x04, 0x00, 0x00, 0x00, 0x00, 0x03, 0x60, 0x00, 0x04,
+    0x0d, 0x00, 0x00, 0x00, 0x01, 0x58, 0x00, 0x14, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c,
+    0x00, 0x04, 0x0c, 0x00, 0x00, 0x00, 0x01, 0x04, 0x0c, 0x00, 0x00, 0x00, 0x01, 0x0e, 0x00, 0x04,
+    0x09, 0x00, 0x00, 0x00, 0x01, 0x06, 0x00, 0x04, 0x10, 0x00, 0x00, 0x00, 0x02, 0x14, 0x00, 0x04,
+    0x07, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x00, 0x04, 0x0b, 0x00, 0x00, 0x00, 0x01, 0x04, 0x02, 0x00,
+    0x00, 0x00, 0x03, 0x1a, 0x00, 0x04, 0x17, 0x00, 0x00, 0x00, 0x01, 0x12, 0x00, 0x04, 0x01, 0x00,
+    0x00, 0x00, 0x01, 0x04, 0x01, 0x00, 0x00, 0x00, 0x02, 0x04, 0x00, 0x00, 0x00, 0x00, 0x04, 0x34,
+    0x00, 0x04, 0x0d, 0x00, 0x00, 0x00, 0x01, 0x2c, 0x00, 0x14, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00,
+    0x01, 0x0c, 0x00, 0x04, 0x0c, 0x00, 0x00, 0x00, 0x01, 0x04, 0x0c, 0x00, 0x00, 0x00, 0x01, 0x14,
+    0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x00, 0x04, 0x0b, 0x00, 0x00, 0x00, 0x01, 0x04,
+    0x02, 0x00, 0x00, 0x00, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00,
+];
 const fn concat(a: u32, b: u32) -> u32 {
     (a << 6) | b
 }
@@ -93,9 +115,10 @@ const fn concat(a: u32, b: u32) -> u32 {
 // Registers: NFT_REG_1 (16 bytes, aliases NFT_REG32_00..03) and the 32-bit ones after it.
 const REG_VERDICT: u32 = 0;
 const REG_1: u32 = 1;
-const REG_2: u32 = 2;
+const REG_3: u32 = 3;
 const REG32_01: u32 = 9;
 const REG32_02: u32 = 10;
+const REG32_03: u32 = 11;
 
 /// Largest attribute payload we put in one element list (attribute lengths are 16 bits).
 const MAX_ELEMS_BYTES: usize = 48 * 1024;
@@ -174,10 +197,10 @@ impl Writer {
     }
 
     /// `NFTA_*_DATA { NFTA_DATA_VERDICT { code, chain } }`
-    fn data_goto(&mut self, ty: u16, chain: &str) {
+    fn data_verdict(&mut self, ty: u16, code: i32, chain: &str) {
         let n = self.nest(ty);
         let v = self.nest(NFTA_DATA_VERDICT);
-        self.attr(NFTA_VERDICT_CODE, &NFT_GOTO.to_be_bytes());
+        self.attr(NFTA_VERDICT_CODE, &code.to_be_bytes());
         self.str(NFTA_VERDICT_CHAIN, chain);
         self.end_nest(v);
         self.end_nest(n);
@@ -253,24 +276,27 @@ impl Encoder {
     fn set(&mut self, set: NamedSet) {
         let m = self.msg(NFT_MSG_NEWSET, NLM_F_CREATE);
         self.w.str(NFTA_SET_TABLE, TABLE);
-        self.w.str(NFTA_SET_NAME, set.name());
+        self.w.str(NFTA_SET_NAME, &set.name());
+        let service = concat(concat(TYPE_IPADDR, TYPE_INET_PROTOCOL), TYPE_INET_SERVICE);
         let (key_type, key_len) = match set {
-            NamedSet::Services | NamedSet::NoBackends => (
-                concat(concat(TYPE_IPADDR, TYPE_INET_PROTOCOL), TYPE_INET_SERVICE),
-                12,
-            ),
+            NamedSet::NoBackends => (service, 12),
             NamedSet::Hairpin => (concat(TYPE_IPADDR, TYPE_IPADDR), 8),
+            NamedSet::Pick(_) => (concat(service, TYPE_INTEGER), 16),
         };
         self.w
             .be32(NFTA_SET_FLAGS, if set.is_map() { NFT_SET_MAP } else { 0 });
         self.w.be32(NFTA_SET_KEY_TYPE, key_type);
         self.w.be32(NFTA_SET_KEY_LEN, key_len);
         if set.is_map() {
-            self.w.be32(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
-            self.w.be32(NFTA_SET_DATA_LEN, 0);
+            self.w
+                .be32(NFTA_SET_DATA_TYPE, concat(TYPE_IPADDR, TYPE_INET_SERVICE));
+            self.w.be32(NFTA_SET_DATA_LEN, 8);
         }
         self.next_set_id += 1;
         self.w.be32(NFTA_SET_ID, self.next_set_id);
+        if set.is_map() {
+            self.w.attr(NFTA_SET_USERDATA, &PICK_MAP_USERDATA);
+        }
         self.w.end_msg(m);
     }
 
@@ -287,7 +313,7 @@ impl Encoder {
                 },
             );
             self.w.str(NFTA_SET_ELEM_LIST_TABLE, TABLE);
-            self.w.str(NFTA_SET_ELEM_LIST_SET, set.name());
+            self.w.str(NFTA_SET_ELEM_LIST_SET, &set.name());
             let list = self.w.nest(NFTA_SET_ELEM_LIST_ELEMENTS);
             let begin = self.w.buf.len();
             while let Some((e, tail)) = rest.split_first() {
@@ -296,10 +322,24 @@ impl Encoder {
                 }
                 let item = self.w.nest(NFTA_LIST_ELEM);
                 match e {
-                    Elem::Service { key, chain } => {
+                    Elem::Service(key) => {
                         self.w.data_value(NFTA_SET_ELEM_KEY, &service_key(key));
+                    }
+                    Elem::Slot {
+                        key,
+                        slot,
+                        ip,
+                        port,
+                    } => {
+                        let mut k = service_key(key).to_vec();
+                        k.extend_from_slice(&slot.to_ne_bytes());
+                        self.w.data_value(NFTA_SET_ELEM_KEY, &k);
                         if ty == NFT_MSG_NEWSETELEM {
-                            self.w.data_goto(NFTA_SET_ELEM_DATA, chain);
+                            // `ip . port`, each in its own 4-byte register.
+                            let mut d = [0u8; 8];
+                            d[..4].copy_from_slice(&ip.octets());
+                            d[4..6].copy_from_slice(&port.to_be_bytes());
+                            self.w.data_value(NFTA_SET_ELEM_DATA, &d);
                         }
                     }
                     Elem::Hairpin(ip) => {
@@ -323,18 +363,20 @@ impl Encoder {
         let exprs = self.w.nest(NFTA_RULE_EXPRESSIONS);
         let mut x = Exprs { w: &mut self.w };
         match rule {
-            Rule::Dispatch => x.dispatch(NamedSet::Services.name()),
-            Rule::NoBackendDispatch => {
+            Rule::JumpServices => x.verdict(NFT_JUMP, SERVICES_CHAIN),
+            Rule::NoBackendReject => {
                 // ct state new: IP_CT_NEW is state bit 3 (NF_CT_STATE_BIT).
                 x.ct_bit(0, 1 << 3);
-                x.dispatch(NamedSet::NoBackends.name());
+                x.service_tuple();
+                x.lookup(&NamedSet::NoBackends.name(), REG_1, None);
+                x.verdict(NFT_GOTO, REJECT_CHAIN);
             }
             Rule::HairpinMasquerade => {
                 // ct status dnat: IPS_DST_NAT is bit 5.
                 x.ct_bit(2, 1 << 5);
                 x.payload(REG_1, 1, 12, 4);
                 x.payload(REG32_01, 1, 16, 4);
-                x.lookup(NamedSet::Hairpin.name(), REG_1, None);
+                x.lookup(&NamedSet::Hairpin.name(), REG_1, None);
                 x.expr("masq", |_| {});
             }
             Rule::RejectTcp => {
@@ -343,49 +385,7 @@ impl Encoder {
                 x.reject(1, 0);
             }
             Rule::Reject => x.reject(0, 3),
-            Rule::RandomGoto { modulus, chain } => {
-                x.expr("numgen", |w| {
-                    w.be32(1, REG_1); // DREG
-                    w.be32(2, *modulus); // MODULUS
-                    w.be32(3, 1); // TYPE: random
-                    w.be32(4, 0); // OFFSET
-                });
-                // numgen writes a host-order u32.
-                x.cmp_eq(REG_1, &0u32.to_ne_bytes());
-                x.goto(chain);
-            }
-            Rule::HashGoto {
-                modulus,
-                index,
-                chain,
-            } => {
-                x.payload(REG_2, 1, 12, 4);
-                x.expr("hash", |w| {
-                    w.be32(1, REG_2); // SREG
-                    w.be32(2, REG_1); // DREG
-                    w.be32(3, 4); // LEN
-                    w.be32(4, *modulus); // MODULUS
-                    w.be32(5, AFFINITY_SEED); // SEED
-                    w.be32(6, 0); // OFFSET
-                    w.be32(7, 0); // TYPE: jenkins
-                });
-                x.cmp_eq(REG_1, &index.to_ne_bytes());
-                x.goto(chain);
-            }
-            Rule::Goto(chain) => x.goto(chain),
-            Rule::Dnat { proto, ip, port } => {
-                x.meta_l4proto(REG_1);
-                x.cmp_eq(REG_1, &[proto.number()]);
-                x.immediate(REG_1, &ip.octets());
-                x.immediate(REG_2, &port.to_be_bytes());
-                x.expr("nat", |w| {
-                    w.be32(1, 1); // TYPE: dnat
-                    w.be32(2, u32::from(NFPROTO_IPV4)); // FAMILY
-                    w.be32(3, REG_1); // REG_ADDR_MIN
-                    w.be32(5, REG_2); // REG_PROTO_MIN
-                    w.be32(7, 2); // FLAGS: NF_NAT_RANGE_PROTO_SPECIFIED
-                });
-            }
+            Rule::Pick(p) => x.pick(*p),
         }
         self.w.end_nest(exprs);
         self.w.end_msg(m);
@@ -413,11 +413,13 @@ impl Encoder {
                 self.w.str(NFTA_RULE_CHAIN, name);
                 self.w.end_msg(m);
             }
-            NftOp::DelChain { name } => {
-                let m = self.chain_msg(NFT_MSG_DELCHAIN, 0, name);
+            NftOp::AddSet(set) => self.set(*set),
+            NftOp::DelSet(set) => {
+                let m = self.msg(NFT_MSG_DELSET, 0);
+                self.w.str(NFTA_SET_TABLE, TABLE);
+                self.w.str(NFTA_SET_NAME, &set.name());
                 self.w.end_msg(m);
             }
-            NftOp::AddSet(set) => self.set(*set),
             NftOp::AddElems { set, elems } => self.elems(NFT_MSG_NEWSETELEM, *set, elems),
             NftOp::DelElems { set, elems } => self.elems(NFT_MSG_DELSETELEM, *set, elems),
             NftOp::AddRule { chain, rule } => self.rule(chain, rule),
@@ -494,12 +496,45 @@ impl Exprs<'_> {
         });
     }
 
-    /// `ip daddr . meta l4proto . th dport vmap @set`
-    fn dispatch(&mut self, set: &str) {
+    /// `ip daddr . meta l4proto . th dport` into registers 32_00..02 (`NFT_REG_1`).
+    fn service_tuple(&mut self) {
         self.payload(REG_1, 1, 16, 4);
         self.meta_l4proto(REG32_01);
         self.payload(REG32_02, 2, 2, 2);
-        self.lookup(set, REG_1, Some(REG_VERDICT));
+    }
+
+    /// `dnat ip to ip daddr . meta l4proto . th dport . <slot> map @<pick map>`, registers as
+    /// nft lays them out: the tuple in 32_00..02, the slot in 32_03, the map's `ip . port`
+    /// back into 32_00 and 32_01.
+    fn pick(&mut self, p: Pick) {
+        self.service_tuple();
+        if p.hash {
+            self.payload(REG_3, 1, 12, 4);
+            self.expr("hash", |w| {
+                w.be32(1, REG_3); // SREG
+                w.be32(2, REG32_03); // DREG
+                w.be32(3, 4); // LEN
+                w.be32(4, p.n); // MODULUS
+                w.be32(5, AFFINITY_SEED); // SEED
+                w.be32(6, 0); // OFFSET
+                w.be32(7, 0); // TYPE: jenkins
+            });
+        } else {
+            self.expr("numgen", |w| {
+                w.be32(1, REG32_03); // DREG
+                w.be32(2, p.n); // MODULUS
+                w.be32(3, 1); // TYPE: random
+                w.be32(4, 0); // OFFSET
+            });
+        }
+        self.lookup(&NamedSet::Pick(p).name(), REG_1, Some(REG_1));
+        self.expr("nat", |w| {
+            w.be32(1, 1); // TYPE: dnat
+            w.be32(2, u32::from(NFPROTO_IPV4)); // FAMILY
+            w.be32(3, REG_1); // REG_ADDR_MIN
+            w.be32(5, REG32_01); // REG_PROTO_MIN
+            w.be32(7, 2); // FLAGS: NF_NAT_RANGE_PROTO_SPECIFIED
+        });
     }
 
     fn lookup(&mut self, set: &str, sreg: u32, dreg: Option<u32>) {
@@ -512,18 +547,11 @@ impl Exprs<'_> {
         });
     }
 
-    /// `goto chain`: an immediate verdict.
-    fn goto(&mut self, chain: &str) {
+    /// `jump chain` / `goto chain`: an immediate verdict.
+    fn verdict(&mut self, code: i32, chain: &str) {
         self.expr("immediate", |w| {
             w.be32(1, REG_VERDICT);
-            w.data_goto(2, chain);
-        });
-    }
-
-    fn immediate(&mut self, dreg: u32, value: &[u8]) {
-        self.expr("immediate", |w| {
-            w.be32(1, dreg);
-            w.data_value(2, value);
+            w.data_verdict(2, code, chain);
         });
     }
 
