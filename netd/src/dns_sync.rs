@@ -68,6 +68,8 @@ impl DnsSync {
         let want: BTreeMap<TaskId, PathBuf> = desired
             .sandboxes
             .values()
+            // Sandboxes still being built join when they are (the next sync after their round).
+            .filter(|s| rec.sandbox_ready(&s.task))
             .map(|s| (s.task.clone(), rec.netns_path(&s.ns)))
             .collect();
         let generation = rec.intent_generation();

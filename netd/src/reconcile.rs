@@ -131,6 +131,8 @@ pub struct Reconciler {
     restarts: BTreeMap<TaskId, RestartState>,
     /// Task processes as last listed.
     proc_snapshot: BTreeMap<TaskId, ProcessState>,
+    /// Objects a round left for the next one (time budget spent).
+    deferred: BTreeSet<ObjectKey>,
     round: u64,
 }
 
@@ -164,6 +166,7 @@ impl Reconciler {
             firewall_expected: None,
             restarts: BTreeMap::new(),
             proc_snapshot: BTreeMap::new(),
+            deferred: BTreeSet::new(),
             round: 0,
         }
     }
@@ -243,6 +246,17 @@ impl Reconciler {
     pub fn status(&self) -> &BTreeMap<ObjectKey, ObjectStatus> {
         &self.status
     }
+    /// Whether the sandbox of `task` has been built (its namespace and interfaces are there):
+    /// confirmed, or changed in the last round. A sandbox deferred to a later round, or
+    /// failing, is not.
+    pub fn sandbox_ready(&self, task: &TaskId) -> bool {
+        self.status
+            .get(&ObjectKey::Sandbox(task.clone()))
+            .is_some_and(|s| {
+                s.state == ObjectState::Ok || (s.state == ObjectState::Pending && s.last_ops > 0)
+            })
+    }
+
     /// The intent in force.
     pub fn intent(&self) -> &Intent {
         &self.intent
@@ -266,12 +280,16 @@ impl Reconciler {
     /// True when the last round left nothing pending and nothing failing.
     pub fn converged(&self) -> bool {
         self.last_desired.is_some()
+            && self.deferred.is_empty()
             && self.node_error.is_none()
             && self.status.values().all(|s| s.state == ObjectState::Ok)
     }
 
     /// Whether an incremental round has work: pending objects, retries due, or tasks to start.
     pub fn wants_round(&mut self, now: Instant) -> bool {
+        if !self.deferred.is_empty() {
+            return true;
+        }
         if self
             .status
             .values()
@@ -387,6 +405,7 @@ impl Reconciler {
             Scope::Full
         } else {
             let mut keys = changed.clone();
+            keys.extend(std::mem::take(&mut self.deferred));
             for (k, s) in &self.status {
                 if s.state == ObjectState::Pending || s.retry_at.is_some_and(|t| t <= now) {
                     keys.insert(k.clone());
@@ -412,6 +431,9 @@ impl Reconciler {
             }
             Scope::Objects(keys)
         };
+        if full {
+            self.deferred.clear();
+        }
         let observed = self.observe(&desired, &scope);
         self.proc_snapshot = observed.processes.clone();
         self.note_exits(&observed, &desired, now);
@@ -438,16 +460,16 @@ impl Reconciler {
                 // stays fresh and a newer intent is not kept waiting; the rest is pending and
                 // the next round takes it up.
                 report.deferred += 1;
-                self.status.insert(
-                    p.key.clone(),
-                    ObjectStatus {
-                        state: ObjectState::Pending,
-                        error: None,
-                        attempts: 0,
-                        last_ops: 0,
-                        retry_at: None,
-                    },
-                );
+                // A known object keeps its status (a running sandbox stays served meanwhile);
+                // a new one shows as pending.
+                self.status.entry(p.key.clone()).or_insert(ObjectStatus {
+                    state: ObjectState::Pending,
+                    error: None,
+                    attempts: 0,
+                    last_ops: 0,
+                    retry_at: None,
+                });
+                self.deferred.insert(p.key.clone());
                 continue;
             }
             let in_backoff = self
