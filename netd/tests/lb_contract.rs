@@ -72,6 +72,11 @@ trait World {
     fn add_vip(&mut self, net: usize, vip: Ipv4Addr);
     fn connect(&mut self, client: usize, key: ServiceKey) -> Outcome;
     fn open(&mut self, client: usize, key: ServiceKey) -> Box<dyn Held>;
+    /// Opens a UDP socket of `client` connected to `key` (its datagrams are one conntrack
+    /// flow); returns its index for [`World::udp_send`].
+    fn udp_open(&mut self, client: usize, key: ServiceKey) -> usize;
+    /// Sends a datagram on flow `flow` and returns who answered.
+    fn udp_send(&mut self, flow: usize) -> Outcome;
     /// Transactions committed in network `net`'s namespace so far.
     fn commits(&mut self, net: usize) -> u64;
     /// Someone else changes our table in network `net`.
@@ -308,12 +313,45 @@ fn atomic_rounds_and_drift(w: &mut dyn World) {
     assert!(b.contains(&reached(&w.connect(0, keys[2]))));
 }
 
+/// DESIGN.md: on backend removal its conntrack entries go. A UDP flow (one client socket)
+/// sticks to its backend while the backend stays, also while it drains; once the backend is
+/// removed, the flow's next datagram reaches another backend.
+fn udp_flow_leaves_removed_backend(w: &mut dyn World) {
+    let k = key("10.50.100.8", Proto::Udp, 53);
+    w.add_vip(0, k.vip);
+    let b: Vec<_> = (0..2).map(|i| w.backend(i)).collect();
+    let mut spec = svc(k, &b);
+    apply(w, 0, &[spec.clone()]);
+    let flow = w.udp_open(0, k);
+    let first = reached(&w.udp_send(flow));
+    for _ in 0..5 {
+        assert_eq!(
+            reached(&w.udp_send(flow)),
+            first,
+            "the flow sticks to its backend"
+        );
+    }
+    let other = b.iter().copied().find(|ip| *ip != first).unwrap();
+    // Draining: the established flow stays on its backend.
+    spec.backends.insert(first, BackendState::Draining);
+    apply(w, 0, &[spec.clone()]);
+    assert_eq!(reached(&w.udp_send(flow)), first, "while draining");
+    // Removed: the same socket's next datagram reaches the other backend.
+    spec.backends.remove(&first);
+    apply(w, 0, &[spec]);
+    for _ in 0..3 {
+        assert_eq!(reached(&w.udp_send(flow)), other, "after removal");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The fake world
 // ---------------------------------------------------------------------------------------------
 
 struct FakeWorld {
     lb: FakeLoadBalancer,
+    /// (client, client port, service) per opened UDP flow.
+    flows: Vec<(usize, u16, ServiceKey)>,
 }
 
 struct FakeHeld {
@@ -372,6 +410,22 @@ impl World for FakeWorld {
             backend: c.backend,
         })
     }
+    fn udp_open(&mut self, client: usize, key: ServiceKey) -> usize {
+        let port = 40000 + u16::try_from(self.flows.len()).unwrap();
+        self.flows.push((client, port, key));
+        self.flows.len() - 1
+    }
+    fn udp_send(&mut self, flow: usize) -> Outcome {
+        let (client, port, key) = self.flows[flow];
+        let net = self.net(if client == 2 { 1 } else { 0 });
+        match self.lb.udp_send(&net, self.client(client), port, key) {
+            Ok(c) => Outcome::Reached {
+                backend: c.backend,
+                peer: c.peer,
+            },
+            Err(_) => Outcome::Refused,
+        }
+    }
     fn commits(&mut self, net: usize) -> u64 {
         self.lb.commits(&self.net(net))
     }
@@ -384,6 +438,7 @@ impl World for FakeWorld {
 fn run_fake(case: fn(&mut dyn World)) {
     let mut w = FakeWorld {
         lb: FakeLoadBalancer::new(),
+        flows: Vec::new(),
     };
     case(&mut w);
 }
@@ -483,6 +538,7 @@ struct LinuxWorld {
     link: LinuxLinkPort,
     files: std::collections::BTreeMap<String, File>,
     backends: Vec<Backend>,
+    flows: Vec<UdpSocket>,
     _dir: tempfile::TempDir,
 }
 
@@ -599,6 +655,7 @@ impl LinuxWorld {
             link,
             files,
             backends,
+            flows: Vec::new(),
             _dir: dir,
         }
     }
@@ -610,6 +667,7 @@ impl LinuxWorld {
 
 impl Drop for LinuxWorld {
     fn drop(&mut self) {
+        self.flows.clear();
         self.backends.clear();
         self.files.clear();
         let _ = self.lb.flush_all();
@@ -741,6 +799,29 @@ impl World for LinuxWorld {
             backend,
         })
     }
+    fn udp_open(&mut self, client: usize, key: ServiceKey) -> usize {
+        let sock = netns::run_in(self.client_file(client), || {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect((key.vip, key.port))?;
+            Ok(s)
+        })
+        .unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(900)))
+            .unwrap();
+        self.flows.push(sock);
+        self.flows.len() - 1
+    }
+    fn udp_send(&mut self, flow: usize) -> Outcome {
+        let sock = &self.flows[flow];
+        if let Err(e) = sock.send(b"hello\n") {
+            return io_outcome(&e);
+        }
+        let mut buf = [0u8; 512];
+        match sock.recv(&mut buf) {
+            Ok(len) => parse_greeting(&String::from_utf8_lossy(&buf[..len])),
+            Err(e) => io_outcome(&e),
+        }
+    }
     fn commits(&mut self, net: usize) -> u64 {
         u64::from(ruleset_generation(&self.files[NETS[net].0]).unwrap())
     }
@@ -829,6 +910,7 @@ contract!(
     zero_backends_refuse,
     affinity,
     atomic_rounds_and_drift,
+    udp_flow_leaves_removed_backend,
 );
 
 // ---------------------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ pub struct FakeLoadBalancer {
     rng: u64,
     next_conn: u64,
     conns: BTreeMap<u64, FakeConn>,
+    /// UDP flows (namespace, client address, client port, service) and their conntrack entry.
+    flows: BTreeMap<(NsRef, Ipv4Addr, u16, ServiceKey), u64>,
 }
 
 impl Default for FakeLoadBalancer {
@@ -67,6 +69,7 @@ impl FakeLoadBalancer {
             rng: 0x9e37_79b9_7f4a_7c15,
             next_conn: 1,
             conns: BTreeMap::new(),
+            flows: BTreeMap::new(),
         }
     }
 
@@ -124,6 +127,24 @@ impl FakeLoadBalancer {
         Ok(conn)
     }
 
+    /// A datagram of the UDP flow from `client:client_port` to `key`: the flow's conntrack
+    /// entry while it exists, else a new pick (as a first datagram gets).
+    pub fn udp_send(
+        &mut self,
+        ns: &NsRef,
+        client: Ipv4Addr,
+        client_port: u16,
+        key: ServiceKey,
+    ) -> Result<FakeConn, FakeRefusal> {
+        let flow = (ns.clone(), client, client_port, key);
+        if let Some(c) = self.flows.get(&flow).and_then(|id| self.conns.get(id)) {
+            return Ok(*c);
+        }
+        let c = self.connect(ns, client, key)?;
+        self.flows.insert(flow, c.id);
+        Ok(c)
+    }
+
     /// Whether an established connection still works: conntrack keeps it on its backend
     /// whatever happened to the service (drain, removal, flush).
     pub fn established(&self, id: u64) -> Option<FakeConn> {
@@ -179,6 +200,32 @@ impl LoadBalancerPort for FakeLoadBalancer {
                 }
             })
             .sum();
+        // A backend removed from a UDP service loses its flows (conntrack deletion).
+        for c in &changes {
+            let (old, new) = match c {
+                ServiceChange::Removed(s) => (*s, None),
+                ServiceChange::Changed { old, new } => (*old, Some(*new)),
+                ServiceChange::Added(_) => continue,
+            };
+            if old.key.proto != crate::lb::Proto::Udp {
+                continue;
+            }
+            for ip in old.backends.keys() {
+                if new.is_some_and(|n| n.backends.contains_key(ip)) {
+                    continue;
+                }
+                let conns = &mut self.conns;
+                self.flows.retain(|(fns, _, _, k), id| {
+                    let gone = fns == ns
+                        && *k == old.key
+                        && conns.get(id).is_some_and(|c| c.backend == *ip);
+                    if gone {
+                        conns.remove(id);
+                    }
+                    !gone
+                });
+            }
+        }
         let changed = !changes.is_empty() || full;
         state.applied = spec.clone();
         state.kernel = Some(spec.clone());

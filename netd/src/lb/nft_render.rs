@@ -43,7 +43,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use super::model::{Affinity, LbSpec, ServiceChange, ServiceKey, ServiceSpec, diff};
+use super::model::{Affinity, LbSpec, Proto, ServiceChange, ServiceKey, ServiceSpec, diff};
 
 /// Our table: family `ip`, this name.
 pub const TABLE: &str = "swarmnet-lb";
@@ -387,6 +387,10 @@ pub struct NftLbState {
     pub spec: LbSpec,
     pub hairpin: BTreeMap<Ipv4Addr, u32>,
     pub installed: Vec<Pick>,
+    /// Backends (service, address, target port) of UDP services that the last
+    /// [`Self::plan_diff`] removed: their conntrack entries are to be deleted once the batch
+    /// is committed (UDP flows otherwise stay on a removed backend).
+    pub removed_udp: Vec<(ServiceKey, Ipv4Addr, u16)>,
 }
 
 fn pick_rule(p: Pick) -> NftOp {
@@ -489,6 +493,7 @@ impl NftLbState {
                 spec: spec.clone(),
                 hairpin,
                 installed: picks.into_iter().collect(),
+                removed_udp: Vec::new(),
             },
         )
     }
@@ -501,6 +506,7 @@ impl NftLbState {
         let mut hairpin_delta: BTreeMap<Ipv4Addr, i64> = BTreeMap::new();
         let mut new_picks: Vec<Pick> = Vec::new();
         let changes = diff(&self.spec, new);
+        self.removed_udp.clear();
         for change in &changes {
             let (old, new) = match change {
                 ServiceChange::Added(s) => {
@@ -516,6 +522,13 @@ impl NftLbState {
                     (Some(*old), Some(*new))
                 }
             };
+            if let Some(o) = old.filter(|o| o.key.proto == Proto::Udp) {
+                for ip in o.backends.keys() {
+                    if !new.is_some_and(|n| n.backends.contains_key(ip)) {
+                        self.removed_udp.push((o.key, *ip, o.target_port));
+                    }
+                }
+            }
             for (s, d) in [(old, -1), (new, 1)] {
                 let Some(s) = s else { continue };
                 for ip in s.backends.keys() {
@@ -813,7 +826,7 @@ pub fn normalize_listing(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::model::{BackendState, Proto};
+    use crate::lb::model::BackendState;
 
     fn key(last: u8) -> ServiceKey {
         ServiceKey {

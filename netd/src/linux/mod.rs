@@ -1,5 +1,6 @@
 //! Linux implementations of the ports. All kernel access of netd lives under this module.
 
+pub mod conntrack;
 pub mod dns_socket;
 pub mod firewall;
 pub mod link;

@@ -9,8 +9,10 @@
 //! `GETTABLE` when the generation moved): two small requests, independent of the table size.
 //!
 //! Idle timeouts ([`crate::lb::IdleTimeouts`]) are conntrack sysctls of the namespace, written
-//! when they change. Known gap: conntrack entries of removed backends are not deleted yet (UDP
-//! flows stick to a removed backend until they idle out).
+//! when they change. When a backend leaves a UDP service, its conntrack entries for that
+//! service are deleted after the batch commits (ctnetlink, `crate::linux::conntrack`), so the
+//! client's next datagram is balanced anew; TCP entries stay (a removed backend's grace period
+//! is over, and a connection still open to it ends with it).
 //!
 //! Invariants: a failed batch changes nothing in the kernel (nftables transactions are all or
 //! nothing) and nothing in memory; after a failed batch the namespace is reprogrammed whole on
@@ -155,6 +157,63 @@ impl NfSocket {
             }
         }
         Ok(data)
+    }
+
+    /// Deletes the conntrack entries of UDP flows to `vip:port` that a backend in `targets`
+    /// (service, backend address, target port) answers; returns how many.
+    fn delete_udp_flows(
+        &mut self,
+        targets: &[(crate::lb::ServiceKey, std::net::Ipv4Addr, u16)],
+    ) -> io::Result<usize> {
+        use super::conntrack;
+        let seq = self.next_seq(1);
+        self.send(&conntrack::encode_dump(seq))?;
+        let mut doomed = Vec::new();
+        for r in self.recv_until(seq)? {
+            if let Some((code, _)) = r.error
+                && code != 0
+            {
+                return Err(io::Error::from_raw_os_error(-code));
+            }
+            if !conntrack::is_entry(r.ty) {
+                continue;
+            }
+            let Some(e) = conntrack::parse_entry(&r.payload) else {
+                continue;
+            };
+            if e.orig.proto == 17
+                && targets.iter().any(|(key, ip, port)| {
+                    e.orig.dst == key.vip
+                        && e.orig.dport == key.port
+                        && e.reply.src == *ip
+                        && e.reply.sport == *port
+                })
+            {
+                doomed.push(e.orig);
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let first = self.next_seq(u32::try_from(doomed.len()).unwrap_or(u32::MAX));
+        let mut buf = Vec::new();
+        for (i, t) in doomed.iter().enumerate() {
+            let seq = first.wrapping_add(u32::try_from(i).unwrap_or(0));
+            conntrack::encode_delete(&mut buf, seq, t);
+        }
+        self.send(&buf)?;
+        let last = first.wrapping_add(u32::try_from(doomed.len() - 1).unwrap_or(0));
+        // Every delete is acknowledged, in order: read until the last one's.
+        for r in self.recv_until(last)? {
+            match r.error {
+                // ENOENT: gone already (the flow expired meanwhile).
+                Some((code, _)) if code != 0 && -code != libc::ENOENT => {
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+                _ => {}
+            }
+        }
+        Ok(doomed.len())
     }
 
     /// The ruleset generation of this namespace.
@@ -324,7 +383,14 @@ impl NftLoadBalancer {
                 ..e
             });
         }
+        let removed_udp = next.removed_udp.clone();
         entry.state = Some(next);
+        if !removed_udp.is_empty() {
+            entry
+                .sock
+                .delete_udp_flows(&removed_udp)
+                .map_err(|e| PortError::io("delete conntrack entries", object.clone(), e))?;
+        }
         if full {
             entry.handle = entry
                 .sock
