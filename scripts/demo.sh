@@ -68,8 +68,8 @@ cat > "$run/cluster.json" <<JSON
   ],
   "networks": [{"name": "app", "subnet": "10.20.0.0/24", "vni": 4100}],
   "services": [
-    {"name": "web", "mode": {"replicated": {"replicas": 2}}, "endpoint_mode": "dnsrr",
-     "networks": [{"network": "app", "aliases": ["www"]}], "ports": [{"name": "http", "target": 80}]},
+    {"name": "web", "mode": {"replicated": {"replicas": 2}},
+     "networks": [{"network": "app", "vip": "10.20.0.2", "aliases": ["www"]}], "ports": [{"name": "http", "target": 80}]},
     {"name": "client", "networks": [{"network": "app"}]}
   ],
   "tasks": [
@@ -127,28 +127,32 @@ for ip in 10.20.0.11 10.20.0.12; do
 done
 echo
 echo "== name resolution at 127.0.0.11 inside the client (the task's own resolv.conf)"
-echo "-- getent hosts web            (dnsrr: every replica, in random order)"
+echo "-- getent hosts web            (the service's virtual IP)"
 client_resolving getent ahostsv4 web | awk '{print $1}' | sort -u | sed 's/^/   /'
-echo "-- dig +short tasks.web"
+echo "-- dig +short tasks.web         (every replica)"
 client dig +short +time=2 @127.0.0.11 tasks.web | sed 's/^/   /'
 echo "-- dig +short web.1 (a task name) and www (an alias)"
 client dig +short +time=2 @127.0.0.11 web.1 www | sed 's/^/   /'
-echo "-- dig +short -x 10.20.0.12 (PTR of a task)"
-client dig +short +time=2 @127.0.0.11 -x 10.20.0.12 | sed 's/^/   /'
+echo "-- dig +short -x 10.20.0.12 and -x 10.20.0.2 (PTR of a task and of the VIP)"
+client dig +short +time=2 @127.0.0.11 -x 10.20.0.12 -x 10.20.0.2 | sed 's/^/   /'
 echo "-- dig SRV _http._tcp.web"
 client dig +short +time=2 @127.0.0.11 SRV _http._tcp.web | sed 's/^/   /'
-echo "-- curl http://web/ five times by name"
-for _ in 1 2 3 4 5; do client_resolving curl -s -m 2 http://web/ | grep '^task' | sed 's/^/   /'; done
+echo
+echo "== load balancing through the VIP: 20 requests to http://web/ from the client on n3"
+for _ in $(seq 20); do client_resolving curl -s -m 2 http://web/; done > "$run/vip.txt"
+grep '^task' "$run/vip.txt" | sort | uniq -c | sed 's/^/   /'
+echo "   every replica saw the client's own address: $(grep '^client' "$run/vip.txt" | cut -d' ' -f2 | cut -d: -f1 | sort -u | tr '\n' ' ')"
 echo
 echo "== the overlay on n3: the remote endpoints as the kernel holds them"
 nsenter --net="$run/n3/netns/net-app" bridge fdb show dev snvx4100 | grep dst | sed 's/^/   /'
 nsenter --net="$run/n3/netns/net-app" ip neigh show dev snvx4100 | sed 's/^/   /'
 echo
 echo "== summary"
-echo "   3 nodes, 1 overlay network (VXLAN 4100, MTU $(nsenter --net="$run/n3/netns/sb-client1" cat /sys/class/net/eth0/mtu 2>/dev/null || echo 1450)), 3 tasks; every request crossed nodes over VXLAN"
+echo "   3 nodes, 1 overlay network (VXLAN 4100, MTU $(client ip -o link show eth0 | sed -n 's/.* mtu \([0-9]*\).*/\1/p')), 3 tasks; every request crossed nodes over VXLAN"
 echo "   the web replicas saw the client's own address (10.20.0.21): no NAT on the overlay"
 echo "   names resolved by netd's resolver at 127.0.0.11 inside the sandbox"
-echo "   not yet in this demo: VIP load balancing and the routing mesh (issues 4 and 5)"
+echo "   the service VIP load-balanced over replicas on two other nodes (nftables in n3's network namespace)"
+echo "   not yet in this demo: the routing mesh (published ports on every node, issue 5)"
 if [ $keep = 1 ]; then
   echo
   echo "lab left up: namespaces $lab-*, state in $run. netd pids: ${pids[*]}"

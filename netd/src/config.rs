@@ -17,6 +17,17 @@ pub enum IntentSource {
     File(PathBuf),
 }
 
+/// Which load balancer implements service VIPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LbChoice {
+    /// IPVS where the kernel has it, nftables otherwise.
+    Auto,
+    Nftables,
+    Ipvs,
+    Ebpf,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -45,6 +56,7 @@ pub struct NetdConfig {
     pub dns_ttl: u32,
     /// What sandboxes on internal networks get for names outside the cluster.
     pub dns_internal_answer: crate::dns::DenyAnswer,
+    pub lb: LbChoice,
 }
 
 pub const DEFAULT_DNS_TTL: u32 = 5;
@@ -75,6 +87,7 @@ pub struct RawConfig {
     pub dns_ttl: Option<u32>,
     /// `refused` or `nxdomain`.
     pub dns_internal_answer: Option<String>,
+    pub lb: Option<LbChoice>,
 }
 
 impl RawConfig {
@@ -96,6 +109,7 @@ impl RawConfig {
             dns_upstreams: over.dns_upstreams.or(self.dns_upstreams),
             dns_ttl: over.dns_ttl.or(self.dns_ttl),
             dns_internal_answer: over.dns_internal_answer.or(self.dns_internal_answer),
+            lb: over.lb.or(self.lb),
         }
     }
 
@@ -187,6 +201,7 @@ impl RawConfig {
             dns_upstreams,
             dns_ttl: self.dns_ttl.unwrap_or(DEFAULT_DNS_TTL),
             dns_internal_answer,
+            lb: self.lb.unwrap_or(LbChoice::Auto),
         })
     }
 }

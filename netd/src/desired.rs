@@ -15,9 +15,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use swarmnet_model::spec::{DesiredState, RestartPolicy, TaskRuntime};
+use swarmnet_model::spec::{DesiredState, EndpointMode, Protocol, RestartPolicy, TaskRuntime};
 use swarmnet_model::{IfName, Intent, MacAddr, Name, NodeId, TaskId};
 
+use crate::lb::{LbSpec, Proto, ServiceKey, ServiceSpec};
 use crate::port::NsName;
 
 /// Marker written into IFLA_IFALIAS of every link netd creates; prune requires it.
@@ -98,6 +99,11 @@ pub struct DesiredNetwork {
     pub underlay_if: Option<IfName>,
     /// Remote endpoints: IP → (MAC, VTEP).
     pub peers: BTreeMap<Ipv4Addr, (MacAddr, Ipv4Addr)>,
+    /// Virtual IPs of the services on this network: a /32 on `br0` each, so every local
+    /// sandbox reaches them through the bridge and ARP for them never crosses VXLAN.
+    pub vips: BTreeSet<Ipv4Addr>,
+    /// The network's load balancer: one entry per VIP and port, backends from every node.
+    pub lb: LbSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,7 +247,7 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
 
     // Networks used by a running local task are instantiated here.
     let running = |t: &swarmnet_model::spec::TaskSpec| t.desired_state == DesiredState::Running;
-    for (t, atts) in intent
+    for (_, atts) in intent
         .tasks()
         .filter(|(t, _)| t.node == ctx.node && running(t))
     {
@@ -264,9 +270,10 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
                         .clone()
                         .or_else(|| ctx.underlay_if.clone()),
                     peers: BTreeMap::new(),
+                    vips: BTreeSet::new(),
+                    lb: LbSpec::default(),
                 });
         }
-        let _ = t;
     }
     // Remote endpoints of those networks become FDB and neighbour entries.
     for (t, atts) in intent
@@ -283,6 +290,8 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
             }
         }
     }
+
+    project_vips(intent, &mut out.networks);
 
     let gw_gateway = ctx.gw_subnet.hosts().next();
     for (t, atts) in intent
@@ -360,6 +369,52 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
         });
     }
     (out, issues)
+}
+
+/// VIPs and load-balancer entries of every network instantiated here: services in `vip` mode
+/// with a VIP on the network, one entry per port (VIP:target → task:target, as Swarm does), and
+/// as backends the running tasks of the service on that network, wherever they run.
+fn project_vips(intent: &Intent, networks: &mut BTreeMap<Name, DesiredNetwork>) {
+    let by_name: BTreeMap<&Name, &Name> =
+        intent.networks().map(|n| (&n.spec.name, &n.id)).collect();
+    for s in intent
+        .services()
+        .filter(|s| s.endpoint_mode == EndpointMode::Vip)
+    {
+        for sn in &s.networks {
+            let (Some(vip), Some(id)) = (sn.vip, by_name.get(&sn.network)) else {
+                continue;
+            };
+            let Some(net) = networks.get_mut(*id) else {
+                continue;
+            };
+            net.vips.insert(vip);
+            let backends: Vec<Ipv4Addr> = intent
+                .tasks()
+                .filter(|(t, _)| t.service == s.name && t.desired_state == DesiredState::Running)
+                .flat_map(|(_, atts)| {
+                    atts.iter()
+                        .filter(|a| a.network == sn.network)
+                        .map(|a| a.ip)
+                })
+                .collect();
+            for port in &s.ports {
+                let proto = match port.protocol {
+                    Protocol::Tcp => Proto::Tcp,
+                    Protocol::Udp => Proto::Udp,
+                };
+                let key = ServiceKey {
+                    vip,
+                    proto,
+                    port: port.target,
+                };
+                net.lb.services.insert(
+                    key,
+                    ServiceSpec::new(key, port.target, backends.iter().copied()),
+                );
+            }
+        }
+    }
 }
 
 /// The task's environment: the intent's, plus who it is (these win over the intent's, so a

@@ -60,6 +60,9 @@ struct Args {
     /// Answer for outside names on internal networks: refused or nxdomain [default: refused].
     #[arg(long)]
     dns_internal_answer: Option<String>,
+    /// Load balancer for service VIPs [default: auto: IPVS where the kernel has it, else nftables].
+    #[arg(long, value_enum)]
+    lb: Option<swarmnet_netd::config::LbChoice>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -129,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         dns_upstreams: args.dns_upstreams,
         dns_ttl: args.dns_ttl,
         dns_internal_answer: args.dns_internal_answer,
+        lb: args.lb,
     };
     let cfg = file.overlay(flags).validate()?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -155,6 +159,7 @@ fn main() -> anyhow::Result<()> {
         links: Box::new(LinuxLinkPort::new(cfg.run_dir.clone())?),
         firewall: Box::new(NftFirewall::new(firewall::FAMILY, firewall::TABLE)),
         processes: Box::new(LinuxProcessPort::new(task_dir.clone(), cgroup_dir)?),
+        lb: load_balancer(cfg.lb, &cfg.run_dir)?,
     };
     let rec = Reconciler::new(
         ports,
@@ -211,5 +216,42 @@ fn raise_fd_limit() {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
+/// Picks the load balancer, saying once which and why.
+fn load_balancer(
+    choice: swarmnet_netd::config::LbChoice,
+    run_dir: &std::path::Path,
+) -> anyhow::Result<Box<dyn swarmnet_netd::lb::LoadBalancerPort>> {
+    use swarmnet_netd::config::LbChoice;
+    let nft = || -> anyhow::Result<Box<dyn swarmnet_netd::lb::LoadBalancerPort>> {
+        Ok(Box::new(swarmnet_netd::linux::nft::NftLoadBalancer::new(
+            run_dir,
+        )?))
+    };
+    match choice {
+        LbChoice::Auto => {
+            tracing::info!(
+                lb = "nftables",
+                reason = "the IPVS backend is not built yet (issue 4); nftables works on every kernel with nf_tables",
+                "load balancer chosen"
+            );
+            nft()
+        }
+        LbChoice::Nftables => {
+            tracing::info!(
+                lb = "nftables",
+                reason = "--lb nftables",
+                "load balancer chosen"
+            );
+            nft()
+        }
+        LbChoice::Ipvs => {
+            anyhow::bail!("--lb ipvs: the IPVS backend is not built yet; use --lb nftables or auto")
+        }
+        LbChoice::Ebpf => anyhow::bail!(
+            "--lb ebpf: the eBPF socket load balancer is not built yet; use --lb nftables or auto"
+        ),
     }
 }

@@ -16,6 +16,7 @@ use crate::desired::{
     ALIAS_PREFIX, DesiredGwIface, DesiredIface, DesiredNetwork, DesiredNode, DesiredProcess,
     DesiredSandbox, NET_BRIDGE, gw_host_if,
 };
+use crate::lb::LbSpec;
 use crate::port::{
     AddrState, FdbEntry, LinkChange, LinkKind, LinkKindState, LinkSpec, LinkState, NeighEntry,
     NsName, NsRef, ProcessState, RouteState,
@@ -68,7 +69,25 @@ pub struct Observed {
     pub processes: BTreeMap<TaskId, ProcessState>,
     /// Namespaces bound from another runtime (they outlive our reference).
     pub bound: BTreeSet<NsName>,
+    /// Load balancer of each observed network namespace.
+    pub lb: BTreeMap<NsName, LbObservedState>,
 }
+
+/// What is known of a network namespace's load balancer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LbObservedState {
+    /// The kernel holds what was applied last (no drift).
+    pub in_sync: bool,
+    /// What this netd applied last; `None` after a restart (the next apply reprograms whole).
+    pub applied: Option<LbSpec>,
+}
+
+/// Sysctls of a network namespace that load-balances: forwarding (without it every VIP
+/// connection times out) and bridge netfilter (so bridged packets reach the nat hooks).
+pub const LB_SYSCTLS: &[(&str, &str)] = &[
+    ("net/ipv4/ip_forward", "1"),
+    ("net/bridge/bridge-nf-call-iptables", "1"),
+];
 
 /// Whether a sandbox's process may be started now (decided by the reconciler from the
 /// restart policy and backoff, so planning stays pure).
@@ -168,6 +187,13 @@ pub enum Op {
     },
     /// Replace the node firewall table with this ruleset.
     ApplyFirewall(String),
+    /// Make the load balancer of a network namespace serve exactly `spec`.
+    ApplyLb {
+        ns: NsName,
+        spec: LbSpec,
+    },
+    /// Remove our load balancer from a namespace (before the namespace goes).
+    FlushLb(NsName),
     StartProcess {
         task: TaskId,
         ns: NsName,
@@ -263,6 +289,12 @@ impl fmt::Display for Op {
             }
             Self::SetSysctl { ns, key, value } => write!(f, "sysctl {key}={value} in {ns}"),
             Self::ApplyFirewall(_) => write!(f, "apply node firewall table"),
+            Self::ApplyLb { ns, spec } => write!(
+                f,
+                "apply load balancer in netns {ns}: {} service ports",
+                spec.services.len()
+            ),
+            Self::FlushLb(ns) => write!(f, "flush load balancer in netns {ns}"),
             Self::StartProcess { task, .. } => write!(f, "start task {task}"),
             Self::StopProcess(t) => write!(f, "stop task {t}"),
             Self::ForgetProcess(t) => write!(f, "forget exited task {t}"),
@@ -639,13 +671,26 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
             false
         }
     };
+    let mut br_addrs = vec![n.gateway];
+    br_addrs.extend(n.vips.iter().map(|v| Ipv4Net::from(*v)));
     converge_addrs(
         &ns,
         &br,
         if bridge_ok { obs } else { &empty },
-        &[n.gateway],
+        &br_addrs,
         &mut ops,
     );
+    if !n.lb.services.is_empty() {
+        for (k, v) in LB_SYSCTLS {
+            if obs.sysctls.get(*k).map(String::as_str) != Some(*v) {
+                ops.push(Op::SetSysctl {
+                    ns: ns.clone(),
+                    key: (*k).into(),
+                    value: (*v).into(),
+                });
+            }
+        }
+    }
 
     let vx_ok = match obs.link(n.vxlan.as_str()) {
         Some(l) if vxlan_matches(l, n) => {
@@ -742,6 +787,15 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
             entry: e.clone(),
         });
     }
+    let lb = observed.lb.get(&n.ns).cloned().unwrap_or_default();
+    let nothing_to_serve = n.lb.services.is_empty() && lb.applied.is_none();
+    let up_to_date = lb.in_sync && lb.applied.as_ref() == Some(&n.lb);
+    if !(nothing_to_serve || up_to_date) {
+        ops.push(Op::ApplyLb {
+            ns: n.ns.clone(),
+            spec: n.lb.clone(),
+        });
+    }
     // Host ends of sandboxes that are no longer on this network (a detach).
     let attached: BTreeSet<String> = desired
         .sandboxes
@@ -769,7 +823,8 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
 }
 
 fn plan_network_removal(ns: &NsName, observed: &Observed) -> Vec<Op> {
-    let mut ops = Vec::new();
+    // Our load balancer holds a socket in the namespace: let it go with the namespace.
+    let mut ops = vec![Op::FlushLb(ns.clone())];
     if let Some(obs) = observed.ns.get(ns) {
         // Delete the VXLAN device first: namespace teardown is asynchronous in the kernel, and
         // until it finishes the VNI stays bound; deleting the link frees it at once.

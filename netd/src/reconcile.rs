@@ -19,17 +19,19 @@ use swarmnet_model::{IfName, Intent, NodeId, TaskId};
 use tracing::{debug, info, warn};
 
 use crate::desired::{self, DesiredNode, NodeContext};
+use crate::lb::{BackendState, LbObserved, LbSpec, LoadBalancerPort, ServiceKey};
 use crate::plan::{self, NsObserved, ObjectKey, ObjectPlan, Observed, Op, ProcessGate, Scope};
 use crate::port::{
     FirewallPort, LinkKindState, LinkPort, NsName, NsRef, PortError, PortResult, ProcessPort,
     ProcessSpec, ProcessState,
 };
 
-/// The three kernel-facing ports netd works through.
+/// The kernel-facing ports netd works through.
 pub struct Ports {
     pub links: Box<dyn LinkPort>,
     pub firewall: Box<dyn FirewallPort>,
     pub processes: Box<dyn ProcessPort>,
+    pub lb: Box<dyn LoadBalancerPort>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -48,7 +50,8 @@ pub struct ReconcilerConfig {
     pub task_dir: PathBuf,
     /// Where state that must survive a restart is kept (gateway leases, attachments).
     pub state_dir: PathBuf,
-    /// How long a stopping task gets between SIGTERM and SIGKILL.
+    /// How long a stopping task gets between SIGTERM and SIGKILL; also how long a leaving
+    /// backend stays draining (no new connections, established ones continue) in the VIPs.
     pub stop_grace: Duration,
     /// How long one round may apply before leaving the rest pending for the next round.
     pub round_budget: Duration,
@@ -133,6 +136,10 @@ pub struct Reconciler {
     proc_snapshot: BTreeMap<TaskId, ProcessState>,
     /// Objects a round left for the next one (time budget spent).
     deferred: BTreeSet<ObjectKey>,
+    /// What each network namespace's load balancer was last given.
+    lb_applied: BTreeMap<NsName, LbSpec>,
+    /// Backends that left a service still on the network: draining until the deadline.
+    drains: BTreeMap<(NsName, ServiceKey, Ipv4Addr), Instant>,
     round: u64,
 }
 
@@ -167,6 +174,8 @@ impl Reconciler {
             restarts: BTreeMap::new(),
             proc_snapshot: BTreeMap::new(),
             deferred: BTreeSet::new(),
+            lb_applied: BTreeMap::new(),
+            drains: BTreeMap::new(),
             round: 0,
         }
     }
@@ -287,7 +296,7 @@ impl Reconciler {
 
     /// Whether an incremental round has work: pending objects, retries due, or tasks to start.
     pub fn wants_round(&mut self, now: Instant) -> bool {
-        if !self.deferred.is_empty() {
+        if !self.deferred.is_empty() || self.drains.values().any(|d| *d <= now) {
             return true;
         }
         if self
@@ -385,7 +394,8 @@ impl Reconciler {
             };
         }
         let ctx = self.context();
-        let (desired, issues) = desired::project(&self.intent, &ctx);
+        let (mut desired, issues) = desired::project(&self.intent, &ctx);
+        self.keep_draining(&mut desired, now);
         self.projection_issues = issues
             .into_iter()
             .map(|i| {
@@ -580,6 +590,44 @@ impl Reconciler {
         report
     }
 
+    /// A backend that left a service which is still on the network keeps receiving the
+    /// connections it has, but no new ones, for the grace period (DESIGN.md LB requirement 4):
+    /// it stays in the desired load balancer as draining until its deadline.
+    fn keep_draining(&mut self, desired: &mut DesiredNode, now: Instant) {
+        let grace = self.cfg.stop_grace;
+        for net in desired.networks.values_mut() {
+            let Some(prev) = self.lb_applied.get(&net.ns) else {
+                continue;
+            };
+            for (key, prev_svc) in &prev.services {
+                let Some(svc) = net.lb.services.get_mut(key) else {
+                    continue;
+                };
+                for ip in prev_svc.backends.keys() {
+                    let id = (net.ns.clone(), *key, *ip);
+                    if svc.backends.contains_key(ip) {
+                        self.drains.remove(&id);
+                        continue;
+                    }
+                    let deadline = *self.drains.entry(id).or_insert(now + grace);
+                    if deadline > now {
+                        svc.backends.insert(*ip, BackendState::Draining);
+                    }
+                }
+            }
+        }
+        self.drains.retain(|(ns, key, ip), deadline| {
+            *deadline > now
+                && desired.networks.values().any(|n| {
+                    &n.ns == ns
+                        && n.lb
+                            .services
+                            .get(key)
+                            .is_some_and(|s| s.backends.get(ip) == Some(&BackendState::Draining))
+                })
+        });
+    }
+
     fn note_exits(&mut self, observed: &Observed, desired: &DesiredNode, now: Instant) {
         for p in observed.processes.values() {
             let Some(exit) = p.exit else { continue };
@@ -689,8 +737,35 @@ impl Reconciler {
             }
         }
         for ns in wanted.into_iter().filter(|n| o.netns.contains(n)) {
-            let vx = ns.as_str().starts_with("net-");
-            let obs = observe_ns(links.as_mut(), &NsRef::Owned(ns.clone()), vx);
+            let net = ns.as_str().starts_with("net-");
+            let at = NsRef::Owned(ns.clone());
+            let mut obs = observe_ns(links.as_mut(), &at, net);
+            if net {
+                for (key, _) in plan::LB_SYSCTLS {
+                    if let Ok(v) = links.get_sysctl(&at, key) {
+                        obs.sysctls.insert((*key).to_owned(), v.trim().to_owned());
+                    }
+                }
+                let applied = self.lb_applied.get(&ns).cloned();
+                let serves = desired
+                    .networks
+                    .values()
+                    .any(|n| n.ns == ns && !n.lb.services.is_empty());
+                if applied.is_some() || serves {
+                    let in_sync = match self.ports.lb.observe(&at) {
+                        Ok(LbObserved::InSync) => true,
+                        Ok(LbObserved::Absent) => {
+                            applied.as_ref().is_none_or(|a| a.services.is_empty())
+                        }
+                        Ok(LbObserved::Drifted) => false,
+                        Err(e) => {
+                            warn!(%ns, error = %e, "cannot observe the load balancer");
+                            false
+                        }
+                    };
+                    o.lb.insert(ns.clone(), plan::LbObservedState { in_sync, applied });
+                }
+            }
             o.ns.insert(ns, obs);
         }
         match self.ports.processes.list() {
@@ -758,6 +833,16 @@ impl Reconciler {
                 st.started_at = Some(now);
                 st.not_before = None;
                 Ok(())
+            }
+            Op::ApplyLb { ns, spec } => {
+                let stats = self.ports.lb.apply(&NsRef::Owned(ns.clone()), spec)?;
+                debug!(%ns, services_changed = stats.services_changed, messages = stats.messages, full = stats.full, "load balancer applied");
+                self.lb_applied.insert(ns.clone(), spec.clone());
+                Ok(())
+            }
+            Op::FlushLb(ns) => {
+                self.lb_applied.remove(ns);
+                self.ports.lb.flush(&NsRef::Owned(ns.clone()))
             }
             Op::StopProcess(t) => ok_if_missing(self.ports.processes.stop(t, self.cfg.stop_grace)),
             Op::ForgetProcess(t) => ok_if_missing(self.ports.processes.forget(t)),

@@ -5,10 +5,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::net::Ipv4Addr;
 use swarmnet_model::{IfName, Intent, Name, NodeId, TaskId};
 use swarmnet_netd::fake::firewall::FakeFirewall;
+use swarmnet_netd::fake::lb::{FakeLoadBalancer, FakeRefusal};
 use swarmnet_netd::fake::link::FakeLinkPort;
 use swarmnet_netd::fake::process::FakeProcessPort;
+use swarmnet_netd::lb::{
+    ApplyStats, LbKind, LbObserved, LbSpec, LoadBalancerPort, Proto, ServiceKey,
+};
 use swarmnet_netd::plan::ObjectKey;
 use swarmnet_netd::port::{
     ErrorKind, Exit, FdbEntry, LinkKind, LinkPort, LinkSpec, NsName, NsRef, PortError, PortResult,
@@ -98,6 +103,7 @@ fn reconciler(links: FakeLinkPort, procs: SharedProcs, dir: &tempfile::TempDir) 
         links: Box::new(links),
         firewall: Box::new(FakeFirewall::new()),
         processes: Box::new(procs),
+        lb: Box::new(FakeLoadBalancer::new()),
     };
     Reconciler::new(ports, config(dir.path()))
 }
@@ -349,6 +355,7 @@ fn one_failing_object_does_not_stall_the_others() {
         links: Box::new(links),
         firewall: Box::new(FakeFirewall::new()),
         processes: Box::new(SharedProcs::default()),
+        lb: Box::new(FakeLoadBalancer::new()),
     };
     let mut r = Reconciler::new(ports, config(tmp.path()));
     r.set_intent(intent(INTENT));
@@ -471,6 +478,7 @@ fn a_big_change_is_applied_in_slices_with_status_pending_meanwhile() {
         links: Box::new(node_with_underlay()),
         firewall: Box::new(FakeFirewall::new()),
         processes: Box::new(SharedProcs::default()),
+        lb: Box::new(FakeLoadBalancer::new()),
     };
     // No time budget at all: every round applies exactly one object.
     let mut r = Reconciler::new(
@@ -495,4 +503,129 @@ fn a_big_change_is_applied_in_slices_with_status_pending_meanwhile() {
     // node, app, db, web1, web2, pg1: six objects, one per round, plus confirmations.
     assert!(rounds >= 6, "{rounds}");
     assert_eq!(r.round(true, Instant::now()).ops_applied, 0);
+}
+
+/// A load balancer the test can also reach, to make connections through it.
+#[derive(Clone, Default)]
+struct SharedLb(Arc<Mutex<FakeLoadBalancer>>);
+
+impl LoadBalancerPort for SharedLb {
+    fn kind(&self) -> LbKind {
+        LbKind::Fake
+    }
+    fn apply(&mut self, ns: &NsRef, spec: &LbSpec) -> PortResult<ApplyStats> {
+        self.0.lock().unwrap().apply(ns, spec)
+    }
+    fn observe(&mut self, ns: &NsRef) -> PortResult<LbObserved> {
+        self.0.lock().unwrap().observe(ns)
+    }
+    fn flush(&mut self, ns: &NsRef) -> PortResult<()> {
+        self.0.lock().unwrap().flush(ns)
+    }
+    fn namespaces(&self) -> Vec<NsRef> {
+        self.0.lock().unwrap().namespaces()
+    }
+}
+
+const VIP_INTENT: &str = r#"{
+  "version": 1,
+  "nodes": [{"id": "n1", "addr": "198.18.0.1"}, {"id": "n2", "addr": "198.18.0.2"}],
+  "networks": [{"name": "app", "subnet": "10.10.0.0/24", "vni": 4097}],
+  "services": [
+    {"name": "web", "networks": [{"network": "app", "vip": "10.10.0.2"}],
+     "ports": [{"target": 80}, {"target": 53, "protocol": "udp"}]},
+    {"name": "client", "networks": [{"network": "app"}]}
+  ],
+  "tasks": [
+    {"id": "c1", "service": "client", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.9"}]},
+    {"id": "web1", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.3"}]},
+    {"id": "web2", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.4"}]}
+  ]
+}"#;
+
+#[test]
+fn vips_load_balance_over_every_node_and_leaving_backends_drain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lb = SharedLb::default();
+    let ports = Ports {
+        links: Box::new(node_with_underlay()),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(SharedProcs::default()),
+        lb: Box::new(lb.clone()),
+    };
+    let mut r = Reconciler::new(ports, config(tmp.path()));
+    r.set_intent(intent(VIP_INTENT));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    let app = ns("net-app");
+    // The VIP is a /32 on br0 of the network's namespace.
+    let addrs = r.ports_mut().links.list_addrs(&app).unwrap();
+    assert!(
+        addrs.iter().any(|a| a.addr.to_string() == "10.10.0.2/32"),
+        "{addrs:?}"
+    );
+    let tcp = ServiceKey {
+        vip: "10.10.0.2".parse().unwrap(),
+        proto: Proto::Tcp,
+        port: 80,
+    };
+    let client: Ipv4Addr = "10.10.0.9".parse().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        seen.insert(
+            lb.0.lock()
+                .unwrap()
+                .connect(&app, client, tcp)
+                .unwrap()
+                .backend
+                .to_string(),
+        );
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["10.10.0.3", "10.10.0.4"],
+        "local and remote backends"
+    );
+    let open = lb.0.lock().unwrap().connect(&app, client, tcp).unwrap();
+
+    // web2 (on n2) leaves: it drains for the grace period (1 s here), then is gone.
+    let mut spec = intent(VIP_INTENT).spec().clone();
+    spec.tasks.retain(|t| t.id.as_str() != "web2");
+    r.set_intent(Intent::new(spec).unwrap());
+    let t0 = Instant::now();
+    r.round(false, t0);
+    for _ in 0..20 {
+        let c = lb.0.lock().unwrap().connect(&app, client, tcp).unwrap();
+        assert_eq!(
+            c.backend.to_string(),
+            "10.10.0.3",
+            "no new connection reaches a draining backend"
+        );
+    }
+    assert!(
+        lb.0.lock().unwrap().established(open.id).is_some(),
+        "established connections continue"
+    );
+    let applied_at_t0 = lb.0.lock().unwrap().commits(&app);
+    let later = t0 + Duration::from_secs(2);
+    assert!(r.wants_round(later), "the drain deadline wakes a round");
+    r.round(false, later);
+    assert!(
+        lb.0.lock().unwrap().commits(&app) > applied_at_t0,
+        "the drained backend was removed"
+    );
+
+    // No backend left: refused at once.
+    let mut spec = intent(VIP_INTENT).spec().clone();
+    spec.tasks.retain(|t| !t.id.as_str().starts_with("web"));
+    r.set_intent(Intent::new(spec).unwrap());
+    r.round(false, later);
+    r.round(false, later + Duration::from_secs(2));
+    assert_eq!(
+        lb.0.lock().unwrap().connect(&app, client, tcp).unwrap_err(),
+        FakeRefusal::NoBackend
+    );
 }

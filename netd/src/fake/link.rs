@@ -29,6 +29,8 @@ const NS_SYSCTLS: &[(&str, &str)] = &[
     ("net/ipv4/ip_forward", "0"),
     ("net/ipv6/conf/all/accept_ra", "1"),
     ("net/ipv6/conf/default/accept_ra", "1"),
+    // br_netfilter's per-namespace default (brnf_init_net).
+    ("net/bridge/bridge-nf-call-iptables", "1"),
 ];
 
 #[derive(Debug, Clone)]
