@@ -106,6 +106,20 @@ pub struct ServiceSpec {
     pub networks: Vec<ServiceNetwork>,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Client-IP session affinity of the service's VIP.
+    #[serde(default)]
+    pub affinity: Affinity,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Affinity {
+    /// Every new connection picks a backend at random.
+    #[default]
+    None,
+    /// New connections from one client address go to one backend (while the set of healthy
+    /// backends is unchanged).
+    ClientIp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -57,6 +57,8 @@ pub struct NetdConfig {
     /// What sandboxes on internal networks get for names outside the cluster.
     pub dns_internal_answer: crate::dns::DenyAnswer,
     pub lb: LbChoice,
+    /// Idle timeouts of load-balanced connections; `None` keeps the kernel's (TCP 5 days).
+    pub lb_timeouts: Option<crate::lb::IdleTimeouts>,
 }
 
 pub const DEFAULT_DNS_TTL: u32 = 5;
@@ -88,6 +90,10 @@ pub struct RawConfig {
     /// `refused` or `nxdomain`.
     pub dns_internal_answer: Option<String>,
     pub lb: Option<LbChoice>,
+    /// e.g. `2h`; established TCP connections through a VIP idle this long are forgotten.
+    pub lb_tcp_idle_timeout: Option<String>,
+    /// e.g. `120s`; UDP flows through a VIP idle this long are forgotten.
+    pub lb_udp_idle_timeout: Option<String>,
 }
 
 impl RawConfig {
@@ -110,6 +116,8 @@ impl RawConfig {
             dns_ttl: over.dns_ttl.or(self.dns_ttl),
             dns_internal_answer: over.dns_internal_answer.or(self.dns_internal_answer),
             lb: over.lb.or(self.lb),
+            lb_tcp_idle_timeout: over.lb_tcp_idle_timeout.or(self.lb_tcp_idle_timeout),
+            lb_udp_idle_timeout: over.lb_udp_idle_timeout.or(self.lb_udp_idle_timeout),
         }
     }
 
@@ -185,6 +193,28 @@ impl RawConfig {
                 ));
             }
         };
+        let idle = |v: Option<String>, field: &'static str, default: Duration| match v {
+            Some(s) => parse_duration(&s).map_err(|m| err(field, m)),
+            None => Ok(default),
+        };
+        let lb_timeouts =
+            if self.lb_tcp_idle_timeout.is_none() && self.lb_udp_idle_timeout.is_none() {
+                None
+            } else {
+                // The one not given keeps the kernel's default.
+                Some(crate::lb::IdleTimeouts {
+                    tcp_established: idle(
+                        self.lb_tcp_idle_timeout,
+                        "lb_tcp_idle_timeout",
+                        Duration::from_secs(432_000),
+                    )?,
+                    udp_stream: idle(
+                        self.lb_udp_idle_timeout,
+                        "lb_udp_idle_timeout",
+                        Duration::from_secs(120),
+                    )?,
+                })
+            };
         Ok(NetdConfig {
             node_id,
             intent,
@@ -202,6 +232,7 @@ impl RawConfig {
             dns_ttl: self.dns_ttl.unwrap_or(DEFAULT_DNS_TTL),
             dns_internal_answer,
             lb: self.lb.unwrap_or(LbChoice::Auto),
+            lb_timeouts,
         })
     }
 }

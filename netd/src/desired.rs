@@ -18,7 +18,7 @@ use ipnet::Ipv4Net;
 use swarmnet_model::spec::{DesiredState, EndpointMode, Protocol, RestartPolicy, TaskRuntime};
 use swarmnet_model::{IfName, Intent, MacAddr, Name, NodeId, TaskId};
 
-use crate::lb::{LbSpec, Proto, ServiceKey, ServiceSpec};
+use crate::lb::{Affinity, LbSpec, Proto, ServiceKey, ServiceSpec};
 use crate::port::NsName;
 
 /// Marker written into IFLA_IFALIAS of every link netd creates; prune requires it.
@@ -408,10 +408,16 @@ fn project_vips(intent: &Intent, networks: &mut BTreeMap<Name, DesiredNetwork>) 
                     proto,
                     port: port.target,
                 };
-                net.lb.services.insert(
-                    key,
-                    ServiceSpec::new(key, port.target, backends.iter().copied()),
-                );
+                let mut spec = ServiceSpec::new(key, port.target, backends.iter().copied());
+                spec.affinity = match s.affinity {
+                    swarmnet_model::spec::Affinity::None => Affinity::None,
+                    // The nftables backend hashes the client address (stateless); the timeout
+                    // is for stateful backends (IPVS persistence): Kubernetes' default.
+                    swarmnet_model::spec::Affinity::ClientIp => Affinity::ClientIp {
+                        timeout: std::time::Duration::from_secs(10_800),
+                    },
+                };
+                net.lb.services.insert(key, spec);
             }
         }
     }

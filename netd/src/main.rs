@@ -63,6 +63,12 @@ struct Args {
     /// Load balancer for service VIPs [default: auto: IPVS where the kernel has it, else nftables].
     #[arg(long, value_enum)]
     lb: Option<swarmnet_netd::config::LbChoice>,
+    /// Idle timeout of established TCP connections through VIPs, e.g. 2h [default: kernel, 5 days].
+    #[arg(long)]
+    lb_tcp_idle_timeout: Option<String>,
+    /// Idle timeout of UDP flows through VIPs, e.g. 120s [default: kernel].
+    #[arg(long)]
+    lb_udp_idle_timeout: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -133,6 +139,8 @@ fn main() -> anyhow::Result<()> {
         dns_ttl: args.dns_ttl,
         dns_internal_answer: args.dns_internal_answer,
         lb: args.lb,
+        lb_tcp_idle_timeout: args.lb_tcp_idle_timeout,
+        lb_udp_idle_timeout: args.lb_udp_idle_timeout,
     };
     let cfg = file.overlay(flags).validate()?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -171,6 +179,7 @@ fn main() -> anyhow::Result<()> {
             state_dir: cfg.run_dir.clone(),
             stop_grace: cfg.stop_grace,
             round_budget: swarmnet_netd::reconcile::DEFAULT_ROUND_BUDGET,
+            lb_timeouts: cfg.lb_timeouts,
         },
     );
     let shutdown = Arc::new(AtomicBool::new(false));

@@ -55,6 +55,8 @@ pub struct ReconcilerConfig {
     pub stop_grace: Duration,
     /// How long one round may apply before leaving the rest pending for the next round.
     pub round_budget: Duration,
+    /// Idle timeouts of load-balanced connections (`None`: the kernel's).
+    pub lb_timeouts: Option<crate::lb::IdleTimeouts>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -395,6 +397,13 @@ impl Reconciler {
         }
         let ctx = self.context();
         let (mut desired, issues) = desired::project(&self.intent, &ctx);
+        for n in desired
+            .networks
+            .values_mut()
+            .filter(|n| !n.lb.services.is_empty())
+        {
+            n.lb.timeouts = self.cfg.lb_timeouts;
+        }
         self.keep_draining(&mut desired, now);
         self.projection_issues = issues
             .into_iter()

@@ -95,6 +95,7 @@ fn config(dir: &std::path::Path) -> ReconcilerConfig {
         state_dir: dir.to_path_buf(),
         stop_grace: Duration::from_secs(1),
         round_budget: Duration::from_secs(1),
+        lb_timeouts: None,
     }
 }
 
