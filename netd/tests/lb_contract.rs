@@ -1183,3 +1183,78 @@ fn scale_10k_services() {
         assert!(b.contains(&reached(&w.connect(1, last_key))));
     });
 }
+
+/// The rule-sync benchmark of issue 4 (run by `bench/lb-sync.sh`, release build): in a
+/// scratch namespace, the full program of `SWARMNET_LB_BENCH_SERVICES` (10,000) services × 10
+/// backends, then +1 service and one endpoint flip (one backend replaced by another), each
+/// repeated and reported as the median. Prints one `LBSYNC {json}` line.
+#[test]
+#[ignore = "benchmark: run by bench/lb-sync.sh"]
+fn bench_lb_sync() {
+    if !swarmnet_tests_netns::gate::privileged("bench_lb_sync") {
+        return;
+    }
+    let services: u32 = std::env::var("SWARMNET_LB_BENCH_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let line = in_scratch(move || {
+        let mut lb = NftLoadBalancer::new("/nonexistent").unwrap();
+        let vip = |i: u32| Ipv4Addr::from(u32::from(ip("10.60.0.0")) + i);
+        let be = |i: u32, j: u32| Ipv4Addr::from(u32::from(ip("10.64.0.0")) + i * 10 + j);
+        let mk = |i: u32| {
+            svc(
+                ServiceKey {
+                    vip: vip(i),
+                    proto: Proto::Tcp,
+                    port: 80,
+                },
+                &(0..10).map(|j| be(i, j)).collect::<Vec<_>>(),
+            )
+        };
+        let mut spec = LbSpec::from_services((0..services).map(mk));
+        let t = Instant::now();
+        let st = lb.apply(&NsRef::Node, &spec).unwrap();
+        let full = t.elapsed();
+        let full_messages = st.messages;
+        let median = |mut v: Vec<Duration>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        let (mut add, mut flip) = (Vec::new(), Vec::new());
+        let (mut add_msgs, mut flip_msgs) = (0, 0);
+        for r in 0..21u32 {
+            // +1 service (10 backends).
+            spec.insert(mk(services + r));
+            let t = Instant::now();
+            add_msgs = lb.apply(&NsRef::Node, &spec).unwrap().messages;
+            add.push(t.elapsed());
+            // Flip: in a service in the middle, one backend replaced by another.
+            let s = spec
+                .services
+                .get_mut(&ServiceKey {
+                    vip: vip(services / 2),
+                    proto: Proto::Tcp,
+                    port: 80,
+                })
+                .unwrap();
+            let gone = *s.backends.keys().next().unwrap();
+            s.backends.remove(&gone);
+            s.backends.insert(
+                Ipv4Addr::from(u32::from(ip("10.126.0.0")) + r),
+                BackendState::Healthy,
+            );
+            let t = Instant::now();
+            flip_msgs = lb.apply(&NsRef::Node, &spec).unwrap().messages;
+            flip.push(t.elapsed());
+        }
+        lb.flush(&NsRef::Node).unwrap();
+        format!(
+            "{{\"services\": {services}, \"backends_per_service\": 10, \"full_s\": {:.4}, \"full_messages\": {full_messages}, \"add_service_ms\": {:.3}, \"add_service_messages\": {add_msgs}, \"flip_ms\": {:.3}, \"flip_messages\": {flip_msgs}}}",
+            full.as_secs_f64(),
+            median(add).as_secs_f64() * 1e3,
+            median(flip).as_secs_f64() * 1e3,
+        )
+    });
+    println!("LBSYNC {line}");
+}
