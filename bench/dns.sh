@@ -85,6 +85,10 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     log "cleanup"
+    # Keep the servers' logs beside the results.
+    for f in netd dnsmasq unbound; do
+        [ -f "$WORK/$f.log" ] && cp "$WORK/$f.log" "$(dirname "$OUT_JSON")/dns-$f.log" 2>/dev/null
+    done
     for p in "${STARTED[@]}"; do
         [ -e "/proc/$p" ] && kill -TERM "$p" 2>/dev/null
     done
@@ -254,6 +258,13 @@ print(json.dumps(d))
 PY
 }
 now() { date +%s.%N; }
+# After each run: does the server still answer (a run with no answers is then the machine's doing,
+# e.g. a stall, not a dead server)?
+alive_json() {
+    local first
+    first=$(head -1 "$WORK/names.txt")
+    if answers "${NS[$1]}" "${first% *}" "${first#* }"; then echo '{"alive_after": true}'; else echo '{"alive_after": false}'; fi
+}
 # One line about the last result, for the progress log.
 read -r -d '' SHOW_PY <<'PY' || true
 import json, sys
@@ -262,7 +273,7 @@ g = lambda k: d.get(k) if d.get(k) is not None else float("nan")
 if "error" in d:
     print("FAILED: " + d["error"])
 elif sys.argv[1] == "capacity":
-    print(f"{g('qps'):,.0f} qps, loss {g('loss_pct'):.2f}%, server {g('server_util'):.0%} of its core (core busy {g('core_busy_frac'):.0%}), backlog at server/generator {g('server_backlog_frac'):.0%}/{g('gen_backlog_frac'):.0%} of samples, drops {d.get('server_sock_drops')}/{d.get('gen_sock_drops')}")
+    print(f"{g('qps'):,.0f} qps, loss {g('loss_pct'):.2f}%, server {g('server_util'):.0%} of its core (core busy {g('core_busy_frac'):.0%}, irq+softirq {g('core_irq_frac'):.0%}), window waiting at the server {g('server_queue_share'):.0%}, drops {d.get('server_sock_drops')}/{d.get('gen_sock_drops')}")
 elif sys.argv[1] == "latency":
     print(f"p50 {g('p50_us'):.0f} us, p99 {g('p99_us'):.0f} us, p99.9 {g('p999_us'):.0f} us, loss {g('loss_pct'):.2f}% (socket drops server/generator {d.get('server_sock_drops')}/{d.get('gen_sock_drops')}), server {g('server_util'):.0%} of its core (core busy {g('core_busy_frac'):.0%})")
 else:
@@ -278,7 +289,7 @@ dnsload_run() { # server kind args...
         --names "$WORK/names.txt" --sockets "$SOCKETS" --batch "$BATCH" --duration "$DURATION" \
         --server-pid "${PID[$s]}" --server-cpu "$SERVER_CPU" "$@" 2>&1) || true
     t1=$(now); c1=$(cpu_ticks "${PID[$s]}")
-    record "$s" "$kind" '{}' "$out" "$((c1 - c0))" "$(python3 -c "print($t1 - $t0)")"
+    record "$s" "$kind" "$(alive_json "$s")" "$out" "$((c1 - c0))" "$(python3 -c "print($t1 - $t0)")"
 }
 
 dnsperf_run() { # server
@@ -312,7 +323,7 @@ print(json.dumps({
 PY
     ) || true
     t1=$(now); c1=$(cpu_ticks "${PID[$s]}")
-    record "$s" dnsperf '{}' "$out" "$((c1 - c0))" "$(python3 -c "print($t1-$t0)")"
+    record "$s" dnsperf "$(alive_json "$s")" "$out" "$((c1 - c0))" "$(python3 -c "print($t1-$t0)")"
 }
 
 log "capacity: $ROUNDS interleaved rounds, dnsload window $WINDOW over $SOCKETS sockets, ${DURATION}s each"
@@ -330,7 +341,7 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 cap = [r for r in rows if r["server"] == sys.argv[2] and r["kind"] == "capacity" and r.get("qps")]
 # Runs where the server was the bottleneck, as in the summary; all runs if none was.
-good = [r for r in cap if r.get("server_backlog_frac", 0) >= 0.5 and r.get("gen_backlog_frac", 1) < 0.5] or cap
+good = [r for r in cap if (r.get("server_queue_share") or 0) >= 0.6] or cap
 print(int(statistics.median([r["qps"] for r in good]) / 2) if good else 1000)
 PY
 )
@@ -363,10 +374,10 @@ import json, statistics, sys
 res, out, servers, names, window, sockets, dur, rounds, scpu, lcpu, ncpu, load = sys.argv[1:13]
 servers = servers.split()
 rows = [json.loads(l) for l in open(res)]
-# A capacity run counts when the server was the bottleneck (queries waiting at its socket in
-# at least half of the generator's 10 ms samples) and the generator was not (answers waiting at
-# its own sockets in less than half), nothing was lost and every answer checked out.
-SERVER_BACKLOG, GEN_BACKLOG = 0.5, 0.5
+# A capacity run counts when the server was the bottleneck — most of the window waited at its
+# socket (bytes queued there ÷ bytes queued at both sides, over the 10 ms samples, >= 0.6) —
+# nothing was lost and every answer checked out. Otherwise the generator (or the machine) was.
+SERVER_SHARE = 0.6
 summary = {}
 for s in servers:
     cap = [r for r in rows if r["server"] == s and r["kind"] == "capacity" and r.get("qps")]
@@ -375,11 +386,11 @@ for s in servers:
         r["qps_per_core"] = r["answered"] / cpu if cpu else None
         r["cpu_s_per_mq"] = cpu / max(r["answered"], 1) * 1e6 if cpu else None
         why = []
-        if r.get("server_backlog_frac", 0) < SERVER_BACKLOG:
-            why.append(f"server not saturated (backlog in {r.get('server_backlog_frac', 0):.0%} of samples; "
-                       f"server {r.get('server_util') or 0:.0%} of core {scpu}, core busy {r.get('core_busy_frac') or 0:.0%})")
-        if r.get("gen_backlog_frac", 1) >= GEN_BACKLOG:
-            why.append(f"load generator saturated (answers queued at it in {r.get('gen_backlog_frac', 1):.0%} of samples)")
+        share = r.get("server_queue_share") or 0
+        if share < SERVER_SHARE:
+            why.append(f"server not the bottleneck: {share:.0%} of the queued window waited at the server, "
+                       f"the rest at the load generator (server {r.get('server_util') or 0:.0%} of core {scpu}, "
+                       f"core busy {r.get('core_busy_frac') or 0:.0%})")
         if r["loss_pct"] >= 1.0:
             why.append(f"loss {r['loss_pct']:.2f}%")
         if r["invalid"]:
@@ -437,6 +448,12 @@ for s in servers:
     notes = []
     if (m["core_busy"] or 0) - (m["server_util"] or 0) > 0.2:
         notes.append(f"core {scpu} shared: server {m['server_util']:.0%}, other work {m['core_busy'] - m['server_util']:.0%}")
+    bad = [r["kind"] for r in rows if r["server"] == s and r.get("alive_after") is False]
+    if bad:
+        notes.append(f"did not answer dig after: {', '.join(bad)}")
+    empty = [r["kind"] for r in rows if r["server"] == s and r.get("qps") == 0]
+    if empty:
+        notes.append(f"no answers at all in: {', '.join(empty)} (answered again afterwards: {not bad})")
     if (h.get("loss_pct") or 0) >= 1.0:
         notes.append(f"open-loop loss {h['loss_pct']:.1f}% at half rate")
     if m["valid_runs"] < m["runs"]:

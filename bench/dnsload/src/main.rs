@@ -24,7 +24,9 @@
 //! namespace (the server listens in the same one) — queries waiting in the server's socket
 //! (`server_backlog_frac`: share of samples) mean the server is saturated; answers waiting in
 //! the generator's own sockets (`gen_backlog_frac`) mean the generator is, and then its numbers
-//! say nothing about the server. `idle_frac` is the share of time spent in loop turns that found
+//! say nothing about the server. Both sides batch, so both queues are often non-empty; what
+//! decides is where most of the window waits: `server_queue_share` = bytes queued at the
+//! server ÷ bytes queued at both, summed over the samples. `idle_frac` is the share of time spent in loop turns that found
 //! nothing to do. Prints one JSON object on stdout.
 
 use std::collections::VecDeque;
@@ -251,8 +253,8 @@ fn proc_ticks(pid: u32) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-/// (busy, total) ticks of one core from /proc/stat.
-fn core_ticks(cpu: usize) -> Option<(u64, u64)> {
+/// (busy, total, irq + softirq) ticks of one core from /proc/stat.
+fn core_ticks(cpu: usize) -> Option<(u64, u64, u64)> {
     let s = std::fs::read_to_string("/proc/stat").ok()?;
     let line = s.lines().find(|l| l.starts_with(&format!("cpu{cpu} ")))?;
     let v: Vec<u64> = line
@@ -262,7 +264,7 @@ fn core_ticks(cpu: usize) -> Option<(u64, u64)> {
         .collect();
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3)? + v.get(4)?;
-    Some((total - idle, total))
+    Some((total - idle, total, v.get(5)? + v.get(6)?))
 }
 
 /// UDP sockets of this namespace from /proc/net/udp: (drops, queued receive bytes) summed
@@ -302,7 +304,7 @@ fn udp_drops(ours: &[u16]) -> (u64, u64) {
 #[derive(Clone, Copy)]
 struct Sample {
     server: Option<u64>,
-    core: Option<(u64, u64)>,
+    core: Option<(u64, u64, u64)>,
     drops: (u64, u64),
 }
 
@@ -416,6 +418,7 @@ fn main() {
     // Where the backlog sits, sampled every 10 ms: queries queued at the server's socket mean
     // the server is the bottleneck; answers queued at ours mean this generator is.
     let (mut samples, mut server_backlog, mut gen_backlog) = (0u64, 0u64, 0u64);
+    let (mut server_bytes, mut gen_bytes) = (0u64, 0u64);
     let mut next_sample_ns = 0u64;
     let mut rr = 0usize;
 
@@ -584,6 +587,8 @@ fn main() {
             samples += 1;
             server_backlog += u64::from(srv.1 > 0);
             gen_backlog += u64::from(gen_.1 > 0);
+            server_bytes += srv.1;
+            gen_bytes += gen_.1;
         }
         while let Some(&(si, id, sent)) = order.front() {
             if now.saturating_sub(sent) < timeout_ns {
@@ -617,9 +622,12 @@ fn main() {
         (Some(a), Some(b)) => Some((b - a) as f64 / 100.0),
         _ => None,
     };
-    let core_busy = match (s0.core, s1.core) {
-        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => Some((b1 - b0) as f64 / (t1 - t0) as f64),
-        _ => None,
+    let (core_busy, core_irq) = match (s0.core, s1.core) {
+        (Some((b0, t0, i0)), Some((b1, t1, i1))) if t1 > t0 => (
+            Some((b1 - b0) as f64 / (t1 - t0) as f64),
+            Some((i1 - i0) as f64 / (t1 - t0) as f64),
+        ),
+        _ => (None, None),
     };
     let loss_pct = if stats.sent > 0 {
         100.0 * (stats.lost as f64) / (stats.sent as f64)
@@ -639,8 +647,9 @@ fn main() {
          \"loss_pct\":{},\"qps\":{},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\
          \"idle_frac\":{},\"cpu_s\":{},\"total_sent\":{},\"total_answered\":{},\
          \"total_wall_s\":{},\"total_cpu_s\":{},\"server_cpu_s\":{},\"server_util\":{},\
-         \"core_busy_frac\":{},\"server_sock_drops\":{},\"gen_sock_drops\":{},\
-         \"server_backlog_frac\":{},\"gen_backlog_frac\":{},\"invalid_examples\":[{}]}}",
+         \"core_busy_frac\":{},\"core_irq_frac\":{},\"server_sock_drops\":{},\"gen_sock_drops\":{},\
+         \"server_backlog_frac\":{},\"gen_backlog_frac\":{},\"server_queue_share\":{},\
+         \"invalid_examples\":[{}]}}",
         if args.window.is_some() {
             "window"
         } else {
@@ -669,10 +678,12 @@ fn main() {
         server_cpu_s.map_or("null".into(), num),
         server_cpu_s.map_or("null".into(), |c| num(c / wall_measured.max(1e-9))),
         core_busy.map_or("null".into(), num),
+        core_irq.map_or("null".into(), num),
         s1.drops.0.saturating_sub(s0.drops.0),
         s1.drops.1.saturating_sub(s0.drops.1),
         num(server_backlog as f64 / samples.max(1) as f64),
         num(gen_backlog as f64 / samples.max(1) as f64),
+        num(server_bytes as f64 / (server_bytes + gen_bytes).max(1) as f64),
         invalid_examples
             .iter()
             .map(|e| format!("\"{e}\""))
