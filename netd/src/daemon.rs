@@ -205,6 +205,9 @@ pub fn run(
                 let first = rec.intent_generation() == 0;
                 rec.set_intent(intent);
                 info!(generation = rec.intent_generation(), "intent loaded");
+                // Names depend on the intent alone: existing sandboxes get their new answers
+                // now, not after a round that may spend its time building other sandboxes.
+                dns.sync(&rec);
                 // The first round after start is full: adopt what is there and prune the rest.
                 ran = Some(rec.round(first, now));
                 if first {
