@@ -11,6 +11,9 @@ use ipnet::Ipv4Net;
 use crate::spec::{ClusterSpec, NetworkSpec, ServiceSpec, TaskRuntime, TaskSpec};
 use crate::types::{IfName, MacAddr, Name, NodeId};
 
+/// The task id every node's ingress sandbox uses; no task may take it.
+pub const RESERVED_TASK: &str = "ingress-sbox";
+
 /// One thing wrong with an intent, located by its path in the document (`networks[1].subnet`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IntentIssue {
@@ -142,6 +145,10 @@ impl Intent {
     pub fn network(&self, name: &Name) -> Option<&Network> {
         self.networks.get(name)
     }
+    /// The routing-mesh network, if the cluster has one.
+    pub fn ingress_network(&self) -> Option<&Network> {
+        self.networks.values().find(|n| n.spec.ingress)
+    }
     pub fn services(&self) -> impl Iterator<Item = &ServiceSpec> {
         self.spec.services.iter()
     }
@@ -212,9 +219,57 @@ impl Validator {
                 format!("the gateway of network {:?}", n.spec.name.as_str()),
             );
         }
+        self.check_ingress(spec, &networks, &mut taken);
         let service_index = self.check_services(spec, &networks, &mut taken);
         let attachments = self.check_tasks(spec, &nodes, &networks, &service_index, &mut taken);
         (networks, service_index, attachments)
+    }
+
+    /// With an ingress network, every node has an address on it (its ingress sandbox), and every
+    /// service publishing a port in ingress mode has a VIP on it (the routing mesh balances
+    /// over the service's tasks there).
+    fn check_ingress(&mut self, spec: &ClusterSpec, networks: &BTreeMap<Name, Network>, taken: &mut HashMap<(Name, Ipv4Addr), String>) {
+        let ingress = networks.values().find(|n| n.spec.ingress);
+        for (i, n) in spec.nodes.iter().enumerate() {
+            let p = format!("nodes[{i}].ingress_ip");
+            match (ingress, n.ingress_ip) {
+                (Some(net), Some(ip)) => {
+                    if let Err(e) = usable(&net.spec.subnet, ip) {
+                        self.err(p, e);
+                    } else if let Some(owner) = taken.insert(
+                        (net.spec.name.clone(), ip),
+                        format!("the ingress address of node {:?}", n.id.as_str()),
+                    ) {
+                        self.err(p, format!("{ip} is already {owner}"));
+                    }
+                }
+                (Some(net), None) => self.err(
+                    p,
+                    format!("every node needs an address on the ingress network {:?} (its ingress sandbox)", net.spec.name.as_str()),
+                ),
+                (None, Some(_)) => self.err(p, "there is no ingress network (a network with \"ingress\": true)"),
+                (None, None) => {}
+            }
+        }
+        for (i, s) in spec.services.iter().enumerate() {
+            let Some(k) = s.ports.iter().position(|p| p.published.is_some() && p.publish_mode == crate::spec::PublishMode::Ingress) else {
+                continue;
+            };
+            let p = format!("services[{i}].ports[{k}]");
+            match ingress {
+                None => self.err(p, "publishing in ingress mode needs an ingress network (a network with \"ingress\": true); or use \"publish_mode\": \"host\""),
+                Some(net) => {
+                    if !s.networks.iter().any(|sn| sn.network == net.spec.name && sn.vip.is_some()) {
+                        self.err(p, format!("service {:?} publishes in ingress mode, so it needs a VIP on the ingress network {:?}", s.name.as_str(), net.spec.name.as_str()));
+                    }
+                }
+            }
+        }
+        for (i, t) in spec.tasks.iter().enumerate() {
+            if t.id.as_str() == RESERVED_TASK {
+                self.err(format!("tasks[{i}].id"), format!("{RESERVED_TASK:?} is reserved for the ingress sandbox"));
+            }
+        }
     }
 
     fn check_nodes(&mut self, spec: &ClusterSpec) -> BTreeSet<NodeId> {
@@ -567,7 +622,7 @@ mod tests {
       "services": [
         {"name": "web", "mode": {"replicated": {"replicas": 2}},
          "networks": [{"network": "app", "vip": "10.10.0.2", "aliases": ["www"]}],
-         "ports": [{"name": "http", "target": 80, "published": 8080}]}
+         "ports": [{"name": "http", "target": 80, "published": 8080, "publish_mode": "host"}]}
       ],
       "tasks": [
         {"id": "web1", "service": "web", "slot": 1, "node": "n1", "argv": ["sleep", "inf"],
@@ -687,7 +742,7 @@ mod tests {
         // A second service publishing the same port is refused with the first one's name.
         let spec_text = GOOD.replace(
             r#""services": ["#,
-            r#""services": [{"name": "api", "ports": [{"target": 81, "published": 8080}]},"#,
+            r#""services": [{"name": "api", "ports": [{"target": 81, "published": 8080, "publish_mode": "host"}]},"#,
         );
         let e = issues(&spec_text);
         assert!(
@@ -699,6 +754,28 @@ mod tests {
             r#""target": 81, "published": 8080, "protocol": "udp""#,
         );
         Intent::from_json(&ok).unwrap();
+    }
+
+    #[test]
+    fn ingress_needs_node_addresses_and_a_vip() {
+        let with_ingress = GOOD
+            .replace(
+                r#"{"name": "app", "subnet""#,
+                r#"{"name": "ingress", "subnet": "10.255.0.0/16", "vni": 4096, "ingress": true}, {"name": "app", "subnet""#,
+            )
+            .replace(r#", "publish_mode": "host""#, "");
+        let e = issues(&with_ingress);
+        assert!(e.iter().any(|i| i.starts_with("nodes[0].ingress_ip") && i.contains("every node needs")), "{e:?}");
+        assert!(e.iter().any(|i| i.starts_with("services[0].ports[0]") && i.contains("needs a VIP on the ingress network")), "{e:?}");
+        let ok = with_ingress
+            .replace(r#""role": "manager"}"#, r#""role": "manager", "ingress_ip": "10.255.0.11"}"#)
+            .replace(r#"{"id": "n2", "addr": "198.18.0.2"}"#, r#"{"id": "n2", "addr": "198.18.0.2", "ingress_ip": "10.255.0.12"}"#)
+            .replace(r#""aliases": ["www"]}]"#, r#""aliases": ["www"]}, {"network": "ingress", "vip": "10.255.0.2"}]"#);
+        Intent::from_json(&ok).unwrap();
+        let dup = ok.replace("10.255.0.12", "10.255.0.11");
+        assert!(issues(&dup)[0].contains("already the ingress address of node \"n1\""));
+        let no_ingress = GOOD.replace(r#""role": "manager"}"#, r#""role": "manager", "ingress_ip": "10.255.0.11"}"#);
+        assert!(issues(&no_ingress).iter().any(|i| i.contains("there is no ingress network")));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct NodeSpec {
     /// Underlay interface; when absent, the interface holding `addr` is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_interface: Option<IfName>,
+    /// The node's address on the ingress network (its ingress sandbox, through which published
+    /// ports reach the routing mesh). Required on every node when an ingress network exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
