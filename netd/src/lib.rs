@@ -19,6 +19,7 @@ pub mod desired;
 pub mod dns;
 pub mod dns_sync;
 pub mod fake;
+pub mod gossip;
 pub mod firewall;
 pub mod lb;
 pub mod linux;

@@ -1,0 +1,263 @@
+//! Gossip of endpoint tables between the netd of every node (issue 6): chitchat 0.13 over an
+//! authenticated, encrypted transport.
+//!
+//! Layout:
+//! - [`crypto`]: the keyring (rotation without a partition) and the sealed frame format with
+//!   replay protection. Pure.
+//! - [`transport`]: chitchat `Transport` that seals every datagram, over real UDP
+//!   ([`transport::UdpNet`]) or an in-process network ([`transport::MemNet`]); counters of
+//!   everything dropped.
+//! - [`record`]: the compact `ep/<network>/<task>` and `vtep` records. Pure.
+//! - [`table`]: the merge from live nodes' states to a validated endpoint table, checked
+//!   against intent through a trait. Pure.
+//! - this file: [`GossipConfig`] (→ chitchat's config, failure detector included) and
+//!   [`GossipNode`], the handle the daemon holds.
+//!
+//! Liveness: chitchat's phi-accrual detector is tuned from one operator knob,
+//! [`GossipConfig::liveness_bound`] (see [`chitchat_config`]); only live nodes enter the table,
+//! so a dead node's endpoints leave it within the bound and come back with its heartbeats.
+//!
+//! Deletion: an endpoint that stops is removed with `NodeState::delete` (a versioned tombstone,
+//! invisible at once; garbage-collected after [`GossipConfig::tombstone_grace`], and a peer that
+//! missed the tombstone's GC is reset from the owner's state by chitchat's `last_gc_version`).
+//! Not `delete_after_ttl`: it keeps the value *visible* until the grace period ends, which
+//! would keep a stopped task in DNS and the LBs. Only the owner writes its keys, so a deletion
+//! made while a peer was away carries a higher version than anything that peer holds and
+//! cannot be resurrected by it. A restarted netd is a new chitchat generation that publishes
+//! only what runs now; the merge ignores older generations of the same node id.
+//!
+//! Invariants: nothing received unauthenticated reaches chitchat; nothing gossiped reaches the
+//! table unless intent backs it.
+
+pub mod crypto;
+pub mod record;
+pub mod table;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion};
+
+pub use crypto::{Keyring, KeyringError};
+pub use record::{EndpointRecord, Health};
+pub use table::{EndpointTable, IntentCheck, MergeStats, NodeSnapshot, TableEntry, merge};
+pub use transport::{
+    CounterSnapshot, DatagramNet, GossipCounters, MemNet, SealedTransport, TransportConfig,
+    UdpNet,
+};
+
+/// Operator configuration of gossip. Defaults in [`GossipConfig::new`].
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    pub node_id: String,
+    /// Incarnation: must grow across restarts of the same node (e.g. start time in ms).
+    pub generation: u64,
+    /// Shared by all nodes; a peer with another cluster id is refused by chitchat.
+    pub cluster_id: String,
+    pub listen_addr: SocketAddr,
+    /// What peers use to reach us (usually `listen_addr` on the underlay).
+    pub advertise_addr: SocketAddr,
+    pub seeds: Vec<SocketAddr>,
+    pub gossip_interval: Duration,
+    /// A stopped node's endpoints leave every table within this time.
+    pub liveness_bound: Duration,
+    /// How long deletions (tombstones) are remembered before GC.
+    pub tombstone_grace: Duration,
+    pub transport: TransportConfig,
+}
+
+impl GossipConfig {
+    /// Defaults: gossip every 500 ms, liveness bound 10 s, tombstones kept 1 h.
+    pub fn new(node_id: impl Into<String>, generation: u64, listen_addr: SocketAddr) -> Self {
+        GossipConfig {
+            node_id: node_id.into(),
+            generation,
+            cluster_id: "swarmnet".into(),
+            listen_addr,
+            advertise_addr: listen_addr,
+            seeds: Vec::new(),
+            gossip_interval: Duration::from_millis(500),
+            liveness_bound: Duration::from_secs(10),
+            tombstone_grace: Duration::from_secs(3600),
+            transport: TransportConfig::default(),
+        }
+    }
+}
+
+/// Chitchat's configuration for `cfg` (pure).
+///
+/// Phi accrual: a node is declared dead when the time since its last heartbeat exceeds
+/// `phi_threshold × mean heartbeat interval`, and the mean is seeded with `initial_interval`
+/// (weight 5). Heartbeats arrive about once per gossip interval (every node gossips with three
+/// peers per round), so with `phi = (bound / 2) / interval` detection takes about half the
+/// bound, leaving the other half for a mean up to twice the interval (a loaded node), the
+/// liveness update that runs once per round, and the table rebuild. Never below 3 (flapping).
+/// Dead nodes are remembered for the tombstone grace so their state is not re-learned from a
+/// lagging peer as new.
+pub fn chitchat_config(cfg: &GossipConfig) -> ChitchatConfig {
+    let interval = cfg.gossip_interval.max(Duration::from_millis(10));
+    let phi = (cfg.liveness_bound.as_secs_f64() / 2.0 / interval.as_secs_f64()).max(3.0);
+    ChitchatConfig {
+        chitchat_id: ChitchatId::new(cfg.node_id.clone(), cfg.generation, cfg.advertise_addr),
+        cluster_id: cfg.cluster_id.clone(),
+        gossip_interval: interval,
+        listen_addr: cfg.listen_addr,
+        seed_nodes: cfg.seeds.iter().map(ToString::to_string).collect(),
+        failure_detector_config: FailureDetectorConfig {
+            phi_threshold: phi,
+            sampling_window_size: 100,
+            max_interval: cfg.liveness_bound,
+            initial_interval: interval,
+            dead_node_grace_period: cfg.tombstone_grace,
+        },
+        marked_for_deletion_grace_period: cfg.tombstone_grace,
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        // V1 compresses the digest (zstd); every netd runs this code, so no V0 peer exists.
+        protocol_version: ProtocolVersion::V1,
+    }
+}
+
+/// What can go wrong starting gossip.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    #[error("cannot start chitchat on {addr}")]
+    Start {
+        addr: SocketAddr,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A running gossip node: the handle the daemon keeps.
+pub struct GossipNode {
+    handle: ChitchatHandle,
+    transport: SealedTransport,
+    node_id: String,
+}
+
+impl std::fmt::Debug for GossipNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GossipNode")
+            .field("node_id", &self.node_id)
+            .finish()
+    }
+}
+
+impl GossipNode {
+    /// Starts chitchat on `net` (use [`UdpNet`] in the daemon) with every datagram sealed
+    /// under `keyring`. Must run inside a tokio runtime.
+    pub async fn spawn(
+        cfg: &GossipConfig,
+        keyring: Keyring,
+        net: Arc<dyn DatagramNet>,
+    ) -> Result<GossipNode, GossipError> {
+        let transport = SealedTransport::new(net, keyring, cfg.transport.clone());
+        let handle = chitchat::spawn_chitchat(chitchat_config(cfg), Vec::new(), &transport)
+            .await
+            .map_err(|e| GossipError::Start {
+                addr: cfg.listen_addr,
+                source: e.into(),
+            })?;
+        Ok(GossipNode {
+            handle,
+            transport,
+            node_id: cfg.node_id.clone(),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Publishes this node's VTEP (underlay address).
+    pub async fn set_vtep(&self, addr: IpAddr) {
+        let v = record::encode_vtep(addr);
+        self.handle
+            .with_chitchat(|c| c.self_node_state().set(record::VTEP_KEY, &v))
+            .await;
+    }
+
+    /// Makes the published endpoints exactly `local` (the node's live endpoints): new and
+    /// changed records are set, absent ones deleted (tombstones). Idempotent; call it after
+    /// every reconcile round.
+    pub async fn publish_endpoints(&self, local: &[EndpointRecord]) {
+        let want: BTreeMap<String, String> = local.iter().map(|r| (r.key(), r.value())).collect();
+        self.handle
+            .with_chitchat(|c| {
+                let st = c.self_node_state();
+                let stale: Vec<String> = st
+                    .key_values()
+                    .filter(|(k, _)| k.starts_with(record::EP_PREFIX) && !want.contains_key(*k))
+                    .map(|(k, _)| k.to_string())
+                    .collect();
+                for k in stale {
+                    st.delete(&k);
+                }
+                for (k, v) in &want {
+                    st.set(k, v);
+                }
+            })
+            .await;
+    }
+
+    /// Snapshots of the live nodes (this one included).
+    pub async fn live_snapshots(&self) -> Vec<NodeSnapshot> {
+        let live = self
+            .handle
+            .with_chitchat(|c| {
+                let ids: Vec<ChitchatId> = c.live_nodes().cloned().collect();
+                ids.into_iter()
+                    .filter_map(|id| c.node_state(&id).map(|s| (id.clone(), s.clone())))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .await;
+        NodeSnapshot::from_live(&live)
+    }
+
+    /// The validated endpoint table of the live nodes, as of now.
+    pub async fn table(&self, check: &dyn IntentCheck) -> (EndpointTable, MergeStats) {
+        merge(&self.live_snapshots().await, check)
+    }
+
+    /// Node ids the failure detector calls live (this one included), sorted.
+    pub async fn live_node_ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .live_snapshots()
+            .await
+            .into_iter()
+            .map(|s| s.node_id)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// A watch that changes when a node joins, leaves or changes its state (not on mere
+    /// heartbeats): the daemon wakes its reconciler on it.
+    pub async fn watcher(
+        &self,
+    ) -> tokio::sync::watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>> {
+        self.handle.with_chitchat(|c| c.live_nodes_watcher()).await
+    }
+
+    /// Transport counters (drops by reason, bytes).
+    pub fn counters(&self) -> CounterSnapshot {
+        self.transport.counters().snapshot()
+    }
+
+    /// The keyring, for rotation.
+    pub fn keyring(&self) -> &Keyring {
+        self.transport.keyring()
+    }
+
+    /// Stops gossiping (peers will declare this node dead within the bound).
+    pub async fn shutdown(self) {
+        if let Err(e) = self.handle.shutdown().await {
+            tracing::warn!(error = %e, node = %self.node_id, "gossip: chitchat ended with an error");
+        }
+    }
+}
