@@ -361,6 +361,8 @@ pub struct Node {
     netd_intent: Option<PathBuf>,
     netd_bin: Option<PathBuf>,
     netd_extra: Vec<String>,
+    /// Extra environment for netd (e.g. `RUST_LOG`), kept across restarts.
+    netd_env: Vec<(String, String)>,
     starts: u32,
     /// Smallest `intent_generation` the current netd must report before its status counts as
     /// reflecting the latest valid intent written.
@@ -523,6 +525,8 @@ impl Node {
         }
         cmd.args(extra);
         cmd.env("RUST_BACKTRACE", "1").env("NO_COLOR", "1");
+        // Only netd's environment: the test process's own is never changed.
+        cmd.envs(self.netd_env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -748,6 +752,7 @@ impl Topology {
                 netd_intent: None,
                 netd_bin: None,
                 netd_extra: Vec::new(),
+                netd_env: Vec::new(),
                 starts: 0,
                 expect_generation: 0,
             };
@@ -777,6 +782,17 @@ impl Topology {
         topo.start_netd(&[])?;
         topo.wait_converged(CONVERGE_TIMEOUT)?;
         Ok(topo)
+    }
+
+    /// Sets extra environment variables for every netd started from now on (and restarts), such
+    /// as `RUST_LOG=swarmnet_netd=debug`; the test process's environment stays as it is.
+    pub fn set_netd_env(&mut self, env: &[(&str, &str)]) {
+        for n in &mut self.nodes {
+            n.netd_env = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        }
     }
 
     /// Starts netd on every node with the shared intent file.
