@@ -61,7 +61,10 @@ impl Cluster {
         let mut cfg = GossipConfig::new(format!("n{i}"), self.generation[i], addr(i));
         cfg.gossip_interval = INTERVAL;
         cfg.liveness_bound = BOUND;
-        cfg.seeds = (0..self.nodes.len()).filter(|j| *j != i).map(addr).collect();
+        cfg.seeds = (0..self.nodes.len())
+            .filter(|j| *j != i)
+            .map(addr)
+            .collect();
         // The previous incarnation's socket is released asynchronously: retry briefly.
         let deadline = Instant::now() + Duration::from_secs(5);
         let node = loop {
@@ -279,7 +282,8 @@ async fn forged_records_and_attack_datagrams_change_nothing() {
         c.net.inject(attacker, addr(1), forged);
     }
     for k in 0..20u8 {
-        c.net.inject(attacker, addr(1), vec![k; 60 + usize::from(k)]);
+        c.net
+            .inject(attacker, addr(1), vec![k; 60 + usize::from(k)]);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = n1.counters();

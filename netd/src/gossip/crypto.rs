@@ -194,10 +194,12 @@ impl Keyring {
 
     /// Parses key material from a slice (e.g. decoded from the orchestrator's message).
     pub fn key_from_slice(bytes: &[u8]) -> Result<[u8; KEY_LEN], KeyringError> {
-        bytes.try_into().map_err(|_| KeyringError::BadLength {
-            expected: KEY_LEN,
-            got: bytes.len(),
-        })
+        bytes
+            .try_into()
+            .map_err(|_wrong_len| KeyringError::BadLength {
+                expected: KEY_LEN,
+                got: bytes.len(),
+            })
     }
 
     /// Accepts `key` to open datagrams; sealing is unchanged. Adding the same id with the same
@@ -387,7 +389,11 @@ fn shift_left(bits: &mut [u64; WINDOW_WORDS], n: u32) {
     let words = (n / 64) as usize;
     let rem = n % 64;
     for i in (0..WINDOW_WORDS).rev() {
-        let mut v = if i >= words { bits[i - words] << rem } else { 0 };
+        let mut v = if i >= words {
+            bits[i - words] << rem
+        } else {
+            0
+        };
         if rem != 0 && i > words {
             v |= bits[i - words - 1] >> (64 - rem);
         }
@@ -470,7 +476,10 @@ mod tests {
         let d = k.seal(s.next_header(1000, 0, 1), b"hello");
         assert_eq!(d.len(), 5 + OVERHEAD);
         let (h, p) = k.open(&d).unwrap();
-        assert_eq!((h.key_id, h.session, h.counter, h.sent_ms), (1, 42, 1, 1000));
+        assert_eq!(
+            (h.key_id, h.session, h.counter, h.sent_ms),
+            (1, 42, 1, 1000)
+        );
         assert_eq!(p, b"hello");
         for i in 0..d.len() {
             let mut t = d.clone();

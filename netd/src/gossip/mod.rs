@@ -39,14 +39,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion};
+use chitchat::{
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion,
+};
 
 pub use crypto::{Keyring, KeyringError};
 pub use record::{EndpointRecord, Health};
 pub use table::{EndpointTable, IntentCheck, MergeStats, NodeSnapshot, TableEntry, merge};
 pub use transport::{
-    CounterSnapshot, DatagramNet, GossipCounters, MemNet, SealedTransport, TransportConfig,
-    UdpNet,
+    CounterSnapshot, DatagramNet, GossipCounters, MemNet, SealedTransport, TransportConfig, UdpNet,
 };
 
 /// Operator configuration of gossip. Defaults in [`GossipConfig::new`].

@@ -70,6 +70,13 @@ pub enum RecordError {
         field: &'static str,
         value: String,
     },
+    #[error("record {key:?}: bad address {value:?}")]
+    BadAddr {
+        key: String,
+        value: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
     #[error("record {key:?}: {source}")]
     BadValue {
         key: String,
@@ -122,7 +129,11 @@ impl EndpointRecord {
             field,
             value: value.into(),
         };
-        let ip = fields[1].parse().map_err(|_| bad_field("ip", fields[1]))?;
+        let ip = fields[1].parse().map_err(|source| RecordError::BadAddr {
+            key: key.into(),
+            value: fields[1].into(),
+            source,
+        })?;
         let mac = fields[2].parse().map_err(bad_value)?;
         let service = match fields[3] {
             "-" => None,
@@ -166,10 +177,10 @@ pub fn decode_vtep(value: &str) -> Result<IpAddr, RecordError> {
             got: fields.len(),
         });
     }
-    fields[1].parse().map_err(|_| RecordError::BadField {
+    fields[1].parse().map_err(|source| RecordError::BadAddr {
         key: VTEP_KEY.into(),
-        field: "underlay address",
         value: fields[1].into(),
+        source,
     })
 }
 

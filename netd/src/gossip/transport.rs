@@ -38,7 +38,7 @@ use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::crypto::{Keyring, OVERHEAD, OpenError, ReplayGuard, Sealer};
+use super::crypto::{FrameHeader, Keyring, OVERHEAD, OpenError, ReplayGuard, Sealer};
 
 /// The largest UDP payload over IPv4, and chitchat's own limit.
 pub const MAX_UDP_PAYLOAD: usize = 65_507;
@@ -222,18 +222,24 @@ impl DatagramSocket for UdpDatagram {
 #[async_trait]
 impl DatagramNet for UdpNet {
     async fn bind(&self, addr: SocketAddr) -> io::Result<Arc<dyn DatagramSocket>> {
-        Ok(Arc::new(UdpDatagram(tokio::net::UdpSocket::bind(addr).await?)))
+        Ok(Arc::new(UdpDatagram(
+            tokio::net::UdpSocket::bind(addr).await?,
+        )))
     }
 }
 
 type MemDatagram = (Vec<u8>, SocketAddr);
+/// A captured datagram: from, to, bytes.
+pub type Captured = (SocketAddr, SocketAddr, Vec<u8>);
+/// Parts of one envelope being reassembled, with when the first arrived.
+type Partial = (Instant, Vec<Option<Vec<u8>>>);
 
 #[derive(Default)]
 struct MemInner {
     sockets: HashMap<SocketAddr, mpsc::Sender<MemDatagram>>,
     /// Directed links that drop everything.
     cut: HashSet<(SocketAddr, SocketAddr)>,
-    capture: Option<(usize, Vec<(SocketAddr, SocketAddr, Vec<u8>)>)>,
+    capture: Option<(usize, Vec<Captured>)>,
     fail_sends: HashMap<SocketAddr, u32>,
     fail_recvs: HashMap<SocketAddr, u32>,
     delivered: u64,
@@ -250,7 +256,9 @@ pub struct MemNet {
 
 impl std::fmt::Debug for MemNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemNet").field("queue", &self.queue).finish()
+        f.debug_struct("MemNet")
+            .field("queue", &self.queue)
+            .finish()
     }
 }
 
@@ -298,7 +306,7 @@ impl MemNet {
     }
 
     /// Stops capturing and returns `(from, to, bytes)` of what was captured.
-    pub fn take_captured(&self) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
+    pub fn take_captured(&self) -> Vec<Captured> {
         self.lock().capture.take().map(|c| c.1).unwrap_or_default()
     }
 
@@ -450,7 +458,8 @@ struct EnvelopeCodec {
 impl EnvelopeCodec {
     async fn open() -> Result<Self, TransportError> {
         let lo: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let codec = |e: Box<dyn std::error::Error + Send + Sync>| TransportError::Codec { source: e };
+        let codec =
+            |e: Box<dyn std::error::Error + Send + Sync>| TransportError::Codec { source: e };
         let cc = chitchat::transport::UdpSocket::open(lo)
             .await
             .map_err(|e| codec(e.into()))?;
@@ -663,7 +672,10 @@ impl Socket for SealedSocket {
         }
         let sent_ms = now_ms();
         let mut total = 0;
-        for (i, part) in plain.chunks(chunk).chain(plain.is_empty().then_some(&[][..])).enumerate()
+        for (i, part) in plain
+            .chunks(chunk)
+            .chain(plain.is_empty().then_some(&[][..]))
+            .enumerate()
         {
             let header = self.sealer.next_header(sent_ms, i as u8, count as u8);
             let frame = self.keyring.seal(header, part);
@@ -705,7 +717,7 @@ impl Socket for SealedSocket {
 #[derive(Default)]
 struct Reassembly {
     /// (session, counter of fragment 0) → parts.
-    partial: HashMap<(u64, u64), (Instant, Vec<Option<Vec<u8>>>)>,
+    partial: HashMap<(u64, u64), Partial>,
     order: VecDeque<(u64, u64)>,
 }
 
@@ -713,14 +725,12 @@ impl Reassembly {
     /// Adds one authenticated fragment; returns the whole payload when complete.
     fn add(
         &mut self,
-        session: u64,
-        counter: u64,
-        index: u8,
-        count: u8,
+        h: &FrameHeader,
         part: Vec<u8>,
         config: &TransportConfig,
         counters: &GossipCounters,
     ) -> Option<Vec<u8>> {
+        let (session, counter, index, count) = (h.session, h.counter, h.frag_index, h.frag_count);
         if count == 1 {
             return Some(part);
         }
@@ -817,15 +827,7 @@ impl Receiver {
         if let Err(e) = self.guard.check_and_record(&h, now_ms()) {
             return refuse(&self.counters, e);
         }
-        let whole = self.partial.add(
-            h.session,
-            h.counter,
-            h.frag_index,
-            h.frag_count,
-            plain,
-            &self.config,
-            &self.counters,
-        )?;
+        let whole = self.partial.add(&h, plain, &self.config, &self.counters)?;
         match self.codec.decode(&whole).await {
             Ok(envelope) => {
                 inc(&self.counters.delivered);
