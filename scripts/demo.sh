@@ -49,6 +49,8 @@ mkdir -p "$run" "$cg"
 ip netns add "$lab-ul"
 ip -n "$lab-ul" link add ul0 type bridge
 ip -n "$lab-ul" link set ul0 up
+# The underlay namespace doubles as an outside client (a host on the nodes' network, no node).
+ip -n "$lab-ul" addr add 198.18.100.250/24 dev ul0
 for i in 1 2 3; do
   ip netns add "$lab-n$i"
   ip -n "$lab-n$i" link add eth0 type veth peer name "p$i" netns "$lab-ul"
@@ -62,21 +64,25 @@ cat > "$run/cluster.json" <<JSON
 {
   "version": 1,
   "nodes": [
-    {"id": "n1", "addr": "198.18.100.1"},
-    {"id": "n2", "addr": "198.18.100.2"},
-    {"id": "n3", "addr": "198.18.100.3"}
+    {"id": "n1", "addr": "198.18.100.1", "ingress_ip": "10.255.0.101"},
+    {"id": "n2", "addr": "198.18.100.2", "ingress_ip": "10.255.0.102"},
+    {"id": "n3", "addr": "198.18.100.3", "ingress_ip": "10.255.0.103"}
   ],
-  "networks": [{"name": "app", "subnet": "10.20.0.0/24", "vni": 4100}],
+  "networks": [
+    {"name": "ingress", "subnet": "10.255.0.0/24", "vni": 4096, "ingress": true},
+    {"name": "app", "subnet": "10.20.0.0/24", "vni": 4100}
+  ],
   "services": [
     {"name": "web", "mode": {"replicated": {"replicas": 2}},
-     "networks": [{"network": "app", "vip": "10.20.0.2", "aliases": ["www"]}], "ports": [{"name": "http", "target": 80}]},
+     "networks": [{"network": "app", "vip": "10.20.0.2", "aliases": ["www"]}, {"network": "ingress", "vip": "10.255.0.2"}],
+     "ports": [{"name": "http", "target": 80, "published": 8080}]},
     {"name": "client", "networks": [{"network": "app"}]}
   ],
   "tasks": [
     {"id": "web1", "service": "web", "slot": 1, "node": "n1", "argv": ["$bin/swarmnet-whoami", "--port", "80"],
-     "networks": [{"network": "app", "ip": "10.20.0.11"}]},
+     "networks": [{"network": "app", "ip": "10.20.0.11"}, {"network": "ingress", "ip": "10.255.0.11"}]},
     {"id": "web2", "service": "web", "slot": 2, "node": "n2", "argv": ["$bin/swarmnet-whoami", "--port", "80"],
-     "networks": [{"network": "app", "ip": "10.20.0.12"}]},
+     "networks": [{"network": "app", "ip": "10.20.0.12"}, {"network": "ingress", "ip": "10.255.0.12"}]},
     {"id": "client1", "service": "client", "slot": 1, "node": "n3", "argv": ["sleep", "infinity"],
      "networks": [{"network": "app", "ip": "10.20.0.21"}]}
   ]
@@ -105,7 +111,7 @@ for i in (1, 2, 3):
 PY
 }
 for _ in $(seq 1 100); do converged && break; sleep 0.2; done
-converged || { echo "the lab did not converge; logs in $run/n*/netd.log" >&2; tail -5 "$run"/n*/netd.log; exit 1; }
+converged || { echo "the lab did not converge; logs in $run/n*/netd.log" >&2; tail -n 5 "$run"/n*/netd.log; exit 1; }
 echo "   all three nodes converged"
 
 client() { nsenter --net="$run/n3/netns/sb-client1" "$@"; }
@@ -143,6 +149,14 @@ for _ in $(seq 20); do client_resolving curl -s -m 2 http://web/; done > "$run/v
 grep '^task' "$run/vip.txt" | sort | uniq -c | sed 's/^/   /'
 echo "   every replica saw the client's own address: $(grep '^client' "$run/vip.txt" | cut -d' ' -f2 | cut -d: -f1 | sort -u | tr '\n' ' ')"
 echo
+echo "== the routing mesh: port 8080 published by web, from an outside host (198.18.100.250)"
+outside() { nsenter --net="/run/netns/$lab-ul" "$@"; }
+for i in 1 2 3; do
+  for _ in $(seq 50); do outside curl -s -m 1 -o /dev/null "http://198.18.100.$i:8080/" && break; sleep 0.1; done
+  for _ in $(seq 10); do outside curl -s -m 2 "http://198.18.100.$i:8080/" | grep '^task'; done | sort | uniq -c \
+    | tr -s ' ' | sed "s/^ /   n$i (198.18.100.$i:8080$( [ $i = 3 ] && echo ', no web task here')): /"
+done
+echo
 echo "== the overlay on n3: the remote endpoints as the kernel holds them"
 nsenter --net="$run/n3/netns/net-app" bridge fdb show dev snvx4100 | grep dst | sed 's/^/   /'
 nsenter --net="$run/n3/netns/net-app" ip neigh show dev snvx4100 | sed 's/^/   /'
@@ -152,7 +166,7 @@ echo "   3 nodes, 1 overlay network (VXLAN 4100, MTU $(client ip -o link show et
 echo "   the web replicas saw the client's own address (10.20.0.21): no NAT on the overlay"
 echo "   names resolved by netd's resolver at 127.0.0.11 inside the sandbox"
 echo "   the service VIP load-balanced over replicas on two other nodes (nftables in n3's network namespace)"
-echo "   not yet in this demo: the routing mesh (published ports on every node, issue 5)"
+echo "   the published port answered on every node, including n3 which runs no web task"
 if [ $keep = 1 ]; then
   echo
   echo "lab left up: namespaces $lab-*, state in $run. netd pids: ${pids[*]}"

@@ -15,7 +15,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use swarmnet_model::spec::{DesiredState, EndpointMode, Protocol, RestartPolicy, TaskRuntime};
+use swarmnet_model::spec::{
+    DesiredState, EndpointMode, Protocol, PublishMode, RestartPolicy, TaskRuntime,
+};
 use swarmnet_model::{IfName, Intent, MacAddr, Name, NodeId, TaskId};
 
 use crate::lb::{Affinity, LbSpec, Proto, ServiceKey, ServiceSpec};
@@ -143,6 +145,20 @@ pub struct DesiredSandbox {
     pub ifaces: Vec<DesiredIface>,
     pub gw: Option<DesiredGwIface>,
     pub process: Option<DesiredProcess>,
+    /// Set on the ingress sandbox: it forwards published traffic into the ingress network out
+    /// of this interface, masquerading as its own address there (so replies come back to it).
+    pub router: Option<IfName>,
+}
+
+/// A port published on this node: `proto/port` on the node's addresses is DNATed to `to` (the
+/// service's VIP on the ingress network for the routing mesh, a local task for host mode).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PublishedPort {
+    pub proto: Protocol,
+    pub port: u16,
+    pub to: std::net::SocketAddrV4,
+    /// Which service, for logs and status.
+    pub service: Name,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +177,10 @@ pub struct DesiredNode {
     pub gw_bridge: Option<DesiredGwBridge>,
     pub networks: BTreeMap<Name, DesiredNetwork>,
     pub sandboxes: BTreeMap<TaskId, DesiredSandbox>,
+    pub published: Vec<PublishedPort>,
+    /// Route in the node namespace to the ingress network through the ingress sandbox
+    /// (destination subnet, next hop on the gateway bridge).
+    pub ingress_route: Option<(Ipv4Net, Ipv4Addr)>,
 }
 
 /// Why the projection could not place something; reported per object, the rest proceeds.
@@ -172,7 +192,9 @@ pub struct ProjectionIssue {
 
 /// Tasks of this node that need a gateway-bridge address (running, on a non-internal network).
 pub fn gw_tasks(intent: &Intent, node: &NodeId) -> BTreeSet<TaskId> {
-    intent
+    let ingress = intent.ingress_network().is_some()
+        && intent.node(node).is_some_and(|n| n.ingress_ip.is_some());
+    let mut out: BTreeSet<TaskId> = intent
         .tasks()
         .filter(|(t, atts)| {
             &t.node == node
@@ -182,7 +204,16 @@ pub fn gw_tasks(intent: &Intent, node: &NodeId) -> BTreeSet<TaskId> {
                     .any(|a| intent.network(&a.network).is_some_and(|n| !n.spec.internal))
         })
         .map(|(t, _)| t.id.clone())
-        .collect()
+        .collect();
+    if ingress {
+        out.insert(ingress_task());
+    }
+    out
+}
+
+/// The pseudo task id of the node's ingress sandbox (reserved by the intent's validation).
+pub fn ingress_task() -> TaskId {
+    TaskId::new(swarmnet_model::intent::RESERVED_TASK).expect("valid id")
 }
 
 /// Hands out gateway-bridge addresses: keeps existing leases of wanted tasks, drops the rest,
@@ -230,6 +261,8 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
         gw_bridge: None,
         networks: BTreeMap::new(),
         sandboxes: BTreeMap::new(),
+        published: Vec::new(),
+        ingress_route: None,
     };
     let Some(me) = me else {
         issues.push(ProjectionIssue {
@@ -245,14 +278,21 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
     let net_mtu = |n: &swarmnet_model::Network| n.spec.mtu.map_or(default_mtu, |m| m.get());
     let node_addr = |id: &NodeId| intent.node(id).map(|n| n.addr);
 
-    // Networks used by a running local task are instantiated here.
+    // Networks used by a running local task are instantiated here, and the ingress network on
+    // every node (the routing mesh answers everywhere).
     let running = |t: &swarmnet_model::spec::TaskSpec| t.desired_state == DesiredState::Running;
-    for (_, atts) in intent
+    let ingress = intent.ingress_network().zip(me.ingress_ip);
+    let mut wanted: Vec<&swarmnet_model::Network> = intent
         .tasks()
         .filter(|(t, _)| t.node == ctx.node && running(t))
+        .flat_map(|(_, atts)| {
+            atts.iter()
+                .map(|a| intent.network(&a.network).expect("validated reference"))
+        })
+        .collect();
+    wanted.extend(ingress.map(|(n, _)| n));
     {
-        for a in atts {
-            let net = intent.network(&a.network).expect("validated reference");
+        for net in wanted {
             out.networks
                 .entry(net.id.clone())
                 .or_insert_with(|| DesiredNetwork {
@@ -287,6 +327,17 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
             let net = intent.network(&a.network).expect("validated reference");
             if let Some(d) = out.networks.get_mut(&net.id) {
                 d.peers.insert(a.ip, (a.mac, vtep));
+            }
+        }
+    }
+
+    if let Some((ing, _)) = ingress
+        && let Some(d) = out.networks.get_mut(&ing.id)
+    {
+        // Other nodes' ingress sandboxes answer the replies of the tasks they forwarded to.
+        for n in intent.nodes().filter(|n| n.id != ctx.node) {
+            if let Some(ip) = n.ingress_ip {
+                d.peers.insert(ip, (MacAddr::from_ipv4(ip), n.addr));
             }
         }
     }
@@ -357,7 +408,20 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
                 ifaces,
                 gw,
                 process,
+                router: None,
             },
+        );
+    }
+    if let Some((ing, ip)) = ingress {
+        project_ingress(
+            intent,
+            ctx,
+            ing,
+            ip,
+            net_mtu(ing),
+            gw_gateway,
+            &mut out,
+            &mut issues,
         );
     }
     if out.sandboxes.values().any(|s| s.gw.is_some())
@@ -369,6 +433,97 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
         });
     }
     (out, issues)
+}
+
+/// The node's share of the routing mesh: its ingress sandbox (an interface on the ingress
+/// network with the node's ingress address, one on the gateway bridge, forwarding with
+/// masquerade into the ingress network), the route to the ingress network through it, and every
+/// published port (ingress mode to the service's ingress VIP; host mode to a local task).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the pieces are projection state"
+)]
+fn project_ingress(
+    intent: &Intent,
+    ctx: &NodeContext,
+    ing: &swarmnet_model::Network,
+    ip: Ipv4Addr,
+    mtu: u16,
+    gw_gateway: Option<Ipv4Addr>,
+    out: &mut DesiredNode,
+    issues: &mut Vec<ProjectionIssue>,
+) {
+    let task = ingress_task();
+    let eth0 = IfName::new("eth0").expect("valid");
+    let iface = DesiredIface {
+        network: ing.id.clone(),
+        net_ns: network_ns(&ing.id),
+        host_if: overlay_host_if(&task, &ing.id),
+        ifname: eth0.clone(),
+        addr: Ipv4Net::new(ip, ing.spec.subnet.prefix_len()).expect("valid prefix"),
+        mac: MacAddr::from_ipv4(ip),
+        mtu,
+    };
+    let (Some(lease), Some(gateway)) = (ctx.gw_leases.get(&task), gw_gateway) else {
+        issues.push(ProjectionIssue {
+            object: format!("sandbox/{task}"),
+            message: format!("no free address in the gateway subnet {}", ctx.gw_subnet),
+        });
+        return;
+    };
+    let gw = DesiredGwIface {
+        host_if: gw_host_if(&task),
+        ifname: IfName::new("eth1").expect("valid"),
+        addr: Ipv4Net::new(*lease, ctx.gw_subnet.prefix_len()).expect("valid prefix"),
+        gateway,
+        mtu: ctx.underlay_mtu,
+    };
+    out.ingress_route = Some((ing.spec.subnet, *lease));
+    out.sandboxes.insert(
+        task.clone(),
+        DesiredSandbox {
+            task: task.clone(),
+            ns: sandbox_ns(&task),
+            external: None,
+            ifaces: vec![iface],
+            gw: Some(gw),
+            process: None,
+            router: Some(eth0),
+        },
+    );
+    for s in intent.services() {
+        for p in s.ports.iter() {
+            let Some(port) = p.published else { continue };
+            let to = match p.publish_mode {
+                PublishMode::Ingress => s
+                    .networks
+                    .iter()
+                    .find(|sn| sn.network == ing.spec.name)
+                    .and_then(|sn| sn.vip),
+                // The local task of the service (the first, if several: a node can bind a host
+                // port once), through its gateway-bridge address.
+                PublishMode::Host => out
+                    .sandboxes
+                    .values()
+                    .filter(|sb| sb.process.is_some() || sb.external.is_some())
+                    .filter(|sb| {
+                        intent
+                            .tasks()
+                            .any(|(t, _)| t.id == sb.task && t.service == s.name)
+                    })
+                    .find_map(|sb| sb.gw.as_ref().map(|g| g.addr.addr())),
+            };
+            if let Some(to) = to {
+                out.published.push(PublishedPort {
+                    proto: p.protocol,
+                    port,
+                    to: std::net::SocketAddrV4::new(to, p.target),
+                    service: s.name.clone(),
+                });
+            }
+        }
+    }
+    out.published.sort();
 }
 
 /// VIPs and load-balancer entries of every network instantiated here: services in `vip` mode

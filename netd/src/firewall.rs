@@ -5,7 +5,20 @@
 //! What it enforces (DESIGN.md "Underlay hygiene"; CVE-2023-28840/28841/28842):
 //! - VXLAN (our UDP port) is accepted only from the underlay addresses of known nodes;
 //! - VXLAN is never forwarded out of a sandbox;
-//! - sandboxes reach the world through the gateway bridge with masquerade.
+//! - sandboxes reach the world through the gateway bridge with masquerade;
+//! - published ports are DNATed to the routing mesh (a service's ingress VIP) or a local task.
+
+/// The ingress sandbox's own table: forwarded published traffic leaves into the ingress network
+/// masqueraded as the sandbox's address there, so the replies of a task on any node come back
+/// through this node (and its conntrack undoes the node's DNAT).
+pub const INGRESS_TABLE: &str = "swarmnet-ingress";
+
+/// Renders the ingress sandbox's table (replaced whole, like the node's).
+pub fn render_ingress(out_if: &str) -> String {
+    format!(
+        "table ip {INGRESS_TABLE}\ndelete table ip {INGRESS_TABLE}\ntable ip {INGRESS_TABLE} {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\toifname \"{out_if}\" masquerade comment \"routing mesh: replies come back through this node\"\n\t}}\n}}\n"
+    )
+}
 
 use std::fmt::Write as _;
 
@@ -48,6 +61,28 @@ pub fn render(d: &DesiredNode) -> String {
         "\t\tiifname \"sng*\" udp dport {port} counter drop comment \"no VXLAN from sandboxes\""
     );
     let _ = writeln!(s, "\t}}");
+    if !d.published.is_empty() {
+        // Published ports: traffic to any of the node's own addresses (not loopback: without
+        // route_localnet, which we never set, a DNATed 127.0.0.1 packet would be dropped, so a
+        // connection to 127.0.0.1:<port> is refused instead) goes to the service's ingress VIP
+        // through the ingress sandbox (routing mesh) or to the local task (host mode).
+        // nft names the dstnat priority (-100) only in prerouting; output takes the number.
+        for (chain, priority) in [("prerouting", "dstnat"), ("output", "-100")] {
+            let _ = writeln!(s, "\tchain {chain} {{");
+            let _ = writeln!(
+                s,
+                "\t\ttype nat hook {chain} priority {priority}; policy accept;"
+            );
+            for p in &d.published {
+                let _ = writeln!(
+                    s,
+                    "\t\tfib daddr type local ip daddr != 127.0.0.0/8 {} dport {} dnat ip to {} comment \"{} published by {}\"",
+                    p.proto, p.port, p.to, p.port, p.service
+                );
+            }
+            let _ = writeln!(s, "\t}}");
+        }
+    }
     if let Some(gw) = &d.gw_bridge {
         let _ = writeln!(s, "\tchain postrouting {{");
         let _ = writeln!(

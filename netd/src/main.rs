@@ -168,6 +168,14 @@ fn main() -> anyhow::Result<()> {
         firewall: Box::new(NftFirewall::new(firewall::FAMILY, firewall::TABLE)),
         processes: Box::new(LinuxProcessPort::new(task_dir.clone(), cgroup_dir)?),
         lb: load_balancer(cfg.lb, &cfg.run_dir)?,
+        ingress_firewall: Box::new(NftFirewall::in_netns(
+            &cfg.run_dir.join("netns").join(
+                swarmnet_netd::desired::sandbox_ns(&swarmnet_netd::desired::ingress_task())
+                    .as_str(),
+            ),
+            "ip",
+            firewall::INGRESS_TABLE,
+        )),
     };
     let rec = Reconciler::new(
         ports,

@@ -66,6 +66,8 @@ pub struct Observed {
     pub ns: BTreeMap<NsName, NsObserved>,
     /// Normalized listing of our firewall table, `None` when it does not exist.
     pub firewall: Option<String>,
+    /// Normalized listing of the ingress sandbox's table, when that sandbox was observed.
+    pub ingress_firewall: Option<String>,
     pub processes: BTreeMap<TaskId, ProcessState>,
     /// Namespaces bound from another runtime (they outlive our reference).
     pub bound: BTreeSet<NsName>,
@@ -88,6 +90,28 @@ pub const LB_SYSCTLS: &[(&str, &str)] = &[
     ("net/ipv4/ip_forward", "1"),
     ("net/bridge/bridge-nf-call-iptables", "1"),
 ];
+
+/// A table netd replaces whole: what it applied last and how the kernel listed it right
+/// after. Applied again when the desired ruleset differs, or the listing changed (drift).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableMemo {
+    pub ruleset: String,
+    pub listing: String,
+}
+
+/// The memos of netd's whole-replaced tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tables {
+    pub node: Option<TableMemo>,
+    pub ingress: Option<TableMemo>,
+}
+
+fn table_needs_apply(ruleset: &str, current: Option<&str>, memo: Option<&TableMemo>) -> bool {
+    match (current, memo) {
+        (Some(now), Some(m)) => m.ruleset != ruleset || m.listing != now,
+        _ => true,
+    }
+}
 
 /// Whether a sandbox's process may be started now (decided by the reconciler from the
 /// restart policy and backoff, so planning stays pure).
@@ -187,6 +211,8 @@ pub enum Op {
     },
     /// Replace the node firewall table with this ruleset.
     ApplyFirewall(String),
+    /// Replace the ingress sandbox's table with this ruleset.
+    ApplyIngressFirewall(String),
     /// Make the load balancer of a network namespace serve exactly `spec`.
     ApplyLb {
         ns: NsName,
@@ -289,6 +315,7 @@ impl fmt::Display for Op {
             }
             Self::SetSysctl { ns, key, value } => write!(f, "sysctl {key}={value} in {ns}"),
             Self::ApplyFirewall(_) => write!(f, "apply node firewall table"),
+            Self::ApplyIngressFirewall(_) => write!(f, "apply ingress sandbox table"),
             Self::ApplyLb { ns, spec } => write!(
                 f,
                 "apply load balancer in netns {ns}: {} service ports",
@@ -354,7 +381,7 @@ pub fn plan(
     desired: &DesiredNode,
     observed: &Observed,
     scope: &Scope,
-    firewall_expected: Option<&str>,
+    tables: &Tables,
     gate: &dyn Fn(&TaskId) -> ProcessGate,
 ) -> Vec<ObjectPlan> {
     let mut out = Vec::new();
@@ -366,7 +393,12 @@ pub fn plan(
     if scope.includes(&ObjectKey::Node) {
         push(
             ObjectKey::Node,
-            plan_node(desired, observed, firewall_expected, scope == &Scope::Full),
+            plan_node(
+                desired,
+                observed,
+                tables.node.as_ref(),
+                scope == &Scope::Full,
+            ),
         );
     }
     // Removals first (sandboxes, then networks), so that a VNI or a name freed by a removal can
@@ -414,7 +446,10 @@ pub fn plan(
     for s in desired.sandboxes.values() {
         let key = ObjectKey::Sandbox(s.task.clone());
         if scope.includes(&key) {
-            push(key, plan_sandbox(s, observed, gate(&s.task)));
+            push(
+                key,
+                plan_sandbox(s, observed, gate(&s.task), tables.ingress.as_ref()),
+            );
         }
     }
     out
@@ -516,7 +551,7 @@ fn create_ns_ops(ns: &NsName, ops: &mut Vec<Op>) {
 fn plan_node(
     desired: &DesiredNode,
     observed: &Observed,
-    firewall_expected: Option<&str>,
+    firewall: Option<&TableMemo>,
     prune: bool,
 ) -> Vec<Op> {
     let mut ops = Vec::new();
@@ -586,9 +621,34 @@ fn plan_node(
             name: l.name.clone(),
         });
     }
+    // The routing mesh's way in: the ingress network through the ingress sandbox.
+    let sngw0 = IfName::new(crate::desired::GW_BRIDGE).expect("valid");
+    let want_route = desired.ingress_route.map(|(dst, via)| RouteState {
+        dst,
+        gateway: Some(via),
+        link: Some(sngw0.clone()),
+    });
+    for r in obs
+        .routes
+        .iter()
+        .filter(|r| r.link.as_ref() == Some(&sngw0) && r.gateway.is_some())
+        .filter(|r| Some(*r) != want_route.as_ref())
+    {
+        ops.push(Op::DeleteRoute {
+            ns: node.clone(),
+            route: r.clone(),
+        });
+    }
+    if let Some(r) = want_route
+        && !obs.routes.contains(&r)
+    {
+        ops.push(Op::AddRoute {
+            ns: node.clone(),
+            route: r,
+        });
+    }
     let ruleset = crate::firewall::render(desired);
-    let current = observed.firewall.as_deref();
-    if current.is_none() || current != firewall_expected {
+    if table_needs_apply(&ruleset, observed.firewall.as_deref(), firewall) {
         ops.push(Op::ApplyFirewall(ruleset));
     }
     if prune {
@@ -887,7 +947,12 @@ fn plan_sandbox_removal(ns: &NsName, task: Option<&TaskId>, observed: &Observed)
     ops
 }
 
-fn plan_sandbox(s: &DesiredSandbox, observed: &Observed, gate: ProcessGate) -> Vec<Op> {
+fn plan_sandbox(
+    s: &DesiredSandbox,
+    observed: &Observed,
+    gate: ProcessGate,
+    ingress_table: Option<&TableMemo>,
+) -> Vec<Op> {
     let mut ops = Vec::new();
     let sb = NsRef::Owned(s.ns.clone());
     let empty = NsObserved::default();
@@ -921,6 +986,26 @@ fn plan_sandbox(s: &DesiredSandbox, observed: &Observed, gate: ProcessGate) -> V
     }
     if let Some(g) = &s.gw {
         plan_gw(s, g, obs, &observed.node, owner, &mut ops);
+    }
+    if let Some(out_if) = &s.router {
+        // The ingress sandbox forwards published traffic from the node into the ingress
+        // network, masquerading as its own address there.
+        if obs.sysctls.get("net/ipv4/ip_forward").map(String::as_str) != Some("1") {
+            ops.push(Op::SetSysctl {
+                ns: sb.clone(),
+                key: "net/ipv4/ip_forward".into(),
+                value: "1".into(),
+            });
+        }
+        let ruleset = crate::firewall::render_ingress(out_if.as_str());
+        let current = if present {
+            observed.ingress_firewall.as_deref()
+        } else {
+            None
+        };
+        if table_needs_apply(&ruleset, current, ingress_table) {
+            ops.push(Op::ApplyIngressFirewall(ruleset));
+        }
     }
     if let Some(p) = &s.process {
         match observed.processes.get(&s.task) {

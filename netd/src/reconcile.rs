@@ -32,6 +32,8 @@ pub struct Ports {
     pub firewall: Box<dyn FirewallPort>,
     pub processes: Box<dyn ProcessPort>,
     pub lb: Box<dyn LoadBalancerPort>,
+    /// The ingress sandbox's own table (masquerade into the ingress network).
+    pub ingress_firewall: Box<dyn FirewallPort>,
 }
 
 impl std::fmt::Debug for Ports {
@@ -132,7 +134,7 @@ pub struct Reconciler {
     last_desired: Option<DesiredNode>,
     status: BTreeMap<ObjectKey, ObjectStatus>,
     projection_issues: BTreeMap<ObjectKey, String>,
-    firewall_expected: Option<String>,
+    tables: plan::Tables,
     restarts: BTreeMap<TaskId, RestartState>,
     /// Task processes as last listed.
     proc_snapshot: BTreeMap<TaskId, ProcessState>,
@@ -172,7 +174,7 @@ impl Reconciler {
             last_desired: None,
             status: BTreeMap::new(),
             projection_issues: BTreeMap::new(),
-            firewall_expected: None,
+            tables: plan::Tables::default(),
             restarts: BTreeMap::new(),
             proc_snapshot: BTreeMap::new(),
             deferred: BTreeSet::new(),
@@ -458,13 +460,7 @@ impl Reconciler {
         self.note_exits(&observed, &desired, now);
         let restarts = &self.restarts;
         let gate = |t: &TaskId| gate_for(restarts.get(t), now);
-        let plans = plan::plan(
-            &desired,
-            &observed,
-            &scope,
-            self.firewall_expected.as_deref(),
-            &gate,
-        );
+        let plans = plan::plan(&desired, &observed, &scope, &self.tables, &gate);
         let mut report = RoundReport {
             full,
             objects: plans.len(),
@@ -703,6 +699,7 @@ impl Reconciler {
                     }
                 }
                 n.addrs = links.list_addrs(&NsRef::Node).unwrap_or_default();
+                n.routes = links.list_routes(&NsRef::Node).unwrap_or_default();
                 n
             }
         };
@@ -775,6 +772,16 @@ impl Reconciler {
                     o.lb.insert(ns.clone(), plan::LbObservedState { in_sync, applied });
                 }
             }
+            if ns == desired::sandbox_ns(&desired::ingress_task()) {
+                if let Ok(v) = links.get_sysctl(&at, "net/ipv4/ip_forward") {
+                    obs.sysctls
+                        .insert("net/ipv4/ip_forward".into(), v.trim().to_owned());
+                }
+                match self.ports.ingress_firewall.list_table() {
+                    Ok(l) => o.ingress_firewall = l.map(|l| plan::normalize_listing(&l)),
+                    Err(e) => warn!(error = %e, "cannot list the ingress sandbox's table"),
+                }
+            }
             o.ns.insert(ns, obs);
         }
         match self.ports.processes.list() {
@@ -816,12 +823,31 @@ impl Reconciler {
                 r => r,
             },
             Op::ApplyFirewall(ruleset) => {
+                self.tables.node = None;
                 self.ports.firewall.apply(ruleset)?;
-                self.firewall_expected = self
+                let listing = self
                     .ports
                     .firewall
                     .list_table()?
                     .map(|l| plan::normalize_listing(&l));
+                self.tables.node = listing.map(|listing| plan::TableMemo {
+                    ruleset: ruleset.clone(),
+                    listing,
+                });
+                Ok(())
+            }
+            Op::ApplyIngressFirewall(ruleset) => {
+                self.tables.ingress = None;
+                self.ports.ingress_firewall.apply(ruleset)?;
+                let listing = self
+                    .ports
+                    .ingress_firewall
+                    .list_table()?
+                    .map(|l| plan::normalize_listing(&l));
+                self.tables.ingress = listing.map(|listing| plan::TableMemo {
+                    ruleset: ruleset.clone(),
+                    listing,
+                });
                 Ok(())
             }
             Op::StartProcess { task, ns, process } => {

@@ -110,9 +110,68 @@ fn firewall_ruleset() {
     );
 }
 
+const MESH_INTENT: &str = r#"{
+  "version": 1,
+  "nodes": [
+    {"id": "n1", "addr": "198.18.0.1", "ingress_ip": "10.255.0.101"},
+    {"id": "n2", "addr": "198.18.0.2", "ingress_ip": "10.255.0.102"}
+  ],
+  "networks": [
+    {"name": "ingress", "subnet": "10.255.0.0/24", "vni": 4096, "ingress": true},
+    {"name": "app", "subnet": "10.10.0.0/24", "vni": 4097}
+  ],
+  "services": [
+    {"name": "web", "networks": [{"network": "app", "vip": "10.10.0.2"}, {"network": "ingress", "vip": "10.255.0.2"}],
+     "ports": [{"target": 80, "published": 8080}, {"target": 53, "protocol": "udp", "published": 5353}]},
+    {"name": "cache", "networks": [{"network": "app"}],
+     "ports": [{"target": 6379, "published": 6379, "publish_mode": "host"}]}
+  ],
+  "tasks": [
+    {"id": "web1", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.3"}, {"network": "ingress", "ip": "10.255.0.3"}]},
+    {"id": "cache1", "service": "cache", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.4"}]}
+  ]
+}"#;
+
+#[test]
+fn routing_mesh_ruleset_and_plan() {
+    let intent = Intent::from_json(MESH_INTENT).unwrap();
+    let mut ctx = NodeContext {
+        node: NodeId::new("n1").unwrap(),
+        vxlan_port: 4789,
+        underlay_mtu: 1500,
+        underlay_if: Some(IfName::new("eth0").unwrap()),
+        gw_subnet: "172.30.0.0/16".parse().unwrap(),
+        gw_leases: BTreeMap::new(),
+        external: BTreeMap::new(),
+        task_dir: "/run/swarmnet/tasks".into(),
+    };
+    ctx.gw_leases = lease_gw(ctx.gw_subnet, &ctx.gw_leases, &gw_tasks(&intent, &ctx.node)).0;
+    let (d, issues) = project(&intent, &ctx);
+    assert!(issues.is_empty(), "{issues:?}");
+    // n1 runs no web task, yet publishes 8080 and 5353 (the routing mesh) and 6379 (host mode,
+    // its local cache task).
+    check_golden("firewall-mesh-n1.nft", &swarmnet_netd::firewall::render(&d));
+    let plans = plan(
+        &d,
+        &Observed::default(),
+        &Scope::Full,
+        &Default::default(),
+        &start,
+    );
+    check_golden("plan-mesh-n1.txt", &render_plan(&plans));
+}
+
 #[test]
 fn plan_for_a_fresh_node() {
     let d = desired("n1");
-    let plans = plan(&d, &Observed::default(), &Scope::Full, None, &start);
+    let plans = plan(
+        &d,
+        &Observed::default(),
+        &Scope::Full,
+        &Default::default(),
+        &start,
+    );
     check_golden("plan-fresh-n1.txt", &render_plan(&plans));
 }

@@ -105,6 +105,7 @@ fn reconciler(links: FakeLinkPort, procs: SharedProcs, dir: &tempfile::TempDir) 
         firewall: Box::new(FakeFirewall::new()),
         processes: Box::new(procs),
         lb: Box::new(FakeLoadBalancer::new()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
     };
     Reconciler::new(ports, config(dir.path()))
 }
@@ -357,6 +358,7 @@ fn one_failing_object_does_not_stall_the_others() {
         firewall: Box::new(FakeFirewall::new()),
         processes: Box::new(SharedProcs::default()),
         lb: Box::new(FakeLoadBalancer::new()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
     };
     let mut r = Reconciler::new(ports, config(tmp.path()));
     r.set_intent(intent(INTENT));
@@ -480,6 +482,7 @@ fn a_big_change_is_applied_in_slices_with_status_pending_meanwhile() {
         firewall: Box::new(FakeFirewall::new()),
         processes: Box::new(SharedProcs::default()),
         lb: Box::new(FakeLoadBalancer::new()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
     };
     // No time budget at all: every round applies exactly one object.
     let mut r = Reconciler::new(
@@ -556,6 +559,7 @@ fn vips_load_balance_over_every_node_and_leaving_backends_drain() {
         firewall: Box::new(FakeFirewall::new()),
         processes: Box::new(SharedProcs::default()),
         lb: Box::new(lb.clone()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
     };
     let mut r = Reconciler::new(ports, config(tmp.path()));
     r.set_intent(intent(VIP_INTENT));

@@ -19,6 +19,8 @@ pub struct NftFirewall {
     family: String,
     name: String,
     nft: String,
+    /// Arguments before nft's own (`nsenter --net=<file> nft` for another namespace).
+    prefix: Vec<String>,
 }
 
 /// What `nft` answered.
@@ -34,6 +36,23 @@ impl NftFirewall {
             family: family.into(),
             name: name.into(),
             nft: "nft".into(),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// The same table in the namespace pinned at `netns` (e.g. the ingress sandbox's), through
+    /// `nsenter --net` (util-linux): nft then talks to that namespace's nf_tables, and our own
+    /// thread never changes namespace.
+    pub fn in_netns(
+        netns: &std::path::Path,
+        family: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
+        Self {
+            family: family.into(),
+            name: name.into(),
+            nft: "nsenter".into(),
+            prefix: vec![format!("--net={}", netns.display()), "nft".into()],
         }
     }
 
@@ -43,7 +62,8 @@ impl NftFirewall {
 
     fn run(&self, op: &'static str, args: &[&str], stdin: Option<&str>) -> PortResult<Output> {
         let mut cmd = Command::new(&self.nft);
-        cmd.args(args)
+        cmd.args(&self.prefix)
+            .args(args)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
