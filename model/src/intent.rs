@@ -228,7 +228,12 @@ impl Validator {
     /// With an ingress network, every node has an address on it (its ingress sandbox), and every
     /// service publishing a port in ingress mode has a VIP on it (the routing mesh balances
     /// over the service's tasks there).
-    fn check_ingress(&mut self, spec: &ClusterSpec, networks: &BTreeMap<Name, Network>, taken: &mut HashMap<(Name, Ipv4Addr), String>) {
+    fn check_ingress(
+        &mut self,
+        spec: &ClusterSpec,
+        networks: &BTreeMap<Name, Network>,
+        taken: &mut HashMap<(Name, Ipv4Addr), String>,
+    ) {
         let ingress = networks.values().find(|n| n.spec.ingress);
         for (i, n) in spec.nodes.iter().enumerate() {
             let p = format!("nodes[{i}].ingress_ip");
@@ -252,7 +257,9 @@ impl Validator {
             }
         }
         for (i, s) in spec.services.iter().enumerate() {
-            let Some(k) = s.ports.iter().position(|p| p.published.is_some() && p.publish_mode == crate::spec::PublishMode::Ingress) else {
+            let Some(k) = s.ports.iter().position(|p| {
+                p.published.is_some() && p.publish_mode == crate::spec::PublishMode::Ingress
+            }) else {
                 continue;
             };
             let p = format!("services[{i}].ports[{k}]");
@@ -267,7 +274,10 @@ impl Validator {
         }
         for (i, t) in spec.tasks.iter().enumerate() {
             if t.id.as_str() == RESERVED_TASK {
-                self.err(format!("tasks[{i}].id"), format!("{RESERVED_TASK:?} is reserved for the ingress sandbox"));
+                self.err(
+                    format!("tasks[{i}].id"),
+                    format!("{RESERVED_TASK:?} is reserved for the ingress sandbox"),
+                );
             }
         }
     }
@@ -765,17 +775,41 @@ mod tests {
             )
             .replace(r#", "publish_mode": "host""#, "");
         let e = issues(&with_ingress);
-        assert!(e.iter().any(|i| i.starts_with("nodes[0].ingress_ip") && i.contains("every node needs")), "{e:?}");
-        assert!(e.iter().any(|i| i.starts_with("services[0].ports[0]") && i.contains("needs a VIP on the ingress network")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|i| i.starts_with("nodes[0].ingress_ip") && i.contains("every node needs")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|i| i.starts_with("services[0].ports[0]")
+                && i.contains("needs a VIP on the ingress network")),
+            "{e:?}"
+        );
         let ok = with_ingress
-            .replace(r#""role": "manager"}"#, r#""role": "manager", "ingress_ip": "10.255.0.11"}"#)
-            .replace(r#"{"id": "n2", "addr": "198.18.0.2"}"#, r#"{"id": "n2", "addr": "198.18.0.2", "ingress_ip": "10.255.0.12"}"#)
-            .replace(r#""aliases": ["www"]}]"#, r#""aliases": ["www"]}, {"network": "ingress", "vip": "10.255.0.2"}]"#);
+            .replace(
+                r#""role": "manager"}"#,
+                r#""role": "manager", "ingress_ip": "10.255.0.11"}"#,
+            )
+            .replace(
+                r#"{"id": "n2", "addr": "198.18.0.2"}"#,
+                r#"{"id": "n2", "addr": "198.18.0.2", "ingress_ip": "10.255.0.12"}"#,
+            )
+            .replace(
+                r#""aliases": ["www"]}]"#,
+                r#""aliases": ["www"]}, {"network": "ingress", "vip": "10.255.0.2"}]"#,
+            );
         Intent::from_json(&ok).unwrap();
         let dup = ok.replace("10.255.0.12", "10.255.0.11");
         assert!(issues(&dup)[0].contains("already the ingress address of node \"n1\""));
-        let no_ingress = GOOD.replace(r#""role": "manager"}"#, r#""role": "manager", "ingress_ip": "10.255.0.11"}"#);
-        assert!(issues(&no_ingress).iter().any(|i| i.contains("there is no ingress network")));
+        let no_ingress = GOOD.replace(
+            r#""role": "manager"}"#,
+            r#""role": "manager", "ingress_ip": "10.255.0.11"}"#,
+        );
+        assert!(
+            issues(&no_ingress)
+                .iter()
+                .any(|i| i.contains("there is no ingress network"))
+        );
     }
 
     #[test]
