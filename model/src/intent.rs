@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use crate::spec::{ClusterSpec, NetworkSpec, ServiceSpec, TaskRuntime, TaskSpec};
-use crate::types::{IfName, MacAddr, Name, NodeId};
+use crate::types::{IfName, MacAddr, Name, NodeId, TaskId};
 
 /// The task id every node's ingress sandbox uses; no task may take it.
 pub const RESERVED_TASK: &str = "ingress-sbox";
@@ -79,6 +79,8 @@ pub struct Intent {
     networks: BTreeMap<Name, Network>,
     service_index: BTreeMap<Name, usize>,
     attachments: BTreeMap<usize, Vec<Attachment>>,
+    node_index: BTreeMap<NodeId, usize>,
+    task_index: BTreeMap<TaskId, usize>,
 }
 
 impl Intent {
@@ -119,11 +121,25 @@ impl Intent {
         let built = v.check(&spec);
         if v.issues.is_empty() {
             let (networks, service_index, attachments) = built;
+            let node_index = spec
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.id.clone(), i))
+                .collect();
+            let task_index = spec
+                .tasks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.id.clone(), i))
+                .collect();
             Ok(Self {
                 spec,
                 networks,
                 service_index,
                 attachments,
+                node_index,
+                task_index,
             })
         } else {
             Err(IntentError { issues: v.issues })
@@ -137,7 +153,13 @@ impl Intent {
         self.spec.nodes.iter()
     }
     pub fn node(&self, id: &NodeId) -> Option<&crate::spec::NodeSpec> {
-        self.spec.nodes.iter().find(|n| &n.id == id)
+        self.node_index.get(id).map(|&i| &self.spec.nodes[i])
+    }
+    /// One task with its attachments.
+    pub fn task(&self, id: &TaskId) -> Option<(&TaskSpec, &[Attachment])> {
+        self.task_index
+            .get(id)
+            .map(|&i| (&self.spec.tasks[i], self.attachments[&i].as_slice()))
     }
     pub fn networks(&self) -> impl Iterator<Item = &Network> {
         self.networks.values()

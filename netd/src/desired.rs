@@ -508,8 +508,8 @@ fn project_ingress(
                     .filter(|sb| sb.process.is_some() || sb.external.is_some())
                     .filter(|sb| {
                         intent
-                            .tasks()
-                            .any(|(t, _)| t.id == sb.task && t.service == s.name)
+                            .task(&sb.task)
+                            .is_some_and(|(t, _)| t.service == s.name)
                     })
                     .find_map(|sb| sb.gw.as_ref().map(|g| g.addr.addr())),
             };
@@ -532,6 +532,20 @@ fn project_ingress(
 fn project_vips(intent: &Intent, networks: &mut BTreeMap<Name, DesiredNetwork>) {
     let by_name: BTreeMap<&Name, &Name> =
         intent.networks().map(|n| (&n.spec.name, &n.id)).collect();
+    // Running tasks' addresses by (service, network), built once: looking them up per service
+    // would be services × tasks (10k services with 100k tasks: 10^9 steps).
+    let mut addrs: BTreeMap<(&Name, &Name), Vec<Ipv4Addr>> = BTreeMap::new();
+    for (t, atts) in intent
+        .tasks()
+        .filter(|(t, _)| t.desired_state == DesiredState::Running)
+    {
+        for a in atts {
+            addrs
+                .entry((&t.service, &a.network))
+                .or_default()
+                .push(a.ip);
+        }
+    }
     for s in intent
         .services()
         .filter(|s| s.endpoint_mode == EndpointMode::Vip)
@@ -544,15 +558,9 @@ fn project_vips(intent: &Intent, networks: &mut BTreeMap<Name, DesiredNetwork>) 
                 continue;
             };
             net.vips.insert(vip);
-            let backends: Vec<Ipv4Addr> = intent
-                .tasks()
-                .filter(|(t, _)| t.service == s.name && t.desired_state == DesiredState::Running)
-                .flat_map(|(_, atts)| {
-                    atts.iter()
-                        .filter(|a| a.network == sn.network)
-                        .map(|a| a.ip)
-                })
-                .collect();
+            let backends: &[Ipv4Addr] = addrs
+                .get(&(&s.name, &sn.network))
+                .map_or(&[], Vec::as_slice);
             for port in &s.ports {
                 let proto = match port.protocol {
                     Protocol::Tcp => Proto::Tcp,

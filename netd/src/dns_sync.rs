@@ -85,8 +85,7 @@ impl DnsSync {
         let mut set = BTreeMap::new();
         for (task, netns) in &want {
             let nets: Vec<Name> = intent
-                .tasks()
-                .find(|(t, _)| &t.id == task)
+                .task(task)
                 .map(|(_, atts)| atts.iter().map(|a| a.network.clone()).collect())
                 .unwrap_or_default();
             let (view, forward) = shared

@@ -196,7 +196,7 @@ impl Reconciler {
     /// Hands an external task's namespace to netd (the attach API). Only a task that the intent
     /// places on this node with `runtime: external` can be attached.
     pub fn attach(&mut self, task: TaskId, netns: PathBuf) -> Result<(), String> {
-        let Some((t, _)) = self.intent.tasks().find(|(t, _)| t.id == task) else {
+        let Some((t, _)) = self.intent.task(&task) else {
             return Err(format!(
                 "task {task:?} is not in the intent; the orchestrator (or the intent file) must place it first"
             ));

@@ -179,7 +179,7 @@ impl DnsView {
             }
         }
 
-        let Some((_, mine)) = intent.tasks().find(|(t, _)| &t.id == task) else {
+        let Some((_, mine)) = intent.task(task) else {
             return view;
         };
         let mut a: HashMap<Box<[u8]>, Vec<Ipv4Addr>> = HashMap::new();
