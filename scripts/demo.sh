@@ -168,7 +168,18 @@ echo "   names resolved by netd's resolver at 127.0.0.11 inside the sandbox"
 echo "   the service VIP load-balanced over replicas on two other nodes (nftables in n3's network namespace)"
 echo "   the published port answered on every node, including n3 which runs no web task"
 if [ $keep = 1 ]; then
+  # A script that removes exactly this lab (the same steps as the automatic cleanup).
+  down=/run/swarmnet-demo/$lab-down.sh
+  {
+    echo "#!/usr/bin/env bash"
+    declare -p lab run cg cg_root pids
+    declare -f cleanup
+    echo "cleanup; rm -f '$down'; rmdir /run/swarmnet-demo 2>/dev/null; true"
+  } > "$down"
+  chmod +x "$down"
   echo
-  echo "lab left up: namespaces $lab-*, state in $run. netd pids: ${pids[*]}"
-  echo "remove it with: kill ${pids[*]}; then delete the namespaces, unmount $run/*/netns/*, and remove $cg"
+  echo "lab left up: namespaces $lab-*, state in $run, netd pids ${pids[*]}"
+  echo "  a shell on node 3:     nsenter --net=/run/netns/$lab-n3 bash"
+  echo "  a shell in the client: nsenter --net=$run/n3/netns/sb-client1 bash"
+  echo "  remove it:             $down"
 fi

@@ -21,6 +21,7 @@ use crate::config::{IntentSource, NetdConfig};
 use crate::dns_sync::DnsSync;
 use crate::plan::ObjectKey;
 use crate::reconcile::{ObjectStatus, Reconciler, persist_json};
+use crate::selftest::SelfTest;
 
 /// How often the intent file and the task processes are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -37,6 +38,8 @@ pub struct StatusFile<'a> {
     pub node_error: Option<&'a str>,
     pub converged: bool,
     pub objects: std::collections::BTreeMap<String, &'a ObjectStatus>,
+    /// The last self-test of each published port (after full rounds).
+    pub published: std::collections::BTreeMap<String, crate::selftest::PortCheck>,
 }
 
 /// Identity of the intent file's current content, cheap to poll.
@@ -117,6 +120,7 @@ fn status_json(
     rec: &Reconciler,
     watcher: &IntentWatcher,
     full: bool,
+    selftest: &SelfTest,
 ) -> serde_json::Value {
     let status = StatusFile {
         node: cfg.node_id.as_str(),
@@ -132,6 +136,7 @@ fn status_json(
             .iter()
             .map(|(k, v): (&ObjectKey, _)| (k.to_string(), v))
             .collect(),
+        published: selftest.results(),
     };
     serde_json::to_value(&status).expect("status serializes")
 }
@@ -142,6 +147,7 @@ fn answer(
     cfg: &NetdConfig,
     rec: &mut Reconciler,
     watcher: &IntentWatcher,
+    selftest: &SelfTest,
     req: Request,
 ) -> Response {
     let task = match &req {
@@ -167,7 +173,7 @@ fn answer(
         }
     }
     Response {
-        status: Some(status_json(cfg, rec, watcher, false)),
+        status: Some(status_json(cfg, rec, watcher, false, selftest)),
         ..Response::ok()
     }
 }
@@ -187,6 +193,8 @@ pub fn run(
     let mut next_full: Option<Instant> = None;
     let mut last_err: Option<String> = None;
     let mut tick: u64 = 0;
+    let selftest = SelfTest::default();
+    let mut last_checks = std::collections::BTreeMap::new();
     info!(node = %cfg.node_id, intent = %path.display(), "netd running");
     while !shutdown.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -232,14 +240,29 @@ pub fn run(
         }
         let mut answered = false;
         while let Ok((req, reply)) = calls.try_recv() {
-            let _ = reply.send(answer(cfg, &mut rec, &watcher, req));
+            let _ = reply.send(answer(cfg, &mut rec, &watcher, &selftest, req));
             dns.sync(&rec);
             answered = true;
         }
-        if ran.is_some() || answered || watcher.error != last_err {
+        if ran.as_ref().is_some_and(|r| r.full)
+            && let (Some(addr), Some(d)) = (
+                rec.intent().node(&cfg.node_id).map(|n| n.addr),
+                rec.desired(),
+            )
+            && !d.published.is_empty()
+        {
+            selftest.start(addr, d.published.clone());
+        }
+        let checks = selftest.results();
+        let checks_changed = checks != last_checks;
+        last_checks = checks;
+        if ran.is_some() || answered || checks_changed || watcher.error != last_err {
             last_err = watcher.error.clone();
             let full = ran.as_ref().is_some_and(|r| r.full);
-            if let Err(e) = persist_json(&status_path, &status_json(cfg, &rec, &watcher, full)) {
+            if let Err(e) = persist_json(
+                &status_path,
+                &status_json(cfg, &rec, &watcher, full, &selftest),
+            ) {
                 warn!(error = %e, path = %status_path.display(), "cannot write status");
             }
         }

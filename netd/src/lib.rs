@@ -26,3 +26,4 @@ pub mod linux;
 pub mod plan;
 pub mod port;
 pub mod reconcile;
+pub mod selftest;
