@@ -856,13 +856,19 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
             spec: n.lb.clone(),
         });
     }
-    // Host ends of sandboxes that are no longer on this network (a detach).
+    // Host ends of sandboxes that stay but are no longer on this network (a detach), or whose
+    // sandbox is gone. A sandbox being removed keeps its interface until its namespace goes
+    // (after its process has stopped): a stopping task finishes what it was serving.
     let attached: BTreeSet<String> = desired
         .sandboxes
         .values()
         .filter(|s| s.ifaces.iter().any(|i| i.net_ns == n.ns))
         .map(|s| s.ns.as_str().to_owned())
         .collect();
+    let leaving = |o: &str| {
+        !desired.sandboxes.values().any(|s| s.ns.as_str() == o)
+            && observed.netns.iter().any(|x| x.as_str() == o)
+    };
     for l in obs
         .links
         .iter()
@@ -872,7 +878,7 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
             .alias
             .as_deref()
             .and_then(|a| a.strip_prefix(ALIAS_PREFIX));
-        if owner.is_some_and(|o| o.starts_with("sb-") && !attached.contains(o)) {
+        if owner.is_some_and(|o| o.starts_with("sb-") && !attached.contains(o) && !leaving(o)) {
             ops.push(Op::DeleteLink {
                 ns: ns.clone(),
                 name: l.name.clone(),

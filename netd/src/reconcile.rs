@@ -600,6 +600,7 @@ impl Reconciler {
     /// it stays in the desired load balancer as draining until its deadline.
     fn keep_draining(&mut self, desired: &mut DesiredNode, now: Instant) {
         let grace = self.cfg.stop_grace;
+        let last = self.last_desired.as_ref();
         for net in desired.networks.values_mut() {
             let Some(prev) = self.lb_applied.get(&net.ns) else {
                 continue;
@@ -617,6 +618,15 @@ impl Reconciler {
                     let deadline = *self.drains.entry(id).or_insert(now + grace);
                     if deadline > now {
                         svc.backends.insert(*ip, BackendState::Draining);
+                        // A remote backend stays reachable while it drains: keep its FDB and
+                        // neighbour entries until the deadline.
+                        if !net.peers.contains_key(ip)
+                            && let Some(peer) = last
+                                .and_then(|l| l.networks.get(&net.id))
+                                .and_then(|l| l.peers.get(ip))
+                        {
+                            net.peers.insert(*ip, *peer);
+                        }
                     }
                 }
             }

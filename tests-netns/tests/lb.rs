@@ -687,8 +687,6 @@ impl Timeline {
 }
 
 #[test]
-#[ignore = "netd bug (issue 4): the leaving task's veth is deleted at once, which cuts its \
-            draining connections"]
 fn a_removed_local_backend_drains_no_new_connections_and_the_open_one_lives_through_the_grace() {
     if !gate::privileged(
         "a_removed_local_backend_drains_no_new_connections_and_the_open_one_lives_through_the_grace",
@@ -700,8 +698,6 @@ fn a_removed_local_backend_drains_no_new_connections_and_the_open_one_lives_thro
 }
 
 #[test]
-#[ignore = "netd bug (issue 4): the client's node drops the leaving task's FDB and neighbour \
-            entries at once, which blackholes its draining connections"]
 fn a_removed_remote_backend_drains_no_new_connections_and_the_open_one_lives_through_the_grace() {
     if !gate::privileged(
         "a_removed_remote_backend_drains_no_new_connections_and_the_open_one_lives_through_the_grace",
