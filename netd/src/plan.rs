@@ -271,6 +271,9 @@ impl fmt::Display for Op {
                 if let Some(mac) = change.mac {
                     write!(f, " address {mac}")?;
                 }
+                if let Some(h) = change.hairpin {
+                    write!(f, " hairpin {}", if h { "on" } else { "off" })?;
+                }
                 match change.up {
                     Some(true) => write!(f, " up")?,
                     Some(false) => write!(f, " down")?,
@@ -1056,6 +1059,18 @@ fn plan_veth(
             if inn.kind == LinkKindState::Veth && h.kind == LinkKindState::Veth =>
         {
             converge_link(&net, h, Some(i.mtu), Some(NET_BRIDGE), ops);
+            // Hairpin: a task reaching its own service's VIP may be balanced back to itself,
+            // and that frame must leave by the port it came in on.
+            if !h.hairpin {
+                ops.push(Op::SetLink {
+                    ns: net.clone(),
+                    name: i.host_if.clone(),
+                    change: LinkChange {
+                        hairpin: Some(true),
+                        ..LinkChange::default()
+                    },
+                });
+            }
             let mut change = LinkChange::default();
             if inn.mtu != i.mtu {
                 change.mtu = Some(i.mtu);
@@ -1106,7 +1121,10 @@ fn plan_veth(
             ops.push(Op::SetLink {
                 ns: net,
                 name: i.host_if.clone(),
-                change: up_change(Some(&br)),
+                change: LinkChange {
+                    hairpin: Some(true),
+                    ..up_change(Some(&br))
+                },
             });
             ops.push(Op::SetLink {
                 ns: sb.clone(),

@@ -206,6 +206,8 @@ pub struct LinkState {
     /// Administratively up (IFF_UP).
     pub up: bool,
     pub alias: Option<String>,
+    /// A bridge port in hairpin mode (frames may leave by the port they came in on).
+    pub hairpin: bool,
 }
 
 /// A change to an existing link. `None` fields are left alone.
@@ -216,6 +218,9 @@ pub struct LinkChange {
     pub master: Option<Option<IfName>>,
     pub up: Option<bool>,
     pub mac: Option<MacAddr>,
+    /// Hairpin mode of a bridge port (the link must have a bridge master): needed for a task
+    /// that reaches its own service's VIP and is load-balanced back to itself.
+    pub hairpin: Option<bool>,
 }
 
 /// An IPv4 address on a link.

@@ -167,6 +167,7 @@ fn link_create_exists_notfound(port: &mut dyn LinkPort) {
         up: Some(true),
         mac: Some(mac("02:42:0a:00:00:02")),
         master: None,
+        hairpin: None,
     };
     port.set_link(&at, &n("br0"), &change).unwrap();
     let l = find(port, &at, "br0").unwrap();
@@ -282,8 +283,22 @@ fn master_must_exist_and_be_a_bridge(port: &mut dyn LinkPort) {
         master: Some(None),
         ..LinkChange::default()
     };
+    // Hairpin mode is a bridge-port flag: it needs a master, shows in the listing, and goes
+    // when the port leaves the bridge.
+    let hairpin = LinkChange {
+        hairpin: Some(true),
+        ..LinkChange::default()
+    };
+    port.set_link(&at, &n("sn-v0"), &hairpin).unwrap();
+    assert!(find(port, &at, "sn-v0").unwrap().hairpin);
+    assert!(port.get_link(&at, &n("sn-v0")).unwrap().is_some());
     port.set_link(&at, &n("sn-v0"), &nomaster).unwrap();
     assert_eq!(find(port, &at, "sn-v0").unwrap().master, None);
+    assert!(!find(port, &at, "sn-v0").unwrap().hairpin);
+    assert_eq!(
+        kind_of(port.set_link(&at, &n("sn-v0"), &hairpin)),
+        ErrorKind::Invalid
+    );
     port.delete_netns(&ns("snt-m")).unwrap();
 }
 

@@ -316,8 +316,6 @@ fn vip_spreads_new_connections_over_backends_on_three_nodes_and_keeps_the_client
 }
 
 #[test]
-#[ignore = "netd bug (issue 4): sandbox ports on br0 have hairpin off, so a connection DNATed \
-            back to its own sender is dropped"]
 fn a_backend_reaches_its_own_service_vip_and_may_land_on_itself() {
     if !gate::privileged("a_backend_reaches_its_own_service_vip_and_may_land_on_itself") {
         return;

@@ -61,6 +61,7 @@ struct FakeLink {
     up: bool,
     alias: Option<String>,
     accept_ra: String,
+    hairpin: bool,
     fdb: BTreeSet<FdbEntry>,
     neighs: BTreeSet<NeighEntry>,
 }
@@ -245,6 +246,7 @@ impl FakeLink {
             up: false,
             alias: None,
             accept_ra: "1".into(),
+            hairpin: false,
             fdb: BTreeSet::new(),
             neighs: BTreeSet::new(),
         }
@@ -273,6 +275,7 @@ impl FakeLink {
             master: self.master.clone(),
             up: self.up,
             alias: self.alias.clone(),
+            hairpin: self.hairpin,
         }
     }
 }
@@ -489,6 +492,19 @@ impl LinkPort for FakeLinkPort {
         }
         if let Some(master) = &change.master {
             link.master = master.clone();
+            // Leaving a bridge drops the port's flags.
+            link.hairpin = false;
+        }
+        if let Some(h) = change.hairpin {
+            if link.master.is_none() {
+                return Err(PortError::new(
+                    op,
+                    obj(name.as_str(), ns),
+                    ErrorKind::Invalid,
+                    "hairpin mode needs a bridge master",
+                ));
+            }
+            link.hairpin = h;
         }
         if let Some(up) = change.up {
             link.up = up;

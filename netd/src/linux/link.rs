@@ -19,12 +19,13 @@ use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer,
-    NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    LinkProtoInfoBridge,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -137,6 +138,9 @@ impl Netlink {
     }
 }
 
+/// IFLA_BRPORT_MODE: the bridge port's hairpin flag (include/uapi/linux/if_link.h).
+const IFLA_BRPORT_MODE: u16 = 4;
+
 fn decode_err(e: netlink_packet_core::DecodeError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -184,6 +188,7 @@ fn decode_link(msg: &LinkMessage) -> Option<(LinkState, u32)> {
         master: None,
         up: msg.header.flags.contains(LinkFlags::Up),
         alias,
+        hairpin: false,
     };
     Some((state, master_idx))
 }
@@ -470,6 +475,38 @@ impl LinuxLinkPort {
             })
     }
 
+    /// Indexes of the bridge ports of `ns` in hairpin mode (an AF_BRIDGE dump, which carries
+    /// the port flags in IFLA_PROTINFO).
+    fn hairpin_ports(&mut self, ns: &NsRef) -> PortResult<std::collections::HashSet<u32>> {
+        let mut req = LinkMessage::default();
+        req.header.interface_family = AddressFamily::Bridge;
+        let replies = self
+            .nl(ns)?
+            .dump(RouteNetlinkMessage::GetLink(req))
+            .map_err(|e| perr("list bridge ports", ns.to_string(), e))?;
+        let mut out = std::collections::HashSet::new();
+        for m in replies {
+            let RouteNetlinkMessage::NewLink(l) = m else {
+                continue;
+            };
+            let on = l.attributes.iter().any(|a| match a {
+                LinkAttribute::ProtoInfoBridge(info) => info.iter().any(|i| match i {
+                    LinkProtoInfoBridge::Other(nla) if nla.kind() == IFLA_BRPORT_MODE => {
+                        let mut value = vec![0u8; nla.value_len()];
+                        nla.emit_value(&mut value);
+                        value.first() == Some(&1)
+                    }
+                    _ => false,
+                }),
+                _ => false,
+            });
+            if on {
+                out.insert(l.header.index);
+            }
+        }
+        Ok(out)
+    }
+
     fn link_index(&mut self, ns: &NsRef, name: &IfName) -> PortResult<u32> {
         self.get_link(ns, name).map(|l| l.index)
     }
@@ -644,10 +681,17 @@ impl LinkPort for LinuxLinkPort {
             .iter()
             .map(|(l, _)| (l.index, l.name.clone()))
             .collect();
+        let any_port = decoded.iter().any(|(_, m)| *m != 0);
+        let hairpin = if any_port {
+            self.hairpin_ports(ns)?
+        } else {
+            Default::default()
+        };
         Ok(decoded
             .into_iter()
             .map(|(mut l, master)| {
                 l.master = names.get(&master).cloned();
+                l.hairpin = hairpin.contains(&l.index);
                 l
             })
             .collect())
@@ -728,7 +772,21 @@ impl LinkPort for LinuxLinkPort {
                 LinkFlags::empty()
             };
         }
-        self.set_link_msg(ns, name, msg, "set link")
+        if !msg.attributes.is_empty() || change.up.is_some() {
+            self.set_link_msg(ns, name, msg, "set link")?;
+        }
+        if let Some(on) = change.hairpin {
+            // Bridge-port flags travel in an AF_BRIDGE RTM_SETLINK (the bridge's setlink),
+            // nested in IFLA_PROTINFO; the port must already be enslaved (done above).
+            let mut port = LinkMessage::default();
+            port.header.interface_family = AddressFamily::Bridge;
+            port.header.index = index;
+            port.attributes.push(LinkAttribute::ProtoInfoBridge(vec![
+                LinkProtoInfoBridge::Other(DefaultNla::new(IFLA_BRPORT_MODE, vec![u8::from(on)])),
+            ]));
+            self.set_link_msg(ns, name, port, "set hairpin mode")?;
+        }
+        Ok(())
     }
 
     fn delete_link(&mut self, ns: &NsRef, name: &IfName) -> PortResult<()> {
