@@ -350,6 +350,40 @@ fn web(name: &str, vip: &str, published: u16) -> Result<(Value, Vec<Value>)> {
     Ok((svc, tasks))
 }
 
+/// The mesh's kernel state on `node`, for failure messages only (assertions are on traffic): the
+/// node table, the ingress sandbox's rules and conntrack, the ingress network's neighbours.
+fn mesh_state(topo: &Topology, node: &str) -> String {
+    let n = topo.node(node);
+    let run = |ns: PathBuf, args: &[&str]| match topo::run(
+        topo::nsenter_cmd(&ns, args),
+        None,
+        Duration::from_secs(10),
+    ) {
+        Ok(o) => format!("$ {}\n{}{}", args.join(" "), o.stdout, o.stderr),
+        Err(e) => format!("$ {}: {e:#}\n", args.join(" ")),
+    };
+    let sbox = n.sandbox_netns("ingress-sbox");
+    let net = n.network_netns(INGRESS);
+    [
+        run(
+            n.netns_path(),
+            &["nft", "list", "table", "inet", "swarmnet"],
+        ),
+        run(n.netns_path(), &["ip", "route"]),
+        run(n.netns_path(), &["conntrack", "-L"]),
+        run(sbox.clone(), &["nft", "list", "ruleset"]),
+        run(sbox.clone(), &["ip", "-br", "addr"]),
+        run(sbox.clone(), &["ip", "route"]),
+        run(sbox.clone(), &["sysctl", "net.ipv4.ip_forward"]),
+        run(sbox, &["conntrack", "-L"]),
+        run(net.clone(), &["nft", "list", "ruleset"]),
+        run(net.clone(), &["conntrack", "-L"]),
+        run(net.clone(), &["ip", "neigh"]),
+        run(net, &["bridge", "fdb", "show"]),
+    ]
+    .join("")
+}
+
 fn all_nodes(topo: &Topology) -> Vec<(String, String)> {
     topo.nodes
         .iter()
@@ -472,7 +506,8 @@ fn a_removed_service_closes_its_port_on_every_node_and_another_can_publish_it() 
         topo.write_intent(mesh_intent(topo, &[other], &[t]))?;
         topo.wait_converged(CONVERGE_TIMEOUT)?;
         for (node, addr) in all_nodes(topo) {
-            let a = wait_http(topo, &addr, 8080)?;
+            let a = wait_http(topo, &addr, 8080)
+                .with_context(|| format!("mesh state on {node}:\n{}", mesh_state(topo, &node)))?;
             ensure!(
                 a.task == "other1",
                 "8080 on {node} must now be served by `other`: {a:?}"
