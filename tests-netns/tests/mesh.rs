@@ -364,7 +364,42 @@ fn mesh_state(topo: &Topology, node: &str) -> String {
     };
     let sbox = n.sandbox_netns("ingress-sbox");
     let net = n.network_netns(INGRESS);
+    // One connection from outside while the node's interfaces are captured: where the packets
+    // of a failing connection stop.
+    let capture = |ns: PathBuf| {
+        topo::Bg::spawn(
+            topo::nsenter_cmd(
+                &ns,
+                &[
+                    "timeout", "4", "tcpdump", "-lnni", "any", "tcp", "and", "not", "port", "4789",
+                ],
+            ),
+            None,
+        )
+    };
+    let caps = [
+        capture(n.netns_path()),
+        capture(sbox.clone()),
+        capture(net.clone()),
+    ];
+    std::thread::sleep(Duration::from_millis(800));
+    let probe = outside_sh(
+        topo,
+        &format!("curl -sS -m 2 http://{}:8080/", n.addr),
+        Duration::from_secs(5),
+    );
+    let mut captured = format!("$ probe from outside: {probe:?}\n");
+    for (what, c) in ["node", "ingress sandbox", "ingress network"]
+        .iter()
+        .zip(caps)
+    {
+        match c.and_then(|c| c.wait(Duration::from_secs(6))) {
+            Ok(o) => captured += &format!("$ tcpdump in the {what} ns\n{}{}", o.stdout, o.stderr),
+            Err(e) => captured += &format!("$ tcpdump in the {what} ns: {e:#}\n"),
+        }
+    }
     [
+        captured,
         run(
             n.netns_path(),
             &["nft", "list", "table", "inet", "swarmnet"],
@@ -374,6 +409,8 @@ fn mesh_state(topo: &Topology, node: &str) -> String {
         run(sbox.clone(), &["nft", "list", "ruleset"]),
         run(sbox.clone(), &["ip", "-br", "addr"]),
         run(sbox.clone(), &["ip", "route"]),
+        run(sbox.clone(), &["ip", "neigh"]),
+        run(n.netns_path(), &["ip", "-d", "link", "show", "sngw0"]),
         run(sbox.clone(), &["sysctl", "net.ipv4.ip_forward"]),
         run(sbox, &["conntrack", "-L"]),
         run(net.clone(), &["nft", "list", "ruleset"]),
