@@ -48,6 +48,16 @@ pub fn stable_hash(parts: &[&str]) -> u64 {
     h
 }
 
+/// A stable, node-unique MAC for a bridge netd owns. A bridge whose address was never set
+/// takes the lowest MAC of its ports and changes it as ports come and go; sandboxes then keep
+/// a stale neighbour entry for their gateway (or a VIP) and their traffic is dropped until it
+/// re-resolves. A fixed address also keeps two nodes' bridges apart when frames routed by one
+/// cross VXLAN. Locally administered, unicast, prefix 06 (task MACs use 02:42).
+pub fn bridge_mac(parts: &[&str]) -> MacAddr {
+    let h = stable_hash(parts).to_be_bytes();
+    MacAddr::new([0x06, h[0], h[1], h[2], h[3], h[4]]).expect("unicast and not all zeros")
+}
+
 fn hashed_ifname(prefix: &str, parts: &[&str]) -> IfName {
     let h = stable_hash(parts) & 0xff_ffff_ffff;
     IfName::new(format!("{prefix}{h:010x}")).expect("prefix + 10 hex digits fits in 15 bytes")
@@ -106,6 +116,8 @@ pub struct DesiredNetwork {
     pub vips: BTreeSet<Ipv4Addr>,
     /// The network's load balancer: one entry per VIP and port, backends from every node.
     pub lb: LbSpec,
+    /// Fixed MAC of `br0`, see [`bridge_mac`].
+    pub bridge_mac: MacAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +177,8 @@ pub struct PublishedPort {
 pub struct DesiredGwBridge {
     pub name: IfName,
     pub addr: Ipv4Net,
+    /// Fixed, see [`bridge_mac`].
+    pub mac: MacAddr,
 }
 
 /// This node's share of the intent.
@@ -312,6 +326,7 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
                     peers: BTreeMap::new(),
                     vips: BTreeSet::new(),
                     lb: LbSpec::default(),
+                    bridge_mac: bridge_mac(&[NET_BRIDGE, ctx.node.as_str(), net.id.as_str()]),
                 });
         }
     }
@@ -430,6 +445,7 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
         out.gw_bridge = Some(DesiredGwBridge {
             name: IfName::new(GW_BRIDGE).expect("valid"),
             addr: Ipv4Net::new(gateway, ctx.gw_subnet.prefix_len()).expect("valid prefix"),
+            mac: bridge_mac(&[GW_BRIDGE, ctx.node.as_str()]),
         });
     }
     (out, issues)

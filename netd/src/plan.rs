@@ -507,6 +507,20 @@ fn converge_link(
     }
 }
 
+/// A bridge's MAC must not follow its ports (see `desired::bridge_mac`).
+fn converge_mac(ns: &NsRef, l: &LinkState, mac: swarmnet_model::MacAddr, ops: &mut Vec<Op>) {
+    if l.mac != Some(mac) {
+        ops.push(Op::SetLink {
+            ns: ns.clone(),
+            name: l.name.clone(),
+            change: LinkChange {
+                mac: Some(mac),
+                ..LinkChange::default()
+            },
+        });
+    }
+}
+
 fn up_change(master: Option<&IfName>) -> LinkChange {
     LinkChange {
         master: master.map(|m| Some(m.clone())),
@@ -563,7 +577,8 @@ fn plan_node(
     if let Some(gw) = &desired.gw_bridge {
         match obs.link(gw.name.as_str()) {
             Some(l) if l.kind == LinkKindState::Bridge => {
-                converge_link(&node, l, None, None, &mut ops)
+                converge_link(&node, l, None, None, &mut ops);
+                converge_mac(&node, l, gw.mac, &mut ops);
             }
             other => {
                 if other.is_some() {
@@ -578,7 +593,7 @@ fn plan_node(
                         name: gw.name.clone(),
                         kind: LinkKind::Bridge,
                         mtu: None,
-                        mac: None,
+                        mac: Some(gw.mac),
                         alias: alias("node"),
                         move_to: None,
                     },
@@ -706,6 +721,7 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
     let bridge_ok = match obs.link(NET_BRIDGE) {
         Some(l) if l.kind == LinkKindState::Bridge => {
             converge_link(&ns, l, Some(n.mtu), None, &mut ops);
+            converge_mac(&ns, l, n.bridge_mac, &mut ops);
             true
         }
         other => {
@@ -721,7 +737,7 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
                     name: br.clone(),
                     kind: LinkKind::Bridge,
                     mtu: Some(n.mtu),
-                    mac: None,
+                    mac: Some(n.bridge_mac),
                     alias: alias(owner),
                     move_to: None,
                 },

@@ -854,7 +854,7 @@ fn task_log(topo: &Topology, node: &str, task: &str) -> Option<String> {
 /// 10,000; through netd that did not finish its first round in 6 minutes (debug build): the
 /// projection scans every task for every service (`desired::project_vips` over
 /// `Intent::tasks`, a BTreeMap lookup per task), ~1e9 steps. 2,000 x 10 converges in ~150 s.
-const SCALE_SERVICES: usize = 2_000;
+const SCALE_SERVICES: usize = 10_000;
 const SCALE_BACKENDS: usize = 10;
 
 /// The `key=value` fields of the last log line containing `needle`.
