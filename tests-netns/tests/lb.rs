@@ -850,10 +850,9 @@ fn task_log(topo: &Topology, node: &str, task: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // Scale
 
-/// Services in the scale test, each with [`SCALE_BACKENDS`] backends. The issue asks for
-/// 10,000; through netd that did not finish its first round in 6 minutes (debug build): the
-/// projection scans every task for every service (`desired::project_vips` over
-/// `Intent::tasks`, a BTreeMap lookup per task), ~1e9 steps. 2,000 x 10 converges in ~150 s.
+/// Services in the scale test, each with [`SCALE_BACKENDS`] backends: the issue's 10,000 x 10.
+/// (Through netd's debug build it converges in about a minute; the projection and the DNS
+/// views are linear in services + tasks.)
 const SCALE_SERVICES: usize = 10_000;
 const SCALE_BACKENDS: usize = 10;
 

@@ -145,6 +145,9 @@ fn task_name(t: &TaskSpec) -> String {
     format!("{}.{}.{}", t.service, t.slot, t.id)
 }
 
+/// A live task on a network: the task, its address there, its aliases there.
+type Member<'a> = (&'a TaskSpec, Ipv4Addr, &'a [Name]);
+
 impl DnsView {
     /// The view of the sandbox of `task`. A task absent from the intent gets a view where
     /// every cluster name is NXDOMAIN.
@@ -218,7 +221,7 @@ impl DnsView {
     fn network_names(intent: &Intent, net: &Name, opts: &ViewOptions) -> NetNames {
         let mut nn = NetNames::default();
         // Live tasks on this network: (task, its address here, its aliases here).
-        let members: Vec<(&TaskSpec, Ipv4Addr, &[Name])> = intent
+        let members: Vec<Member<'_>> = intent
             .tasks()
             .filter(|(t, _)| opts.is_live(t))
             .filter_map(|(t, atts)| {
@@ -227,12 +230,16 @@ impl DnsView {
                     .map(|a| (t, a.ip, a.aliases.as_slice()))
             })
             .collect();
+        // Members by service, gathered once (a filter per service would be services × tasks).
+        let mut by_service: HashMap<&Name, Vec<&Member<'_>>> = HashMap::new();
+        for m in &members {
+            by_service.entry(&m.0.service).or_default().push(m);
+        }
         for s in intent.services() {
             let Some(sn) = s.networks.iter().find(|sn| &sn.network == net) else {
                 continue;
             };
-            let tasks: Vec<&(&TaskSpec, Ipv4Addr, &[Name])> =
-                members.iter().filter(|m| m.0.service == s.name).collect();
+            let tasks: Vec<&Member<'_>> = by_service.get(&s.name).cloned().unwrap_or_default();
             let ips: Vec<Ipv4Addr> = tasks.iter().map(|m| m.1).collect();
             // vip mode without a VIP on this network (the orchestrator has not allocated one
             // yet): answer the task addresses rather than nothing.
