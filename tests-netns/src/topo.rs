@@ -623,6 +623,30 @@ impl std::fmt::Display for NetdExited {
 
 impl std::error::Error for NetdExited {}
 
+/// The demo server `swarmnet-whoami` (package swarmnet-cli), built beside netd by
+/// `cargo build --workspace`.
+pub fn whoami_binary() -> Result<PathBuf> {
+    let beside_netd = netd_binary()?.with_file_name("swarmnet-whoami");
+    if beside_netd.is_file() {
+        return Ok(beside_netd);
+    }
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .skip(1)
+        .map(|d| d.join("swarmnet-whoami"))
+        .find(|p| p.is_file())
+        .context("swarmnet-whoami not found: build it first with `cargo build --workspace`")
+}
+
+/// A task argv running the demo server on port 80.
+pub fn whoami_argv() -> Result<Vec<String>> {
+    Ok(vec![
+        whoami_binary()?.to_string_lossy().into_owned(),
+        "--port".into(),
+        "80".into(),
+    ])
+}
+
 /// The netd binary the tests run: `SWARMNET_NETD_BIN`, or the one built beside the test binary.
 pub fn netd_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SWARMNET_NETD_BIN") {

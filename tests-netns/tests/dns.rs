@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -357,20 +357,6 @@ fn as_task(topo: &Topology, node: &str, task: &str, argv: &[&str]) -> Result<Out
     topo::run(topo::nsenter_cmd(&sandbox, &args), None, CMD_TIMEOUT)
 }
 
-/// The demo server, built beside netd by `cargo build --workspace`.
-fn whoami_binary() -> Result<PathBuf> {
-    let beside_netd = topo::netd_binary()?.with_file_name("swarmnet-whoami");
-    if beside_netd.is_file() {
-        return Ok(beside_netd);
-    }
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .map(|d| d.join("swarmnet-whoami"))
-        .find(|p| p.is_file())
-        .context("swarmnet-whoami not found: build it first with `cargo build --workspace`")
-}
-
 fn service(name: &str, mode: &str, net: &str, vip: Option<&str>, aliases: &[&str]) -> Value {
     let mut n = json!({"network": net, "aliases": aliases});
     if let Some(v) = vip {
@@ -537,7 +523,7 @@ fn three_nodes_resolve_services_tasks_aliases_ptr_srv_within_their_networks() {
         return;
     }
     topo::with_topology(3, |topo| {
-        let whoami = whoami_binary()?;
+        let whoami = topo::whoami_binary()?;
         let whoami = whoami.to_str().context("utf-8 path")?;
         let server: &[&str] = &[whoami, "--port", "80"];
         let intent = topo

@@ -12,7 +12,6 @@
 //! change has been loaded, and (scale test) to read the size of the load-balancer transaction.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -31,28 +30,6 @@ const REFUSAL: Duration = Duration::from_secs(1);
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-/// The demo server, built beside netd by `cargo build --workspace`.
-fn whoami_binary() -> Result<PathBuf> {
-    let beside_netd = topo::netd_binary()?.with_file_name("swarmnet-whoami");
-    if beside_netd.is_file() {
-        return Ok(beside_netd);
-    }
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .map(|d| d.join("swarmnet-whoami"))
-        .find(|p| p.is_file())
-        .context("swarmnet-whoami not found: build it first with `cargo build --workspace`")
-}
-
-fn whoami_argv() -> Result<Vec<String>> {
-    Ok(vec![
-        whoami_binary()?.to_string_lossy().into_owned(),
-        "--port".into(),
-        "80".into(),
-    ])
-}
 
 /// A TCP server that drains gracefully: on connect it says `task: <id> client: <ip:port>`, then
 /// echoes every line prefixed with its task id, and closes when the client does. SIGTERM is
@@ -260,7 +237,7 @@ const NET: &str = "app";
 
 /// Web backends on n1, n2, n3 (10.40.0.11-13) behind VIP 10.40.0.2, a client on n1 (.21).
 fn three_backends(topo: &Topology, svc: Value) -> Result<Value> {
-    let argv = whoami_argv()?;
+    let argv = topo::whoami_argv()?;
     Ok(topo
         .cluster_intent()
         .network(NET, "10.40.0.0/24", 4400)
@@ -321,7 +298,7 @@ fn a_backend_reaches_its_own_service_vip_and_may_land_on_itself() {
         return;
     }
     topo::with_topology(3, |topo| {
-        let argv = whoami_argv()?;
+        let argv = topo::whoami_argv()?;
         // `solo` has one backend: its own connections to its VIP always land on itself.
         let intent = three_backends(topo, vip_service("web", NET, "10.40.0.2", tcp80()))?;
         let mut intent_v = intent;
@@ -393,7 +370,7 @@ fn client_ip_affinity_pins_a_client_to_one_backend_and_without_it_connections_sp
         return;
     }
     topo::with_topology(3, |topo| {
-        let argv = whoami_argv()?;
+        let argv = topo::whoami_argv()?;
         let mut sticky = vip_service("sticky", NET, "10.40.0.3", tcp80());
         sticky["affinity"] = json!("client_ip");
         let mut b = topo
@@ -484,7 +461,7 @@ fn a_service_without_backends_refuses_at_once_tcp_and_udp() {
     topo::with_topology(2, |topo| {
         let ports = json!([{"name": "http", "target": 80},
                            {"name": "dns", "target": 53, "protocol": "udp"}]);
-        let argv = whoami_argv()?;
+        let argv = topo::whoami_argv()?;
         let with_one = topo
             .cluster_intent()
             .network(NET, "10.40.0.0/24", 4400)
@@ -875,7 +852,7 @@ fn thousands_of_services_on_one_node_the_last_vip_answers_and_one_endpoint_chang
         return;
     }
     topo::with_topology(2, |topo| {
-        let argv = whoami_argv()?;
+        let argv = topo::whoami_argv()?;
         // n3 runs no netd: its tasks only give n1's load balancer addresses (and n1 its
         // overlay entries). 10.64.0.0/14: VIPs from 10.64.0.2, backends from 10.65.0.0.
         let subnet_base = u32::from(std::net::Ipv4Addr::new(10, 64, 0, 0));

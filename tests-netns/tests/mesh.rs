@@ -37,28 +37,6 @@ const APP: &str = "app";
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// The demo server, built beside netd (`cargo build -p swarmnet-netd -p swarmnet-cli`).
-fn whoami_binary() -> Result<PathBuf> {
-    let beside_netd = topo::netd_binary()?.with_file_name("swarmnet-whoami");
-    if beside_netd.is_file() {
-        return Ok(beside_netd);
-    }
-    let exe = std::env::current_exe()?;
-    exe.ancestors()
-        .skip(1)
-        .map(|d| d.join("swarmnet-whoami"))
-        .find(|p| p.is_file())
-        .context("swarmnet-whoami not found: build it first with `cargo build -p swarmnet-cli`")
-}
-
-fn whoami_argv() -> Result<Vec<String>> {
-    Ok(vec![
-        whoami_binary()?.to_string_lossy().into_owned(),
-        "--port".into(),
-        "80".into(),
-    ])
-}
-
 /// A UDP echo on `0.0.0.0:<argv[1]>`: answers every datagram with
 /// `task: <id> client: <ip:port> got: <data>`. (Not port 53: netd's resolver holds
 /// 127.0.0.11:53 in every sandbox, so a wildcard bind of 53 fails.)
@@ -325,7 +303,7 @@ fn check_refused(topo: &Topology, addr: &str, port: u16) -> Result<Duration> {
 
 /// The web service of the issue: 2 whoami replicas, on n1 and n2, published on 8080.
 fn web(name: &str, vip: &str, published: u16) -> Result<(Value, Vec<Value>)> {
-    let argv = whoami_argv()?;
+    let argv = topo::whoami_argv()?;
     let svc = published_service(name, vip, json!([{"target": 80, "published": published}]));
     let tasks = vec![
         task(
@@ -533,7 +511,7 @@ fn a_removed_service_closes_its_port_on_every_node_and_another_can_publish_it() 
         }
 
         // Another service publishes the same port, with one task on n3.
-        let argv = whoami_argv()?;
+        let argv = topo::whoami_argv()?;
         let other = published_service(
             "other",
             "10.255.0.4",
@@ -560,7 +538,7 @@ fn host_mode_answers_only_where_a_task_runs_and_keeps_the_client_address() {
         return;
     }
     topo::with_topology(3, |topo| {
-        let argv = whoami_argv()?;
+        let argv = topo::whoami_argv()?;
         let svc = json!({"name": "hweb", "networks": [{"network": APP}],
                          "ports": [{"target": 80, "published": 8081, "publish_mode": "host"}]});
         let tasks = [
@@ -766,7 +744,7 @@ fn a_published_port_on_the_node_loopback_refuses() {
         return;
     }
     topo::with_topology(1, |topo| {
-        let argv = whoami_argv()?;
+        let argv = topo::whoami_argv()?;
         let svc = published_service(
             "web",
             "10.255.0.2",
