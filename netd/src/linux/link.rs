@@ -451,28 +451,32 @@ impl LinuxLinkPort {
         Ok(self.sockets.get_mut(ns).expect("inserted above"))
     }
 
-    /// The kernel's view of one link, by name.
-    fn get_link(&mut self, ns: &NsRef, name: &IfName) -> PortResult<LinkState> {
+    /// One link by name with its master's index (not resolved to a name), `None` when the
+    /// link does not exist: a single RTM_GETLINK, no dump.
+    fn fetch_link(&mut self, ns: &NsRef, name: &IfName) -> PortResult<Option<(LinkState, u32)>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        let replies = self
-            .nl(ns)?
-            .request(RouteNetlinkMessage::GetLink(msg), 0)
-            .map_err(|e| perr("get link", in_ns(name.as_str(), ns), e))?;
-        replies
-            .iter()
-            .find_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => decode_link(l).map(|(s, _)| s),
-                _ => None,
-            })
-            .ok_or_else(|| {
-                PortError::new(
-                    "get link",
-                    in_ns(name.as_str(), ns),
-                    ErrorKind::NotFound,
-                    "no such link",
-                )
-            })
+        let replies = match self.nl(ns)?.request(RouteNetlinkMessage::GetLink(msg), 0) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
+            Err(e) => return Err(perr("get link", in_ns(name.as_str(), ns), e)),
+        };
+        Ok(replies.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => decode_link(l),
+            _ => None,
+        }))
+    }
+
+    /// The kernel's view of one link, by name; NotFound when it does not exist.
+    fn require_link(&mut self, ns: &NsRef, name: &IfName) -> PortResult<LinkState> {
+        self.fetch_link(ns, name)?.map(|(l, _)| l).ok_or_else(|| {
+            PortError::new(
+                "get link",
+                in_ns(name.as_str(), ns),
+                ErrorKind::NotFound,
+                "no such link",
+            )
+        })
     }
 
     /// Indexes of the bridge ports of `ns` in hairpin mode (an AF_BRIDGE dump, which carries
@@ -508,7 +512,7 @@ impl LinuxLinkPort {
     }
 
     fn link_index(&mut self, ns: &NsRef, name: &IfName) -> PortResult<u32> {
-        self.get_link(ns, name).map(|l| l.index)
+        self.require_link(ns, name).map(|l| l.index)
     }
 
     fn set_link_msg(
@@ -704,14 +708,7 @@ impl LinkPort for LinuxLinkPort {
                 _ => None,
             })
         };
-        let mut msg = LinkMessage::default();
-        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        let replies = match self.nl(ns)?.request(RouteNetlinkMessage::GetLink(msg), 0) {
-            Ok(r) => r,
-            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(None),
-            Err(e) => return Err(perr("get link", in_ns(name.as_str(), ns), e)),
-        };
-        let Some((mut link, master)) = decode_one(&replies) else {
+        let Some((mut link, master)) = self.fetch_link(ns, name)? else {
             return Ok(None);
         };
         if master != 0 {
@@ -746,7 +743,7 @@ impl LinkPort for LinuxLinkPort {
             // IFLA_MASTER 0 releases the link from its bridge.
             Some(None) => msg.attributes.push(LinkAttribute::Controller(0)),
             Some(Some(master)) => {
-                let m = self.get_link(ns, master).map_err(|e| PortError {
+                let m = self.require_link(ns, master).map_err(|e| PortError {
                     op: "set link",
                     object: in_ns(name.as_str(), ns),
                     kind: ErrorKind::Invalid,
@@ -1121,7 +1118,7 @@ impl LinkPort for LinuxLinkPort {
                 ),
             ));
         };
-        let link = self.get_link(&node, &holder.link)?;
+        let link = self.require_link(&node, &holder.link)?;
         Ok((link.name, link.mtu))
     }
 }
@@ -1130,7 +1127,7 @@ impl LinuxLinkPort {
     /// The index of `link`, which must be a VXLAN device: the kernel would accept an FDB entry
     /// on any device (as a unicast address filter), which is never what we mean.
     fn vxlan_index(&mut self, ns: &NsRef, link: &IfName, op: &'static str) -> PortResult<u32> {
-        let l = self.get_link(ns, link).map_err(|mut e| {
+        let l = self.require_link(ns, link).map_err(|mut e| {
             e.op = op;
             e
         })?;
