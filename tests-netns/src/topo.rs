@@ -647,6 +647,31 @@ pub fn whoami_argv() -> Result<Vec<String>> {
     ])
 }
 
+/// What one answer of a backend said (`swarmnet-whoami`, or the tests' Python servers, which
+/// greet the same way): the task that answered and the client address it saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub task: String,
+    pub client_ip: String,
+}
+
+/// Parses `task: X` and `client: ip:port` out of one answer (the multi-line whoami body or a
+/// one-line greeting).
+pub fn parse_answer(text: &str) -> Option<Answer> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let after = |key: &str| {
+        words
+            .iter()
+            .position(|w| *w == key)
+            .and_then(|i| words.get(i + 1))
+            .map(|s| s.to_string())
+    };
+    let task = after("task:")?;
+    let client = after("client:")?;
+    let client_ip = client.rsplit_once(':').map(|(ip, _)| ip.to_string())?;
+    Some(Answer { task, client_ip })
+}
+
 /// The netd binary the tests run: `SWARMNET_NETD_BIN`, or the one built beside the test binary.
 pub fn netd_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SWARMNET_NETD_BIN") {

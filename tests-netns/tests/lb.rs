@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::{Value, json};
 use swarmnet_tests_netns::gate;
-use swarmnet_tests_netns::topo::{self, Bg, CONVERGE_TIMEOUT, Output, Topology, retry};
+use swarmnet_tests_netns::topo::{
+    self, Answer, Bg, CONVERGE_TIMEOUT, Output, Topology, parse_answer, retry,
+};
 
 const SLEEP: &[&str] = &["sleep", "infinity"];
 /// Limit for a freshly started backend to answer on its own address.
@@ -93,30 +95,6 @@ fn task(id: &str, svc: &str, slot: u32, node: &str, net: &str, ip: &str, argv: &
 fn sleeper(id: &str, node: &str, net: &str, ip: &str) -> Value {
     let argv: Vec<String> = SLEEP.iter().map(|s| s.to_string()).collect();
     task(id, "client", 1, node, net, ip, &argv)
-}
-
-/// What one answer of a backend said: the task that answered and the client address it saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Answer {
-    task: String,
-    client_ip: String,
-}
-
-/// Parses `task: X` and `client: ip:port` out of one whoami/echo answer (either the multi-line
-/// whoami body or the one-line greeting of the Python servers).
-fn parse_answer(text: &str) -> Option<Answer> {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let after = |key: &str| {
-        words
-            .iter()
-            .position(|w| *w == key)
-            .and_then(|i| words.get(i + 1))
-            .map(|s| s.to_string())
-    };
-    let task = after("task:")?;
-    let client = after("client:")?;
-    let client_ip = client.rsplit_once(':').map(|(ip, _)| ip.to_string())?;
-    Some(Answer { task, client_ip })
 }
 
 /// Runs `n` new connections from `task`'s sandbox on `node`, one `cmd` each (a shell command

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use swarmnet_tests_netns::gate;
-use swarmnet_tests_netns::topo::{self, CONVERGE_TIMEOUT, Output, Topology, retry};
+use swarmnet_tests_netns::topo::{
+    self, Answer, CONVERGE_TIMEOUT, Output, Topology, parse_answer, retry,
+};
 
 /// Limit for a published port to answer after the intent that publishes it converged.
 const READY: Duration = Duration::from_secs(20);
@@ -157,28 +159,6 @@ fn outside_sh(topo: &Topology, script: &str, timeout: Duration) -> Result<Output
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &topo.underlay_ns, "sh", "-c", script]);
     topo::run(c, None, timeout)
-}
-
-/// What one answer of a backend said: the task that answered and the client address it saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Answer {
-    task: String,
-    client_ip: String,
-}
-
-fn parse_answer(text: &str) -> Option<Answer> {
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let after = |key: &str| {
-        words
-            .iter()
-            .position(|w| *w == key)
-            .and_then(|i| words.get(i + 1))
-            .map(|s| s.to_string())
-    };
-    let task = after("task:")?;
-    let client = after("client:")?;
-    let client_ip = client.rsplit_once(':').map(|(ip, _)| ip.to_string())?;
-    Some(Answer { task, client_ip })
 }
 
 /// Runs `n` new connections from the outside client, one `cmd` each (a shell command reading
