@@ -317,13 +317,7 @@ impl Reconciler {
     /// process) and says whether a round is due for them. Costly on a node with many tasks:
     /// the daemon calls it on SIGCHLD and every couple of seconds, not every tick.
     pub fn poll_processes(&mut self, now: Instant) -> bool {
-        match self.ports.processes.list() {
-            Ok(v) => self.proc_snapshot = v.into_iter().map(|p| (p.task.clone(), p)).collect(),
-            Err(e) => {
-                warn!(error = %e, "cannot list task processes");
-                return true;
-            }
-        }
+        self.refresh_processes();
         self.tasks_due(now)
     }
 
@@ -332,13 +326,33 @@ impl Reconciler {
         let Some(d) = &self.last_desired else {
             return true;
         };
-        d.sandboxes
+        self.due_tasks(d, now).next().is_some()
+    }
+
+    /// The tasks of `desired` whose process exited, or that may (re)start now, per
+    /// `proc_snapshot`.
+    fn due_tasks<'a>(
+        &'a self,
+        desired: &'a DesiredNode,
+        now: Instant,
+    ) -> impl Iterator<Item = &'a TaskId> {
+        desired
+            .sandboxes
             .values()
             .filter(|s| s.process.is_some())
-            .any(|s| match self.proc_snapshot.get(&s.task) {
+            .filter(move |s| match self.proc_snapshot.get(&s.task) {
                 Some(p) => p.exit.is_some(),
                 None => gate_for(self.restarts.get(&s.task), now) == ProcessGate::Start,
             })
+            .map(|s| &s.task)
+    }
+
+    /// Lists the task processes once for a round (a `waitpid` or /proc read each).
+    fn refresh_processes(&mut self) {
+        match self.ports.processes.list() {
+            Ok(v) => self.proc_snapshot = v.into_iter().map(|p| (p.task.clone(), p)).collect(),
+            Err(e) => warn!(error = %e, "cannot list task processes"),
+        }
     }
 
     fn context(&mut self) -> NodeContext {
@@ -421,6 +435,8 @@ impl Reconciler {
                 (key, i.message)
             })
             .collect();
+        // One process listing serves the scope and the observation of this round.
+        self.refresh_processes();
         let changed = changed_objects(self.last_desired.as_ref(), &desired);
         let scope = if full {
             Scope::Full
@@ -433,30 +449,16 @@ impl Reconciler {
                 }
             }
             // Tasks whose process exited, or that may start now.
-            let procs: BTreeMap<TaskId, ProcessState> = self
-                .ports
-                .processes
-                .list()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| (p.task.clone(), p))
-                .collect();
-            for s in desired.sandboxes.values().filter(|s| s.process.is_some()) {
-                let due = match procs.get(&s.task) {
-                    Some(p) => p.exit.is_some(),
-                    None => gate_for(self.restarts.get(&s.task), now) == ProcessGate::Start,
-                };
-                if due {
-                    keys.insert(ObjectKey::Sandbox(s.task.clone()));
-                }
-            }
+            keys.extend(
+                self.due_tasks(&desired, now)
+                    .map(|t| ObjectKey::Sandbox(t.clone())),
+            );
             Scope::Objects(keys)
         };
         if full {
             self.deferred.clear();
         }
         let observed = self.observe(&desired, &scope);
-        self.proc_snapshot = observed.processes.clone();
         self.note_exits(&observed, &desired, now);
         let restarts = &self.restarts;
         let gate = |t: &TaskId| gate_for(restarts.get(t), now);
@@ -794,10 +796,7 @@ impl Reconciler {
             }
             o.ns.insert(ns, obs);
         }
-        match self.ports.processes.list() {
-            Ok(v) => o.processes = v.into_iter().map(|p| (p.task.clone(), p)).collect(),
-            Err(e) => warn!(error = %e, "cannot list task processes"),
-        }
+        o.processes = self.proc_snapshot.clone();
         o
     }
 
