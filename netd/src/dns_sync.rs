@@ -34,6 +34,9 @@ pub struct DnsSync {
     last_set: BTreeMap<TaskId, PathBuf>,
     retry: bool,
     failing: BTreeSet<TaskId>,
+    /// One view (and forwarding policy) per distinct network list, for `views_generation`.
+    views: HashMap<Vec<Name>, (Arc<DnsView>, ForwardPolicy)>,
+    views_generation: u64,
 }
 
 impl DnsSync {
@@ -45,6 +48,8 @@ impl DnsSync {
             last_set: BTreeMap::new(),
             retry: false,
             failing: BTreeSet::new(),
+            views: HashMap::new(),
+            views_generation: 0,
         }
     }
 
@@ -81,7 +86,13 @@ impl DnsSync {
             ttl: self.cfg.ttl,
             live: None,
         };
-        let mut shared: HashMap<Vec<Name>, (Arc<DnsView>, ForwardPolicy)> = HashMap::new();
+        // Views of the intent in force are kept: the sync after a round (new sandboxes) and
+        // retries reuse them; a new intent starts afresh.
+        if self.views_generation != generation {
+            self.views.clear();
+            self.views_generation = generation;
+        }
+        let shared = &mut self.views;
         let mut set = BTreeMap::new();
         for (task, netns) in &want {
             let nets: Vec<Name> = intent
