@@ -626,32 +626,9 @@ fn next_ifname(ifaces: &[DesiredIface]) -> IfName {
 mod tests {
     use super::*;
 
-    pub(crate) const INTENT: &str = r#"{
-      "version": 1,
-      "nodes": [
-        {"id": "n1", "addr": "198.18.0.1"},
-        {"id": "n2", "addr": "198.18.0.2"},
-        {"id": "n3", "addr": "198.18.0.3"}
-      ],
-      "networks": [
-        {"name": "app", "subnet": "10.10.0.0/24", "vni": 4097},
-        {"name": "db", "subnet": "10.11.0.0/24", "vni": 4098, "internal": true, "mtu": 1400}
-      ],
-      "services": [
-        {"name": "web", "networks": [{"network": "app"}]},
-        {"name": "pg", "networks": [{"network": "db"}]}
-      ],
-      "tasks": [
-        {"id": "web1", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
-         "networks": [{"network": "app", "ip": "10.10.0.3"}]},
-        {"id": "web2", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
-         "networks": [{"network": "app", "ip": "10.10.0.4"}]},
-        {"id": "pg1", "service": "pg", "node": "n1", "argv": ["sleep", "inf"],
-         "networks": [{"network": "db", "ip": "10.11.0.3"}]},
-        {"id": "pg2", "service": "pg", "node": "n3", "argv": ["sleep", "inf"],
-         "networks": [{"network": "db", "ip": "10.11.0.4"}]}
-      ]
-    }"#;
+    /// Shared with the golden tests: 3 nodes, an app network and an internal db network
+    /// (MTU override), two services, tasks on n1, n2 and n3.
+    pub(crate) const INTENT: &str = include_str!("../tests/fixtures/three-nodes.json");
 
     pub(crate) fn ctx(node: &str) -> NodeContext {
         NodeContext {

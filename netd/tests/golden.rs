@@ -9,32 +9,7 @@ use swarmnet_model::{IfName, Intent, NodeId, TaskId};
 use swarmnet_netd::desired::{NodeContext, gw_tasks, lease_gw, project};
 use swarmnet_netd::plan::{Observed, ProcessGate, Scope, plan};
 
-const INTENT: &str = r#"{
-  "version": 1,
-  "nodes": [
-    {"id": "n1", "addr": "198.18.0.1"},
-    {"id": "n2", "addr": "198.18.0.2"},
-    {"id": "n3", "addr": "198.18.0.3"}
-  ],
-  "networks": [
-    {"name": "app", "subnet": "10.10.0.0/24", "vni": 4097},
-    {"name": "db", "subnet": "10.11.0.0/24", "vni": 4098, "internal": true}
-  ],
-  "services": [
-    {"name": "web", "networks": [{"network": "app"}]},
-    {"name": "pg", "networks": [{"network": "db"}]}
-  ],
-  "tasks": [
-    {"id": "web1", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
-     "networks": [{"network": "app", "ip": "10.10.0.3"}]},
-    {"id": "web2", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
-     "networks": [{"network": "app", "ip": "10.10.0.4"}]},
-    {"id": "pg1", "service": "pg", "node": "n1", "argv": ["sleep", "inf"],
-     "networks": [{"network": "db", "ip": "10.11.0.3"}]},
-    {"id": "pg2", "service": "pg", "node": "n3", "argv": ["sleep", "inf"],
-     "networks": [{"network": "db", "ip": "10.11.0.4"}]}
-  ]
-}"#;
+const INTENT: &str = include_str!("fixtures/three-nodes.json");
 
 fn check_golden(name: &str, actual: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
