@@ -511,6 +511,20 @@ impl LinuxLinkPort {
         Ok(out)
     }
 
+    /// One neighbour/FDB add or delete, acknowledged.
+    fn neigh_request(
+        &mut self,
+        ns: &NsRef,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        op: &'static str,
+        object: String,
+    ) -> PortResult<()> {
+        self.nl(ns)?
+            .ack(msg, flags)
+            .map_err(|e| perr(op, object, e))
+    }
+
     fn link_index(&mut self, ns: &NsRef, name: &IfName) -> PortResult<u32> {
         self.require_link(ns, name).map(|l| l.index)
     }
@@ -983,44 +997,26 @@ impl LinkPort for LinuxLinkPort {
 
     fn add_fdb(&mut self, ns: &NsRef, link: &IfName, entry: &FdbEntry) -> PortResult<()> {
         let index = self.vxlan_index(ns, link, "add fdb")?;
-        self.nl(ns)?
-            .ack(
-                RouteNetlinkMessage::NewNeighbour(encode_fdb(index, entry)),
-                NLM_F_CREATE | NLM_F_EXCL,
-            )
-            .map_err(|e| {
-                perr(
-                    "add fdb",
-                    format!(
-                        "{} dst {} on {}",
-                        entry.mac,
-                        entry.dst,
-                        in_ns(link.as_str(), ns)
-                    ),
-                    e,
-                )
-            })
+        let msg = RouteNetlinkMessage::NewNeighbour(encode_fdb(index, entry));
+        let object = format!(
+            "{} dst {} on {}",
+            entry.mac,
+            entry.dst,
+            in_ns(link.as_str(), ns)
+        );
+        self.neigh_request(ns, msg, NLM_F_CREATE | NLM_F_EXCL, "add fdb", object)
     }
 
     fn delete_fdb(&mut self, ns: &NsRef, link: &IfName, entry: &FdbEntry) -> PortResult<()> {
         let index = self.vxlan_index(ns, link, "delete fdb")?;
-        self.nl(ns)?
-            .ack(
-                RouteNetlinkMessage::DelNeighbour(encode_fdb(index, entry)),
-                0,
-            )
-            .map_err(|e| {
-                perr(
-                    "delete fdb",
-                    format!(
-                        "{} dst {} on {}",
-                        entry.mac,
-                        entry.dst,
-                        in_ns(link.as_str(), ns)
-                    ),
-                    e,
-                )
-            })
+        let msg = RouteNetlinkMessage::DelNeighbour(encode_fdb(index, entry));
+        let object = format!(
+            "{} dst {} on {}",
+            entry.mac,
+            entry.dst,
+            in_ns(link.as_str(), ns)
+        );
+        self.neigh_request(ns, msg, 0, "delete fdb", object)
     }
 
     fn list_neighs(&mut self, ns: &NsRef, link: &IfName) -> PortResult<Vec<NeighEntry>> {
@@ -1060,34 +1056,16 @@ impl LinkPort for LinuxLinkPort {
 
     fn add_neigh(&mut self, ns: &NsRef, link: &IfName, entry: &NeighEntry) -> PortResult<()> {
         let index = self.link_index(ns, link)?;
-        self.nl(ns)?
-            .ack(
-                RouteNetlinkMessage::NewNeighbour(encode_neigh(index, entry)),
-                NLM_F_CREATE | NLM_F_EXCL,
-            )
-            .map_err(|e| {
-                perr(
-                    "add neighbour",
-                    format!("{} on {}", entry.ip, in_ns(link.as_str(), ns)),
-                    e,
-                )
-            })
+        let msg = RouteNetlinkMessage::NewNeighbour(encode_neigh(index, entry));
+        let object = format!("{} on {}", entry.ip, in_ns(link.as_str(), ns));
+        self.neigh_request(ns, msg, NLM_F_CREATE | NLM_F_EXCL, "add neighbour", object)
     }
 
     fn delete_neigh(&mut self, ns: &NsRef, link: &IfName, entry: &NeighEntry) -> PortResult<()> {
         let index = self.link_index(ns, link)?;
-        self.nl(ns)?
-            .ack(
-                RouteNetlinkMessage::DelNeighbour(encode_neigh(index, entry)),
-                0,
-            )
-            .map_err(|e| {
-                perr(
-                    "delete neighbour",
-                    format!("{} on {}", entry.ip, in_ns(link.as_str(), ns)),
-                    e,
-                )
-            })
+        let msg = RouteNetlinkMessage::DelNeighbour(encode_neigh(index, entry));
+        let object = format!("{} on {}", entry.ip, in_ns(link.as_str(), ns));
+        self.neigh_request(ns, msg, 0, "delete neighbour", object)
     }
 
     fn get_sysctl(&mut self, ns: &NsRef, key: &str) -> PortResult<String> {
