@@ -3,7 +3,6 @@
 //! `SWARMNET_BLESS=1 cargo test -p swarmnet-netd --test golden` and review the diff.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use swarmnet_model::{IfName, Intent, NodeId, TaskId};
 use swarmnet_netd::desired::{NodeContext, gw_tasks, lease_gw, project};
@@ -12,26 +11,8 @@ use swarmnet_netd::plan::{Observed, ProcessGate, Scope, plan};
 const INTENT: &str = include_str!("fixtures/three-nodes.json");
 
 fn check_golden(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
-    if std::env::var_os("SWARMNET_BLESS").is_some() {
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run with SWARMNET_BLESS=1 to create it",
-            path.display()
-        )
-    });
-    if expected != actual {
-        panic!(
-            "{} differs from what was rendered; if the change is intended, regenerate with \
-             SWARMNET_BLESS=1 and review the diff.\n--- expected\n{expected}\n--- actual\n{actual}",
-            path.display()
-        );
-    }
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    swarmnet_tests_netns::golden::check(&dir, name, actual);
 }
 
 fn desired(node: &str) -> swarmnet_netd::desired::DesiredNode {

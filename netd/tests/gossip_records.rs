@@ -4,7 +4,6 @@
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 
 use swarmnet_model::{MacAddr, Name, TaskId};
 use swarmnet_netd::gossip::crypto::{KEY_LEN, Keyring, Sealer};
@@ -13,25 +12,8 @@ use swarmnet_netd::gossip::table::{AllowAll, FnCheck};
 use swarmnet_netd::gossip::{EndpointRecord, Health, NodeSnapshot, merge};
 
 fn check_golden(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
-    if std::env::var_os("SWARMNET_BLESS").is_some() {
-        std::fs::write(&path, actual).unwrap();
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run with SWARMNET_BLESS=1 to create it",
-            path.display()
-        )
-    });
-    assert_eq!(
-        expected,
-        actual,
-        "{} differs; if intended, regenerate with SWARMNET_BLESS=1 and review the diff",
-        path.display()
-    );
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    swarmnet_tests_netns::golden::check(&dir, name, actual);
 }
 
 fn rec(net: &str, task: &str, ip: IpAddr, service: Option<&str>, health: Health) -> EndpointRecord {

@@ -5,4 +5,5 @@
 //! it creates carries the `snt` prefix and is removed on drop or swept by the next run.
 
 pub mod gate;
+pub mod golden;
 pub mod topo;
