@@ -32,7 +32,7 @@ pub struct DnsSync {
     cfg: DnsSyncConfig,
     last_generation: u64,
     last_set: BTreeMap<TaskId, PathBuf>,
-    retry: bool,
+    /// Sandboxes whose resolver could not be opened in the last sync (retried).
     failing: BTreeSet<TaskId>,
     /// One view (and forwarding policy) per distinct network list, for `views_generation`.
     views: HashMap<Vec<Name>, (Arc<DnsView>, ForwardPolicy)>,
@@ -46,25 +46,15 @@ impl DnsSync {
             cfg,
             last_generation: 0,
             last_set: BTreeMap::new(),
-            retry: false,
             failing: BTreeSet::new(),
             views: HashMap::new(),
             views_generation: 0,
         }
     }
 
-    /// Tasks whose resolver could not be opened in the last sync.
-    pub fn failing(&self) -> &BTreeSet<TaskId> {
-        &self.failing
-    }
-
     /// Whether a sandbox is waiting for its resolver (the next sync retries it).
     pub fn pending_retry(&self) -> bool {
-        self.retry
-    }
-
-    pub fn server(&self) -> &DnsServer {
-        &self.server
+        !self.failing.is_empty()
     }
 
     /// Brings the server in line with the reconciler's current intent and sandboxes.
@@ -78,7 +68,7 @@ impl DnsSync {
             .map(|s| (s.task.clone(), rec.netns_path(&s.ns)))
             .collect();
         let generation = rec.intent_generation();
-        if !self.retry && generation == self.last_generation && want == self.last_set {
+        if self.failing.is_empty() && generation == self.last_generation && want == self.last_set {
             return;
         }
         let intent = rec.intent();
@@ -130,7 +120,6 @@ impl DnsSync {
             errors = errors.len(),
             "dns synced"
         );
-        self.retry = !failing.is_empty();
         self.failing = failing;
         self.last_generation = generation;
         self.last_set = want;
