@@ -478,9 +478,26 @@ impl Validator {
                         ),
                     );
                 }
+                if port.traffic_policy == crate::spec::TrafficPolicy::Local
+                    && (port.published.is_none()
+                        || port.publish_mode == crate::spec::PublishMode::Host)
+                {
+                    self.err(
+                        format!("{pp}.traffic_policy"),
+                        "traffic_policy \"local\" applies to ports published in ingress mode (host mode always serves from the local task only)",
+                    );
+                }
                 if let Some(pub_port) = port.published {
                     if pub_port == 0 {
                         self.err(format!("{pp}.published"), "port 0 cannot be published");
+                    } else if let Some(why) = crate::spec::reserved_port(pub_port, port.protocol) {
+                        self.err(
+                            format!("{pp}.published"),
+                            format!(
+                                "{pub_port}/{} is reserved for {why} on every node; publish another port",
+                                port.protocol
+                            ),
+                        );
                     } else if let Some(other) = published.insert((pub_port, port.protocol), &s.name)
                     {
                         self.err(
@@ -832,6 +849,47 @@ mod tests {
                 .iter()
                 .any(|i| i.contains("there is no ingress network"))
         );
+    }
+
+    #[test]
+    fn reserved_and_out_of_range_published_ports_are_refused() {
+        let vxlan = GOOD.replace(
+            r#""published": 8080, "publish_mode": "host""#,
+            r#""published": 4789, "protocol": "udp", "publish_mode": "host""#,
+        );
+        let e = issues(&vxlan);
+        assert!(
+            e.iter()
+                .any(|i| i.contains("services[0].ports[0].published")
+                    && i.contains("4789/udp is reserved for VXLAN")),
+            "{e:?}"
+        );
+        // The same number over TCP does not collide with VXLAN.
+        Intent::from_json(&vxlan.replace(r#""protocol": "udp", "#, "")).unwrap();
+        let big = GOOD.replace(r#""published": 8080"#, r#""published": 70000"#);
+        let e = issues(&big);
+        assert!(e[0].contains("70000") && e[0].contains("u16"), "{e:?}");
+    }
+
+    #[test]
+    fn local_traffic_policy_only_on_ingress_published_ports() {
+        let host = GOOD.replace(
+            r#""publish_mode": "host""#,
+            r#""publish_mode": "host", "traffic_policy": "local""#,
+        );
+        let e = issues(&host);
+        assert!(
+            e.iter()
+                .any(|i| i.contains("services[0].ports[0].traffic_policy")
+                    && i.contains("ingress mode")),
+            "{e:?}"
+        );
+        let bad = GOOD.replace(
+            r#""publish_mode": "host""#,
+            r#""publish_mode": "host", "traffic_policy": "nearest""#,
+        );
+        let e = issues(&bad);
+        assert!(e[0].contains("nearest"), "{e:?}");
     }
 
     #[test]

@@ -200,6 +200,44 @@ pub struct PortSpec {
     pub published: Option<u16>,
     #[serde(default)]
     pub publish_mode: PublishMode,
+    /// Which tasks serve an ingress-published port (Kubernetes' `externalTrafficPolicy`).
+    #[serde(default, skip_serializing_if = "TrafficPolicy::is_cluster")]
+    pub traffic_policy: TrafficPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrafficPolicy {
+    /// Every healthy task on every node, through the routing mesh; the task sees the entry
+    /// node's ingress address as the client.
+    #[default]
+    Cluster,
+    /// Only the tasks on the node the client reached; the task sees the client's own address,
+    /// and a node without a local task refuses at once.
+    Local,
+}
+
+impl TrafficPolicy {
+    pub fn is_cluster(&self) -> bool {
+        *self == Self::Cluster
+    }
+}
+
+/// Ports a node's own cluster traffic uses by default: publishing them would capture that
+/// traffic (a published 4789/udp would swallow every VXLAN packet sent to the node).
+pub const RESERVED_PORTS: &[(u16, Protocol, &str)] = &[
+    (2377, Protocol::Tcp, "the orchestrator's cluster API"),
+    (4789, Protocol::Udp, "VXLAN, the overlay data path"),
+    (7946, Protocol::Tcp, "gossip"),
+    (7946, Protocol::Udp, "gossip"),
+];
+
+/// Why `port/proto` cannot be published, when it is reserved.
+pub fn reserved_port(port: u16, proto: Protocol) -> Option<&'static str> {
+    RESERVED_PORTS
+        .iter()
+        .find(|(p, pr, _)| *p == port && *pr == proto)
+        .map(|(_, _, why)| *why)
 }
 
 fn default_protocol() -> Protocol {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
 use swarmnet_model::spec::{
-    DesiredState, EndpointMode, Protocol, PublishMode, RestartPolicy, TaskRuntime,
+    DesiredState, EndpointMode, Protocol, PublishMode, RestartPolicy, TaskRuntime, TrafficPolicy,
 };
 use swarmnet_model::{IfName, Intent, MacAddr, Name, NodeId, TaskId};
 
@@ -162,15 +162,26 @@ pub struct DesiredSandbox {
     pub router: Option<IfName>,
 }
 
-/// A port published on this node: `proto/port` on the node's addresses is DNATed to `to` (the
-/// service's VIP on the ingress network for the routing mesh, a local task for host mode).
+/// A port published on this node: `proto/port` on the node's addresses goes to `target`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PublishedPort {
     pub proto: Protocol,
     pub port: u16,
-    pub to: std::net::SocketAddrV4,
+    pub target: PublishTarget,
     /// Which service, for logs and status.
     pub service: Name,
+}
+
+/// Where a published port's connections go.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PublishTarget {
+    /// The routing mesh: the service's VIP on the ingress network, through the ingress sandbox
+    /// (every healthy task on every node; the task sees the ingress sandbox's address).
+    Mesh(std::net::SocketAddrV4),
+    /// Tasks on this node, straight through their gateway-bridge addresses, spread at random;
+    /// the task sees the client's own address. Empty: refuse at once (TCP reset, ICMP
+    /// port-unreachable), as the local traffic policy demands on a node without a task.
+    Local(Vec<std::net::SocketAddrV4>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -429,7 +440,6 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
     }
     if let Some((ing, ip)) = ingress {
         project_ingress(
-            intent,
             ctx,
             ing,
             ip,
@@ -439,6 +449,7 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
             &mut issues,
         );
     }
+    project_published(intent, ingress.map(|(ing, _)| ing), &mut out);
     if out.sandboxes.values().any(|s| s.gw.is_some())
         && let Some(gateway) = gw_gateway
     {
@@ -453,14 +464,12 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
 
 /// The node's share of the routing mesh: its ingress sandbox (an interface on the ingress
 /// network with the node's ingress address, one on the gateway bridge, forwarding with
-/// masquerade into the ingress network), the route to the ingress network through it, and every
-/// published port (ingress mode to the service's ingress VIP; host mode to a local task).
+/// masquerade into the ingress network) and the route to the ingress network through it.
 #[expect(
     clippy::too_many_arguments,
     reason = "one call site; the pieces are projection state"
 )]
 fn project_ingress(
-    intent: &Intent,
     ctx: &NodeContext,
     ing: &swarmnet_model::Network,
     ip: Ipv4Addr,
@@ -507,36 +516,65 @@ fn project_ingress(
             router: Some(eth0),
         },
     );
+}
+
+/// Every port this node publishes: ingress mode to the service's VIP on the ingress network
+/// (routing mesh) or, with the local traffic policy, to the service's tasks on this node; host
+/// mode to the service's task on this node (a node can bind a host port once, so the first),
+/// and not at all where none runs.
+fn project_published(
+    intent: &Intent,
+    ingress: Option<&swarmnet_model::Network>,
+    out: &mut DesiredNode,
+) {
     for s in intent.services() {
-        for p in s.ports.iter() {
-            let Some(port) = p.published else { continue };
-            let to = match p.publish_mode {
-                PublishMode::Ingress => s
-                    .networks
-                    .iter()
-                    .find(|sn| sn.network == ing.spec.name)
-                    .and_then(|sn| sn.vip),
-                // The local task of the service (the first, if several: a node can bind a host
-                // port once), through its gateway-bridge address.
-                PublishMode::Host => out
-                    .sandboxes
-                    .values()
-                    .filter(|sb| sb.process.is_some() || sb.external.is_some())
-                    .filter(|sb| {
-                        intent
-                            .task(&sb.task)
-                            .is_some_and(|(t, _)| t.service == s.name)
+        let local = || -> Vec<Ipv4Addr> {
+            out.sandboxes
+                .values()
+                .filter(|sb| sb.process.is_some() || sb.external.is_some())
+                .filter(|sb| {
+                    intent.task(&sb.task).is_some_and(|(t, _)| {
+                        t.service == s.name && t.desired_state == DesiredState::Running
                     })
-                    .find_map(|sb| sb.gw.as_ref().map(|g| g.addr.addr())),
+                })
+                .filter_map(|sb| sb.gw.as_ref().map(|g| g.addr.addr()))
+                .collect()
+        };
+        for p in &s.ports {
+            let Some(port) = p.published else { continue };
+            let at = |ips: Vec<Ipv4Addr>| {
+                ips.into_iter()
+                    .map(|ip| std::net::SocketAddrV4::new(ip, p.target))
+                    .collect::<Vec<_>>()
             };
-            if let Some(to) = to {
-                out.published.push(PublishedPort {
-                    proto: p.protocol,
-                    port,
-                    to: std::net::SocketAddrV4::new(to, p.target),
-                    service: s.name.clone(),
-                });
-            }
+            let target = match (p.publish_mode, p.traffic_policy) {
+                (PublishMode::Ingress, TrafficPolicy::Cluster) => {
+                    let Some(vip) = ingress.and_then(|ing| {
+                        s.networks
+                            .iter()
+                            .find(|sn| sn.network == ing.spec.name)
+                            .and_then(|sn| sn.vip)
+                    }) else {
+                        continue;
+                    };
+                    PublishTarget::Mesh(std::net::SocketAddrV4::new(vip, p.target))
+                }
+                (PublishMode::Ingress, TrafficPolicy::Local) => PublishTarget::Local(at(local())),
+                (PublishMode::Host, _) => {
+                    let mut one = at(local());
+                    one.truncate(1);
+                    if one.is_empty() {
+                        continue;
+                    }
+                    PublishTarget::Local(one)
+                }
+            };
+            out.published.push(PublishedPort {
+                proto: p.protocol,
+                port,
+                target,
+                service: s.name.clone(),
+            });
         }
     }
     out.published.sort();

@@ -22,7 +22,33 @@ pub fn render_ingress(out_if: &str) -> String {
 
 use std::fmt::Write as _;
 
-use crate::desired::DesiredNode;
+use swarmnet_model::spec::Protocol;
+
+use crate::desired::{DesiredNode, PublishTarget, PublishedPort};
+
+/// The `dnat ip to` argument: one address and port, or a random pick among the local tasks
+/// (`numgen random mod N map { 0 : a, 1 : b }:port`; every task listens on the same target port).
+fn dnat_target(t: &PublishTarget) -> String {
+    match t {
+        PublishTarget::Mesh(to) => to.to_string(),
+        PublishTarget::Local(to) => match to.as_slice() {
+            [one] => one.to_string(),
+            many => {
+                let elems: Vec<String> = many
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| format!("{i} : {}", a.ip()))
+                    .collect();
+                let port = many.first().map_or(0, |a| a.port());
+                format!(
+                    "numgen random mod {} map {{ {} }}:{port}",
+                    many.len(),
+                    elems.join(", ")
+                )
+            }
+        },
+    }
+}
 
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "swarmnet";
@@ -61,11 +87,43 @@ pub fn render(d: &DesiredNode) -> String {
         "\t\tiifname \"sng*\" udp dport {port} counter drop comment \"no VXLAN from sandboxes\""
     );
     let _ = writeln!(s, "\t}}");
-    if !d.published.is_empty() {
-        // Published ports: traffic to any of the node's own addresses (not loopback: without
-        // route_localnet, which we never set, a DNATed 127.0.0.1 packet would be dropped, so a
-        // connection to 127.0.0.1:<port> is refused instead) goes to the service's ingress VIP
-        // through the ingress sandbox (routing mesh) or to the local task (host mode).
+    // Published ports: traffic to any of the node's own addresses (not loopback: without
+    // route_localnet, which we never set, a DNATed 127.0.0.1 packet would be dropped, so a
+    // connection to 127.0.0.1:<port> is refused instead) goes to the service's ingress VIP
+    // through the ingress sandbox (routing mesh) or straight to local tasks (host mode, local
+    // traffic policy). Both hooks: prerouting for other hosts, output for the node itself.
+    let (forwarded, refused): (Vec<&PublishedPort>, Vec<&PublishedPort>) = d
+        .published
+        .iter()
+        .partition(|p| !matches!(&p.target, PublishTarget::Local(to) if to.is_empty()));
+    if !refused.is_empty() {
+        // A local-policy port on a node without a local task refuses at once. In a filter
+        // chain before DNAT (a reject in a nat chain never fires); TCP gets a reset, UDP an
+        // ICMP port-unreachable.
+        for (chain, hook, priority) in [
+            ("refuse_in", "prerouting", "dstnat - 10"),
+            ("refuse_out", "output", "-110"),
+        ] {
+            let _ = writeln!(s, "\tchain {chain} {{");
+            let _ = writeln!(
+                s,
+                "\t\ttype filter hook {hook} priority {priority}; policy accept;"
+            );
+            for p in &refused {
+                let reject = match p.proto {
+                    Protocol::Tcp => "reject with tcp reset",
+                    Protocol::Udp => "reject",
+                };
+                let _ = writeln!(
+                    s,
+                    "\t\tfib daddr type local ip daddr != 127.0.0.0/8 {} dport {} counter {reject} comment \"{} published by {}: no local task (local traffic policy)\"",
+                    p.proto, p.port, p.port, p.service
+                );
+            }
+            let _ = writeln!(s, "\t}}");
+        }
+    }
+    if !forwarded.is_empty() {
         // nft names the dstnat priority (-100) only in prerouting; output takes the number.
         for (chain, priority) in [("prerouting", "dstnat"), ("output", "-100")] {
             let _ = writeln!(s, "\tchain {chain} {{");
@@ -73,11 +131,15 @@ pub fn render(d: &DesiredNode) -> String {
                 s,
                 "\t\ttype nat hook {chain} priority {priority}; policy accept;"
             );
-            for p in &d.published {
+            for p in &forwarded {
                 let _ = writeln!(
                     s,
                     "\t\tfib daddr type local ip daddr != 127.0.0.0/8 {} dport {} dnat ip to {} comment \"{} published by {}\"",
-                    p.proto, p.port, p.to, p.port, p.service
+                    p.proto,
+                    p.port,
+                    dnat_target(&p.target),
+                    p.port,
+                    p.service
                 );
             }
             let _ = writeln!(s, "\t}}");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use swarmnet_model::spec::Protocol;
 
-use crate::desired::PublishedPort;
+use crate::desired::{PublishTarget, PublishedPort};
 
 /// How long one check may take.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
@@ -99,6 +99,27 @@ fn check(addr: Ipv4Addr, p: &PublishedPort) -> PortCheck {
         };
     }
     let started = Instant::now();
+    if matches!(&p.target, PublishTarget::Local(to) if to.is_empty()) {
+        // Local traffic policy and no task here: the port must refuse, at once.
+        let outcome =
+            TcpStream::connect_timeout(&SocketAddr::V4(SocketAddrV4::new(addr, p.port)), TIMEOUT);
+        let refused =
+            matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+        return PortCheck {
+            service,
+            ok: refused,
+            error: Some(match outcome {
+                _ if refused => "no local task (local traffic policy): refused, as it must".into(),
+                Ok(_) => "no local task (local traffic policy), yet the port accepted a connection"
+                    .into(),
+                Err(e) => {
+                    format!("no local task (local traffic policy): expected a refusal, got {e}")
+                }
+            }),
+            latency_ms: None,
+            checked_at,
+        };
+    }
     match TcpStream::connect_timeout(&SocketAddr::V4(SocketAddrV4::new(addr, p.port)), TIMEOUT) {
         Ok(_) => PortCheck {
             service,

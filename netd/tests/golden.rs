@@ -80,13 +80,24 @@ const MESH_INTENT: &str = r#"{
     {"name": "web", "networks": [{"network": "app", "vip": "10.10.0.2"}, {"network": "ingress", "vip": "10.255.0.2"}],
      "ports": [{"target": 80, "published": 8080}, {"target": 53, "protocol": "udp", "published": 5353}]},
     {"name": "cache", "networks": [{"network": "app"}],
-     "ports": [{"target": 6379, "published": 6379, "publish_mode": "host"}]}
+     "ports": [{"target": 6379, "published": 6379, "publish_mode": "host"}]},
+    {"name": "api", "networks": [{"network": "app"}, {"network": "ingress", "vip": "10.255.0.4"}],
+     "ports": [{"target": 9000, "published": 9000, "traffic_policy": "local"}]},
+    {"name": "edge", "networks": [{"network": "app"}, {"network": "ingress", "vip": "10.255.0.5"}],
+     "ports": [{"target": 9100, "published": 9100, "traffic_policy": "local"},
+               {"target": 9100, "protocol": "udp", "published": 9100, "traffic_policy": "local"}]}
   ],
   "tasks": [
     {"id": "web1", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
      "networks": [{"network": "app", "ip": "10.10.0.3"}, {"network": "ingress", "ip": "10.255.0.3"}]},
     {"id": "cache1", "service": "cache", "node": "n1", "argv": ["sleep", "inf"],
-     "networks": [{"network": "app", "ip": "10.10.0.4"}]}
+     "networks": [{"network": "app", "ip": "10.10.0.4"}]},
+    {"id": "api1", "service": "api", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.5"}]},
+    {"id": "api2", "service": "api", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.6"}]},
+    {"id": "edge1", "service": "edge", "node": "n2", "argv": ["sleep", "inf"],
+     "networks": [{"network": "app", "ip": "10.10.0.7"}]}
   ]
 }"#;
 
@@ -107,7 +118,8 @@ fn routing_mesh_ruleset_and_plan() {
     let (d, issues) = project(&intent, &ctx);
     assert!(issues.is_empty(), "{issues:?}");
     // n1 runs no web task, yet publishes 8080 and 5353 (the routing mesh) and 6379 (host mode,
-    // its local cache task).
+    // its local cache task); 9000 with the local traffic policy goes to its two api tasks at
+    // random, and 9100 (local policy, the only edge task is on n2) is refused on n1.
     check_golden("firewall-mesh-n1.nft", &swarmnet_netd::firewall::render(&d));
     let plans = plan(
         &d,

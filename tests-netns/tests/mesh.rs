@@ -553,6 +553,57 @@ fn host_mode_answers_only_where_a_task_runs_and_keeps_the_client_address() {
 }
 
 #[test]
+fn local_traffic_policy_serves_from_local_tasks_with_the_client_address_and_refuses_elsewhere() {
+    if !gate::privileged(
+        "local_traffic_policy_serves_from_local_tasks_with_the_client_address_and_refuses_elsewhere",
+    ) {
+        return;
+    }
+    topo::with_topology(3, |topo| {
+        let argv = topo::whoami_argv()?;
+        // Two tasks on n1, one on n2, none on n3; attached to the ingress network like any
+        // ingress-published service, so only the policy differs from the routing mesh.
+        let svc = published_service(
+            "lweb",
+            "10.255.0.2",
+            json!([{"target": 80, "published": 8082, "traffic_policy": "local"}]),
+        );
+        let tasks = [
+            task("lweb1", "lweb", 1, "n1", INGRESS, "10.255.0.11", &argv),
+            task("lweb2", "lweb", 2, "n1", INGRESS, "10.255.0.12", &argv),
+            task("lweb3", "lweb", 3, "n2", INGRESS, "10.255.0.13", &argv),
+        ];
+        start(topo, &mesh_intent(topo, &[svc], &tasks))?;
+        let outside = add_outside_client(topo)?;
+        for (node, want) in [("n1", &["lweb1", "lweb2"][..]), ("n2", &["lweb3"][..])] {
+            let addr = node_addr(topo, node);
+            wait_http(topo, &addr, 8082)?;
+            let (answers, failed) = curl_many(topo, &addr, 8082, 30)?;
+            ensure!(
+                failed.is_empty(),
+                "connections to {node} ({addr}:8082) failed: {failed:#?}\n{}",
+                mesh_state(topo, node)
+            );
+            let seen = by_task(&answers);
+            ensure!(
+                seen.keys().map(String::as_str).eq(want.iter().copied()),
+                "the local policy on {node} must spread over its own tasks {want:?} only: {seen:?}"
+            );
+            for a in &answers {
+                ensure!(
+                    a.client_ip == outside,
+                    "the local policy must keep the client's address {outside}: the task saw {a:?}"
+                );
+            }
+        }
+        // n3 runs no task: it refuses at once rather than forwarding or timing out.
+        let addr = node_addr(topo, "n3");
+        check_refused(topo, &addr, 8082)?;
+        Ok(())
+    });
+}
+
+#[test]
 fn a_duplicate_publish_is_rejected_naming_the_other_service_and_the_same_port_on_udp_is_not() {
     if !gate::privileged(
         "a_duplicate_publish_is_rejected_naming_the_other_service_and_the_same_port_on_udp_is_not",
