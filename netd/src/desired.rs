@@ -465,10 +465,6 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
 /// The node's share of the routing mesh: its ingress sandbox (an interface on the ingress
 /// network with the node's ingress address, one on the gateway bridge, forwarding with
 /// masquerade into the ingress network) and the route to the ingress network through it.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; the pieces are projection state"
-)]
 fn project_ingress(
     ctx: &NodeContext,
     ing: &swarmnet_model::Network,
