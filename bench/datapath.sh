@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Datapath benchmarks of issues 4 and 5: short-connection rate and iperf3 throughput through a
+# service VIP vs straight to the backend (client on n1, backend on n2, across VXLAN), and
+# through a published port on the node with the task, on a node without it (routing mesh), a
+# host-mode port, vs straight to the task (outside client on the underlay). Paths alternate
+# within each round; the median of the rounds is printed. Writes bench-out/datapath.json.
+#
+#   sudo bench/datapath.sh [--secs S] [--rounds R]
+#
+# Needs root, iperf3, iproute2, nftables, cargo. Everything runs in namespaces the tests-netns
+# harness creates and removes (never the root namespace).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=4
+ROUNDS=3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --secs) SECS="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+for t in iperf3 ip nft nsenter cargo python3; do
+  command -v "$t" >/dev/null || { echo "missing $t (apt-get install iperf3 iproute2 nftables)" >&2; exit 1; }
+done
+mkdir -p bench-out
+echo "== building (release)" >&2
+cargo build --release -q -p swarmnet-netd -p swarmnet-cli >&2
+cargo test --release -q -p swarmnet-tests-netns --test datapath_bench --no-run >&2
+OUT="$(SWARMNET_BENCH_SECS=$SECS SWARMNET_BENCH_ROUNDS=$ROUNDS timeout 1200 \
+  cargo test --release -q -p swarmnet-tests-netns --test datapath_bench -- --ignored --nocapture \
+  --test-threads 1 2>&1 | tee /dev/stderr | sed -n 's/^DATAPATH //p')"
+[ "$(printf '%s\n' "$OUT" | grep -c .)" = 2 ] || { echo "the benchmark did not print both results" >&2; exit 1; }
+printf '%s\n' "$OUT" | python3 -c '
+import json, sys
+runs = [json.loads(l) for l in sys.stdin if l.strip()]
+json.dump(runs, open("bench-out/datapath.json", "w"), indent=1)
+print()
+print(f"{\"bench\":<6} {\"path\":<24} {\"conn/s\":>9} {\"x direct\":>9} {\"Gbit/s\":>8} {\"x direct\":>9} failed")
+for r in runs:
+    d = r["paths"]["direct"]
+    for name, p in r["paths"].items():
+        print(f"{r[\"bench\"]:<6} {name:<24} {p[\"conn_per_s\"]:>9.0f} {p[\"conn_per_s\"]/d[\"conn_per_s\"]:>9.2f} "
+              f"{p[\"gbit_per_s\"]:>8.2f} {p[\"gbit_per_s\"]/d[\"gbit_per_s\"]:>9.2f} {p[\"conn_failed\"]}")
+print()
+print("targets: vip >= 0.95 of direct throughput and >= 0.9 of direct connection rate;")
+print("         mesh on the node with the task >= 0.9 of direct; the node without it pays one VXLAN hop")
+'
