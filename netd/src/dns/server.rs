@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use super::forward::{self, DenyAnswer, ForwardConfig, ForwardPolicy};
 use super::view::{DnsView, ViewOptions};
 use super::{Outcome, RESOLVER_ADDR, Responder, Transport, full, wire};
 use crate::linux::dns_socket::{self, NetnsSockets, SocketFactory};
+use crate::linux::udp_batch::UdpBatch;
 
 /// Datagrams handled before the UDP loop yields to other sandboxes' loops.
 pub const UDP_BATCH: usize = 64;
@@ -339,8 +341,6 @@ impl Drop for DnsServer {
 async fn udp_loop(sock: UdpSocket, sh: Arc<Shared>) {
     let sock = Arc::new(sock);
     let mut responder = Responder::new();
-    // Room for any datagram: a longer query must not be cut and then misparsed.
-    let mut buf = vec![0u8; 65535];
     let mut forwards: JoinSet<()> = JoinSet::new();
     loop {
         tokio::select! {
@@ -351,12 +351,13 @@ async fn udp_loop(sock: UdpSocket, sh: Arc<Shared>) {
                 }
                 let mut handled = 0;
                 while handled < UDP_BATCH {
-                    match sock.try_recv_from(&mut buf) {
-                        Ok((n, peer)) => {
-                            handled += 1;
-                            sh.stats.udp_queries.fetch_add(1, Ordering::Relaxed);
-                            handle_udp(&sock, &sh, &mut responder, &mut forwards, &buf[..n], peer);
-                        }
+                    // `try_io` clears tokio's readiness when the kernel says EAGAIN.
+                    match sock.try_io(tokio::io::Interest::READABLE, || {
+                        UDP_BATCHES.with_borrow_mut(|b| {
+                            serve_batch(b, &sock, &sh, &mut responder, &mut forwards)
+                        })
+                    }) {
+                        Ok(n) => handled += n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(e) => {
                             // ICMP errors of earlier sends surface here; keep serving.
@@ -365,7 +366,7 @@ async fn udp_loop(sock: UdpSocket, sh: Arc<Shared>) {
                         }
                     }
                 }
-                if handled == UDP_BATCH {
+                if handled >= UDP_BATCH {
                     tokio::task::yield_now().await;
                 }
             }
@@ -374,49 +375,96 @@ async fn udp_loop(sock: UdpSocket, sh: Arc<Shared>) {
     }
 }
 
-fn handle_udp(
+thread_local! {
+    /// Receive and reply buffers of this runtime thread, shared by every sandbox's UDP loop
+    /// that runs on it: a batch is received, answered and flushed with no await in between.
+    static UDP_BATCHES: std::cell::RefCell<UdpBatch> = std::cell::RefCell::new(UdpBatch::new());
+}
+
+/// Receives one batch, answers it (cluster names inline; forwards spawned) and sends the
+/// answers in one batch. Returns how many datagrams it took; `WouldBlock` when none.
+fn serve_batch(
+    b: &mut UdpBatch,
     sock: &Arc<UdpSocket>,
     sh: &Arc<Shared>,
     responder: &mut Responder,
     forwards: &mut JoinSet<()>,
-    req: &[u8],
-    peer: SocketAddr,
-) {
+) -> std::io::Result<usize> {
+    let fd = sock.as_raw_fd();
+    let n = b.recv(fd)?;
+    sh.stats.udp_queries.fetch_add(n as u64, Ordering::Relaxed);
     let view = sh.view.load();
     let policy = sh.policy.load();
-    match responder.answer(&view, &policy, req, Transport::Udp) {
-        Outcome::Reply(b) => {
-            if let Err(e) = sock.try_send_to(b, peer) {
-                // A full send buffer drops the answer; the client retries.
-                sh.warn("UDP send error", &e);
+    let mut err_out = Vec::new();
+    let (rx, tx) = b.split();
+    for i in 0..n {
+        let (r, req) = rx.datagram(i);
+        let Some(peer) = r.peer else { continue };
+        if r.truncated {
+            // Longer than any real query: answer FORMERR from the header rather than parse
+            // a cut message.
+            wire::error_reply(req, 1, policy.recursion_available(), &mut err_out);
+            if !err_out.is_empty() {
+                tx.reply(peer, &err_out);
+            }
+            continue;
+        }
+        match responder.answer(&view, &policy, req, Transport::Udp) {
+            Outcome::Reply(bytes) => tx.reply(peer, bytes),
+            Outcome::Drop => {}
+            Outcome::Forward { udp_limit } => {
+                let req = req.to_vec();
+                if let Some(refusal) =
+                    start_forward(sock, sh, &policy, forwards, req, peer, udp_limit)
+                {
+                    tx.reply(peer, &refusal);
+                }
             }
         }
-        Outcome::Drop => {}
-        Outcome::Forward { udp_limit } => {
-            let ForwardPolicy::Forward { upstreams } = &**policy else {
-                return;
-            };
-            let Ok(permit) = sh.forwards.clone().try_acquire_owned() else {
-                sh.stats.forward_cap_hit.fetch_add(1, Ordering::Relaxed);
-                sh.warn(
-                    "in-flight forward cap reached; answering SERVFAIL",
-                    &sh.cfg.max_inflight_forwards,
-                );
-                let mut out = Vec::new();
-                wire::error_reply(req, 2, true, &mut out);
-                let _dropped = sock.try_send_to(&out, peer);
-                return;
-            };
-            let (req, sock, sh, upstreams) =
-                (req.to_vec(), sock.clone(), sh.clone(), upstreams.clone());
-            forwards.spawn(async move {
-                let out = run_forward(&sh, &upstreams, &req, false, Some(udp_limit), permit).await;
-                if let Err(e) = sock.send_to(&out, peer).await {
-                    sh.warn("UDP send error", &e);
-                }
-            });
-        }
     }
+    let (dropped, err) = b.flush(fd);
+    if dropped > 0 {
+        // A full send buffer drops answers; the clients retry.
+        sh.warn(
+            "UDP send error",
+            &err.map_or_else(|| format!("{dropped} answers dropped"), |e| e.to_string()),
+        );
+    }
+    Ok(n)
+}
+
+/// Spawns the forward of `req` for `peer`, or returns the SERVFAIL to send at once when the
+/// sandbox's in-flight cap is reached.
+fn start_forward(
+    sock: &Arc<UdpSocket>,
+    sh: &Arc<Shared>,
+    policy: &ForwardPolicy,
+    forwards: &mut JoinSet<()>,
+    req: Vec<u8>,
+    peer: SocketAddrV4,
+    udp_limit: usize,
+) -> Option<Vec<u8>> {
+    let ForwardPolicy::Forward { upstreams } = policy else {
+        return None;
+    };
+    let Ok(permit) = sh.forwards.clone().try_acquire_owned() else {
+        sh.stats.forward_cap_hit.fetch_add(1, Ordering::Relaxed);
+        sh.warn(
+            "in-flight forward cap reached; answering SERVFAIL",
+            &sh.cfg.max_inflight_forwards,
+        );
+        let mut out = Vec::new();
+        wire::error_reply(&req, 2, true, &mut out);
+        return Some(out);
+    };
+    let (sock, sh, upstreams) = (sock.clone(), sh.clone(), upstreams.clone());
+    forwards.spawn(async move {
+        let out = run_forward(&sh, &upstreams, &req, false, Some(udp_limit), permit).await;
+        if let Err(e) = sock.send_to(&out, SocketAddr::V4(peer)).await {
+            sh.warn("UDP send error", &e);
+        }
+    });
+    None
 }
 
 /// Forwards and returns the bytes for the client (SERVFAIL on failure).

@@ -7,3 +7,4 @@ pub mod link;
 pub mod netns;
 pub mod nft;
 pub mod process;
+pub mod udp_batch;
