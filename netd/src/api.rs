@@ -7,6 +7,8 @@
 //! ← {"ok": true}
 //! → {"op": "status"}
 //! ← {"ok": true, "status": {...same as status.json...}}
+//! → {"op": "inspect"}
+//! ← {"ok": true, "inspect": {"drift": [...], "desired": {...}, "kernel": {...}, ...}}
 //! ```
 //!
 //! Requests are handed to the daemon loop, which owns the reconciler; the listener thread never
@@ -37,6 +39,9 @@ pub enum Request {
         task: TaskId,
     },
     Status {},
+    /// What the node wants beside what its kernel holds, read fresh, with the drift
+    /// (`Reconciler::inspect`).
+    Inspect {},
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +51,8 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inspect: Option<serde_json::Value>,
 }
 
 impl Response {
@@ -54,6 +61,7 @@ impl Response {
             ok: true,
             error: None,
             status: None,
+            inspect: None,
         }
     }
     pub fn error(msg: impl Into<String>) -> Self {
@@ -61,6 +69,7 @@ impl Response {
             ok: false,
             error: Some(msg.into()),
             status: None,
+            inspect: None,
         }
     }
 }

@@ -152,9 +152,17 @@ fn answer(
 ) -> Response {
     let task = match &req {
         Request::Attach { task, .. } | Request::Detach { task } => Some(task.clone()),
-        Request::Status {} => None,
+        Request::Status {} | Request::Inspect {} => None,
     };
     let r = match req {
+        Request::Inspect {} => {
+            let report = rec.inspect(Instant::now());
+            return Response {
+                inspect: Some(serde_json::to_value(&report).expect("inspection serializes")),
+                status: Some(status_json(cfg, rec, watcher, false, selftest)),
+                ..Response::ok()
+            };
+        }
         Request::Status {} => Ok(()),
         Request::Attach { task, netns } => rec.attach(task, netns),
         Request::Detach { task } => rec.detach(&task),

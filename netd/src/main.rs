@@ -87,6 +87,9 @@ enum Cmd {
     Detach { task: String },
     /// Print the node's reconcile status as JSON.
     Status,
+    /// Print what the node wants beside what its kernel holds, with every difference (drift),
+    /// as JSON.
+    Inspect,
 }
 
 fn client(run_dir: &std::path::Path, cmd: Cmd) -> anyhow::Result<()> {
@@ -98,9 +101,14 @@ fn client(run_dir: &std::path::Path, cmd: Cmd) -> anyhow::Result<()> {
         },
         Cmd::Detach { task: t } => api::Request::Detach { task: task(t)? },
         Cmd::Status => api::Request::Status {},
+        Cmd::Inspect => api::Request::Inspect {},
     };
     let resp = api::call(run_dir, &req)?;
-    if let Some(s) = &resp.status {
+    if let Some(i) = &resp.inspect {
+        let mut all = i.clone();
+        all["status"] = resp.status.clone().unwrap_or_default();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else if let Some(s) = &resp.status {
         println!("{}", serde_json::to_string_pretty(s)?);
     }
     match resp.error {

@@ -7,6 +7,10 @@
 //! exponential backoff; the others proceed. Full rounds also prune what netd owns but no
 //! longer wants, and repair drift made by anyone else.
 
+mod inspect;
+
+pub use inspect::{Drift, Inspection, LbView, NsView};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
