@@ -7,14 +7,15 @@
 # Usage: scripts/vm-lane.sh [OPTIONS] [ENTRY...]
 #
 #   ENTRY               "NAME PACKAGE TEST [VAR=VALUE...] [LIBTEST-ARGS...]", one quoted word per
-#                       entry, as a line of the list file; given entries replace the list.
+#                       entry, as a line of the list file; given entries (or --bin alone)
+#                       replace the list.
 #   --list FILE         the test list (default: tests-netns/vm/lane.list beside this script)
 #   --only WORD         run only the list's entries whose NAME contains WORD (repeatable)
 #   --workspace DIR     the cargo workspace whose tests run (default: this repository); its
 #                       binaries are built with `cargo test --no-run` (a no-op when fresh)
 #   --target-dir DIR    its cargo target dir (default: $CARGO_TARGET_DIR or DIR/target)
 #   --bin "NAME PATH [VAR=VALUE...] [ARGS...]"  run this prebuilt test binary (cwd: the
-#                       workspace) instead of building anything (repeatable)
+#                       workspace), not built by the lane (repeatable)
 #   --env VAR=VALUE     extra environment for every test in the VM (repeatable)
 #   --accel auto|kvm|tcg  auto (default): KVM only when a probe boot reaches PID 1 within
 #                       SWARMNET_VM_KVM_PROBE_SECS (20) seconds (cached per host boot), else TCG
@@ -148,23 +149,22 @@ add_entry() {
   done
   plan_lines+=("$name$SEP$pkg$SEP$test$SEP${envs[*]:-}$SEP${args[*]:-}")
 }
-if [ ${#bins[@]} -eq 0 ]; then
-  if [ ${#entries[@]} -gt 0 ]; then
-    for e in "${entries[@]}"; do add_entry "$e"; done
-  else
-    [ -r "$list" ] || fail_usage "no test list at $list"
-    while IFS= read -r line || [ -n "$line" ]; do
-      line="${line%%#*}"
-      [ -n "${line// /}" ] || continue
-      name="${line%% *}"
-      if [ ${#only[@]} -gt 0 ]; then
-        hit=0
-        for w in "${only[@]}"; do [[ "$name" == *"$w"* ]] && hit=1; done
-        [ $hit = 1 ] || continue
-      fi
-      add_entry "$line"
-    done <"$list"
-  fi
+# Positional entries replace the list; --bin entries alone replace it too.
+if [ ${#entries[@]} -gt 0 ]; then
+  for e in "${entries[@]}"; do add_entry "$e"; done
+elif [ ${#bins[@]} -eq 0 ]; then
+  [ -r "$list" ] || fail_usage "no test list at $list"
+  while IFS= read -r line || [ -n "$line" ]; do
+    line="${line%%#*}"
+    [ -n "${line// /}" ] || continue
+    name="${line%% *}"
+    if [ ${#only[@]} -gt 0 ]; then
+      hit=0
+      for w in "${only[@]}"; do [[ "$name" == *"$w"* ]] && hit=1; done
+      [ $hit = 1 ] || continue
+    fi
+    add_entry "$line"
+  done <"$list"
   [ ${#plan_lines[@]} -gt 0 ] || fail_usage "the plan is empty (check --only and the list)"
 fi
 
@@ -172,7 +172,7 @@ fi
 # builds what is stale and names the binary (target/debug/deps/<test>-<hash>, the hash is not
 # predictable). The netns tests also need the workspace's binaries (netd, the whoami server).
 declare -A exe_of=() dir_of=()
-if [ ${#bins[@]} -eq 0 ]; then
+if [ ${#plan_lines[@]} -gt 0 ]; then
   cargo_in() { CARGO_TARGET_DIR="$target_dir" cargo "$1" --locked --manifest-path "$workspace/Cargo.toml" "${@:2}"; }
   log "building the workspace's binaries and the tests of the plan in $target_dir"
   cargo_in build --workspace --bins --quiet
@@ -195,7 +195,8 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"], os.path.dirname(m["manifest_path"]), sep="\t")
 ' <<<"$json")
   done
-else
+fi
+if [ ${#bins[@]} -gt 0 ]; then
   for b in "${bins[@]}"; do
     read -r -a words <<<"$b"
     [ ${#words[@]} -ge 2 ] || fail_usage "--bin '$b': want NAME PATH [VAR=VALUE...] [ARGS...]"
@@ -309,8 +310,9 @@ kvm_works() {
   mkdir -p "$cache"
   if [ -f "$key" ]; then [ "$(cat "$key")" = ok ]; return; fi
   log "probing KVM (limit ${SWARMNET_VM_KVM_PROBE_SECS:-20} s)"
-  if timeout "${SWARMNET_VM_KVM_PROBE_SECS:-20}" "${qemu_base[@]}" -accel kvm -cpu host \
-      -append "$cmdline lane.mode=probe" 2>&1 | grep -q "SWARMNET-VM: PROBE-OK"; then
+  timeout "${SWARMNET_VM_KVM_PROBE_SECS:-20}" "${qemu_base[@]}" -accel kvm -cpu host \
+    -append "$cmdline lane.mode=probe" </dev/null >"$out/kvm-probe.log" 2>&1 || true
+  if grep -aq "SWARMNET-VM: PROBE-OK" "$out/kvm-probe.log"; then
     echo ok >"$key"
   else
     echo fail >"$key"
