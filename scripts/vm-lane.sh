@@ -104,7 +104,7 @@ command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
   [[ "$file_static" == *"not a dynamic executable"* ]] || missing+=(busybox-static)
 command -v modprobe >/dev/null || missing+=(kmod)
 if [ -z "$kver" ]; then
-  for k in $(ls /boot/vmlinuz-*-amd64 2>/dev/null | sed 's|/boot/vmlinuz-||' | sort -V -r); do
+  for k in $(printf '%s\n' /boot/vmlinuz-*-amd64 | sed 's|/boot/vmlinuz-||' | sort -V -r); do
     [ -d "/lib/modules/$k/kernel" ] && { kver="$k"; break; }
   done
 fi
@@ -310,8 +310,9 @@ kvm_works() {
   mkdir -p "$cache"
   if [ -f "$key" ]; then [ "$(cat "$key")" = ok ]; return; fi
   log "probing KVM (limit ${SWARMNET_VM_KVM_PROBE_SECS:-20} s)"
-  timeout "${SWARMNET_VM_KVM_PROBE_SECS:-20}" "${qemu_base[@]}" -accel kvm -cpu host \
-    -append "$cmdline lane.mode=probe" </dev/null >"$out/kvm-probe.log" 2>&1 || true
+  # In a subshell, so that its report of a qemu abort goes to the log too.
+  (timeout "${SWARMNET_VM_KVM_PROBE_SECS:-20}" "${qemu_base[@]}" -accel kvm -cpu host \
+    -append "$cmdline lane.mode=probe"; true) </dev/null >"$out/kvm-probe.log" 2>&1
   if grep -aq "SWARMNET-VM: PROBE-OK" "$out/kvm-probe.log"; then
     echo ok >"$key"
   else
