@@ -304,7 +304,7 @@ cmdline="console=ttyS0 panic=-1 oops=panic quiet loglevel=4 rdinit=/init"
 # first. The verdict is cached for this host boot and kernel.
 kvm_works() {
   [ -w /dev/kvm ] || return 1
-  local cache="${XDG_CACHE_HOME:-$HOME/.cache}/swarmnet-vm-lane"
+  local cache="${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/swarmnet-vm-lane"
   local key
   key="$cache/kvm-$(cat /proc/sys/kernel/random/boot_id)-$kver"
   mkdir -p "$cache"
