@@ -3,6 +3,9 @@
 # Idempotent: skips apt when everything is there already.
 set -euo pipefail
 pkgs=(iproute2 nftables iputils-ping netcat-openbsd socat util-linux procps dnsutils knot-dnsutils iperf3 curl python3 ca-certificates)
+# The kernel VM lane (scripts/vm-lane.sh): qemu, Debian's stock kernel with its modules (IPVS),
+# a static busybox for the VM's init, and modprobe to order the modules.
+pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static kmod)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

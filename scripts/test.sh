@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit tests, contract suites on the fake and the real
-# kernel, and the multi-node network-namespace tests. Needs root for the privileged tests, which
-# fail (not skip) when SWARMNET_REQUIRE_PRIVILEGED or CI is set.
+# kernel, the multi-node network-namespace tests, then the kernel VM lane (the same kinds of tests
+# inside Debian's stock kernel under qemu, where IPVS exists). Needs root for the privileged
+# tests, which fail (not skip) when SWARMNET_REQUIRE_PRIVILEGED or CI is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
@@ -15,3 +16,5 @@ echo "== cargo build (binaries the netns tests run)"
 cargo build --workspace --locked
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${SWARMNET_TEST_THREADS:-2}"
+echo "== kernel VM lane (docs/vm-lane.md)"
+./scripts/vm-lane.sh
