@@ -1,6 +1,7 @@
 //! The `LoadBalancerPort` contract suite: the seven load-balancing requirements of DESIGN.md as
 //! cases over a [`World`] (a port plus clients and backends that can connect), run against
-//! [`FakeLoadBalancer`] and against [`NftLoadBalancer`] in scratch namespaces; plus the ruleset
+//! [`FakeLoadBalancer`], against [`NftLoadBalancer`] and against [`IpvsLoadBalancer`] in scratch
+//! namespaces; plus the ruleset
 //! golden file, the netlink-vs-`nft -f` equivalence check and the 10,000-service scale test.
 //!
 //! The Linux world never touches the machine's root network namespace: each case runs on a
@@ -24,8 +25,11 @@ use swarmnet_model::IfName;
 use swarmnet_netd::fake::lb::{FakeLoadBalancer, FakeRefusal};
 use swarmnet_netd::lb::nft_render::{NftLbState, normalize_listing, render_script, render_table};
 use swarmnet_netd::lb::{
-    Affinity, BackendState, LbObserved, LbSpec, LoadBalancerPort, Proto, ServiceKey, ServiceSpec,
+    Affinity, BackendState, LbKind, LbObserved, LbSpec, LoadBalancerPort, Proto, ServiceKey,
+    ServiceSpec,
 };
+use swarmnet_netd::linux::ipvs::msg::Request as IpvsRequest;
+use swarmnet_netd::linux::ipvs::{GenlSocket, IpvsLoadBalancer, IpvsProbe};
 use swarmnet_netd::linux::link::LinuxLinkPort;
 use swarmnet_netd::linux::netns;
 use swarmnet_netd::linux::nft::{NftLoadBalancer, ruleset_generation};
@@ -220,7 +224,12 @@ fn drain(w: &mut dyn World) {
     assert!(held.alive(), "open connection continues while draining");
     spec.backends.remove(&victim);
     apply(w, 0, &[spec]);
-    assert!(held.alive(), "open connection survives the removal");
+    // Removal ends the grace period. Conntrack keeps an nftables-balanced connection until it
+    // closes; IPVS ends the connections of a deleted destination (its packets are dropped or
+    // expired: `expire_nodest_conn`), which is why the caller drains first.
+    if w.lb().kind() != LbKind::Ipvs {
+        assert!(held.alive(), "open connection survives the removal");
+    }
     for _ in 0..10 {
         assert_ne!(reached(&w.connect(1, k)), victim);
     }
@@ -532,8 +541,18 @@ impl Drop for Backend {
     }
 }
 
+/// Which kernel backend a Linux world runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Nftables,
+    Ipvs,
+}
+
 struct LinuxWorld {
-    lb: NftLoadBalancer,
+    lb: Box<dyn LoadBalancerPort>,
+    kernel: Kernel,
+    /// IPVS: the last kernel snapshot `commits` saw and how many changes it counted.
+    ipvs_seen: Vec<(String, u64)>,
     link: LinuxLinkPort,
     files: std::collections::BTreeMap<String, File>,
     backends: Vec<Backend>,
@@ -555,6 +574,10 @@ const HOSTS: [(&str, usize, &str); 7] = [
 
 impl LinuxWorld {
     fn new() -> Self {
+        Self::with(Kernel::Nftables)
+    }
+
+    fn with(kernel: Kernel) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         let mut link = LinuxLinkPort::new(run.clone()).unwrap();
@@ -648,9 +671,14 @@ impl LinuxWorld {
         for (name, _, addr) in HOSTS.iter().filter(|h| h.0.starts_with("snt-b")) {
             backends.push(Backend::start(&files[*name], ip(addr)));
         }
-        let lb = NftLoadBalancer::new(&run).unwrap();
+        let lb: Box<dyn LoadBalancerPort> = match kernel {
+            Kernel::Nftables => Box::new(NftLoadBalancer::new(&run).unwrap()),
+            Kernel::Ipvs => Box::new(IpvsLoadBalancer::new(&run).unwrap()),
+        };
         Self {
             lb,
+            kernel,
+            ipvs_seen: vec![(String::new(), 0); NETS.len()],
             link,
             files,
             backends,
@@ -735,7 +763,7 @@ fn tcp_connect(ns: &File, key: ServiceKey) -> Result<(TcpStream, Outcome), Outco
 
 impl World for LinuxWorld {
     fn lb(&mut self) -> &mut dyn LoadBalancerPort {
-        &mut self.lb
+        self.lb.as_mut()
     }
     fn net(&self, i: usize) -> NsRef {
         owned(NETS[i].0)
@@ -822,14 +850,43 @@ impl World for LinuxWorld {
         }
     }
     fn commits(&mut self, net: usize) -> u64 {
-        u64::from(ruleset_generation(&self.files[NETS[net].0]).unwrap())
+        let ns = &self.files[NETS[net].0];
+        match self.kernel {
+            Kernel::Nftables => u64::from(ruleset_generation(ns).unwrap()),
+            // IPVS has no generation counter: count the calls that find the kernel's state
+            // (every service and destination, and the companion table's generation) changed
+            // since the previous call. One apply is one change seen.
+            Kernel::Ipvs => {
+                let snapshot = netns::run_in(ns, || {
+                    let state = GenlSocket::open()?.dump()?;
+                    Ok(format!("{state:?}"))
+                })
+                .unwrap();
+                let snapshot = format!("{snapshot} gen {}", ruleset_generation(ns).unwrap());
+                let seen = &mut self.ipvs_seen[net];
+                if seen.0 != snapshot {
+                    seen.0 = snapshot;
+                    seen.1 += 1;
+                }
+                seen.1
+            }
+        }
     }
     fn tamper(&mut self, net: usize) {
-        nft(
-            &self.files[NETS[net].0],
-            &["flush", "chain", "ip", "swarmnet-lb", "nat-prerouting"],
-            None,
-        );
+        match self.kernel {
+            Kernel::Nftables => {
+                nft(
+                    &self.files[NETS[net].0],
+                    &["flush", "chain", "ip", "swarmnet-lb", "nat-prerouting"],
+                    None,
+                );
+            }
+            // What `ipvsadm -C` does: every virtual service of the namespace goes.
+            Kernel::Ipvs => netns::run_in(&self.files[NETS[net].0], || {
+                GenlSocket::open()?.request(IpvsRequest::Flush).map(drop)
+            })
+            .unwrap(),
+        }
     }
 }
 
@@ -890,6 +947,31 @@ fn run_linux(name: &str, case: fn(&mut dyn World)) {
     });
 }
 
+/// The IPVS world needs the kernel's IPVS: where the generic-netlink family is missing the
+/// case skips loudly, unless `SWARMNET_REQUIRE_IPVS` is set (the kernel VM lane sets it), where
+/// that is a failure. Privileged gating as for the nftables world.
+fn run_ipvs(name: &str, case: fn(&mut dyn World)) {
+    if !swarmnet_tests_netns::gate::privileged(name) {
+        return;
+    }
+    if let IpvsProbe::Absent(why) = swarmnet_netd::linux::ipvs::probe() {
+        let required = std::env::var("SWARMNET_REQUIRE_IPVS")
+            .is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+        assert!(
+            !required,
+            "IPVS contract test {name}: {why} (SWARMNET_REQUIRE_IPVS is set)"
+        );
+        eprintln!(
+            "SKIP IPVS contract test {name}: {why}; it runs in the kernel VM lane (scripts/vm-lane.sh)"
+        );
+        return;
+    }
+    in_scratch(move || {
+        let mut w = LinuxWorld::with(Kernel::Ipvs);
+        case(&mut w);
+    });
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod fake {
@@ -897,6 +979,9 @@ macro_rules! contract {
         }
         mod linux {
             $( #[test] fn $case() { super::run_linux(stringify!($case), super::$case); } )*
+        }
+        mod ipvs {
+            $( #[test] fn $case() { super::run_ipvs(stringify!($case), super::$case); } )*
         }
     };
 }

@@ -532,7 +532,16 @@ impl NsIpvs {
                 let want = plan::desired(spec);
                 let reqs = plan::plan(&kernel, &want);
                 let udp_gone = plan::removed_udp(&kernel, &want);
-                let changed = reqs.len();
+                let changed = want
+                    .services
+                    .iter()
+                    .filter(|(k, s)| kernel.services.get(*k) != Some(*s))
+                    .count()
+                    + kernel
+                        .services
+                        .keys()
+                        .filter(|k| !want.services.contains_key(*k))
+                        .count();
                 let (ops, companion) = Companion::plan_full(spec);
                 (reqs, ops, Vec::new(), companion, changed, udp_gone)
             }
