@@ -951,6 +951,10 @@ fn run_linux(name: &str, case: fn(&mut dyn World)) {
 /// case skips loudly, unless `SWARMNET_REQUIRE_IPVS` is set (the kernel VM lane sets it), where
 /// that is a failure. Privileged gating as for the nftables world.
 fn run_ipvs(name: &str, case: fn(&mut dyn World)) {
+    run_ipvs_world(name, move |w| case(w));
+}
+
+fn run_ipvs_world(name: &str, case: impl FnOnce(&mut LinuxWorld) + Send + 'static) {
     if !swarmnet_tests_netns::gate::privileged(name) {
         return;
     }
@@ -969,6 +973,50 @@ fn run_ipvs(name: &str, case: fn(&mut dyn World)) {
     in_scratch(move || {
         let mut w = LinuxWorld::with(Kernel::Ipvs);
         case(&mut w);
+    });
+}
+
+/// IPVS only: a restarted netd (a new port, nothing in memory) adopts the services that run:
+/// its first apply reads them from the kernel and changes nothing, so an open connection
+/// survives; a destination someone deleted meanwhile comes back, and nothing else changes.
+#[test]
+fn ipvs_restart_adopts_what_runs() {
+    run_ipvs_world("ipvs_restart_adopts_what_runs", |w| {
+        let k = key("10.50.100.9", Proto::Tcp, 80);
+        let u = key("10.50.100.9", Proto::Udp, 53);
+        w.add_vip(0, k.vip);
+        let b: Vec<_> = (0..3).map(|i| w.backend(i)).collect();
+        let spec = LbSpec::from_services([svc(k, &b), svc(u, &b[..1])]);
+        let net = w.net(0);
+        w.lb.apply(&net, &spec).unwrap();
+        let mut held = w.open(0, k);
+        let run = w._dir.path().join("run");
+        // netd restarts.
+        w.lb = Box::new(IpvsLoadBalancer::new(&run).unwrap());
+        assert_eq!(w.lb.observe(&net).unwrap(), LbObserved::Drifted);
+        let st = w.lb.apply(&net, &spec).unwrap();
+        assert!(st.full);
+        assert_eq!(st.services_changed, 0, "{st:?}");
+        assert!(held.alive(), "the open connection survives the restart");
+        assert_eq!(w.lb.observe(&net).unwrap(), LbObserved::InSync);
+        // Someone deletes a destination while netd is down.
+        let victim = held.backend();
+        netns::run_in(&w.files[NETS[0].0], || {
+            GenlSocket::open()?
+                .request(IpvsRequest::DelDest {
+                    service: k,
+                    addr: victim,
+                    port: TARGET,
+                })
+                .map(drop)
+        })
+        .unwrap();
+        w.lb = Box::new(IpvsLoadBalancer::new(&run).unwrap());
+        let st = w.lb.apply(&net, &spec).unwrap();
+        assert_eq!((st.full, st.services_changed), (true, 1), "{st:?}");
+        let seen: BTreeSet<_> = (0..30).map(|_| reached(&w.connect(1, k))).collect();
+        assert!(seen.contains(&victim), "{seen:?}");
+        assert_eq!(reached(&w.connect(1, u)), b[0]);
     });
 }
 

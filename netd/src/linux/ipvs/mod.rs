@@ -237,7 +237,18 @@ impl GenlSocket {
     /// An I/O failure is an `Err` for the whole exchange.
     pub fn exchange(&mut self, reqs: &[Request]) -> io::Result<Vec<Result<Vec<Reply>, Refused>>> {
         let mut out = Vec::with_capacity(reqs.len());
-        for chunk in reqs.chunks(REQUESTS_PER_SEND) {
+        // A dump ends its datagram: the kernel runs one dump per socket at a time, and a dump
+        // that does not finish in its first reply makes the next one in the same datagram
+        // fail with EBUSY; so the next datagram goes out only after the dump's NLMSG_DONE.
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for (i, r) in reqs.iter().enumerate() {
+            if r.is_dump() || i + 1 - start == REQUESTS_PER_SEND || i + 1 == reqs.len() {
+                chunks.push(&reqs[start..=i]);
+                start = i + 1;
+            }
+        }
+        for chunk in chunks {
             let first = self.seq;
             let mut buf = Vec::new();
             for (i, r) in chunk.iter().enumerate() {
@@ -532,16 +543,13 @@ impl NsIpvs {
                 let want = plan::desired(spec);
                 let reqs = plan::plan(&kernel, &want);
                 let udp_gone = plan::removed_udp(&kernel, &want);
-                let changed = want
-                    .services
+                // Services the plan touches (the dump also carries counters and values
+                // the plan ignores, so the states themselves are not compared).
+                let changed = reqs
                     .iter()
-                    .filter(|(k, s)| kernel.services.get(*k) != Some(*s))
-                    .count()
-                    + kernel
-                        .services
-                        .keys()
-                        .filter(|k| !want.services.contains_key(*k))
-                        .count();
+                    .filter_map(Request::service)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len();
                 let (ops, companion) = Companion::plan_full(spec);
                 (reqs, ops, Vec::new(), companion, changed, udp_gone)
             }

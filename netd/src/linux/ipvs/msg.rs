@@ -396,6 +396,24 @@ impl Request {
         IpvsMessage { cmd, attrs }
     }
 
+    /// The service a request changes or reads, if it names one.
+    pub fn service(&self) -> Option<ServiceKey> {
+        match self {
+            Self::NewService(s) | Self::SetService(s) => Some(s.key),
+            Self::DelService(k)
+            | Self::GetService(k)
+            | Self::NewDest(k, _)
+            | Self::SetDest(k, _)
+            | Self::DumpDests(k)
+            | Self::DelDest { service: k, .. } => Some(*k),
+            Self::DumpServices
+            | Self::SetConfig(_)
+            | Self::GetConfig
+            | Self::GetInfo
+            | Self::Flush => None,
+        }
+    }
+
     /// Whether the request is a dump (answered by several messages and `NLMSG_DONE`).
     pub fn is_dump(&self) -> bool {
         matches!(self, Self::DumpServices | Self::DumpDests(_))
