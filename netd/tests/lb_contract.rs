@@ -74,6 +74,8 @@ trait World {
     /// Makes `vip` answer ARP in network `net` (a /32 on the bridge; nothing for the fake).
     fn add_vip(&mut self, net: usize, vip: Ipv4Addr);
     fn connect(&mut self, client: usize, key: ServiceKey) -> Outcome;
+    /// A TCP connection from backend `i`'s own namespace.
+    fn connect_from_backend(&mut self, i: usize, key: ServiceKey) -> Outcome;
     fn open(&mut self, client: usize, key: ServiceKey) -> Box<dyn Held>;
     /// Opens a UDP socket of `client` connected to `key` (its datagrams are one conntrack
     /// flow); returns its index for [`World::udp_send`].
@@ -321,6 +323,33 @@ fn atomic_rounds_and_drift(w: &mut dyn World) {
     assert!(b.contains(&reached(&w.connect(0, keys[2]))));
 }
 
+/// Hairpin: a backend reaching its own service lands on itself (the only backend), masqueraded
+/// (its own address as source would make it answer itself directly); a backend reaching
+/// another backend of its service keeps its source address like any client.
+fn hairpin(w: &mut dyn World) {
+    let own = key("10.50.100.7", Proto::Tcp, 80);
+    let other = key("10.50.100.7", Proto::Tcp, 81);
+    w.add_vip(0, own.vip);
+    let (b0, b1) = (w.backend(0), w.backend(1));
+    apply(w, 0, &[svc(own, &[b0]), svc(other, &[b1])]);
+    for _ in 0..3 {
+        match w.connect_from_backend(0, own) {
+            Outcome::Reached { backend, peer } => {
+                assert_eq!(backend, b0);
+                assert_ne!(peer, b0, "hairpin must be masqueraded");
+            }
+            o => panic!("hairpin: {o:?}"),
+        }
+        assert_eq!(
+            w.connect_from_backend(0, other),
+            Outcome::Reached {
+                backend: b1,
+                peer: b0
+            }
+        );
+    }
+}
+
 /// DESIGN.md: on backend removal its conntrack entries go. A UDP flow (one client socket)
 /// sticks to its backend while the backend stays, also while it drains; once the backend is
 /// removed, the flow's next datagram reaches another backend.
@@ -407,6 +436,16 @@ impl World for FakeWorld {
                 peer: c.peer,
             },
             Err(FakeRefusal::NoBackend) | Err(FakeRefusal::NoService) => Outcome::Refused,
+        }
+    }
+    fn connect_from_backend(&mut self, i: usize, key: ServiceKey) -> Outcome {
+        let net = self.net(if i == 3 { 1 } else { 0 });
+        match self.lb.connect(&net, self.backend(i), key) {
+            Ok(c) => Outcome::Reached {
+                backend: c.backend,
+                peer: c.peer,
+            },
+            Err(_) => Outcome::Refused,
         }
     }
     fn open(&mut self, client: usize, key: ServiceKey) -> Box<dyn Held> {
@@ -645,6 +684,10 @@ impl LinuxWorld {
                 &LinkChange {
                     master: Some(Some(n("br0"))),
                     up: Some(true),
+                    // As netd does for sandbox ports: the nftables backend DNATs in the
+                    // bridge's prerouting (bridge netfilter), so a hairpinned connection is
+                    // bridged back out of the port it came in on.
+                    hairpin: Some(true),
                     ..LinkChange::default()
                 },
             )
@@ -815,6 +858,12 @@ impl World for LinuxWorld {
                     Err(e) => io_outcome(&e),
                 }
             }
+        }
+    }
+    fn connect_from_backend(&mut self, i: usize, key: ServiceKey) -> Outcome {
+        match tcp_connect(&self.files[HOSTS[3 + i].0], key) {
+            Ok((_, o)) => o,
+            Err(o) => o,
         }
     }
     fn open(&mut self, client: usize, key: ServiceKey) -> Box<dyn Held> {
@@ -1043,6 +1092,7 @@ contract!(
     affinity,
     atomic_rounds_and_drift,
     udp_flow_leaves_removed_backend,
+    hairpin,
 );
 
 // ---------------------------------------------------------------------------------------------
