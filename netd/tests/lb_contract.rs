@@ -1419,3 +1419,158 @@ fn bench_lb_sync() {
     });
     println!("LBSYNC {line}");
 }
+
+/// The IPVS rule-sync benchmark (run by `bench/ipvs-sync.sh` in the kernel VM lane): in a
+/// scratch namespace, our IPVS backend programs `SWARMNET_LB_BENCH_SERVICES` (10,000) services
+/// x 10 backends, then +1 service and one endpoint flip (one backend replaced), each repeated
+/// 21 times (median); beside it, in another scratch namespace, the peer `ipvsadm` does the
+/// same (`ipvsadm -R` of the whole table, then of the 11 lines of a new service, then of the
+/// two lines of a flip). Prints one `IPVSSYNC {json}` line.
+#[test]
+#[ignore = "benchmark: run by bench/ipvs-sync.sh in the kernel VM lane"]
+fn bench_ipvs_sync() {
+    if !swarmnet_tests_netns::gate::privileged("bench_ipvs_sync") {
+        return;
+    }
+    if let IpvsProbe::Absent(why) = swarmnet_netd::linux::ipvs::probe() {
+        panic!("bench_ipvs_sync needs IPVS: {why}");
+    }
+    let services: u32 = std::env::var("SWARMNET_LB_BENCH_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let vip = |i: u32| Ipv4Addr::from(u32::from(ip("10.60.0.0")) + i);
+    let be = |i: u32, j: u32| Ipv4Addr::from(u32::from(ip("10.64.0.0")) + i * 10 + j);
+    let flip_ip = |r: u32| Ipv4Addr::from(u32::from(ip("10.126.0.0")) + r);
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64()
+    };
+    const ROUNDS: u32 = 21;
+
+    let ours = in_scratch(move || {
+        let mk = |i: u32| {
+            svc(
+                ServiceKey {
+                    vip: vip(i),
+                    proto: Proto::Tcp,
+                    port: 80,
+                },
+                &(0..10).map(|j| be(i, j)).collect::<Vec<_>>(),
+            )
+        };
+        let mut lb = IpvsLoadBalancer::new("/nonexistent").unwrap();
+        let mut spec = LbSpec::from_services((0..services).map(mk));
+        let t = Instant::now();
+        let st = lb.apply(&NsRef::Node, &spec).unwrap();
+        let full = t.elapsed().as_secs_f64();
+        let full_messages = st.messages;
+        let (mut add, mut flip) = (Vec::new(), Vec::new());
+        let (mut add_msgs, mut flip_msgs) = (0, 0);
+        for r in 0..ROUNDS {
+            spec.insert(mk(services + r));
+            let t = Instant::now();
+            add_msgs = lb.apply(&NsRef::Node, &spec).unwrap().messages;
+            add.push(t.elapsed());
+            let s = spec
+                .services
+                .get_mut(&ServiceKey {
+                    vip: vip(services / 2),
+                    proto: Proto::Tcp,
+                    port: 80,
+                })
+                .unwrap();
+            let gone = *s.backends.keys().next().unwrap();
+            s.backends.remove(&gone);
+            s.backends.insert(flip_ip(r), BackendState::Healthy);
+            let t = Instant::now();
+            flip_msgs = lb.apply(&NsRef::Node, &spec).unwrap().messages;
+            flip.push(t.elapsed());
+        }
+        lb.flush(&NsRef::Node).unwrap();
+        (
+            full,
+            full_messages,
+            median(add),
+            add_msgs,
+            median(flip),
+            flip_msgs,
+        )
+    });
+
+    let peer = in_scratch(move || {
+        let me = File::open("/proc/thread-self/ns/net").unwrap();
+        let lines = |i: u32| {
+            let mut s = format!("-A -t {}:80 -s rr\n", vip(i));
+            for j in 0..10 {
+                s.push_str(&format!(
+                    "-a -t {}:80 -r {}:8080 -m -w 1\n",
+                    vip(i),
+                    be(i, j)
+                ));
+            }
+            s
+        };
+        let restore = |input: String| -> Duration {
+            let t = Instant::now();
+            ipvsadm(&me, &["-R"], &input);
+            t.elapsed()
+        };
+        let full = restore((0..services).map(lines).collect()).as_secs_f64();
+        let (mut add, mut flip) = (Vec::new(), Vec::new());
+        let mut backends: Vec<Ipv4Addr> = (0..10).map(|j| be(services / 2, j)).collect();
+        for r in 0..ROUNDS {
+            add.push(restore(lines(services + r)));
+            let gone = backends.remove(0);
+            backends.push(flip_ip(r));
+            let v = vip(services / 2);
+            flip.push(restore(format!(
+                "-a -t {v}:80 -r {}:8080 -m -w 1\n-d -t {v}:80 -r {gone}:8080\n",
+                flip_ip(r)
+            )));
+        }
+        // Sanity: the peer built the same table (services and destinations).
+        let listed = ipvsadm(&me, &["-S", "-n"], "");
+        let dests = listed.lines().filter(|l| l.starts_with("-a ")).count();
+        assert_eq!(dests, usize::try_from((services + ROUNDS) * 10).unwrap());
+        ipvsadm(&me, &["-C"], "");
+        (full, median(add), median(flip))
+    });
+    println!(
+        "IPVSSYNC {{\"services\": {services}, \"backends_per_service\": 10, \
+         \"ours\": {{\"full_s\": {:.4}, \"full_messages\": {}, \"add_service_ms\": {:.3}, \"add_service_messages\": {}, \"flip_ms\": {:.3}, \"flip_messages\": {}}}, \
+         \"ipvsadm\": {{\"full_s\": {:.4}, \"add_service_ms\": {:.3}, \"flip_ms\": {:.3}}}}}",
+        ours.0,
+        ours.1,
+        ours.2 * 1e3,
+        ours.3,
+        ours.4 * 1e3,
+        ours.5,
+        peer.0,
+        peer.1 * 1e3,
+        peer.2 * 1e3
+    );
+}
+
+/// Runs `ipvsadm args` with `stdin` in the namespace `ns`; its stdout.
+fn ipvsadm(ns: &File, args: &[&str], stdin: &str) -> String {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let stdin = stdin.to_string();
+    netns::run_in(ns, move || {
+        let mut child = std::process::Command::new("ipvsadm")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().unwrap().write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "ipvsadm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .unwrap()
+}
