@@ -36,13 +36,12 @@ out="$(mktemp -d /tmp/snipvsbench.XXXXXX)"
 trap 'rm -rf "$out"' EXIT
 echo "== kernel VM lane: $SERVICES services x 10 backends, ours and ipvsadm" >&2
 scripts/vm-lane.sh --out "$out" --timeout 1500 --entry-timeout 1400 \
-  --env "SWARMNET_LB_BENCH_SERVICES=$SERVICES" \
-  --bin "$exe::bench_ipvs_sync --exact --ignored --nocapture" >&2 || {
+  --bin "ipvs-sync $exe SWARMNET_LB_BENCH_SERVICES=$SERVICES bench_ipvs_sync --exact --ignored --nocapture" >&2 || {
   echo "the VM lane failed; output in $out/results" >&2
   trap - EXIT
   exit 1
 }
-line=$(sed -n 's/^IPVSSYNC //p' "$out/results/$(basename "$exe").out")
+line=$(sed -n 's/^IPVSSYNC //p' "$out/results/ipvs-sync.out")
 [ -n "$line" ] || { echo "the benchmark printed nothing" >&2; exit 1; }
 echo "$line" >bench-out/ipvs-sync.json
 python3 - "$line" <<'PY'

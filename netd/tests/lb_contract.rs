@@ -1449,6 +1449,7 @@ fn bench_ipvs_sync() {
     const ROUNDS: u32 = 21;
 
     let ours = in_scratch(move || {
+        lo_up();
         let mk = |i: u32| {
             svc(
                 ServiceKey {
@@ -1499,6 +1500,7 @@ fn bench_ipvs_sync() {
     });
 
     let peer = in_scratch(move || {
+        lo_up();
         let me = File::open("/proc/thread-self/ns/net").unwrap();
         let lines = |i: u32| {
             let mut s = format!("-A -t {}:80 -s rr\n", vip(i));
@@ -1550,6 +1552,15 @@ fn bench_ipvs_sync() {
         peer.1 * 1e3,
         peer.2 * 1e3
     );
+}
+
+/// Brings up `lo` in the calling thread's (scratch) namespace. IPVS refuses a destination
+/// whose address type is not unicast or local, and a namespace without any address has no
+/// local routing table yet, for which the kernel's `inet_addr_type` answers "broadcast"
+/// (EINVAL from `NEW_DEST`). Network namespaces netd programs always have `br0` addresses.
+fn lo_up() {
+    let mut link = LinuxLinkPort::new("/nonexistent".into()).unwrap();
+    link.set_link(&NsRef::Node, &n("lo"), &up()).unwrap();
 }
 
 /// Runs `ipvsadm args` with `stdin` in the namespace `ns`; its stdout.
