@@ -533,70 +533,107 @@ impl NsIpvs {
             }
         }
         self.set_timeouts(ns, spec.timeouts)?;
-        let (reqs, before, after, companion, services_changed, udp_gone) = match applied {
-            None => {
-                // Plan from what the kernel holds: adopts a previous netd's services.
-                let kernel = self
-                    .genl
-                    .dump()
-                    .map_err(|e| PortError::io("dump IPVS services", object(ns), e))?;
-                let want = plan::desired(spec);
-                let reqs = plan::plan(&kernel, &want);
-                let udp_gone = plan::removed_udp(&kernel, &want);
-                // Services the plan touches (the dump also carries counters and values
-                // the plan ignores, so the states themselves are not compared).
-                let changed = reqs
-                    .iter()
-                    .filter_map(Request::service)
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len();
-                let (ops, companion) = Companion::plan_full(spec);
-                (reqs, ops, Vec::new(), companion, changed, udp_gone)
-            }
-            Some(Applied {
-                spec: old_spec,
-                mut companion,
-                ..
-            }) => {
-                let changes = diff(&old_spec, spec);
-                let mut old_part = IpvsState::default();
-                let mut new_part = IpvsState::default();
-                let pairs: Vec<_> = changes
-                    .iter()
-                    .map(|c| match c {
-                        ServiceChange::Added(n) => (None, Some(*n)),
-                        ServiceChange::Removed(o) => (Some(*o), None),
-                        ServiceChange::Changed { old, new } => (Some(*old), Some(*new)),
-                    })
-                    .collect();
-                for (o, n) in &pairs {
-                    if let Some(o) = o {
-                        old_part.services.insert(o.key, plan::service_state(o));
-                    }
-                    if let Some(n) = n {
-                        new_part.services.insert(n.key, plan::service_state(n));
-                    }
+        // `next`: the spec to remember, `genid`: ours from the last commit (incremental only).
+        let (reqs, before, after, companion, services_changed, udp_gone, next, genid) =
+            match applied {
+                None => {
+                    // Plan from what the kernel holds: adopts a previous netd's services.
+                    let kernel = self
+                        .genl
+                        .dump()
+                        .map_err(|e| PortError::io("dump IPVS services", object(ns), e))?;
+                    let want = plan::desired(spec);
+                    let reqs = plan::plan(&kernel, &want);
+                    let udp_gone = plan::removed_udp(&kernel, &want);
+                    // Services the plan touches (the dump also carries counters and values
+                    // the plan ignores, so the states themselves are not compared).
+                    let changed = reqs
+                        .iter()
+                        .filter_map(Request::service)
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .len();
+                    let (ops, companion) = Companion::plan_full(spec);
+                    let next = spec.clone();
+                    (
+                        reqs,
+                        ops,
+                        Vec::new(),
+                        companion,
+                        changed,
+                        udp_gone,
+                        next,
+                        None,
+                    )
                 }
-                let reqs = plan::plan(&old_part, &new_part);
-                let udp_gone = plan::removed_udp(&old_part, &new_part);
-                let ops = companion.plan_diff(pairs.iter().copied());
-                (
-                    reqs,
-                    ops.before,
-                    ops.after,
-                    companion,
-                    changes.len(),
-                    udp_gone,
-                )
-            }
-        };
+                Some(Applied {
+                    spec: mut old_spec,
+                    mut companion,
+                    genid,
+                }) => {
+                    let changes = diff(&old_spec, spec);
+                    let mut old_part = IpvsState::default();
+                    let mut new_part = IpvsState::default();
+                    let pairs: Vec<_> = changes
+                        .iter()
+                        .map(|c| match c {
+                            ServiceChange::Added(n) => (None, Some(*n)),
+                            ServiceChange::Removed(o) => (Some(*o), None),
+                            ServiceChange::Changed { old, new } => (Some(*old), Some(*new)),
+                        })
+                        .collect();
+                    for (o, n) in &pairs {
+                        if let Some(o) = o {
+                            old_part.services.insert(o.key, plan::service_state(o));
+                        }
+                        if let Some(n) = n {
+                            new_part.services.insert(n.key, plan::service_state(n));
+                        }
+                    }
+                    let reqs = plan::plan(&old_part, &new_part);
+                    let udp_gone = plan::removed_udp(&old_part, &new_part);
+                    let ops = companion.plan_diff(pairs.iter().copied());
+                    // Remember the new spec by patching the old one with the changed services
+                    // only: a clone of 10,000 services costs more than the kernel work of a change.
+                    let updates: Vec<_> = pairs
+                        .iter()
+                        .map(|(o, n)| (n.or(*o).map(|s| s.key), n.map(|n| (*n).clone())))
+                        .collect();
+                    let changed = changes.len();
+                    for (key, n) in updates {
+                        match (key, n) {
+                            (Some(k), Some(n)) => {
+                                old_spec.services.insert(k, n);
+                            }
+                            (Some(k), None) => {
+                                old_spec.services.remove(&k);
+                            }
+                            _ => {}
+                        }
+                    }
+                    old_spec.timeouts = spec.timeouts;
+                    (
+                        reqs,
+                        ops.before,
+                        ops.after,
+                        companion,
+                        changed,
+                        udp_gone,
+                        old_spec,
+                        Some(genid),
+                    )
+                }
+            };
         if reqs.is_empty() && before.is_empty() && after.is_empty() {
-            let genid = self
-                .nf
-                .genid()
-                .map_err(|e| PortError::io("get ruleset generation", object(ns), e))?;
+            // Nothing committed: our last generation stays the one to compare with.
+            let genid = match genid {
+                Some(g) => g,
+                None => self
+                    .nf
+                    .genid()
+                    .map_err(|e| PortError::io("get ruleset generation", object(ns), e))?,
+            };
             self.state = Some(Applied {
-                spec: spec.clone(),
+                spec: next,
                 companion,
                 genid,
             });
@@ -620,7 +657,7 @@ impl NsIpvs {
             .genid()
             .map_err(|e| PortError::io("get ruleset generation", object(ns), e))?;
         self.state = Some(Applied {
-            spec: spec.clone(),
+            spec: next,
             companion,
             genid,
         });
