@@ -257,10 +257,22 @@ fn zero_backends_refuse(w: &mut dyn World) {
             start.elapsed()
         );
     }
-    // A backend appears: the service answers; it goes: refused again.
+    // A backend appears: the service answers; it drains: refused at once (the service had a
+    // backend a moment ago, so this is a change of the running table, not a full program);
+    // it goes: refused again.
     let b1 = w.backend(1);
-    apply(w, 0, &[svc(t, &[b1]), svc(u, &[]), draining]);
+    let mut one = svc(t, &[b1]);
+    apply(w, 0, &[one.clone(), svc(u, &[]), draining.clone()]);
     assert_eq!(reached(&w.connect(0, t)), w.backend(1));
+    one.backends.insert(b1, BackendState::Draining);
+    apply(w, 0, &[one, svc(u, &[]), draining]);
+    let start = Instant::now();
+    assert_eq!(w.connect(0, t), Outcome::Refused, "last backend draining");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "last backend draining: {:?}",
+        start.elapsed()
+    );
     apply(w, 0, &[svc(t, &[])]);
     assert_eq!(w.connect(0, t), Outcome::Refused);
 }
