@@ -255,15 +255,31 @@ fn load_balancer(
             run_dir,
         )?))
     };
+    let ipvs = || -> anyhow::Result<Box<dyn swarmnet_netd::lb::LoadBalancerPort>> {
+        Ok(Box::new(swarmnet_netd::linux::ipvs::IpvsLoadBalancer::new(
+            run_dir,
+        )?))
+    };
+    use swarmnet_netd::linux::ipvs::{IpvsProbe, probe};
     match choice {
-        LbChoice::Auto => {
-            tracing::info!(
-                lb = "nftables",
-                reason = "the IPVS backend is not built yet (issue 4); nftables works on every kernel with nf_tables",
-                "load balancer chosen"
-            );
-            nft()
-        }
+        LbChoice::Auto => match probe() {
+            IpvsProbe::Present { family } => {
+                tracing::info!(
+                    lb = "ipvs",
+                    reason = %format!("--lb auto: the kernel has the generic-netlink family \"IPVS\" (id {family})"),
+                    "load balancer chosen"
+                );
+                ipvs()
+            }
+            IpvsProbe::Absent(why) => {
+                tracing::info!(
+                    lb = "nftables",
+                    reason = %format!("--lb auto: {why}; nftables works on every kernel with nf_tables"),
+                    "load balancer chosen"
+                );
+                nft()
+            }
+        },
         LbChoice::Nftables => {
             tracing::info!(
                 lb = "nftables",
@@ -272,9 +288,19 @@ fn load_balancer(
             );
             nft()
         }
-        LbChoice::Ipvs => {
-            anyhow::bail!("--lb ipvs: the IPVS backend is not built yet; use --lb nftables or auto")
-        }
+        LbChoice::Ipvs => match probe() {
+            IpvsProbe::Present { family } => {
+                tracing::info!(
+                    lb = "ipvs",
+                    reason = %format!("--lb ipvs (generic-netlink family \"IPVS\", id {family})"),
+                    "load balancer chosen"
+                );
+                ipvs()
+            }
+            IpvsProbe::Absent(why) => anyhow::bail!(
+                "--lb ipvs: this kernel lacks ip_vs ({why}); load the ip_vs module, or start with --lb nftables or --lb auto"
+            ),
+        },
         LbChoice::Ebpf => anyhow::bail!(
             "--lb ebpf: the eBPF socket load balancer is not built yet; use --lb nftables or auto"
         ),

@@ -1,6 +1,7 @@
 //! The `LoadBalancerPort` contract suite: the seven load-balancing requirements of DESIGN.md as
 //! cases over a [`World`] (a port plus clients and backends that can connect), run against
-//! [`FakeLoadBalancer`] and against [`NftLoadBalancer`] in scratch namespaces; plus the ruleset
+//! [`FakeLoadBalancer`], against [`NftLoadBalancer`] and against [`IpvsLoadBalancer`] in scratch
+//! namespaces; plus the ruleset
 //! golden file, the netlink-vs-`nft -f` equivalence check and the 10,000-service scale test.
 //!
 //! The Linux world never touches the machine's root network namespace: each case runs on a
@@ -24,8 +25,11 @@ use swarmnet_model::IfName;
 use swarmnet_netd::fake::lb::{FakeLoadBalancer, FakeRefusal};
 use swarmnet_netd::lb::nft_render::{NftLbState, normalize_listing, render_script, render_table};
 use swarmnet_netd::lb::{
-    Affinity, BackendState, LbObserved, LbSpec, LoadBalancerPort, Proto, ServiceKey, ServiceSpec,
+    Affinity, BackendState, LbKind, LbObserved, LbSpec, LoadBalancerPort, Proto, ServiceKey,
+    ServiceSpec,
 };
+use swarmnet_netd::linux::ipvs::msg::Request as IpvsRequest;
+use swarmnet_netd::linux::ipvs::{GenlSocket, IpvsLoadBalancer, IpvsProbe};
 use swarmnet_netd::linux::link::LinuxLinkPort;
 use swarmnet_netd::linux::netns;
 use swarmnet_netd::linux::nft::{NftLoadBalancer, ruleset_generation};
@@ -70,6 +74,8 @@ trait World {
     /// Makes `vip` answer ARP in network `net` (a /32 on the bridge; nothing for the fake).
     fn add_vip(&mut self, net: usize, vip: Ipv4Addr);
     fn connect(&mut self, client: usize, key: ServiceKey) -> Outcome;
+    /// A TCP connection from backend `i`'s own namespace.
+    fn connect_from_backend(&mut self, i: usize, key: ServiceKey) -> Outcome;
     fn open(&mut self, client: usize, key: ServiceKey) -> Box<dyn Held>;
     /// Opens a UDP socket of `client` connected to `key` (its datagrams are one conntrack
     /// flow); returns its index for [`World::udp_send`].
@@ -220,7 +226,12 @@ fn drain(w: &mut dyn World) {
     assert!(held.alive(), "open connection continues while draining");
     spec.backends.remove(&victim);
     apply(w, 0, &[spec]);
-    assert!(held.alive(), "open connection survives the removal");
+    // Removal ends the grace period. Conntrack keeps an nftables-balanced connection until it
+    // closes; IPVS ends the connections of a deleted destination (its packets are dropped or
+    // expired: `expire_nodest_conn`), which is why the caller drains first.
+    if w.lb().kind() != LbKind::Ipvs {
+        assert!(held.alive(), "open connection survives the removal");
+    }
     for _ in 0..10 {
         assert_ne!(reached(&w.connect(1, k)), victim);
     }
@@ -246,10 +257,22 @@ fn zero_backends_refuse(w: &mut dyn World) {
             start.elapsed()
         );
     }
-    // A backend appears: the service answers; it goes: refused again.
+    // A backend appears: the service answers; it drains: refused at once (the service had a
+    // backend a moment ago, so this is a change of the running table, not a full program);
+    // it goes: refused again.
     let b1 = w.backend(1);
-    apply(w, 0, &[svc(t, &[b1]), svc(u, &[]), draining]);
+    let mut one = svc(t, &[b1]);
+    apply(w, 0, &[one.clone(), svc(u, &[]), draining.clone()]);
     assert_eq!(reached(&w.connect(0, t)), w.backend(1));
+    one.backends.insert(b1, BackendState::Draining);
+    apply(w, 0, &[one, svc(u, &[]), draining]);
+    let start = Instant::now();
+    assert_eq!(w.connect(0, t), Outcome::Refused, "last backend draining");
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "last backend draining: {:?}",
+        start.elapsed()
+    );
     apply(w, 0, &[svc(t, &[])]);
     assert_eq!(w.connect(0, t), Outcome::Refused);
 }
@@ -310,6 +333,33 @@ fn atomic_rounds_and_drift(w: &mut dyn World) {
     assert!(st.full);
     assert_eq!(w.lb().observe(&n0).unwrap(), LbObserved::InSync);
     assert!(b.contains(&reached(&w.connect(0, keys[2]))));
+}
+
+/// Hairpin: a backend reaching its own service lands on itself (the only backend), masqueraded
+/// (its own address as source would make it answer itself directly); a backend reaching
+/// another backend of its service keeps its source address like any client.
+fn hairpin(w: &mut dyn World) {
+    let own = key("10.50.100.7", Proto::Tcp, 80);
+    let other = key("10.50.100.7", Proto::Tcp, 81);
+    w.add_vip(0, own.vip);
+    let (b0, b1) = (w.backend(0), w.backend(1));
+    apply(w, 0, &[svc(own, &[b0]), svc(other, &[b1])]);
+    for _ in 0..3 {
+        match w.connect_from_backend(0, own) {
+            Outcome::Reached { backend, peer } => {
+                assert_eq!(backend, b0);
+                assert_ne!(peer, b0, "hairpin must be masqueraded");
+            }
+            o => panic!("hairpin: {o:?}"),
+        }
+        assert_eq!(
+            w.connect_from_backend(0, other),
+            Outcome::Reached {
+                backend: b1,
+                peer: b0
+            }
+        );
+    }
 }
 
 /// DESIGN.md: on backend removal its conntrack entries go. A UDP flow (one client socket)
@@ -398,6 +448,16 @@ impl World for FakeWorld {
                 peer: c.peer,
             },
             Err(FakeRefusal::NoBackend) | Err(FakeRefusal::NoService) => Outcome::Refused,
+        }
+    }
+    fn connect_from_backend(&mut self, i: usize, key: ServiceKey) -> Outcome {
+        let net = self.net(if i == 3 { 1 } else { 0 });
+        match self.lb.connect(&net, self.backend(i), key) {
+            Ok(c) => Outcome::Reached {
+                backend: c.backend,
+                peer: c.peer,
+            },
+            Err(_) => Outcome::Refused,
         }
     }
     fn open(&mut self, client: usize, key: ServiceKey) -> Box<dyn Held> {
@@ -532,8 +592,18 @@ impl Drop for Backend {
     }
 }
 
+/// Which kernel backend a Linux world runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Nftables,
+    Ipvs,
+}
+
 struct LinuxWorld {
-    lb: NftLoadBalancer,
+    lb: Box<dyn LoadBalancerPort>,
+    kernel: Kernel,
+    /// IPVS: the last kernel snapshot `commits` saw and how many changes it counted.
+    ipvs_seen: Vec<(String, u64)>,
     link: LinuxLinkPort,
     files: std::collections::BTreeMap<String, File>,
     backends: Vec<Backend>,
@@ -555,6 +625,10 @@ const HOSTS: [(&str, usize, &str); 7] = [
 
 impl LinuxWorld {
     fn new() -> Self {
+        Self::with(Kernel::Nftables)
+    }
+
+    fn with(kernel: Kernel) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let run = dir.path().join("run");
         let mut link = LinuxLinkPort::new(run.clone()).unwrap();
@@ -622,6 +696,10 @@ impl LinuxWorld {
                 &LinkChange {
                     master: Some(Some(n("br0"))),
                     up: Some(true),
+                    // As netd does for sandbox ports: the nftables backend DNATs in the
+                    // bridge's prerouting (bridge netfilter), so a hairpinned connection is
+                    // bridged back out of the port it came in on.
+                    hairpin: Some(true),
                     ..LinkChange::default()
                 },
             )
@@ -648,9 +726,14 @@ impl LinuxWorld {
         for (name, _, addr) in HOSTS.iter().filter(|h| h.0.starts_with("snt-b")) {
             backends.push(Backend::start(&files[*name], ip(addr)));
         }
-        let lb = NftLoadBalancer::new(&run).unwrap();
+        let lb: Box<dyn LoadBalancerPort> = match kernel {
+            Kernel::Nftables => Box::new(NftLoadBalancer::new(&run).unwrap()),
+            Kernel::Ipvs => Box::new(IpvsLoadBalancer::new(&run).unwrap()),
+        };
         Self {
             lb,
+            kernel,
+            ipvs_seen: vec![(String::new(), 0); NETS.len()],
             link,
             files,
             backends,
@@ -735,7 +818,7 @@ fn tcp_connect(ns: &File, key: ServiceKey) -> Result<(TcpStream, Outcome), Outco
 
 impl World for LinuxWorld {
     fn lb(&mut self) -> &mut dyn LoadBalancerPort {
-        &mut self.lb
+        self.lb.as_mut()
     }
     fn net(&self, i: usize) -> NsRef {
         owned(NETS[i].0)
@@ -789,6 +872,12 @@ impl World for LinuxWorld {
             }
         }
     }
+    fn connect_from_backend(&mut self, i: usize, key: ServiceKey) -> Outcome {
+        match tcp_connect(&self.files[HOSTS[3 + i].0], key) {
+            Ok((_, o)) => o,
+            Err(o) => o,
+        }
+    }
     fn open(&mut self, client: usize, key: ServiceKey) -> Box<dyn Held> {
         let (stream, outcome) = tcp_connect(self.client_file(client), key).unwrap();
         let backend = reached(&outcome);
@@ -822,14 +911,43 @@ impl World for LinuxWorld {
         }
     }
     fn commits(&mut self, net: usize) -> u64 {
-        u64::from(ruleset_generation(&self.files[NETS[net].0]).unwrap())
+        let ns = &self.files[NETS[net].0];
+        match self.kernel {
+            Kernel::Nftables => u64::from(ruleset_generation(ns).unwrap()),
+            // IPVS has no generation counter: count the calls that find the kernel's state
+            // (every service and destination, and the companion table's generation) changed
+            // since the previous call. One apply is one change seen.
+            Kernel::Ipvs => {
+                let snapshot = netns::run_in(ns, || {
+                    let state = GenlSocket::open()?.dump()?;
+                    Ok(format!("{state:?}"))
+                })
+                .unwrap();
+                let snapshot = format!("{snapshot} gen {}", ruleset_generation(ns).unwrap());
+                let seen = &mut self.ipvs_seen[net];
+                if seen.0 != snapshot {
+                    seen.0 = snapshot;
+                    seen.1 += 1;
+                }
+                seen.1
+            }
+        }
     }
     fn tamper(&mut self, net: usize) {
-        nft(
-            &self.files[NETS[net].0],
-            &["flush", "chain", "ip", "swarmnet-lb", "nat-prerouting"],
-            None,
-        );
+        match self.kernel {
+            Kernel::Nftables => {
+                nft(
+                    &self.files[NETS[net].0],
+                    &["flush", "chain", "ip", "swarmnet-lb", "nat-prerouting"],
+                    None,
+                );
+            }
+            // What `ipvsadm -C` does: every virtual service of the namespace goes.
+            Kernel::Ipvs => netns::run_in(&self.files[NETS[net].0], || {
+                GenlSocket::open()?.request(IpvsRequest::Flush).map(drop)
+            })
+            .unwrap(),
+        }
     }
 }
 
@@ -890,6 +1008,78 @@ fn run_linux(name: &str, case: fn(&mut dyn World)) {
     });
 }
 
+/// The IPVS world needs the kernel's IPVS: where the generic-netlink family is missing the
+/// case skips loudly, unless `SWARMNET_REQUIRE_IPVS` is set (the kernel VM lane sets it), where
+/// that is a failure. Privileged gating as for the nftables world.
+fn run_ipvs(name: &str, case: fn(&mut dyn World)) {
+    run_ipvs_world(name, move |w| case(w));
+}
+
+fn run_ipvs_world(name: &str, case: impl FnOnce(&mut LinuxWorld) + Send + 'static) {
+    if !swarmnet_tests_netns::gate::privileged(name) {
+        return;
+    }
+    if let IpvsProbe::Absent(why) = swarmnet_netd::linux::ipvs::probe() {
+        let required = std::env::var("SWARMNET_REQUIRE_IPVS")
+            .is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+        assert!(
+            !required,
+            "IPVS contract test {name}: {why} (SWARMNET_REQUIRE_IPVS is set)"
+        );
+        eprintln!(
+            "SKIP IPVS contract test {name}: {why}; it runs in the kernel VM lane (scripts/vm-lane.sh)"
+        );
+        return;
+    }
+    in_scratch(move || {
+        let mut w = LinuxWorld::with(Kernel::Ipvs);
+        case(&mut w);
+    });
+}
+
+/// IPVS only: a restarted netd (a new port, nothing in memory) adopts the services that run:
+/// its first apply reads them from the kernel and changes nothing, so an open connection
+/// survives; a destination someone deleted meanwhile comes back, and nothing else changes.
+fn restart_adopts_what_runs(w: &mut LinuxWorld) {
+    {
+        let k = key("10.50.100.9", Proto::Tcp, 80);
+        let u = key("10.50.100.9", Proto::Udp, 53);
+        w.add_vip(0, k.vip);
+        let b: Vec<_> = (0..3).map(|i| w.backend(i)).collect();
+        let spec = LbSpec::from_services([svc(k, &b), svc(u, &b[..1])]);
+        let net = w.net(0);
+        w.lb.apply(&net, &spec).unwrap();
+        let mut held = w.open(0, k);
+        let run = w._dir.path().join("run");
+        // netd restarts.
+        w.lb = Box::new(IpvsLoadBalancer::new(&run).unwrap());
+        assert_eq!(w.lb.observe(&net).unwrap(), LbObserved::Drifted);
+        let st = w.lb.apply(&net, &spec).unwrap();
+        assert!(st.full);
+        assert_eq!(st.services_changed, 0, "{st:?}");
+        assert!(held.alive(), "the open connection survives the restart");
+        assert_eq!(w.lb.observe(&net).unwrap(), LbObserved::InSync);
+        // Someone deletes a destination while netd is down.
+        let victim = held.backend();
+        netns::run_in(&w.files[NETS[0].0], || {
+            GenlSocket::open()?
+                .request(IpvsRequest::DelDest {
+                    service: k,
+                    addr: victim,
+                    port: TARGET,
+                })
+                .map(drop)
+        })
+        .unwrap();
+        w.lb = Box::new(IpvsLoadBalancer::new(&run).unwrap());
+        let st = w.lb.apply(&net, &spec).unwrap();
+        assert_eq!((st.full, st.services_changed), (true, 1), "{st:?}");
+        let seen: BTreeSet<_> = (0..30).map(|_| reached(&w.connect(1, k))).collect();
+        assert!(seen.contains(&victim), "{seen:?}");
+        assert_eq!(reached(&w.connect(1, u)), b[0]);
+    }
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod fake {
@@ -897,6 +1087,14 @@ macro_rules! contract {
         }
         mod linux {
             $( #[test] fn $case() { super::run_linux(stringify!($case), super::$case); } )*
+        }
+        mod ipvs {
+            $( #[test] fn $case() { super::run_ipvs(stringify!($case), super::$case); } )*
+            // IPVS only (the nftables backend replaces its table whole on restart).
+            #[test]
+            fn restart_adopts_what_runs() {
+                super::run_ipvs_world("restart_adopts_what_runs", super::restart_adopts_what_runs);
+            }
         }
     };
 }
@@ -910,6 +1108,7 @@ contract!(
     affinity,
     atomic_rounds_and_drift,
     udp_flow_leaves_removed_backend,
+    hairpin,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1235,4 +1434,170 @@ fn bench_lb_sync() {
         )
     });
     println!("LBSYNC {line}");
+}
+
+/// The IPVS rule-sync benchmark (run by `bench/ipvs-sync.sh` in the kernel VM lane): in a
+/// scratch namespace, our IPVS backend programs `SWARMNET_LB_BENCH_SERVICES` (10,000) services
+/// x 10 backends, then +1 service and one endpoint flip (one backend replaced), each repeated
+/// 21 times (median); beside it, in another scratch namespace, the peer `ipvsadm` does the
+/// same (`ipvsadm -R` of the whole table, then of the 11 lines of a new service, then of the
+/// two lines of a flip). Prints one `IPVSSYNC {json}` line.
+#[test]
+#[ignore = "benchmark: run by bench/ipvs-sync.sh in the kernel VM lane"]
+fn bench_ipvs_sync() {
+    if !swarmnet_tests_netns::gate::privileged("bench_ipvs_sync") {
+        return;
+    }
+    if let IpvsProbe::Absent(why) = swarmnet_netd::linux::ipvs::probe() {
+        panic!("bench_ipvs_sync needs IPVS: {why}");
+    }
+    let services: u32 = std::env::var("SWARMNET_LB_BENCH_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let vip = |i: u32| Ipv4Addr::from(u32::from(ip("10.60.0.0")) + i);
+    let be = |i: u32, j: u32| Ipv4Addr::from(u32::from(ip("10.64.0.0")) + i * 10 + j);
+    let flip_ip = |r: u32| Ipv4Addr::from(u32::from(ip("10.126.0.0")) + r);
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64()
+    };
+    const ROUNDS: u32 = 21;
+
+    let ours = in_scratch(move || {
+        lo_up();
+        let mk = |i: u32| {
+            svc(
+                ServiceKey {
+                    vip: vip(i),
+                    proto: Proto::Tcp,
+                    port: 80,
+                },
+                &(0..10).map(|j| be(i, j)).collect::<Vec<_>>(),
+            )
+        };
+        let mut lb = IpvsLoadBalancer::new("/nonexistent").unwrap();
+        let mut spec = LbSpec::from_services((0..services).map(mk));
+        let t = Instant::now();
+        let st = lb.apply(&NsRef::Node, &spec).unwrap();
+        let full = t.elapsed().as_secs_f64();
+        let full_messages = st.messages;
+        let (mut add, mut flip) = (Vec::new(), Vec::new());
+        let (mut add_msgs, mut flip_msgs) = (0, 0);
+        for r in 0..ROUNDS {
+            spec.insert(mk(services + r));
+            let t = Instant::now();
+            add_msgs = lb.apply(&NsRef::Node, &spec).unwrap().messages;
+            add.push(t.elapsed());
+            let s = spec
+                .services
+                .get_mut(&ServiceKey {
+                    vip: vip(services / 2),
+                    proto: Proto::Tcp,
+                    port: 80,
+                })
+                .unwrap();
+            let gone = *s.backends.keys().next().unwrap();
+            s.backends.remove(&gone);
+            s.backends.insert(flip_ip(r), BackendState::Healthy);
+            let t = Instant::now();
+            flip_msgs = lb.apply(&NsRef::Node, &spec).unwrap().messages;
+            flip.push(t.elapsed());
+        }
+        lb.flush(&NsRef::Node).unwrap();
+        (
+            full,
+            full_messages,
+            median(add),
+            add_msgs,
+            median(flip),
+            flip_msgs,
+        )
+    });
+
+    let peer = in_scratch(move || {
+        lo_up();
+        let me = File::open("/proc/thread-self/ns/net").unwrap();
+        let lines = |i: u32| {
+            let mut s = format!("-A -t {}:80 -s rr\n", vip(i));
+            for j in 0..10 {
+                s.push_str(&format!(
+                    "-a -t {}:80 -r {}:8080 -m -w 1\n",
+                    vip(i),
+                    be(i, j)
+                ));
+            }
+            s
+        };
+        let restore = |input: String| -> Duration {
+            let t = Instant::now();
+            ipvsadm(&me, &["-R"], &input);
+            t.elapsed()
+        };
+        let full = restore((0..services).map(lines).collect()).as_secs_f64();
+        let (mut add, mut flip) = (Vec::new(), Vec::new());
+        let mut backends: Vec<Ipv4Addr> = (0..10).map(|j| be(services / 2, j)).collect();
+        for r in 0..ROUNDS {
+            add.push(restore(lines(services + r)));
+            let gone = backends.remove(0);
+            backends.push(flip_ip(r));
+            let v = vip(services / 2);
+            flip.push(restore(format!(
+                "-a -t {v}:80 -r {}:8080 -m -w 1\n-d -t {v}:80 -r {gone}:8080\n",
+                flip_ip(r)
+            )));
+        }
+        // Sanity: the peer built the same table (services and destinations).
+        let listed = ipvsadm(&me, &["-S", "-n"], "");
+        let dests = listed.lines().filter(|l| l.starts_with("-a ")).count();
+        assert_eq!(dests, usize::try_from((services + ROUNDS) * 10).unwrap());
+        ipvsadm(&me, &["-C"], "");
+        (full, median(add), median(flip))
+    });
+    println!(
+        "IPVSSYNC {{\"services\": {services}, \"backends_per_service\": 10, \
+         \"ours\": {{\"full_s\": {:.4}, \"full_messages\": {}, \"add_service_ms\": {:.3}, \"add_service_messages\": {}, \"flip_ms\": {:.3}, \"flip_messages\": {}}}, \
+         \"ipvsadm\": {{\"full_s\": {:.4}, \"add_service_ms\": {:.3}, \"flip_ms\": {:.3}}}}}",
+        ours.0,
+        ours.1,
+        ours.2 * 1e3,
+        ours.3,
+        ours.4 * 1e3,
+        ours.5,
+        peer.0,
+        peer.1 * 1e3,
+        peer.2 * 1e3
+    );
+}
+
+/// Brings up `lo` in the calling thread's (scratch) namespace. IPVS refuses a destination
+/// whose address type is not unicast or local, and a namespace without any address has no
+/// local routing table yet, for which the kernel's `inet_addr_type` answers "broadcast"
+/// (EINVAL from `NEW_DEST`). Network namespaces netd programs always have `br0` addresses.
+fn lo_up() {
+    let mut link = LinuxLinkPort::new("/nonexistent".into()).unwrap();
+    link.set_link(&NsRef::Node, &n("lo"), &up()).unwrap();
+}
+
+/// Runs `ipvsadm args` with `stdin` in the namespace `ns`; its stdout.
+fn ipvsadm(ns: &File, args: &[&str], stdin: &str) -> String {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let stdin = stdin.to_string();
+    netns::run_in(ns, move || {
+        let mut child = std::process::Command::new("ipvsadm")
+            .args(&args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().unwrap().write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "ipvsadm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    })
+    .unwrap()
 }

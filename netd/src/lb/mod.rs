@@ -11,9 +11,12 @@
 //!   netlink batches, one transaction per `apply`;
 //! - the in-memory fake (`crate::fake::lb::FakeLoadBalancer`), which models which backend a new
 //!   connection can reach;
-//! - later IPVS (generic netlink, no transactions: ordered changes) and a connect-time eBPF
-//!   balancer (cgroup `connect4`/`sendmsg4` rewriting VIP:port to a backend): both take the
-//!   same [`LbSpec`], which says what must be reachable, not how packets are rewritten.
+//! - IPVS (`crate::linux::ipvs::IpvsLoadBalancer`): virtual services over generic netlink,
+//!   no transactions, so each round is ordered to never show a service without its backends,
+//!   with a companion nftables table for the reject of empty services and hairpin;
+//! - later a connect-time eBPF balancer (cgroup `connect4`/`sendmsg4` rewriting VIP:port to a
+//!   backend): all take the same [`LbSpec`], which says what must be reachable, not how
+//!   packets are rewritten.
 //!
 //! Invariants: `apply` is given the whole desired state of a namespace and changes only the
 //! difference from what it applied last (kept in memory, never read back from the kernel);
@@ -74,11 +77,13 @@ pub enum LbObserved {
 ///   the client's own source address (hairpin connections that land on their own source are
 ///   the only ones masqueraded);
 /// - a service without a healthy backend refuses at once (TCP reset, ICMP port-unreachable);
-/// - a draining backend gets no new connection; established ones continue;
+/// - a draining backend gets no new connection; established ones continue (after its removal,
+///   which ends the grace period, they may end: IPVS ends them, nftables does not);
 /// - with client-IP affinity, one client's connections go to one backend while the healthy set
 ///   is unchanged; without it they spread;
-/// - `apply` changes only the difference, in one transaction; the kernel work of an endpoint
-///   change does not depend on the number of other services;
+/// - `apply` changes only the difference, in one transaction (IPVS: in an order that never
+///   shows a service without its backends); the kernel work of an endpoint change does not
+///   depend on the number of other services;
 /// - removal (`flush`) of a namespace's state is Ok when there is none.
 pub trait LoadBalancerPort: Send {
     fn kind(&self) -> LbKind;

@@ -197,6 +197,9 @@ pub enum Rule {
     NoBackendReject,
     /// `ct status dnat ip saddr . ip daddr @hairpin masquerade`
     HairpinMasquerade,
+    /// `ip saddr . ip daddr @hairpin masquerade`: the IPVS backend's companion table, where
+    /// conntrack never marks a connection DNAT (IPVS rewrites outside netfilter's NAT).
+    HairpinMasqueradeAny,
     /// `reject with tcp reset` (nft adds the `meta l4proto tcp` dependency)
     RejectTcp,
     /// `reject` (ICMP port-unreachable)
@@ -218,6 +221,7 @@ impl Rule {
             Self::HairpinMasquerade => {
                 "ct status dnat ip saddr . ip daddr @hairpin masquerade".into()
             }
+            Self::HairpinMasqueradeAny => "ip saddr . ip daddr @hairpin masquerade".into(),
             Self::RejectTcp => "reject with tcp reset".into(),
             Self::Reject => "reject".into(),
             Self::Pick(p) => {

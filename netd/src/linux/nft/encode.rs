@@ -371,9 +371,11 @@ impl Encoder {
                 x.lookup(&NamedSet::NoBackends.name(), REG_1, None);
                 x.verdict(NFT_GOTO, REJECT_CHAIN);
             }
-            Rule::HairpinMasquerade => {
-                // ct status dnat: IPS_DST_NAT is bit 5.
-                x.ct_bit(2, 1 << 5);
+            Rule::HairpinMasquerade | Rule::HairpinMasqueradeAny => {
+                if matches!(rule, Rule::HairpinMasquerade) {
+                    // ct status dnat: IPS_DST_NAT is bit 5.
+                    x.ct_bit(2, 1 << 5);
+                }
                 x.payload(REG_1, 1, 12, 4);
                 x.payload(REG32_01, 1, 16, 4);
                 x.lookup(&NamedSet::Hairpin.name(), REG_1, None);

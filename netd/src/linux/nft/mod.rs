@@ -35,10 +35,11 @@ use crate::lb::{ApplyStats, LbKind, LbObserved, LbSpec, LoadBalancerPort};
 use crate::port::{ErrorKind, NsRef, PortError, PortResult};
 
 /// A `NETLINK_NETFILTER` socket bound to one namespace.
+/// Shared with the IPVS backend's companion table (`crate::linux::ipvs`).
 #[derive(Debug)]
-struct NfSocket {
+pub(crate) struct NfSocket {
     sock: Socket,
-    seq: u32,
+    pub(crate) seq: u32,
     sndbuf: usize,
 }
 
@@ -54,7 +55,7 @@ struct Reply {
 
 impl NfSocket {
     /// Opens a socket in the namespace of the calling thread.
-    fn open() -> io::Result<Self> {
+    pub(crate) fn open() -> io::Result<Self> {
         let mut sock = Socket::new(NETLINK_NETFILTER)?;
         sock.bind_auto()?;
         sock.connect(&SocketAddr::new(0, 0))?;
@@ -69,7 +70,7 @@ impl NfSocket {
         })
     }
 
-    fn next_seq(&mut self, n: u32) -> u32 {
+    pub(crate) fn next_seq(&mut self, n: u32) -> u32 {
         let s = self.seq;
         self.seq = self.seq.wrapping_add(n);
         s
@@ -161,7 +162,7 @@ impl NfSocket {
 
     /// Deletes the conntrack entries of UDP flows to `vip:port` that a backend in `targets`
     /// (service, backend address, target port) answers; returns how many.
-    fn delete_udp_flows(
+    pub(crate) fn delete_udp_flows(
         &mut self,
         targets: &[(crate::lb::ServiceKey, std::net::Ipv4Addr, u16)],
     ) -> io::Result<usize> {
@@ -217,7 +218,7 @@ impl NfSocket {
     }
 
     /// The ruleset generation of this namespace.
-    fn genid(&mut self) -> io::Result<u32> {
+    pub(crate) fn genid(&mut self) -> io::Result<u32> {
         let replies = self.request(encode::encode_get_gen)?;
         for r in &replies {
             if r.ty & 0xff == encode::NFT_MSG_NEWGEN {
@@ -235,7 +236,7 @@ impl NfSocket {
     }
 
     /// Our table's handle, or `None` when it does not exist.
-    fn table_handle(&mut self) -> io::Result<Option<u64>> {
+    pub(crate) fn table_handle(&mut self) -> io::Result<Option<u64>> {
         let replies = match self.request(encode::encode_get_table) {
             Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
@@ -414,7 +415,11 @@ impl NftLoadBalancer {
 }
 
 /// Sends a batch and checks every reply; an error names the op that failed.
-fn send_batch(sock: &mut NfSocket, batch: &Batch, ops: &[NftOp]) -> Result<(), PortError> {
+pub(crate) fn send_batch(
+    sock: &mut NfSocket,
+    batch: &Batch,
+    ops: &[NftOp],
+) -> Result<(), PortError> {
     sock.send(&batch.bytes)
         .map_err(|e| PortError::io("send batch", String::new(), e))?;
     let replies = sock
