@@ -6,6 +6,8 @@ pkgs=(iproute2 nftables iputils-ping netcat-openbsd socat util-linux procps dnsu
 # The kernel VM lane (scripts/vm-lane.sh): qemu, Debian's stock kernel with its modules (IPVS),
 # a static busybox for the VM's init, and modprobe to order the modules.
 pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static kmod)
+# bench/ipvs-sync.sh's peer (ipvsadm -R), run inside the VM.
+pkgs+=(ipvsadm)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -114,13 +114,6 @@ mod probe {
             )?;
             let (lb, reason) = found.expect("retry succeeded");
             let expected = if has_ipvs { "ipvs" } else { "nftables" };
-            if lb != expected && has_ipvs && reason.contains("not built yet") {
-                // Until the IPVS backend lands (issue 4) netd says so and takes nftables; the
-                // family check above is what this kernel proves meanwhile. The lane's report
-                // shows this line; the allowance ends by itself with that log message.
-                println!("PENDING: --lb auto took {lb} on a kernel with IPVS: {reason}");
-                return Ok(());
-            }
             ensure!(
                 lb == expected,
                 "--lb auto took {lb} on a kernel {} IPVS (expected {expected}): {reason}",
