@@ -15,4 +15,5 @@
 pub mod constraint;
 pub mod ipam;
 pub mod project;
+pub mod raft;
 pub mod state;

@@ -384,6 +384,25 @@ pub enum Response {
     },
 }
 
+/// The kinds of object a command names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Node,
+    Network,
+    Service,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Node => "node",
+            Self::Network => "network",
+            Self::Service => "service",
+        })
+    }
+}
+
 /// Why a command was refused. Each names the object and says what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum CommandError {
@@ -392,9 +411,9 @@ pub enum CommandError {
     #[error("the cluster is already initialized (id {id})")]
     AlreadyInitialized { id: String },
     #[error("no {kind} named {name:?}")]
-    NotFound { kind: &'static str, name: String },
+    NotFound { kind: Kind, name: String },
     #[error("a {kind} named {name:?} exists already")]
-    Exists { kind: &'static str, name: String },
+    Exists { kind: Kind, name: String },
     #[error("invalid {field}: {reason}")]
     Invalid { field: String, reason: String },
     #[error("subnet {subnet} overlaps {other} of network {network:?}; pick another subnet")]
@@ -433,7 +452,7 @@ pub enum CommandError {
     StaleReport { task: String, node: String },
 }
 
-fn not_found(kind: &'static str, name: impl ToString) -> CommandError {
+fn not_found(kind: Kind, name: impl ToString) -> CommandError {
     CommandError::NotFound {
         kind,
         name: name.to_string(),
@@ -511,7 +530,7 @@ impl ClusterState {
                 let svc = self
                     .services
                     .get_mut(name)
-                    .ok_or_else(|| not_found("service", name))?;
+                    .ok_or_else(|| not_found(Kind::Service, name))?;
                 match &mut svc.def.mode {
                     ServiceMode::Replicated { replicas: r } => *r = *replicas,
                     ServiceMode::Global => {
@@ -530,7 +549,7 @@ impl ClusterState {
                 let svc = self
                     .services
                     .remove(name)
-                    .ok_or_else(|| not_found("service", name))?;
+                    .ok_or_else(|| not_found(Kind::Service, name))?;
                 let ids: Vec<TaskId> = self
                     .tasks
                     .values()
@@ -646,7 +665,10 @@ impl ClusterState {
     }
 
     fn remove_node(&mut self, id: &NodeId, force: bool) -> Result<Response, CommandError> {
-        let node = self.nodes.get(id).ok_or_else(|| not_found("node", id))?;
+        let node = self
+            .nodes
+            .get(id)
+            .ok_or_else(|| not_found(Kind::Node, id))?;
         if node.status == NodeStatus::Ready && !force {
             return Err(CommandError::NodeBusy {
                 node: id.to_string(),
@@ -677,7 +699,9 @@ impl ClusterState {
     }
 
     fn node_mut(&mut self, id: &NodeId) -> Result<&mut Node, CommandError> {
-        self.nodes.get_mut(id).ok_or_else(|| not_found("node", id))
+        self.nodes
+            .get_mut(id)
+            .ok_or_else(|| not_found(Kind::Node, id))
     }
 
     fn ingress_name(&self) -> Option<Name> {
@@ -698,7 +722,7 @@ impl ClusterState {
             .ok_or_else(|| invalid("name", "a network needs a name"))?;
         if self.networks.contains_key(&name) {
             return Err(CommandError::Exists {
-                kind: "network",
+                kind: Kind::Network,
                 name: name.to_string(),
             });
         }
@@ -785,7 +809,7 @@ impl ClusterState {
         let net = self
             .networks
             .get(name)
-            .ok_or_else(|| not_found("network", name))?;
+            .ok_or_else(|| not_found(Kind::Network, name))?;
         if net.ingress {
             return Err(CommandError::NetworkInUse {
                 network: name.to_string(),
@@ -826,7 +850,7 @@ impl ClusterState {
             let net = self
                 .networks
                 .get(&n.network)
-                .ok_or_else(|| not_found("network", &n.network))?;
+                .ok_or_else(|| not_found(Kind::Network, &n.network))?;
             if net.ingress {
                 return Err(invalid(
                     format!("networks[{i}]"),
@@ -992,7 +1016,7 @@ impl ClusterState {
     fn create_service(&mut self, def: &ServiceDef) -> Result<Response, CommandError> {
         if self.services.contains_key(&def.name) {
             return Err(CommandError::Exists {
-                kind: "service",
+                kind: Kind::Service,
                 name: def.name.to_string(),
             });
         }
@@ -1024,7 +1048,7 @@ impl ClusterState {
         let old = self
             .services
             .get(&def.name)
-            .ok_or_else(|| not_found("service", &def.name))?
+            .ok_or_else(|| not_found(Kind::Service, &def.name))?
             .clone();
         if std::mem::discriminant(&old.def.mode) != std::mem::discriminant(&def.mode) {
             return Err(invalid(
@@ -1123,7 +1147,7 @@ impl ClusterState {
         let n = self
             .networks
             .get_mut(net)
-            .ok_or_else(|| not_found("network", net))?;
+            .ok_or_else(|| not_found(Kind::Network, net))?;
         n.addresses
             .allocate()
             .map_err(|source| CommandError::Address {
