@@ -12,8 +12,20 @@
 //! machine reads no clock and draws no random numbers (the leader puts both into commands).
 //! This crate depends on `model`, never on netd.
 
+pub mod api;
 pub mod constraint;
 pub mod ipam;
 pub mod project;
 pub mod raft;
 pub mod state;
+
+/// The gRPC wire types and service stubs generated from `proto/swarmnet.proto`.
+pub mod pb {
+    #![allow(
+        clippy::all,
+        missing_debug_implementations,
+        rust_2018_idioms,
+        reason = "generated code"
+    )]
+    tonic::include_proto!("swarmnet.v1");
+}

@@ -3,6 +3,8 @@
 //! - [`TypeConfig`]: log entries carry a [`Command`]; applying one yields a [`CommandResult`].
 //! - [`store`]: the redb-backed log store and the state machine.
 
+pub mod manager;
+pub mod network;
 pub mod store;
 
 use std::io::Cursor;
