@@ -163,10 +163,26 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
             ],
         )?;
     }
+    // Every netd joins (n1 was recorded at init and rejoins).
+    let m1 = managers.addrs[0].clone();
+    retry("three nodes to join", Duration::from_secs(30), || {
+        let m1 = m1.clone();
+        let n = in_netns(&n1, move || {
+            Box::pin(async move {
+                let list = pb::nodes_client::NodesClient::new(channel(m1).await?)
+                    .list(pb::Empty {})
+                    .await?
+                    .into_inner();
+                Ok(list.nodes.len())
+            })
+        })?;
+        ensure!(n == 3, "{n} nodes");
+        Ok(())
+    })?;
     // A network and a service through the API (to manager 2: it forwards to the leader).
     let m2 = managers.addrs[1].clone();
     let argv = topo::whoami_argv()?;
-    let tasks = in_netns(&n1, move || {
+    let mut tasks: Vec<(String, String)> = in_netns(&n1, move || {
         Box::pin(async move {
             let ch = channel(m2).await?;
             pb::networks_client::NetworksClient::new(ch.clone())
@@ -204,8 +220,8 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
     let nodes: std::collections::BTreeSet<&str> = tasks.iter().map(|(n, _)| n.as_str()).collect();
     ensure!(nodes.len() == 3, "one task per node: {tasks:?}");
     // Every node runs its task and reaches the service by name (DNS -> VIP -> a backend).
-    let check = |topo: &Topology| -> Result<()> {
-        for (node, task) in &tasks {
+    let check = |topo: &Topology, tasks: &[(String, String)]| -> Result<()> {
+        for (node, task) in tasks {
             retry(
                 &format!("web to answer {task} on {node}"),
                 Duration::from_secs(60),
@@ -238,12 +254,116 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
         }
         Ok(())
     };
-    check(&topo)?;
+    check(&topo, &tasks)?;
     topo.wait_converged(Duration::from_secs(60))?;
-    // Every manager stopped: the data plane keeps serving names and VIPs.
+    // The nodes report their tasks running.
+    let m3 = managers.addrs[2].clone();
+    retry(
+        "every task reported running",
+        Duration::from_secs(30),
+        || {
+            let m3 = m3.clone();
+            let states = in_netns(&n1, move || {
+                Box::pin(async move {
+                    let ps = pb::services_client::ServicesClient::new(channel(m3).await?)
+                        .ps(pb::NameRef { name: "web".into() })
+                        .await?
+                        .into_inner();
+                    Ok(ps.tasks.into_iter().map(|t| t.state).collect::<Vec<_>>())
+                })
+            })?;
+            ensure!(states.iter().all(|s| s == "running"), "{states:?}");
+            Ok(())
+        },
+    )?;
+    // Drain n3 while n1's task keeps calling the service: n3's task moves, and the service
+    // answers throughout.
+    let (_, client_task) = tasks.iter().find(|(n, _)| n == "n1").cloned().unwrap();
+    let vip = topo
+        .sandbox_exec("n1", &client_task, &["dig", "+short", "@127.0.0.11", "web"])?
+        .check()?
+        .stdout
+        .trim()
+        .to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sandbox = topo.node("n1").sandbox_netns(&client_task);
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> (usize, Vec<String>) {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok + failed.len() < 2000 {
+                let url = format!("http://{vip}/");
+                match topo::run(
+                    topo::nsenter_cmd(&sandbox, &["curl", "-sS", "-m", "2", &url]),
+                    None,
+                    Duration::from_secs(5),
+                ) {
+                    Ok(o) if o.success() => ok += 1,
+                    Ok(o) => failed.push(o.stderr),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (ok, failed)
+        })
+    };
+    let m1 = managers.addrs[0].clone();
+    in_netns(&n1, move || {
+        Box::pin(async move {
+            pb::nodes_client::NodesClient::new(channel(m1).await?)
+                .update(pb::UpdateNodeRequest {
+                    id: "n3".into(),
+                    availability: "drain".into(),
+                    ..Default::default()
+                })
+                .await?;
+            Ok(())
+        })
+    })?;
+    let m1 = managers.addrs[0].clone();
+    retry(
+        "n3's task to run elsewhere",
+        Duration::from_secs(60),
+        || {
+            let m1 = m1.clone();
+            let placed = in_netns(&n1, move || {
+                Box::pin(async move {
+                    let ps = pb::services_client::ServicesClient::new(channel(m1).await?)
+                        .ps(pb::NameRef { name: "web".into() })
+                        .await?
+                        .into_inner();
+                    Ok(ps
+                        .tasks
+                        .into_iter()
+                        .map(|t| (t.node, t.state))
+                        .collect::<Vec<_>>())
+                })
+            })?;
+            ensure!(
+                placed.len() == 3 && placed.iter().all(|(n, s)| n != "n3" && s == "running"),
+                "{placed:?}"
+            );
+            Ok(())
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().map_err(|p| anyhow!("load thread: {p:?}"))?;
+    eprintln!(
+        "during the drain: {ok} answered, {} failed: {failed:?}",
+        failed.len()
+    );
+    ensure!(ok > 10, "too few requests ran during the drain: {ok}");
+    ensure!(
+        failed.is_empty(),
+        "requests failed during the drain: {failed:?}"
+    );
+    // Every manager stopped: the data plane keeps serving names and VIPs (from the tasks that
+    // stayed where they were).
     for p in &mut managers.procs {
         drop(p.take());
     }
-    check(&topo)?;
+    tasks.retain(|(n, _)| n != "n3");
+    check(&topo, &tasks)?;
     Ok(())
 }
