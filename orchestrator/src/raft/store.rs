@@ -182,8 +182,11 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> StoreResult<()> {
-        let tx = self.db.begin_write().map_err(io_write)?;
+    fn put_meta<T: Serialize>(&self, key: &str, v: &T, durable: bool) -> StoreResult<()> {
+        let mut tx = self.db.begin_write().map_err(io_write)?;
+        if !durable {
+            tx.set_durability(redb::Durability::None);
+        }
         {
             let mut t = tx.open_table(META).map_err(io_write)?;
             t.insert(key, encode(v).as_slice()).map_err(io_write)?;
@@ -257,7 +260,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<ManagerId>) -> StoreResult<()> {
-        self.put_meta("vote", vote)
+        self.put_meta("vote", vote, true)
     }
 
     async fn read_vote(&mut self) -> StoreResult<Option<Vote<ManagerId>>> {
@@ -265,7 +268,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<ManagerId>>) -> StoreResult<()> {
-        self.put_meta("committed", &committed)
+        // Not fsynced: it only shortens the replay at start, and the next durable commit (the
+        // log's, every entry) persists it. A lost one means replaying from the snapshot.
+        self.put_meta("committed", &committed, false)
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId<ManagerId>>> {
@@ -309,7 +314,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<ManagerId>) -> StoreResult<()> {
         // Record the purge point first: a crash between the two writes leaves entries that
         // are merely unused, never a gap that the state claims is present.
-        self.put_meta("purged", &Some(log_id))?;
+        self.put_meta("purged", &Some(log_id), true)?;
         self.delete_range(..=log_id.index).map_err(io_write)
     }
 }
