@@ -211,6 +211,15 @@ fn networks_on(s: &Slot) -> BTreeSet<String> {
         .read(|a| a.state.networks.keys().map(|n| n.to_string()).collect())
 }
 
+fn has_service(s: &Slot, name: &str) -> bool {
+    s.running
+        .as_ref()
+        .unwrap()
+        .manager
+        .state
+        .read(|a| a.state.services.keys().any(|k| k.as_str() == name))
+}
+
 fn web() -> pb::ServiceSpec {
     pb::ServiceSpec {
         name: "web".into(),
@@ -272,10 +281,15 @@ async fn three_managers_replicate_forward_and_stream_assignments() {
     );
     // Every manager applies the same state.
     assert!(
-        eventually(Duration::from_secs(10), || c
-            .slots
-            .iter()
-            .all(|s| networks_on(s).contains("app")))
+        eventually(Duration::from_secs(10), || c.slots.iter().all(|s| {
+            networks_on(s).contains("app")
+                && s.running
+                    .as_ref()
+                    .unwrap()
+                    .manager
+                    .state
+                    .read(|a| a.state.services.contains_key(&"web".parse().unwrap()))
+        }))
         .await
     );
     let ps = services_client(&c.slots[2].addr)
@@ -432,11 +446,12 @@ async fn without_quorum_writes_fail_fast_and_restart_keeps_the_state() {
         .create(web())
         .await
         .unwrap();
+    // Every manager has both before two of them stop.
     assert!(
         eventually(Duration::from_secs(10), || c
             .slots
             .iter()
-            .all(|s| networks_on(s).contains("app")))
+            .all(|s| networks_on(s).contains("app") && has_service(s, "web")))
         .await
     );
     // Stop two of three (the survivor may or may not have been the leader).
