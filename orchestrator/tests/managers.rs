@@ -403,6 +403,10 @@ async fn leader_killed_mid_burst_keeps_every_acknowledged_write() {
         "no new leader"
     );
     let elected_in = killed_at.elapsed();
+    eprintln!(
+        "new leader {:?} elected {elected_in:?} after the kill",
+        leader_of(&c)
+    );
     assert!(
         elected_in < Duration::from_secs(5),
         "election took {elected_in:?}"
