@@ -1,1 +1,104 @@
-//! CLI library
+//! `swarmnet`, the command-line tool: a local lab in one command, cluster, node, network and
+//! service management against the managers' gRPC API, and `inspect`.
+//!
+//! Layout:
+//! - [`args`]: the command line (clap derive) and the pure parsers of compound values;
+//! - [`render`]: view types and their table / JSON renderings (golden-tested);
+//! - [`error`]: the one error type, its messages (each says what to do) and exit codes;
+//! - [`context`]: how the CLI finds a cluster's managers (written by `lab up`);
+//! - [`lab`]: the lab, built on `swarmnet-labkit`;
+//! - [`progress`]: live progress lines on stderr.
+//!
+//! [`run`] executes a parsed command line and returns what to print and the exit code; the
+//! binary only parses, calls it and prints.
+
+pub mod args;
+pub mod context;
+pub mod error;
+pub mod lab;
+pub mod progress;
+pub mod render;
+
+use clap::CommandFactory;
+
+use crate::args::{Cli, Cmd, LabCmd};
+use crate::context::{Context, ManagerEndpoint};
+use crate::error::Result;
+use crate::progress::Progress;
+use crate::render::Format;
+
+/// What a command printed on stdout, and its exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub stdout: String,
+    pub code: i32,
+}
+
+impl Outcome {
+    fn ok(stdout: String) -> Self {
+        Self { stdout, code: 0 }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<Outcome> {
+    let format = cli.format;
+    let mut progress = Progress::new(false);
+    match cli.cmd {
+        Cmd::Completion { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "swarmnet", &mut buf);
+            Ok(Outcome::ok(String::from_utf8_lossy(&buf).into_owned()))
+        }
+        Cmd::Lab(LabCmd::Up(up)) => {
+            let lab = lab::up(&up.lab.name, up.nodes, up.managers, &mut progress)?;
+            let ctx = Context {
+                name: lab.name.clone(),
+                managers: lab
+                    .nodes
+                    .iter()
+                    .filter(|n| n.manager)
+                    .map(|n| ManagerEndpoint {
+                        node: n.id.clone(),
+                        addr: format!("{}:{}", n.addr, lab::MANAGER_PORT),
+                        netns: Some(n.netns_path()),
+                    })
+                    .collect(),
+                lab: Some(lab.name.clone()),
+            };
+            ctx.save_current(&cli.config_dir)?;
+            progress.step(&format!(
+                "lab {} is up; context {:?} is current",
+                lab.name, ctx.name
+            ));
+            let view = lab::status(&lab.name)?;
+            Ok(Outcome::ok(match format {
+                Format::Table => lab::status_table(&view),
+                Format::Json => render::json(&view),
+            }))
+        }
+        Cmd::Lab(LabCmd::Status(l)) => {
+            let view = lab::status(&l.name)?;
+            Ok(Outcome::ok(match format {
+                Format::Table => lab::status_table(&view),
+                Format::Json => render::json(&view),
+            }))
+        }
+        Cmd::Lab(LabCmd::Down(l)) => {
+            let notes = lab::down(&l.name, &mut progress)?;
+            Context::remove(&cli.config_dir, &l.name);
+            lab::remove_empty_parents();
+            for n in notes {
+                progress.step(&format!("note: {n}"));
+            }
+            Ok(Outcome::ok(format!("lab {} removed\n", l.name)))
+        }
+        Cmd::Lab(LabCmd::Exec { lab, node, cmd }) => {
+            let code = lab::exec(&lab.name, &node, &cmd)?;
+            Ok(Outcome {
+                stdout: String::new(),
+                code,
+            })
+        }
+    }
+}
