@@ -2,7 +2,7 @@
 # Installs the system packages swarmnet's lab, tests and benchmarks use (Debian 12, as root).
 # Idempotent: skips apt when everything is there already.
 set -euo pipefail
-pkgs=(iproute2 nftables iputils-ping netcat-openbsd socat util-linux procps dnsutils knot-dnsutils iperf3 curl python3 ca-certificates)
+pkgs=(protobuf-compiler iproute2 nftables iputils-ping netcat-openbsd socat util-linux procps dnsutils knot-dnsutils iperf3 curl python3 ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

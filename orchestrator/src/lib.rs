@@ -1,1 +1,31 @@
-//! The orchestrator: Raft managers that hold intent and push each node its share. Not built yet (issue 7); netd reads intent from a file meanwhile.
+//! The orchestrator: Raft managers that hold the cluster's intent and push each node its share.
+//!
+//! Layout:
+//! - [`ipam`]: pure allocation of subnets (pool carving, overlap), VNIs, addresses, ports.
+//! - [`constraint`]: placement constraints (`node.labels.zone==east`).
+//! - [`state`]: the cluster state and [`state::Command`]s; `apply` is deterministic and runs
+//!   the scheduler (spread, global, constraints, rescheduling, rolling updates) after every
+//!   command. This is the Raft state machine's content.
+//! - [`project`]: the state as the `model::spec::ClusterSpec` netd consumes.
+//!
+//! Invariants: nothing here does I/O except the Raft storage and server modules; the state
+//! machine reads no clock and draws no random numbers (the leader puts both into commands).
+//! This crate depends on `model`, never on netd.
+
+pub mod api;
+pub mod constraint;
+pub mod ipam;
+pub mod project;
+pub mod raft;
+pub mod state;
+
+/// The gRPC wire types and service stubs generated from `proto/swarmnet.proto`.
+pub mod pb {
+    #![allow(
+        clippy::all,
+        missing_debug_implementations,
+        rust_2018_idioms,
+        reason = "generated code"
+    )]
+    tonic::include_proto!("swarmnet.v1");
+}

@@ -1,0 +1,104 @@
+//! `swarmnet-orchestrator`: one manager. Start the first with `--bootstrap` (a one-member Raft
+//! group), then create the cluster with the `Cluster.Init` call; start others with
+//! `--join ADDR` (an existing manager adds them as voters).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use swarmnet_orchestrator::api;
+use swarmnet_orchestrator::pb;
+use swarmnet_orchestrator::raft::manager::{Manager, ManagerConfig};
+
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// This manager's Raft id (unique, non-zero).
+    #[arg(long)]
+    id: u64,
+    /// Address to listen on for the gRPC API (managers, CLI and netd).
+    #[arg(long, default_value = "0.0.0.0:4242")]
+    listen: String,
+    /// Address the others reach this manager at; defaults to --listen.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory for the manager's database.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Start a new one-member Raft group (idempotent on restart).
+    #[arg(long)]
+    bootstrap: bool,
+    /// Ask the manager at this address to add this one.
+    #[arg(long)]
+    join: Option<String>,
+    #[arg(long, default_value_t = 500)]
+    election_timeout_ms: u64,
+    /// A node silent this long is marked down and its tasks rescheduled.
+    #[arg(long, default_value_t = 5000)]
+    node_down_after_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let advertise = args.advertise.clone().unwrap_or_else(|| {
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    });
+    let mut config = ManagerConfig::new(args.id, advertise.clone(), args.data_dir.clone());
+    config.election_timeout = Duration::from_millis(args.election_timeout_ms);
+    config.node_down_after = Duration::from_millis(args.node_down_after_ms);
+    let manager = Manager::start(config).await?;
+    if args.bootstrap {
+        manager.bootstrap().await?;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(manager.clone(), listener, async {
+        let _ = stop_rx.await;
+    }));
+    if let Some(seed) = &args.join {
+        join(seed, args.id, &advertise).await?;
+    }
+    tracing::info!(id = args.id, %advertise, "manager running");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
+    manager.shutdown().await;
+    let _ = stop_tx.send(());
+    server.await.context("server task")??;
+    Ok(())
+}
+
+/// Asks `seed` to add this manager, retrying while the cluster elects a leader.
+async fn join(seed: &str, id: u64, advertise: &str) -> anyhow::Result<()> {
+    let mut last = String::new();
+    for _ in 0..60 {
+        match pb::cluster_client::ClusterClient::connect(format!("http://{seed}")).await {
+            Ok(mut c) => match c
+                .add_manager(pb::AddManagerRequest {
+                    id,
+                    addr: advertise.to_string(),
+                })
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(s) => last = s.message().to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("could not join through {seed}: {last}")
+}

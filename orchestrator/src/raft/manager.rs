@@ -1,0 +1,562 @@
+//! One manager: an openraft node over the redb store, plus what the leader alone does (turning
+//! missed node heartbeats into `SetNodeStatus`, firing rolling-update timers).
+//!
+//! Writes enter through [`Manager::write`] on any manager: a follower forwards them to the
+//! leader over the internal `Raft.Forward` call. A write is acknowledged only once committed by
+//! a quorum and applied. Without a leader, or without a quorum, it fails within
+//! `write_timeout` with [`WriteError::NoQuorum`], never hangs.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Config, Raft, ServerState};
+use serde::{Deserialize, Serialize};
+use swarmnet_model::NodeId;
+use tokio::sync::watch;
+
+use super::network::{Network, channel};
+use super::store::{self, SharedState};
+use super::{CommandResult, ManagerId, TypeConfig};
+use crate::pb;
+use crate::state::{Command, CommandError, NodeStatus, Response, UpdateState};
+
+/// A manager's settings. Defaults in [`ManagerConfig::new`].
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub id: ManagerId,
+    /// `host:port` other managers and clients reach this one at.
+    pub advertise: String,
+    /// Holds `manager.redb`.
+    pub data_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    /// How long a write may wait for a leader and a quorum.
+    pub write_timeout: Duration,
+    /// Nodes are told to heartbeat this often.
+    pub node_heartbeat_period: Duration,
+    /// A node silent this long is marked down and its tasks go elsewhere.
+    pub node_down_after: Duration,
+}
+
+impl ManagerConfig {
+    pub fn new(id: ManagerId, advertise: String, data_dir: PathBuf) -> Self {
+        Self {
+            id,
+            advertise,
+            data_dir,
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(500),
+            write_timeout: Duration::from_secs(3),
+            node_heartbeat_period: Duration::from_secs(1),
+            node_down_after: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The command was applied and refused by the state machine.
+    #[error(transparent)]
+    Refused(#[from] CommandError),
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// What a follower hands the leader.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Forwarded {
+    Write(Command),
+    Heartbeat(NodeId),
+    AddManager { id: ManagerId, addr: String },
+}
+
+/// The answer to a forwarded request.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ForwardReply {
+    /// The result and the log index it was committed at.
+    Applied(CommandResult, u64),
+    /// A membership change failed.
+    Failed(String),
+    /// The receiver is not the leader (any more): try again.
+    NotLeader,
+    Done,
+}
+
+pub struct Manager {
+    pub id: ManagerId,
+    pub raft: Raft<TypeConfig>,
+    pub state: SharedState,
+    pub config: ManagerConfig,
+    /// Last heartbeat per node, as seen by this manager while leader.
+    heartbeats: Mutex<HashMap<NodeId, Instant>>,
+    /// When this manager last became leader (heartbeat grace starts then).
+    leader_since: Mutex<Option<Instant>>,
+    forward_clients: Mutex<HashMap<String, pb::raft_client::RaftClient<tonic::transport::Channel>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("id", &self.id)
+            .field("advertise", &self.config.advertise)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a manager could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] store::OpenError),
+    #[error("cannot create {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+    #[error("raft did not start: {0}")]
+    Raft(String),
+}
+
+impl Manager {
+    /// Opens the store and starts Raft. A fresh manager waits to be initialized
+    /// ([`Manager::bootstrap`]) or added by another one.
+    pub async fn start(config: ManagerConfig) -> Result<Arc<Self>, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let (log, sm, state) = store::open(&config.data_dir.join("manager.redb"))?;
+        let election = config.election_timeout.as_millis() as u64;
+        let raft_config = Config {
+            cluster_name: "swarmnet".into(),
+            heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            // Snapshot every 5000 entries; keep 1000 behind it for slow followers.
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+        let raft = Raft::new(config.id, Arc::new(raft_config), Network, log, sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let (stop, _) = watch::channel(false);
+        let m = Arc::new(Self {
+            id: config.id,
+            raft,
+            state,
+            config,
+            heartbeats: Mutex::default(),
+            leader_since: Mutex::default(),
+            forward_clients: Mutex::default(),
+            stop,
+        });
+        tokio::spawn(leader_duties(m.clone()));
+        Ok(m)
+    }
+
+    /// Makes this manager the single member of a new Raft group. Idempotent: a manager that
+    /// is already initialized is left as it is.
+    pub async fn bootstrap(&self) -> Result<(), WriteError> {
+        if self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| WriteError::Raft(e.to_string()))?
+        {
+            return Ok(());
+        }
+        let members = BTreeMap::from([(self.id, BasicNode::new(&self.config.advertise))]);
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| WriteError::Raft(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Stops Raft and the leader duties (the gRPC server is stopped by its owner).
+    pub async fn shutdown(&self) {
+        self.stop.send_replace(true);
+        let _ = self.raft.shutdown().await;
+    }
+
+    /// Fires when the manager shuts down (streams end so clients reconnect elsewhere).
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// Commits a command through Raft, from any manager.
+    pub async fn write(&self, cmd: Command) -> Result<Response, WriteError> {
+        let deadline = Instant::now() + self.config.write_timeout;
+        let mut last_reason = String::from("no leader is known");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(WriteError::NoQuorum(format!(
+                    "the write was not committed within {:?} ({last_reason}); at least a majority of the managers must be up",
+                    self.config.write_timeout
+                )));
+            }
+            let leader = self.raft.metrics().borrow().current_leader;
+            let attempt = match leader {
+                Some(l) if l == self.id => {
+                    match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await {
+                        Err(_) => {
+                            last_reason = "the leader could not reach a majority".into();
+                            continue;
+                        }
+                        Ok(Ok(r)) => return r.data.map_err(WriteError::Refused),
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                            last_reason = "leadership changed".into();
+                            None
+                        }
+                        Ok(Err(e)) => return Err(WriteError::Raft(e.to_string())),
+                    }
+                }
+                Some(l) => {
+                    let addr = self
+                        .raft
+                        .metrics()
+                        .borrow()
+                        .membership_config
+                        .membership()
+                        .get_node(&l)
+                        .map(|n| n.addr.clone());
+                    match addr {
+                        None => None,
+                        Some(addr) => match self
+                            .forward(&addr, &Forwarded::Write(cmd.clone()), left)
+                            .await
+                        {
+                            Ok(ForwardReply::Applied(r, index)) => {
+                                // Read-your-writes: the caller reads this manager's state next.
+                                self.wait_applied(index, left).await;
+                                return r.map_err(WriteError::Refused);
+                            }
+                            Ok(_) => {
+                                last_reason = format!("manager {l} is no longer the leader");
+                                None
+                            }
+                            Err(ForwardFailure::Unreachable(e)) => {
+                                last_reason =
+                                    format!("the leader (manager {l}) is unreachable: {e}");
+                                None
+                            }
+                            Err(ForwardFailure::Other(e)) => return Err(WriteError::Raft(e)),
+                        },
+                    }
+                }
+                None => None,
+            };
+            let _: Option<()> = attempt;
+            // No leader yet, or it just changed: wait a little for the election.
+            tokio::time::sleep(Duration::from_millis(50).min(left)).await;
+        }
+    }
+
+    /// Waits (bounded) until this manager has applied the log up to `index`.
+    async fn wait_applied(&self, index: u64, limit: Duration) {
+        let mut rx = self.state.subscribe();
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                if rx.borrow_and_update().is_some_and(|l| l.index >= index) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn forward(
+        &self,
+        addr: &str,
+        req: &Forwarded,
+        timeout: Duration,
+    ) -> Result<ForwardReply, ForwardFailure> {
+        let mut client = {
+            let mut clients = self.forward_clients.lock().expect("lock");
+            match clients.get(addr) {
+                Some(c) => c.clone(),
+                None => {
+                    let ch = channel(addr).map_err(|e| ForwardFailure::Other(e.to_string()))?;
+                    let c = pb::raft_client::RaftClient::new(ch);
+                    clients.insert(addr.to_string(), c.clone());
+                    c
+                }
+            }
+        };
+        let mut request = tonic::Request::new(pb::Json {
+            data: serde_json::to_vec(req).expect("serializes"),
+        });
+        request.set_timeout(timeout);
+        match client.forward(request).await {
+            Ok(r) => serde_json::from_slice(&r.into_inner().data)
+                .map_err(|e| ForwardFailure::Other(e.to_string())),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                Err(ForwardFailure::Unreachable(s.message().to_string()))
+            }
+            // A deadline that passed: the write may or may not have been committed; do not
+            // retry it blindly.
+            Err(s)
+                if s.code() == tonic::Code::DeadlineExceeded
+                    || s.code() == tonic::Code::Cancelled =>
+            {
+                Err(ForwardFailure::Unreachable(format!(
+                    "no answer: {}",
+                    s.message()
+                )))
+            }
+            Err(s) => Err(ForwardFailure::Other(format!(
+                "{}: {}",
+                s.code(),
+                s.message()
+            ))),
+        }
+    }
+
+    /// Serves a forwarded request (this manager should be the leader).
+    pub async fn handle_forward(&self, req: Forwarded) -> ForwardReply {
+        match req {
+            Forwarded::Heartbeat(node) => {
+                self.record_heartbeat(node).await;
+                ForwardReply::Done
+            }
+            Forwarded::AddManager { id, addr } => {
+                if !self.is_leader() {
+                    return ForwardReply::NotLeader;
+                }
+                match self.add_manager(id, addr).await {
+                    Ok(()) => ForwardReply::Done,
+                    Err(e) => ForwardReply::Failed(e.to_string()),
+                }
+            }
+            Forwarded::Write(cmd) => match self.raft.client_write(cmd).await {
+                Ok(r) => ForwardReply::Applied(r.data, r.log_id.index),
+                Err(_) => ForwardReply::NotLeader,
+            },
+        }
+    }
+
+    /// A node's heartbeat: kept by the leader; a follower passes it on.
+    pub async fn heartbeat(&self, node: NodeId) -> Result<(), WriteError> {
+        if self.is_leader() {
+            self.record_heartbeat(node).await;
+            return Ok(());
+        }
+        let Some((_, addr)) = self.leader() else {
+            return Err(WriteError::NoQuorum("no leader is known".into()));
+        };
+        self.forward(
+            &addr,
+            &Forwarded::Heartbeat(node),
+            self.config.write_timeout,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| WriteError::NoQuorum(format!("the leader is unreachable: {e:?}")))
+    }
+
+    async fn record_heartbeat(&self, node: NodeId) {
+        self.heartbeats
+            .lock()
+            .expect("lock")
+            .insert(node.clone(), Instant::now());
+        let down = self.state.read(|a| {
+            a.state
+                .nodes
+                .get(&node)
+                .is_some_and(|n| n.status == NodeStatus::Down)
+        });
+        if down {
+            let _ = self
+                .write(Command::SetNodeStatus {
+                    id: node,
+                    status: NodeStatus::Ready,
+                })
+                .await;
+        }
+    }
+
+    /// The leader's id and address, when one is known.
+    fn leader(&self) -> Option<(ManagerId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let l = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&l)?.addr.clone();
+        Some((l, addr))
+    }
+
+    /// Adds a manager: first as a learner that catches up, then as a voter. On a follower, the
+    /// request goes to the leader.
+    pub async fn add_manager(&self, id: ManagerId, addr: String) -> Result<(), WriteError> {
+        if !self.is_leader() {
+            let Some((_, leader)) = self.leader() else {
+                return Err(WriteError::NoQuorum("no leader is known".into()));
+            };
+            let timeout = self.config.write_timeout * 4;
+            return match self
+                .forward(&leader, &Forwarded::AddManager { id, addr }, timeout)
+                .await
+            {
+                Ok(ForwardReply::Done) => Ok(()),
+                Ok(ForwardReply::Failed(e)) => Err(WriteError::Raft(e)),
+                Ok(_) => Err(WriteError::NoQuorum("leadership changed; retry".into())),
+                Err(e) => Err(WriteError::NoQuorum(format!(
+                    "the leader is unreachable: {e:?}"
+                ))),
+            };
+        }
+        let raft_err = |e: RaftError<ManagerId, ClientWriteError<ManagerId, BasicNode>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteError::NoQuorum(
+                format!("this manager is not the leader (leader: {:?})", f.leader_id),
+            ),
+            e => WriteError::Raft(e.to_string()),
+        };
+        self.raft
+            .add_learner(id, BasicNode::new(addr), true)
+            .await
+            .map_err(raft_err)?;
+        let mut voters: BTreeSet<ManagerId> = self.voters();
+        voters.insert(id);
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(raft_err)?;
+        Ok(())
+    }
+
+    pub async fn remove_manager(&self, id: ManagerId) -> Result<(), WriteError> {
+        let mut voters = self.voters();
+        if !voters.remove(&id) {
+            return Err(WriteError::Refused(CommandError::NotFound {
+                kind: crate::state::Kind::Node,
+                name: format!("manager {id}"),
+            }));
+        }
+        if voters.is_empty() {
+            return Err(WriteError::Refused(CommandError::Invalid {
+                field: "id".into(),
+                reason: "the last manager cannot be removed".into(),
+            }));
+        }
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map_err(|e| WriteError::Raft(e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn voters(&self) -> BTreeSet<ManagerId> {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+enum ForwardFailure {
+    Unreachable(String),
+    Other(String),
+}
+
+/// What only the leader does, checked a few times a second: mark silent nodes down (after a
+/// grace period from when it became leader, so a new leader does not condemn every node it
+/// has not heard from yet), and fire rolling-update timers.
+async fn leader_duties(m: Arc<Manager>) {
+    let mut stop = m.stop.subscribe();
+    let mut timers: HashMap<(String, u64), Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if !m.is_leader() {
+            *m.leader_since.lock().expect("lock") = None;
+            timers.clear();
+            continue;
+        }
+        let since = *m
+            .leader_since
+            .lock()
+            .expect("lock")
+            .get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        let (nodes, waiting) = m.state.read(|a| {
+            let nodes: Vec<(NodeId, NodeStatus)> = a
+                .state
+                .nodes
+                .values()
+                .map(|n| (n.id.clone(), n.status))
+                .collect();
+            let waiting: Vec<(String, u64, u64)> = a
+                .state
+                .services
+                .values()
+                .filter(|s| {
+                    s.update
+                        .as_ref()
+                        .is_some_and(|u| u.state == UpdateState::Waiting)
+                })
+                .map(|s| (s.def.name.to_string(), s.version, s.def.update.delay_ms))
+                .collect();
+            (nodes, waiting)
+        });
+        if now.duration_since(since) >= m.config.node_down_after {
+            let silent: Vec<NodeId> = {
+                let hb = m.heartbeats.lock().expect("lock");
+                nodes
+                    .iter()
+                    .filter(|(id, status)| {
+                        *status == NodeStatus::Ready
+                            && hb
+                                .get(id)
+                                .is_none_or(|t| now.duration_since(*t) >= m.config.node_down_after)
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect()
+            };
+            for id in silent {
+                tracing::warn!(node = %id, "node missed its heartbeats; marking it down");
+                let _ = m
+                    .write(Command::SetNodeStatus {
+                        id,
+                        status: NodeStatus::Down,
+                    })
+                    .await;
+            }
+        }
+        for (name, version, delay) in waiting {
+            let due = *timers
+                .entry((name.clone(), version))
+                .or_insert_with(|| now + Duration::from_millis(delay));
+            if now >= due {
+                timers.remove(&(name.clone(), version));
+                if let Ok(service) = name.parse() {
+                    let _ = m.write(Command::AdvanceUpdate { service, version }).await;
+                }
+            }
+        }
+    }
+}

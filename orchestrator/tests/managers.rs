@@ -1,0 +1,465 @@
+//! Three managers in one process on loopback ports, driven only through the gRPC API:
+//! replication and forwarding, the leader killed in the middle of a burst of writes (a new
+//! leader within a bounded time, every acknowledged write kept), two of three stopped (writes
+//! refused with "no quorum" quickly), and a restart of all managers (state intact).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use swarmnet_model::Intent;
+use swarmnet_orchestrator::api;
+use swarmnet_orchestrator::pb;
+use swarmnet_orchestrator::raft::manager::{Manager, ManagerConfig};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+struct Running {
+    manager: Arc<Manager>,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+struct Slot {
+    id: u64,
+    addr: String,
+    dir: PathBuf,
+    running: Option<Running>,
+}
+
+struct Cluster {
+    _tmp: TempDir,
+    slots: Vec<Slot>,
+}
+
+async fn start(slot: &mut Slot) {
+    let listener = {
+        // Rebinding the same port after a stop can meet a lingering socket for a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::net::TcpListener::bind(&slot.addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("bind {}: {e}", slot.addr),
+            }
+        }
+    };
+    let mut cfg = ManagerConfig::new(slot.id, slot.addr.clone(), slot.dir.clone());
+    // No netd runs here: nodes never heartbeat, so do not mark them down during the test.
+    cfg.node_down_after = Duration::from_secs(3600);
+    let manager = Manager::start(cfg).await.expect("manager starts");
+    let (stop, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(manager.clone(), listener, async {
+        let _ = rx.await;
+    }));
+    slot.running = Some(Running {
+        manager,
+        stop,
+        server,
+    });
+}
+
+async fn stop(slot: &mut Slot) {
+    let r = slot.running.take().expect("running");
+    r.manager.shutdown().await;
+    let _ = r.stop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), r.server).await;
+}
+
+/// Free loopback ports, reserved by binding and released for the managers to take.
+async fn ports(n: usize) -> Vec<String> {
+    let mut ls = Vec::new();
+    for _ in 0..n {
+        ls.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    ls.iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}
+
+async fn cluster3() -> Cluster {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut slots: Vec<Slot> = ports(3)
+        .await
+        .into_iter()
+        .enumerate()
+        .map(|(i, addr)| Slot {
+            id: i as u64 + 1,
+            addr,
+            dir: tmp.path().join(format!("m{}", i + 1)),
+            running: None,
+        })
+        .collect();
+    for s in &mut slots {
+        start(s).await;
+    }
+    let mut c = cluster_client(&slots[0].addr).await;
+    c.init(pb::InitRequest {
+        cluster_id: "test".into(),
+        node: Some(pb::JoinNodeRequest {
+            id: "n1".into(),
+            addr: "198.18.0.1".into(),
+            role: "manager".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("init");
+    for s in &slots[1..] {
+        // Through a follower too: it forwards to the leader.
+        c.add_manager(pb::AddManagerRequest {
+            id: s.id,
+            addr: s.addr.clone(),
+        })
+        .await
+        .expect("add manager");
+    }
+    for i in 2..=3 {
+        c.join_node(pb::JoinNodeRequest {
+            id: format!("n{i}"),
+            addr: format!("198.18.0.{i}"),
+            ..Default::default()
+        })
+        .await
+        .expect("join node");
+    }
+    Cluster { _tmp: tmp, slots }
+}
+
+async fn channel(addr: &str) -> Channel {
+    swarmnet_orchestrator::raft::network::channel(addr).unwrap()
+}
+
+async fn cluster_client(addr: &str) -> pb::cluster_client::ClusterClient<Channel> {
+    pb::cluster_client::ClusterClient::new(channel(addr).await)
+}
+
+async fn networks_client(addr: &str) -> pb::networks_client::NetworksClient<Channel> {
+    pb::networks_client::NetworksClient::new(channel(addr).await)
+}
+
+async fn services_client(addr: &str) -> pb::services_client::ServicesClient<Channel> {
+    pb::services_client::ServicesClient::new(channel(addr).await)
+}
+
+/// Polls until `f` holds or the deadline passes; returns whether it held.
+async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+fn leader_of(c: &Cluster) -> Option<u64> {
+    let leaders: BTreeSet<Option<u64>> = c
+        .slots
+        .iter()
+        .filter_map(|s| s.running.as_ref())
+        .map(|r| r.manager.raft.metrics().borrow().current_leader)
+        .collect();
+    match leaders.into_iter().collect::<Vec<_>>().as_slice() {
+        [Some(l)] => Some(*l),
+        _ => None,
+    }
+}
+
+fn networks_on(s: &Slot) -> BTreeSet<String> {
+    s.running
+        .as_ref()
+        .unwrap()
+        .manager
+        .state
+        .read(|a| a.state.networks.keys().map(|n| n.to_string()).collect())
+}
+
+fn web() -> pb::ServiceSpec {
+    pb::ServiceSpec {
+        name: "web".into(),
+        replicas: 3,
+        argv: vec!["sleep".into(), "inf".into()],
+        networks: vec![pb::ServiceNetwork {
+            network: "app".into(),
+            aliases: vec![],
+        }],
+        ports: vec![pb::Port {
+            target: 80,
+            publish: "auto".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_managers_replicate_forward_and_stream_assignments() {
+    let c = cluster3().await;
+    // Write through a follower.
+    let leader = leader_of(&c).expect("a leader");
+    let follower = c.slots.iter().find(|s| s.id != leader).unwrap();
+    let net = networks_client(&follower.addr)
+        .await
+        .create(pb::NetworkCreate {
+            name: "app".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create network")
+        .into_inner();
+    assert_eq!(net.subnet, "10.0.1.0/24");
+    assert_eq!(net.vni, 4097);
+    let svc = services_client(&follower.addr)
+        .await
+        .create(web())
+        .await
+        .expect("create service")
+        .into_inner();
+    assert_eq!(svc.spec.unwrap().ports[0].published, 30000);
+    assert!(svc.vips.contains_key("app") && svc.vips.contains_key("ingress"));
+    // Errors carry the state machine's message and a matching code.
+    let e = networks_client(&follower.addr)
+        .await
+        .create(pb::NetworkCreate {
+            name: "other".into(),
+            subnet: "10.0.1.128/25".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message()
+            .contains("overlaps 10.0.1.0/24 of network \"app\""),
+        "{e}"
+    );
+    // Every manager applies the same state.
+    assert!(
+        eventually(Duration::from_secs(10), || c
+            .slots
+            .iter()
+            .all(|s| networks_on(s).contains("app")))
+        .await
+    );
+    let ps = services_client(&c.slots[2].addr)
+        .await
+        .ps(pb::NameRef { name: "web".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ps.tasks.len(), 3);
+    let nodes: BTreeSet<&str> = ps.tasks.iter().map(|t| t.node.as_str()).collect();
+    assert_eq!(nodes.len(), 3, "spread over the three nodes: {ps:?}");
+    // The assignment stream (from any manager) carries a valid intent with the tasks, stamped.
+    let mut d = pb::dispatcher_client::DispatcherClient::new(channel(&follower.addr).await);
+    let mut stream = d
+        .assignments(pb::AssignmentsRequest {
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.term >= 1 && first.index >= 1);
+    let intent = Intent::from_json(std::str::from_utf8(&first.intent_json).unwrap()).unwrap();
+    assert_eq!(intent.tasks().count(), 3);
+    // A change arrives as a newer assignment.
+    services_client(&c.slots[0].addr)
+        .await
+        .scale(pb::ScaleRequest {
+            name: "web".into(),
+            replicas: 5,
+        })
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let a = stream.message().await.unwrap().unwrap();
+            let i = Intent::from_json(std::str::from_utf8(&a.intent_json).unwrap()).unwrap();
+            if i.tasks().count() == 5 {
+                return a;
+            }
+        }
+    })
+    .await
+    .expect("the scaled intent arrives");
+    assert!((next.term, next.index) > (first.term, first.index));
+    // An unknown node gets no stream.
+    let e = d
+        .assignments(pb::AssignmentsRequest {
+            node_id: "n9".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let mut c = c;
+    for s in &mut c.slots {
+        stop(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_mid_burst_keeps_every_acknowledged_write() {
+    let mut c = cluster3().await;
+    let old = leader_of(&c).expect("a leader");
+    let addrs: Vec<String> = c.slots.iter().map(|s| s.addr.clone()).collect();
+    // A client writing networks one after another, to any manager that answers.
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..60 {
+            let name = format!("b{i}");
+            let started = Instant::now();
+            'retry: loop {
+                for addr in &addrs {
+                    let mut n = networks_client(addr).await;
+                    match n
+                        .create(pb::NetworkCreate {
+                            name: name.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(_) => break 'retry,
+                        // A retried write that had been committed before the failover.
+                        Err(e) if e.code() == tonic::Code::AlreadyExists => break 'retry,
+                        Err(_) => continue,
+                    }
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "write {name} not accepted within 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            acked.push(name.clone());
+            let _ = acked_tx.send(name);
+        }
+        acked
+    });
+    // Kill the leader once a third of the burst is acknowledged.
+    for _ in 0..20 {
+        acked_rx.recv().await.expect("writer running");
+    }
+    let killed_at = Instant::now();
+    let idx = c.slots.iter().position(|s| s.id == old).unwrap();
+    stop(&mut c.slots[idx]).await;
+    // A new leader among the survivors, within a few election timeouts (500-1000 ms each).
+    assert!(
+        eventually(Duration::from_secs(10), || leader_of(&c)
+            .is_some_and(|l| l != old))
+        .await,
+        "no new leader"
+    );
+    let elected_in = killed_at.elapsed();
+    assert!(
+        elected_in < Duration::from_secs(5),
+        "election took {elected_in:?}"
+    );
+    let acked = writer.await.unwrap();
+    assert_eq!(acked.len(), 60);
+    // Every acknowledged write is on every surviving manager.
+    for s in c.slots.iter().filter(|s| s.running.is_some()) {
+        let have = networks_on(s);
+        let ok = eventually(Duration::from_secs(10), || {
+            let have = networks_on(s);
+            acked.iter().all(|n| have.contains(n))
+        })
+        .await;
+        assert!(
+            ok,
+            "manager {} lacks acknowledged writes; has {have:?}",
+            s.id
+        );
+    }
+    for s in &mut c.slots {
+        if s.running.is_some() {
+            stop(s).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_writes_fail_fast_and_restart_keeps_the_state() {
+    let mut c = cluster3().await;
+    networks_client(&c.slots[0].addr)
+        .await
+        .create(pb::NetworkCreate {
+            name: "app".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    services_client(&c.slots[1].addr)
+        .await
+        .create(web())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || c
+            .slots
+            .iter()
+            .all(|s| networks_on(s).contains("app")))
+        .await
+    );
+    // Stop two of three (the survivor may or may not have been the leader).
+    stop(&mut c.slots[0]).await;
+    stop(&mut c.slots[1]).await;
+    let survivor = c.slots[2].addr.clone();
+    let started = Instant::now();
+    let e = networks_client(&survivor)
+        .await
+        .create(pb::NetworkCreate {
+            name: "late".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(e.message().starts_with("no quorum"), "{e}");
+    assert!(took < Duration::from_secs(10), "refusal took {took:?}");
+    // Reads still answer from the survivor's state.
+    let svc = services_client(&survivor)
+        .await
+        .inspect(pb::NameRef { name: "web".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(svc.spec.unwrap().replicas, 3);
+    // Restart everything: the state is intact and writes work again.
+    stop(&mut c.slots[2]).await;
+    for s in &mut c.slots {
+        start(s).await;
+    }
+    assert!(eventually(Duration::from_secs(15), || leader_of(&c).is_some()).await);
+    for s in &c.slots {
+        assert!(
+            eventually(Duration::from_secs(10), || networks_on(s).contains("app")).await,
+            "manager {} lost its state",
+            s.id
+        );
+    }
+    let svc = services_client(&c.slots[0].addr)
+        .await
+        .scale(pb::ScaleRequest {
+            name: "web".into(),
+            replicas: 4,
+        })
+        .await
+        .expect("writes work after the restart")
+        .into_inner();
+    assert_eq!(svc.tasks_desired, 4);
+    assert_eq!(svc.spec.unwrap().ports[0].published, 30000);
+    for s in &mut c.slots {
+        stop(s).await;
+    }
+}
