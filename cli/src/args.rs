@@ -41,6 +41,18 @@ pub enum Cmd {
     /// A local cluster in network namespaces on this machine.
     #[command(subcommand)]
     Lab(LabCmd),
+    /// The cluster and its managers.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Services and their tasks.
+    #[command(subcommand)]
+    Service(ServiceCmd),
     /// Prints a shell completion script.
     Completion {
         #[arg(value_enum)]

@@ -43,6 +43,19 @@ pub enum CliError {
     #[error("{message}{}", hint_for(*code))]
     Refused { code: RefusalKind, message: String },
 
+    /// `service create` / `scale` gave up waiting for the tasks to run.
+    #[error(
+        "service {service}: not every task runs after {}s: {stuck}\n  hint: the service exists \
+         and keeps trying; see `swarmnet service ps {service}` and `swarmnet inspect service \
+         {service}`",
+        waited.as_secs()
+    )]
+    TasksNotRunning {
+        service: String,
+        waited: std::time::Duration,
+        stuck: String,
+    },
+
     /// A lab operation failed (building namespaces, starting processes, tearing down).
     #[error("lab {lab:?}: {source:#}\n  hint: {hint}")]
     Lab {

@@ -10,9 +10,15 @@
 //!   `cgroup.kill` ends every process of the lab;
 //! - a context `<name>` in the CLI's context directory naming the lab's managers, made current.
 //!
-//! STEPPING STONE (issue 8): until netd's client mode (`--manager ADDR --join-token T`) and the
-//! `swarmnet-orchestrator` binary land, netd runs in file mode on `cluster.json`, which holds the
-//! lab's nodes only; networks and services cannot be created in the lab yet.
+//! Managers: the first M nodes run `swarmnet-orchestrator` in their namespace, listening on
+//! `<addr>:4242`; n1 bootstraps Raft and `Cluster.Init`s the cluster, the others join through it,
+//! and the lab registers every other node with `Cluster.JoinNode`. The CLI reaches them from inside
+//! the lab's namespaces (see [`crate::api`]).
+//!
+//! STEPPING STONE (issue 8): until netd's client mode (`--manager ADDR --join-token T`) lands,
+//! netd runs in file mode on `cluster.json`, which holds the lab's nodes only: networks and
+//! services are created and scheduled by the managers, but no netd receives them yet, nodes show
+//! `down` once the managers miss their heartbeats, and tasks stay `assigned`/`pending`.
 //!
 //! Nothing is created in the root network namespace: every link is made with `ip -n <ours>`.
 //! `lab down` removes the whole [`swarmnet_labkit::Footprint`] and checks that nothing is left.
@@ -29,6 +35,10 @@ use anyhow::{Context as _, anyhow};
 use serde::{Deserialize, Serialize};
 use swarmnet_labkit::{self as kit, Footprint};
 
+use swarmnet_orchestrator::pb;
+
+use crate::api::Managers;
+use crate::context::ManagerEndpoint;
 use crate::error::{CliError, Result};
 use crate::progress::Progress;
 use crate::render::Table;
@@ -51,6 +61,9 @@ pub struct LabNode {
     pub run_dir: PathBuf,
     /// netd's pid once started.
     pub netd_pid: Option<u32>,
+    /// The manager's pid (managers only) once started.
+    #[serde(default)]
+    pub manager_pid: Option<u32>,
 }
 
 impl LabNode {
@@ -60,6 +73,20 @@ impl LabNode {
 
     pub fn netd_socket(&self) -> PathBuf {
         self.run_dir.join("netd.sock")
+    }
+
+    /// host:port of its manager's gRPC API (managers only).
+    pub fn manager_addr(&self) -> String {
+        format!("{}:{MANAGER_PORT}", self.addr)
+    }
+
+    /// How the CLI reaches this node's manager.
+    pub fn manager_endpoint(&self) -> ManagerEndpoint {
+        ManagerEndpoint {
+            node: self.id.clone(),
+            addr: self.manager_addr(),
+            netns: Some(self.netns_path()),
+        }
     }
 }
 
@@ -86,6 +113,7 @@ impl LabState {
                     manager: i <= managers,
                     run_dir: dir.join(&id),
                     netd_pid: None,
+                    manager_pid: None,
                     id,
                 }
             })
@@ -187,15 +215,27 @@ pub struct LabNodeStatus {
     pub netd_api: bool,
     /// Sandboxes netd reports on this node.
     pub tasks: usize,
+    /// Managers only: "leader" | "reachable" | "unreachable"; empty for workers.
+    pub manager_status: String,
 }
 
 pub fn status_table(s: &LabStatusView) -> String {
-    let mut t = Table::new(&["NODE", "ADDRESS", "ROLE", "NETNS", "NETD", "API", "TASKS"]);
+    let mut t = Table::new(&[
+        "NODE",
+        "ADDRESS",
+        "ROLE",
+        "MANAGER STATUS",
+        "NETNS",
+        "NETD",
+        "API",
+        "TASKS",
+    ]);
     for n in &s.nodes {
         t.row(vec![
             n.id.clone(),
             n.addr.clone(),
             n.role.clone(),
+            n.manager_status.clone(),
             n.netns.clone(),
             match n.netd_pid {
                 Some(p) => format!("{} (pid {p})", n.netd),
@@ -272,10 +312,14 @@ pub fn up(name: &str, nodes: u8, managers: u8, progress: &mut Progress) -> Resul
     }
     let cg2 =
         kit::cgroup2_mount().map_err(|e| fail("mount cgroup2 on /sys/fs/cgroup", e.into()))?;
-    let netd = sibling_binary("swarmnet-netd")
-        .map_err(|e| fail("build it with `cargo build -p swarmnet-netd`", e))?;
+    let bins = Binaries {
+        netd: sibling_binary("swarmnet-netd")
+            .map_err(|e| fail("build it with `cargo build -p swarmnet-netd`", e))?,
+        orchestrator: sibling_binary("swarmnet-orchestrator")
+            .map_err(|e| fail("build it with `cargo build -p swarmnet-orchestrator`", e))?,
+    };
     let mut lab = LabState::plan(name, nodes, managers, &cg2);
-    let built = build(&mut lab, &netd, progress);
+    let built = build(&mut lab, &bins, progress);
     if let Err(e) = built {
         progress.step("failed: removing what was made");
         let notes = kit::destroy(&fp);
@@ -292,7 +336,181 @@ pub fn up(name: &str, nodes: u8, managers: u8, progress: &mut Progress) -> Resul
     Ok(lab)
 }
 
-fn build(lab: &mut LabState, netd: &Path, progress: &mut Progress) -> anyhow::Result<()> {
+/// The programs a lab runs.
+#[derive(Debug)]
+struct Binaries {
+    netd: PathBuf,
+    orchestrator: PathBuf,
+}
+
+fn open_log(path: &Path) -> anyhow::Result<fs::File> {
+    Ok(fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?)
+}
+
+/// Starts the manager of `lab.nodes[i]` in its node's namespace (Raft id `i + 1`): the first
+/// bootstraps a one-member Raft group, the others ask `seed` to add them.
+fn start_manager(
+    lab: &mut LabState,
+    i: usize,
+    orchestrator: &Path,
+    seed: Option<&str>,
+) -> anyhow::Result<()> {
+    let node = &lab.nodes[i];
+    let data = node.run_dir.join("manager");
+    fs::create_dir_all(&data)?;
+    let log = open_log(&node.run_dir.join("manager.log"))?;
+    let mut cmd = Command::new(orchestrator);
+    cmd.arg("--id")
+        .arg((i + 1).to_string())
+        .arg("--listen")
+        .arg(node.manager_addr())
+        .arg("--data-dir")
+        .arg(&data);
+    match seed {
+        None => cmd.arg("--bootstrap"),
+        Some(s) => cmd.arg("--join").arg(s),
+    };
+    cmd.env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = kit::spawn_in(
+        cmd,
+        &node.netns_path(),
+        &lab.cgroup.join(format!("manager-{}", node.id)),
+    )?;
+    lab.nodes[i].manager_pid = Some(child.id());
+    // Like netd, the manager outlives this command; `lab down` ends it through the cgroup.
+    drop(child);
+    lab.save()
+}
+
+/// Retries `f` every 200 ms for up to `timeout`, returning its last error.
+async fn retry<T, Fut>(timeout: Duration, mut f: impl FnMut() -> Fut) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() > timeout => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn join_request(node: &LabNode) -> pb::JoinNodeRequest {
+    pb::JoinNodeRequest {
+        id: node.id.clone(),
+        hostname: node.id.clone(),
+        addr: node.addr.to_string(),
+        role: if node.manager { "manager" } else { "worker" }.into(),
+        labels: Default::default(),
+        data_interface: "eth0".into(),
+    }
+}
+
+/// Starts the managers and creates the cluster: manager 1 bootstraps and `Cluster.Init`s it with
+/// node n1, the others join through it, then every other node is registered (`Cluster.JoinNode`,
+/// what netd's own join does once its client mode lands).
+fn start_cluster(
+    lab: &mut LabState,
+    orchestrator: &Path,
+    progress: &mut Progress,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let wait = Duration::from_secs(30);
+    progress.step("manager on n1 (bootstrap)");
+    start_manager(lab, 0, orchestrator, None)?;
+    let first = lab.nodes[0].clone();
+    let init = pb::InitRequest {
+        cluster_id: lab.name.clone(),
+        pool: String::new(),
+        pool_size: 0,
+        ingress_subnet: String::new(),
+        node: Some(join_request(&first)),
+    };
+    rt.block_on(retry(wait, || {
+        let init = init.clone();
+        let ep = first.manager_endpoint();
+        async move {
+            let mut m = Managers::new(vec![ep]);
+            crate::commands::init(&mut m, init).await?;
+            anyhow::Ok(())
+        }
+    }))
+    .with_context(|| {
+        format!(
+            "initialising the cluster on n1 (see {})",
+            first.run_dir.join("manager.log").display()
+        )
+    })?;
+    let seed = first.manager_addr();
+    let managers: Vec<usize> = (1..lab.nodes.len())
+        .filter(|&i| lab.nodes[i].manager)
+        .collect();
+    for &i in &managers {
+        progress.step(&format!(
+            "manager on {} (joins through n1)",
+            lab.nodes[i].id
+        ));
+        start_manager(lab, i, orchestrator, Some(&seed))?;
+    }
+    let endpoints: Vec<ManagerEndpoint> = lab
+        .nodes
+        .iter()
+        .filter(|n| n.manager)
+        .map(LabNode::manager_endpoint)
+        .collect();
+    let want = endpoints.len();
+    progress.step(&format!(
+        "waiting for {want} manager(s) to answer with a leader"
+    ));
+    rt.block_on(retry(wait, || {
+        let endpoints = endpoints.clone();
+        async move {
+            let mut m = Managers::new(endpoints);
+            let c = m.cluster().await?;
+            let up = c
+                .managers
+                .iter()
+                .filter(|m| m.status != "unreachable")
+                .count();
+            anyhow::ensure!(
+                c.leader != 0 && c.managers.len() == want && up == want,
+                "{up} of {want} managers answer (leader {})",
+                c.leader
+            );
+            Ok(())
+        }
+    }))?;
+    for node in lab.nodes.iter().skip(1) {
+        progress.step(&format!("registering node {}", node.id));
+        let req = join_request(node);
+        let endpoints = endpoints.clone();
+        rt.block_on(async move {
+            let mut m = Managers::new(endpoints);
+            m.call(|ch| {
+                let req = req.clone();
+                async move {
+                    pb::cluster_client::ClusterClient::new(ch)
+                        .join_node(req)
+                        .await
+                }
+            })
+            .await
+        })?;
+    }
+    Ok(())
+}
+
+fn build(lab: &mut LabState, bins: &Binaries, progress: &mut Progress) -> anyhow::Result<()> {
     fs::create_dir_all(&lab.dir)?;
     fs::create_dir_all(&lab.cgroup)?;
     lab.save()?;
@@ -327,6 +545,7 @@ fn build(lab: &mut LabState, netd: &Path, progress: &mut Progress) -> anyhow::Re
         // The node's hostname is its id for processes started in it through `lab exec`; the
         // UTS namespace is not ours to make here, so tools read it from the state instead.
     }
+    start_cluster(lab, &bins.orchestrator, progress)?;
     let intent = lab.dir.join("cluster.json");
     fs::write(&intent, serde_json::to_string_pretty(&lab.nodes_intent())?)?;
     for node in &mut lab.nodes {
@@ -336,7 +555,7 @@ fn build(lab: &mut LabState, netd: &Path, progress: &mut Progress) -> anyhow::Re
             .create(true)
             .append(true)
             .open(node.run_dir.join("netd.log"))?;
-        let mut cmd = Command::new(netd);
+        let mut cmd = Command::new(&bins.netd);
         cmd.arg("--node-id")
             .arg(&node.id)
             .arg("--intent")
@@ -383,6 +602,7 @@ fn build(lab: &mut LabState, netd: &Path, progress: &mut Progress) -> anyhow::Re
 /// `lab status`.
 pub fn status(name: &str) -> Result<LabStatusView> {
     let lab = LabState::load(name)?;
+    let cluster = manager_statuses(&lab);
     let nodes = lab
         .nodes
         .iter()
@@ -408,6 +628,14 @@ pub fn status(name: &str) -> Result<LabStatusView> {
                 netd_pid: n.netd_pid.filter(|_| alive),
                 netd_api: answer.is_some(),
                 tasks,
+                manager_status: if n.manager {
+                    cluster
+                        .get(&n.manager_addr())
+                        .cloned()
+                        .unwrap_or_else(|| "unreachable".into())
+                } else {
+                    String::new()
+                },
             }
         })
         .collect();
@@ -416,6 +644,26 @@ pub fn status(name: &str) -> Result<LabStatusView> {
         dir: lab.dir,
         nodes,
     })
+}
+
+/// Manager address -> "leader" | "reachable" | "unreachable", as the managers see it; empty
+/// when none answers.
+fn manager_statuses(lab: &LabState) -> std::collections::BTreeMap<String, String> {
+    let endpoints: Vec<ManagerEndpoint> = lab
+        .nodes
+        .iter()
+        .filter(|n| n.manager)
+        .map(LabNode::manager_endpoint)
+        .collect();
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return Default::default();
+    };
+    rt.block_on(async move { Managers::new(endpoints).cluster().await })
+        .map(|c| c.managers.into_iter().map(|m| (m.addr, m.status)).collect())
+        .unwrap_or_default()
 }
 
 /// `lab down`: removes everything; fails if anything is left.

@@ -5,6 +5,8 @@
 //! - [`args`]: the command line (clap derive) and the pure parsers of compound values;
 //! - [`render`]: view types and their table / JSON renderings (golden-tested);
 //! - [`error`]: the one error type, its messages (each says what to do) and exit codes;
+//! - [`api`]: the managers' gRPC API with failover, and conversions to views;
+//! - [`commands`]: the commands that talk to the managers;
 //! - [`context`]: how the CLI finds a cluster's managers (written by `lab up`);
 //! - [`lab`]: the lab, built on `swarmnet-labkit`;
 //! - [`progress`]: live progress lines on stderr.
@@ -12,7 +14,9 @@
 //! [`run`] executes a parsed command line and returns what to print and the exit code; the
 //! binary only parses, calls it and prints.
 
+pub mod api;
 pub mod args;
+pub mod commands;
 pub mod context;
 pub mod error;
 pub mod lab;
@@ -93,6 +97,21 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             }
             Ok(Outcome::ok(format!("lab {} removed\n", l.name)))
         }
+        Cmd::Cluster(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+            Box::pin(commands::cluster(m, c, format))
+        }),
+        Cmd::Node(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+            Box::pin(commands::node(m, c, format))
+        }),
+        Cmd::Network(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+            Box::pin(commands::network(m, c, format))
+        }),
+        Cmd::Service(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+            Box::pin(async move {
+                let mut progress = Progress::new(false);
+                commands::service(m, c, format, &mut progress).await
+            })
+        }),
         Cmd::Lab(LabCmd::Exec { lab, node, cmd }) => {
             let code = lab::exec(&lab.name, &node, &cmd)?;
             Ok(Outcome {
@@ -101,4 +120,22 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             })
         }
     }
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
+/// Runs `f` on the managers of the chosen context, in a runtime made for this one command.
+fn with_managers(
+    config_dir: &std::path::Path,
+    context: Option<&str>,
+    f: impl for<'m> FnOnce(&'m mut api::Managers) -> BoxFuture<'m, Result<String>>,
+) -> Result<Outcome> {
+    let ctx = Context::load(config_dir, context)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| error::CliError::io("starting the async runtime", e))?;
+    let mut managers = api::Managers::new(ctx.managers);
+    let out = rt.block_on(f(&mut managers))?;
+    Ok(Outcome::ok(out))
 }

@@ -224,6 +224,7 @@ fn lab_status() {
                 netd_pid: Some(4242),
                 netd_api: true,
                 tasks: 2,
+                manager_status: "leader".into(),
             },
             LabNodeStatus {
                 id: "n2".into(),
@@ -234,6 +235,7 @@ fn lab_status() {
                 netd_pid: None,
                 netd_api: false,
                 tasks: 0,
+                manager_status: String::new(),
             },
         ],
     };

@@ -2,40 +2,12 @@
 //! over the underlay with netd answering on every node, `lab exec` runs in a node, and `lab down`
 //! leaves nothing behind (namespaces, links, mounts, cgroups, directories, processes).
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
+use common::{Guard, swarmnet};
 use swarmnet_cli::lab::LabState;
 use swarmnet_labkit as kit;
 use swarmnet_tests_netns::gate;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn swarmnet(config: &Path, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_swarmnet"))
-        .args(args)
-        .env("SWARMNET_CONFIG_DIR", config)
-        .env_remove("SWARMNET_CONTEXT")
-        .output()
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Removes the lab if the test fails half-way.
-struct Guard(&'static str);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        kit::destroy(&LabState::footprint(self.0));
-    }
-}
 
 #[test]
 fn lab_up_exec_down_leaves_nothing() {
@@ -43,9 +15,9 @@ fn lab_up_exec_down_leaves_nothing() {
         return;
     }
     // Unique per process so parallel runs of this test never share a lab.
-    let name: &'static str =
-        Box::leak(format!("t{}", std::process::id() % 100_000_000).into_boxed_str());
-    let _guard = Guard(name);
+    let name = common::lab_name("t");
+    let _guard = Guard(name.clone());
+    let name = name.as_str();
     let config = tempfile::tempdir().unwrap();
     let fp = LabState::footprint(name);
 
@@ -112,7 +84,7 @@ fn lab_up_exec_down_leaves_nothing() {
     assert_eq!(down.code, 0, "lab down: {}", down.stderr);
     assert_eq!(kit::leftovers(&fp), Vec::<String>::new());
     for pid in pids {
-        assert!(!kit::pid_alive(pid), "netd {pid} survived lab down");
+        assert!(!kit::pid_alive(pid), "{pid} survived lab down");
     }
     assert!(
         !config.path().join(format!("{name}.json")).exists(),

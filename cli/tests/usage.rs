@@ -64,6 +64,53 @@ fn failures_exit_1_with_a_hint() {
 }
 
 #[test]
+fn cluster_commands_without_a_context_say_how_to_get_one() {
+    for args in [
+        &["node", "ls"][..],
+        &["service", "ls"],
+        &["network", "rm", "x"],
+    ] {
+        let (code, _, err) = swarmnet(args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains("swarmnet lab up"), "{args:?}: {err}");
+    }
+    // A named context that does not exist.
+    let (code, _, err) = swarmnet(&["--context", "nope", "node", "ls"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("\"nope\" does not exist"), "{err}");
+}
+
+#[test]
+fn bad_values_are_usage_errors() {
+    usage_error(
+        &["network", "create", "--subnet", "10.0.0.0/33", "x"],
+        "--subnet",
+    );
+    usage_error(
+        &["service", "create", "--name", "w", "-p", "80", "--", "x"],
+        "PUBLISHED:TARGET",
+    );
+    usage_error(
+        &[
+            "service",
+            "create",
+            "--name",
+            "w",
+            "--constraint",
+            "node.zone==a",
+            "--",
+            "x",
+        ],
+        "unknown key",
+    );
+    usage_error(&["service", "scale", "web"], "SERVICE=REPLICAS");
+    usage_error(
+        &["node", "update", "--availability", "gone", "n1"],
+        "possible values",
+    );
+}
+
+#[test]
 fn completions_for_every_shell() {
     for shell in ["bash", "zsh", "fish"] {
         let (code, out, err) = swarmnet(&["completion", shell]);
