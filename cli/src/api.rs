@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use swarmnet_orchestrator::pb;
+use swarmnet_api as pb;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -170,7 +170,12 @@ impl Managers {
                 Err(s) => {
                     return Err(CliError::Refused {
                         code: refusal(&s),
-                        message: s.message().to_owned(),
+                        message: if s.message().is_empty() {
+                            // e.g. UNIMPLEMENTED from a manager older than this CLI.
+                            format!("{} answered {:?}", ep.node, s.code())
+                        } else {
+                            s.message().to_owned()
+                        },
                     });
                 }
             }

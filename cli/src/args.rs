@@ -53,6 +53,11 @@ pub enum Cmd {
     /// Services and their tasks.
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// One task of a service.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Intent, gossip and kernel state of one object, with drift flagged.
+    Inspect(InspectArgs),
     /// Prints a shell completion script.
     Completion {
         #[arg(value_enum)]

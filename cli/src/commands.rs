@@ -8,11 +8,12 @@ use pb::cluster_client::ClusterClient;
 use pb::networks_client::NetworksClient;
 use pb::nodes_client::NodesClient;
 use pb::services_client::ServicesClient;
-use swarmnet_orchestrator::pb;
+use swarmnet_api as pb;
 
 use crate::api::{self, Managers};
-use crate::args::{ClusterCmd, NetworkCmd, NodeCmd, ServiceCmd, ServiceCreate};
+use crate::args::{ClusterCmd, InspectKind, NetworkCmd, NodeCmd, ServiceCmd, ServiceCreate};
 use crate::error::{CliError, Result};
+use crate::inspect::Target;
 use crate::progress::Progress;
 use crate::render::{self, Format, TaskView};
 
@@ -215,7 +216,7 @@ pub fn service_spec(c: &ServiceCreate) -> pb::ServiceSpec {
     }
 }
 
-async fn tasks_of(m: &mut Managers, name: &str) -> Result<Vec<TaskView>> {
+pub async fn tasks_of(m: &mut Managers, name: &str) -> Result<Vec<TaskView>> {
     let list = m
         .call(|ch| {
             let name = name.to_owned();
@@ -346,6 +347,101 @@ pub async fn service(
             })
             .await?;
             Ok(format!("{name}\n"))
+        }
+    }
+}
+
+/// What the managers hold for `inspect`: the object's record, its tasks, what to select from
+/// each netd, and the nodes to ask.
+pub async fn inspect_intent(
+    m: &mut Managers,
+    kind: InspectKind,
+    name: &str,
+) -> Result<(serde_json::Value, Vec<TaskView>, Target, Vec<String>)> {
+    let json = |v: &dyn erased::Ser| v.to_json();
+    match kind {
+        InspectKind::Node => {
+            let node = m
+                .call(|ch| {
+                    let id = name.to_owned();
+                    async move { NodesClient::new(ch).inspect(pb::NodeRef { id }).await }
+                })
+                .await?;
+            let cluster = m.cluster().await?;
+            let v = api::node_view(node, &cluster);
+            let id = v.id.clone();
+            Ok((json(&v), vec![], Target::Node, vec![id]))
+        }
+        InspectKind::Network => {
+            let n = m
+                .call(|ch| {
+                    let name = name.to_owned();
+                    async move { NetworksClient::new(ch).inspect(pb::NameRef { name }).await }
+                })
+                .await?;
+            let v = api::network_view(n);
+            let nodes = all_nodes(m).await?;
+            Ok((
+                json(&v),
+                vec![],
+                Target::Network {
+                    name: name.to_owned(),
+                },
+                nodes,
+            ))
+        }
+        InspectKind::Service => {
+            let s = m
+                .call(|ch| {
+                    let name = name.to_owned();
+                    async move { ServicesClient::new(ch).inspect(pb::NameRef { name }).await }
+                })
+                .await?;
+            let v = api::service_view(s);
+            let tasks = tasks_of(m, name).await?;
+            let nodes = all_nodes(m).await?;
+            let ids = tasks.iter().map(|t| t.id.clone()).collect();
+            Ok((
+                json(&v),
+                tasks,
+                Target::Service {
+                    name: name.to_owned(),
+                    tasks: ids,
+                },
+                nodes,
+            ))
+        }
+        InspectKind::Task => {
+            let tasks = tasks_of(m, "").await?;
+            let t = crate::task::find(&tasks, name)?.clone();
+            let nodes = if t.node.is_empty() {
+                vec![]
+            } else {
+                vec![t.node.clone()]
+            };
+            Ok((json(&t), vec![t.clone()], Target::Task { id: t.id }, nodes))
+        }
+    }
+}
+
+/// Every node's id, in natural order.
+async fn all_nodes(m: &mut Managers) -> Result<Vec<String>> {
+    let list = m
+        .call(|ch| async move { NodesClient::new(ch).list(pb::Empty {}).await })
+        .await?;
+    let mut ids: Vec<String> = list.nodes.into_iter().map(|n| n.id).collect();
+    ids.sort_by_key(|s| natural(s));
+    Ok(ids)
+}
+
+/// Object-safe JSON conversion of the views.
+mod erased {
+    pub trait Ser {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).expect("views serialize")
         }
     }
 }

@@ -4,21 +4,21 @@
 //! - namespace `snl-<name>-ul`: the underlay, bridge `ul0` with one veth port `p<i>` per node;
 //! - namespace `snl-<name>-n<i>`: node `n<i>`, `eth0` = `198.19.0.<i>/24` (from the benchmark
 //!   range 198.18.0.0/15, never routed anywhere), MTU 1500;
-//! - `/run/swarmnet-lab/<name>/`: `lab.json` (this state), `cluster.json` (see below) and one
-//!   run dir per node (netd's `--run-dir`: `netd.sock`, `netd.log`, `netns/`, `tasks/`);
-//! - `<cgroup2>/swarmnet-lab/<name>/`: `netd-n<i>` holds netd, `n<i>` its tasks, so one
+//! - `/run/swarmnet-lab/<name>/`: `lab.json` (this state) and one run dir per node (netd's
+//!   `--run-dir`: `netd.sock`, `netd.log`, `netns/`, `tasks/`; managers: `manager/`,
+//!   `manager.log`);
+//! - `<cgroup2>/swarmnet-lab/<name>/`: `netd-n<i>` holds netd, `manager-n<i>` the manager,
+//!   `n<i>` the node's tasks, so one
 //!   `cgroup.kill` ends every process of the lab;
 //! - a context `<name>` in the CLI's context directory naming the lab's managers, made current.
 //!
 //! Managers: the first M nodes run `swarmnet-orchestrator` in their namespace, listening on
-//! `<addr>:4242`; n1 bootstraps Raft and `Cluster.Init`s the cluster, the others join through it,
-//! and the lab registers every other node with `Cluster.JoinNode`. The CLI reaches them from inside
-//! the lab's namespaces (see [`crate::api`]).
+//! `<addr>:4242`; n1 bootstraps Raft and `Cluster.Init`s the cluster, the others join through it.
+//! The CLI reaches them from inside the lab's namespaces (see [`crate::api`]).
 //!
-//! STEPPING STONE (issue 8): until netd's client mode (`--manager ADDR --join-token T`) lands,
-//! netd runs in file mode on `cluster.json`, which holds the lab's nodes only: networks and
-//! services are created and scheduled by the managers, but no netd receives them yet, nodes show
-//! `down` once the managers miss their heartbeats, and tasks stay `assigned`/`pending`.
+//! netd on every node runs in client mode (`--managers <every manager> --join-token T`): it joins
+//! the cluster itself (with the manager token on managers, the worker token elsewhere), follows
+//! its assignment stream and heartbeats.
 //!
 //! Nothing is created in the root network namespace: every link is made with `ip -n <ours>`.
 //! `lab down` removes the whole [`swarmnet_labkit::Footprint`] and checks that nothing is left.
@@ -35,7 +35,7 @@ use anyhow::{Context as _, anyhow};
 use serde::{Deserialize, Serialize};
 use swarmnet_labkit::{self as kit, Footprint};
 
-use swarmnet_orchestrator::pb;
+use swarmnet_api as pb;
 
 use crate::api::Managers;
 use crate::context::ManagerEndpoint;
@@ -175,22 +175,6 @@ impl LabState {
                 format!("its nodes are {}", ids.join(", ")),
             )
         })
-    }
-
-    /// The stepping-stone intent for file-mode netd: the lab's nodes, nothing else.
-    pub fn nodes_intent(&self) -> serde_json::Value {
-        let nodes: Vec<serde_json::Value> = self
-            .nodes
-            .iter()
-            .map(|n| {
-                serde_json::json!({
-                    "id": n.id,
-                    "addr": n.addr.to_string(),
-                    "role": if n.manager { "manager" } else { "worker" },
-                })
-            })
-            .collect();
-        serde_json::json!({"version": 1, "nodes": nodes})
     }
 }
 
@@ -411,17 +395,18 @@ fn join_request(node: &LabNode) -> pb::JoinNodeRequest {
         role: if node.manager { "manager" } else { "worker" }.into(),
         labels: Default::default(),
         data_interface: "eth0".into(),
+        // Init's own node needs none; every other node joins through netd with a token.
+        token: String::new(),
     }
 }
 
 /// Starts the managers and creates the cluster: manager 1 bootstraps and `Cluster.Init`s it with
-/// node n1, the others join through it, then every other node is registered (`Cluster.JoinNode`,
-/// what netd's own join does once its client mode lands).
+/// node n1, the others join through it. Answers the join tokens the nodes' netd join with.
 fn start_cluster(
     lab: &mut LabState,
     orchestrator: &Path,
     progress: &mut Progress,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<pb::JoinTokensResponse> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -490,24 +475,16 @@ fn start_cluster(
             Ok(())
         }
     }))?;
-    for node in lab.nodes.iter().skip(1) {
-        progress.step(&format!("registering node {}", node.id));
-        let req = join_request(node);
-        let endpoints = endpoints.clone();
-        rt.block_on(async move {
-            let mut m = Managers::new(endpoints);
-            m.call(|ch| {
-                let req = req.clone();
-                async move {
-                    pb::cluster_client::ClusterClient::new(ch)
-                        .join_node(req)
-                        .await
-                }
-            })
-            .await
-        })?;
-    }
-    Ok(())
+    let tokens = rt.block_on(async move {
+        let mut m = Managers::new(endpoints);
+        m.call(|ch| async move {
+            pb::cluster_client::ClusterClient::new(ch)
+                .join_tokens(pb::Empty {})
+                .await
+        })
+        .await
+    })?;
+    Ok(tokens)
 }
 
 fn build(lab: &mut LabState, bins: &Binaries, progress: &mut Progress) -> anyhow::Result<()> {
@@ -545,9 +522,14 @@ fn build(lab: &mut LabState, bins: &Binaries, progress: &mut Progress) -> anyhow
         // The node's hostname is its id for processes started in it through `lab exec`; the
         // UTS namespace is not ours to make here, so tools read it from the state instead.
     }
-    start_cluster(lab, &bins.orchestrator, progress)?;
-    let intent = lab.dir.join("cluster.json");
-    fs::write(&intent, serde_json::to_string_pretty(&lab.nodes_intent())?)?;
+    let tokens = start_cluster(lab, &bins.orchestrator, progress)?;
+    let managers: Vec<String> = lab
+        .nodes
+        .iter()
+        .filter(|n| n.manager)
+        .map(LabNode::manager_addr)
+        .collect();
+    let managers = managers.join(",");
     for node in &mut lab.nodes {
         progress.step(&format!("netd on {}", node.id));
         fs::create_dir_all(&node.run_dir)?;
@@ -556,10 +538,19 @@ fn build(lab: &mut LabState, bins: &Binaries, progress: &mut Progress) -> anyhow
             .append(true)
             .open(node.run_dir.join("netd.log"))?;
         let mut cmd = Command::new(&bins.netd);
+        let token = if node.manager {
+            &tokens.manager
+        } else {
+            &tokens.worker
+        };
         cmd.arg("--node-id")
             .arg(&node.id)
-            .arg("--intent")
-            .arg(&intent)
+            .arg("--managers")
+            .arg(&managers)
+            .arg("--join-token")
+            .arg(token)
+            .arg("--advertise-addr")
+            .arg(node.addr.to_string())
             .arg("--run-dir")
             .arg(&node.run_dir)
             .arg("--cgroup-dir")

@@ -9,7 +9,9 @@
 //! - [`commands`]: the commands that talk to the managers;
 //! - [`context`]: how the CLI finds a cluster's managers (written by `lab up`);
 //! - [`lab`]: the lab, built on `swarmnet-labkit`;
-//! - [`progress`]: live progress lines on stderr.
+//! - [`progress`]: live progress lines on stderr;
+//! - [`task`]: finding a task and its process (`task exec`);
+//! - [`inspect`]: intent beside each node's desired and kernel state, drift flagged.
 //!
 //! [`run`] executes a parsed command line and returns what to print and the exit code; the
 //! binary only parses, calls it and prints.
@@ -19,13 +21,15 @@ pub mod args;
 pub mod commands;
 pub mod context;
 pub mod error;
+pub mod inspect;
 pub mod lab;
 pub mod progress;
 pub mod render;
+pub mod task;
 
 use clap::CommandFactory;
 
-use crate::args::{Cli, Cmd, LabCmd};
+use crate::args::{Cli, Cmd, LabCmd, TaskCmd};
 use crate::context::{Context, ManagerEndpoint};
 use crate::error::Result;
 use crate::progress::Progress;
@@ -112,6 +116,76 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                 commands::service(m, c, format, &mut progress).await
             })
         }),
+        Cmd::Task(TaskCmd::Exec { task, cmd }) => {
+            let ctx = Context::load(&cli.config_dir, cli.context.as_deref())?;
+            let mut managers = api::Managers::new(ctx.managers.clone());
+            let tasks = runtime()?.block_on(commands::tasks_of(&mut managers, ""))?;
+            let t = task::find(&tasks, &task)?;
+            if t.node.is_empty() {
+                return Err(error::CliError::Refused {
+                    code: error::RefusalKind::FailedPrecondition,
+                    message: format!("task {} is {} on no node: {}", t.name, t.state, t.message),
+                });
+            }
+            let pid = task::live_pid(&task::node_run_dir(&ctx, &t.node)?, t)?;
+            let code = task::exec(pid, &cmd)?;
+            Ok(Outcome {
+                stdout: String::new(),
+                code,
+            })
+        }
+        Cmd::Inspect(a) => {
+            let ctx = Context::load(&cli.config_dir, cli.context.as_deref())?;
+            let mut managers = api::Managers::new(ctx.managers.clone());
+            let (intent, tasks, target, nodes) =
+                runtime()?.block_on(commands::inspect_intent(&mut managers, a.kind, &a.name))?;
+            let nodes: Vec<inspect::NodeInspect> = nodes
+                .iter()
+                .map(|node| {
+                    let asked = task::node_run_dir(&ctx, node)
+                        .map_err(|e| e.to_string())
+                        .and_then(|dir| {
+                            // The kernel view and drift come from `inspect`, the per-object
+                            // reconcile status and self-test from `status`.
+                            let sock = dir.join("netd.sock");
+                            let call = |op: &str| {
+                                lab::netd_call(&sock, &serde_json::json!({ "op": op }))
+                                    .map_err(|e| format!("{e:#}"))
+                            };
+                            let mut inspect = call("inspect")?["inspect"].take();
+                            inspect["status"] = call("status")?["status"].take();
+                            Ok(inspect)
+                        });
+                    match asked {
+                        Ok(answer) => inspect::select(node, &target, &answer),
+                        Err(e) => inspect::NodeInspect {
+                            node: node.clone(),
+                            error: Some(e),
+                            desired: Default::default(),
+                            kernel: Default::default(),
+                            drift: vec![],
+                            status: Default::default(),
+                            published: Default::default(),
+                        },
+                    }
+                })
+                .collect();
+            let drift = nodes
+                .iter()
+                .any(|n| n.error.is_some() || !n.drift.is_empty());
+            let report = inspect::Report {
+                kind: format!("{:?}", a.kind).to_lowercase(),
+                name: a.name,
+                intent,
+                tasks,
+                nodes,
+                drift,
+            };
+            Ok(Outcome::ok(match format {
+                Format::Table => inspect::text(&report),
+                Format::Json => render::json(&report),
+            }))
+        }
         Cmd::Lab(LabCmd::Exec { lab, node, cmd }) => {
             let code = lab::exec(&lab.name, &node, &cmd)?;
             Ok(Outcome {
@@ -120,6 +194,13 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             })
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| error::CliError::io("starting the async runtime", e))
 }
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;

@@ -15,6 +15,12 @@ use swarmnet_model::NodeId;
 pub enum IntentSource {
     /// A cluster intent file (JSON, see docs/intent-format.md), watched for changes.
     File(PathBuf),
+    /// The orchestrator's assignment stream (see `assign.rs`): any of these managers
+    /// (`host:port`), joined with this token.
+    Managers {
+        addrs: Vec<String>,
+        join_token: String,
+    },
 }
 
 /// Which load balancer implements service VIPs.
@@ -76,6 +82,9 @@ pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 pub struct RawConfig {
     pub node_id: Option<String>,
     pub intent_file: Option<PathBuf>,
+    /// Comma-separated `host:port` of managers; with it, intent comes from the orchestrator.
+    pub managers: Option<String>,
+    pub join_token: Option<String>,
     pub advertise_addr: Option<Ipv4Addr>,
     pub run_dir: Option<PathBuf>,
     pub vxlan_port: Option<u16>,
@@ -102,6 +111,8 @@ impl RawConfig {
         RawConfig {
             node_id: over.node_id.or(self.node_id),
             intent_file: over.intent_file.or(self.intent_file),
+            managers: over.managers.or(self.managers),
+            join_token: over.join_token.or(self.join_token),
             advertise_addr: over.advertise_addr.or(self.advertise_addr),
             run_dir: over.run_dir.or(self.run_dir),
             vxlan_port: over.vxlan_port.or(self.vxlan_port),
@@ -134,10 +145,45 @@ impl RawConfig {
             .node_id
             .ok_or_else(|| err("node_id", "is required (--node-id)".into()))?;
         let node_id = NodeId::new(node_id).map_err(|e| err("node_id", e.to_string()))?;
-        let intent = IntentSource::File(
-            self.intent_file
-                .ok_or_else(|| err("intent_file", "is required (--intent FILE)".into()))?,
-        );
+        let intent = match (self.intent_file, self.managers) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "managers",
+                    "give either --intent FILE or --managers, not both".into(),
+                ));
+            }
+            (Some(f), None) => IntentSource::File(f),
+            (None, Some(m)) => {
+                let addrs: Vec<String> = m
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(String::from)
+                    .collect();
+                if addrs.is_empty() {
+                    return Err(err("managers", "lists no address".into()));
+                }
+                let join_token = self.join_token.clone().ok_or_else(|| {
+                    err(
+                        "join_token",
+                        "is required with --managers (--join-token)".into(),
+                    )
+                })?;
+                if self.advertise_addr.is_none() {
+                    return Err(err(
+                        "advertise_addr",
+                        "is required with --managers: it is the address the node joins with".into(),
+                    ));
+                }
+                IntentSource::Managers { addrs, join_token }
+            }
+            (None, None) => {
+                return Err(err(
+                    "intent_file",
+                    "is required (--intent FILE), unless --managers is given".into(),
+                ));
+            }
+        };
         let vxlan_port = self.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT);
         if vxlan_port == 0 {
             return Err(err("vxlan_port", "must not be 0".into()));
@@ -307,6 +353,37 @@ mod tests {
             .validate()
             .unwrap();
         assert_eq!(c.vxlan_port, 4800);
+    }
+
+    #[test]
+    fn managers_need_a_token_and_an_address_and_exclude_the_file() {
+        let m = RawConfig {
+            intent_file: None,
+            managers: Some("10.0.0.1:4242, 10.0.0.2:4242".into()),
+            ..base()
+        };
+        assert_eq!(m.clone().validate().unwrap_err().field, "join_token");
+        let m = RawConfig {
+            join_token: Some("SWMTKN-1-x".into()),
+            ..m
+        };
+        assert_eq!(m.clone().validate().unwrap_err().field, "advertise_addr");
+        let m = RawConfig {
+            advertise_addr: Some("198.18.0.1".parse().unwrap()),
+            ..m
+        };
+        assert_eq!(
+            m.clone().validate().unwrap().intent,
+            IntentSource::Managers {
+                addrs: vec!["10.0.0.1:4242".into(), "10.0.0.2:4242".into()],
+                join_token: "SWMTKN-1-x".into()
+            }
+        );
+        let both = RawConfig {
+            intent_file: Some("/x.json".into()),
+            ..m
+        };
+        assert_eq!(both.validate().unwrap_err().field, "managers");
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct IntentWatcher {
     path: PathBuf,
     last: Option<FileStamp>,
     pub error: Option<String>,
+    /// Set when intent comes from the orchestrator instead of the file.
+    feed: Option<crate::assign::AssignmentFeed>,
 }
 
 impl IntentWatcher {
@@ -75,12 +77,26 @@ impl IntentWatcher {
             path,
             last: None,
             error: None,
+            feed: None,
+        }
+    }
+
+    /// Intent from the orchestrator's assignment stream.
+    pub fn from_managers(feed: crate::assign::AssignmentFeed) -> Self {
+        Self {
+            feed: Some(feed),
+            ..Self::new(PathBuf::new())
         }
     }
 
     /// A new valid intent if the file changed and parses; a parse failure is kept in `error`
     /// and the previous intent stays in force.
     pub fn poll(&mut self) -> Option<Intent> {
+        if let Some(feed) = &mut self.feed {
+            let intent = feed.poll();
+            self.error = feed.error();
+            return intent;
+        }
         let now = stamp(&self.path);
         if now.is_some() && now == self.last {
             return None;
@@ -195,15 +211,29 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
     child_exited: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let IntentSource::File(path) = &cfg.intent;
-    let mut watcher = IntentWatcher::new(path.clone());
+    let (mut watcher, source) = match &cfg.intent {
+        IntentSource::File(path) => (IntentWatcher::new(path.clone()), path.display().to_string()),
+        IntentSource::Managers { addrs, join_token } => (
+            IntentWatcher::from_managers(crate::assign::AssignmentFeed::start(
+                crate::assign::FeedConfig {
+                    node: cfg.node_id.clone(),
+                    hostname: cfg.node_id.to_string(),
+                    addr: cfg.advertise_addr.expect("validated with --managers"),
+                    managers: addrs.clone(),
+                    join_token: join_token.clone(),
+                    state_file: cfg.run_dir.join("assignment.json"),
+                },
+            )),
+            format!("managers {}", addrs.join(",")),
+        ),
+    };
     let status_path = cfg.run_dir.join("status.json");
     let mut next_full: Option<Instant> = None;
     let mut last_err: Option<String> = None;
     let mut tick: u64 = 0;
     let selftest = SelfTest::default();
     let mut last_checks = std::collections::BTreeMap::new();
-    info!(node = %cfg.node_id, intent = %path.display(), "netd running");
+    info!(node = %cfg.node_id, intent = %source, "netd running");
     while !shutdown.load(Ordering::Relaxed) {
         let now = Instant::now();
         let mut ran = None;

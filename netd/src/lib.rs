@@ -8,11 +8,13 @@
 //! - [`dns`]: the embedded resolver at 127.0.0.11 (views, fast/full answer paths, forwarding,
 //!   the per-sandbox server runtime).
 //! - [`fake`]: in-memory implementations that model kernel semantics, for tests.
+//! - [`assign`]: intent from the orchestrator (join, assignment stream, heartbeats).
 //!
 //! Invariants: pure modules never do I/O; every kernel object netd creates carries the `sn`
 //! name prefix or lives in a namespace under the run directory, and prune touches nothing else.
 
 pub mod api;
+pub mod assign;
 pub mod config;
 pub mod daemon;
 pub mod desired;

@@ -27,6 +27,12 @@ struct Args {
     /// Cluster intent file (JSON), watched for changes.
     #[arg(long = "intent")]
     intent_file: Option<PathBuf>,
+    /// Take intent from the orchestrator: managers `host:port[,host:port..]` (any one will do).
+    #[arg(long)]
+    managers: Option<String>,
+    /// The join token given by `swarmnet cluster join-token` (with --managers).
+    #[arg(long)]
+    join_token: Option<String>,
     /// Expected underlay address of this node (checked against the intent).
     #[arg(long)]
     advertise_addr: Option<std::net::Ipv4Addr>,
@@ -135,6 +141,8 @@ fn main() -> anyhow::Result<()> {
     let flags = RawConfig {
         node_id: args.node_id,
         intent_file: args.intent_file,
+        managers: args.managers,
+        join_token: args.join_token,
         advertise_addr: args.advertise_addr,
         run_dir: args.run_dir,
         vxlan_port: args.vxlan_port,

@@ -6,7 +6,10 @@
 
 // tonic's Status is the error type of every handler; boxing it in the helpers would only move
 // the allocation.
-#![expect(clippy::result_large_err, reason = "tonic::Status is the handlers' error type")]
+#![expect(
+    clippy::result_large_err,
+    reason = "tonic::Status is the handlers' error type"
+)]
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -28,8 +31,8 @@ use crate::pb;
 use crate::project::project;
 use crate::raft::manager::{Forwarded, Manager, WriteError};
 use crate::state::{
-    self, ClusterState, Command, CommandError, GossipKey, NetworkConfig, NodeJoin, Publish,
-    ServiceDef, TaskState,
+    self, ClusterState, Command, CommandError, GossipKey, JoinTokens, NetworkConfig, NodeJoin,
+    Publish, ServiceDef, TaskState,
 };
 
 type Result<T> = std::result::Result<Response<T>, Status>;
@@ -457,11 +460,16 @@ impl pb::cluster_server::Cluster for ClusterApi {
         } else {
             r.cluster_id
         };
+        let tokens = JoinTokens {
+            worker: new_token(&cluster_id, "w")?,
+            manager: new_token(&cluster_id, "m")?,
+        };
         self.0.bootstrap().await.map_err(status_of)?;
         self.0
             .write(Command::Init {
                 cluster_id,
                 pool,
+                tokens,
                 ingress_subnet: opt("ingress_subnet", &r.ingress_subnet)?,
                 node,
             })
@@ -475,7 +483,20 @@ impl pb::cluster_server::Cluster for ClusterApi {
     }
 
     async fn join_node(&self, r: Request<pb::JoinNodeRequest>) -> Result<pb::Node> {
-        let join = join_of(&r.into_inner())?;
+        let r = r.into_inner();
+        let role = self
+            .0
+            .state
+            .read(|a| a.state.cluster.as_ref().map(|c| c.tokens.role_of(&r.token)))
+            .ok_or_else(|| Status::failed_precondition("the cluster is not initialized yet"))?
+            .ok_or_else(|| {
+                Status::permission_denied(
+                    "invalid join token: ask a manager for `swarmnet cluster join-token worker`",
+                )
+            })?;
+        let mut join = join_of(&r)?;
+        // The token, not the request, decides the role.
+        join.role = role;
         let id = join.id.clone();
         self.0
             .write(Command::JoinNode(join))
@@ -501,6 +522,32 @@ impl pb::cluster_server::Cluster for ClusterApi {
         Ok(Response::new(cluster_info(&self.0)))
     }
 
+    async fn join_tokens(&self, _: Request<pb::Empty>) -> Result<pb::JoinTokensResponse> {
+        tokens_reply(&self.0)
+    }
+
+    async fn rotate_join_token(
+        &self,
+        r: Request<pb::RotateJoinTokenRequest>,
+    ) -> Result<pb::JoinTokensResponse> {
+        let role: NodeRole =
+            word("role", &r.into_inner().role)?.ok_or_else(|| bad("role", "required"))?;
+        let cluster_id = self
+            .0
+            .state
+            .read(|a| a.state.cluster.as_ref().map(|c| c.id.clone()))
+            .ok_or_else(|| Status::failed_precondition("the cluster is not initialized yet"))?;
+        let tag = if role == NodeRole::Worker { "w" } else { "m" };
+        self.0
+            .write(Command::RotateJoinToken {
+                role,
+                token: new_token(&cluster_id, tag)?,
+            })
+            .await
+            .map_err(status_of)?;
+        tokens_reply(&self.0)
+    }
+
     async fn rotate_gossip_key(&self, _: Request<pb::Empty>) -> Result<pb::ClusterInfo> {
         let bytes = random_bytes()?;
         let id = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
@@ -511,6 +558,27 @@ impl pb::cluster_server::Cluster for ClusterApi {
             .map_err(status_of)?;
         Ok(Response::new(cluster_info(&self.0)))
     }
+}
+
+/// `SWMTKN-1-<cluster id>-<32 random bytes, hex>-<w|m>`. (With the cluster CA, the digest of
+/// its certificate takes the cluster id's place, so that a joining node can pin it.)
+fn new_token(cluster_id: &str, role: &str) -> std::result::Result<String, Status> {
+    Ok(format!(
+        "SWMTKN-1-{cluster_id}-{}-{role}",
+        hex(&random_bytes()?)
+    ))
+}
+
+fn tokens_reply(m: &Manager) -> Result<pb::JoinTokensResponse> {
+    m.state
+        .read(|a| {
+            a.state.cluster.as_ref().map(|c| pb::JoinTokensResponse {
+                worker: c.tokens.worker.clone(),
+                manager: c.tokens.manager.clone(),
+            })
+        })
+        .map(Response::new)
+        .ok_or_else(|| Status::failed_precondition("the cluster is not initialized yet"))
 }
 
 fn node_reply(m: &Manager, id: &NodeId) -> Result<pb::Node> {

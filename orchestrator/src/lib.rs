@@ -19,13 +19,5 @@ pub mod project;
 pub mod raft;
 pub mod state;
 
-/// The gRPC wire types and service stubs generated from `proto/swarmnet.proto`.
-pub mod pb {
-    #![allow(
-        clippy::all,
-        missing_debug_implementations,
-        rust_2018_idioms,
-        reason = "generated code"
-    )]
-    tonic::include_proto!("swarmnet.v1");
-}
+/// The gRPC wire types (the `swarmnet-api` crate).
+pub use swarmnet_api as pb;

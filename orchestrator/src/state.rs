@@ -55,6 +55,36 @@ pub struct ClusterState {
 pub struct ClusterInfo {
     pub id: String,
     pub pool: PoolConfig,
+    pub tokens: JoinTokens,
+}
+
+/// The secrets a node presents to join, one per role. Made by the leader (random), kept in
+/// the replicated state so every manager can check them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokens {
+    pub worker: String,
+    pub manager: String,
+}
+
+impl JoinTokens {
+    /// The role a token grants, if it is one of the cluster's.
+    pub fn role_of(&self, token: &str) -> Option<NodeRole> {
+        // Compare in constant time: a token is a secret.
+        let eq = |a: &str, b: &str| {
+            a.len() == b.len()
+                && a.bytes()
+                    .zip(b.bytes())
+                    .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                    == 0
+        };
+        if !self.worker.is_empty() && eq(token, &self.worker) {
+            Some(NodeRole::Worker)
+        } else if !self.manager.is_empty() && eq(token, &self.manager) {
+            Some(NodeRole::Manager)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,6 +347,8 @@ pub enum Command {
     Init {
         cluster_id: String,
         pool: PoolConfig,
+        #[serde(default)]
+        tokens: JoinTokens,
         ingress_subnet: Option<Ipv4Net>,
         node: NodeJoin,
     },
@@ -366,6 +398,11 @@ pub enum Command {
         version: u64,
     },
     RotateGossipKey(GossipKey),
+    /// Replaces the join token of one role (nodes that joined stay).
+    RotateJoinToken {
+        role: NodeRole,
+        token: String,
+    },
 }
 
 /// What a successful command produced.
@@ -487,9 +524,24 @@ impl ClusterState {
             Command::Init {
                 cluster_id,
                 pool,
+                tokens,
                 ingress_subnet,
                 node,
-            } => self.init(cluster_id, pool, *ingress_subnet, node),
+            } => self.init(cluster_id, pool, tokens, *ingress_subnet, node),
+            Command::RotateJoinToken { role, token } => {
+                if token.len() < 16 {
+                    return Err(invalid(
+                        "token",
+                        "a join token needs at least 16 characters",
+                    ));
+                }
+                let c = self.cluster.as_mut().expect("initialized");
+                match role {
+                    NodeRole::Worker => c.tokens.worker = token.clone(),
+                    NodeRole::Manager => c.tokens.manager = token.clone(),
+                }
+                Ok(Response::Done)
+            }
             Command::JoinNode(join) => self.join_node(join),
             Command::UpdateNode {
                 id,
@@ -596,6 +648,7 @@ impl ClusterState {
         &mut self,
         cluster_id: &str,
         pool: &PoolConfig,
+        tokens: &JoinTokens,
         ingress_subnet: Option<Ipv4Net>,
         node: &NodeJoin,
     ) -> Result<Response, CommandError> {
@@ -606,6 +659,7 @@ impl ClusterState {
         self.cluster = Some(ClusterInfo {
             id: cluster_id.to_string(),
             pool: *pool,
+            tokens: tokens.clone(),
         });
         self.create_network(
             &NetworkConfig {

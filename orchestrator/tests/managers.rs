@@ -120,14 +120,35 @@ async fn cluster3() -> Cluster {
         .await
         .expect("add manager");
     }
-    for i in 2..=3 {
-        c.join_node(pb::JoinNodeRequest {
-            id: format!("n{i}"),
-            addr: format!("198.18.0.{i}"),
+    let tokens = c.join_tokens(pb::Empty {}).await.unwrap().into_inner();
+    assert!(tokens.worker.starts_with("SWMTKN-1-test-"), "{tokens:?}");
+    assert_ne!(tokens.worker, tokens.manager);
+    // A wrong token is refused, and the node is not recorded.
+    let e = c
+        .join_node(pb::JoinNodeRequest {
+            id: "n2".into(),
+            addr: "198.18.0.2".into(),
+            token: format!("{}x", tokens.worker),
             ..Default::default()
         })
         .await
-        .expect("join node");
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    for i in 2..=3 {
+        let n = c
+            .join_node(pb::JoinNodeRequest {
+                id: format!("n{i}"),
+                addr: format!("198.18.0.{i}"),
+                // Asking for a role does not grant it: the worker token makes a worker.
+                role: "manager".into(),
+                token: tokens.worker.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("join node")
+            .into_inner();
+        assert_eq!(n.role, "worker");
+        assert!(!n.ingress_ip.is_empty());
     }
     Cluster { _tmp: tmp, slots }
 }

@@ -41,6 +41,7 @@ fn entry(term: u64, index: u64, cmd: Command) -> Entry<TypeConfig> {
 fn init() -> Command {
     Command::Init {
         cluster_id: "c".into(),
+        tokens: Default::default(),
         pool: Default::default(),
         ingress_subnet: None,
         node: NodeJoin {

@@ -31,6 +31,7 @@ fn init_creates_the_ingress_network_and_gives_nodes_an_address_on_it() {
     let mut again = s.clone();
     let e = again.apply(&Command::Init {
         cluster_id: "c2".into(),
+        tokens: Default::default(),
         pool: Default::default(),
         ingress_subnet: None,
         node: join(9, NodeRole::Manager),

@@ -39,6 +39,7 @@ pub fn cluster(nodes: u8) -> ClusterState {
         &mut s,
         Command::Init {
             cluster_id: "c1".into(),
+            tokens: Default::default(),
             pool: PoolConfig::default(),
             ingress_subnet: None,
             node: join(1, NodeRole::Manager),

@@ -1,0 +1,329 @@
+//! Intent from the orchestrator: netd joins the cluster through any manager it is given, then
+//! follows that manager's assignment stream (the cluster intent in the intent-file format,
+//! stamped with the Raft (term, index) it was read at) and sends heartbeats.
+//!
+//! - Only an assignment newer than the one in force is taken ([`newer`]): a lagging follower or
+//!   a deposed leader cannot roll the node back.
+//! - When a manager stops answering, the next one in the list is tried, round robin, with a
+//!   bounded backoff. Meanwhile the data plane stays as it is: nothing is removed because the
+//!   managers are unreachable.
+//! - The last assignment taken is kept in `<run_dir>/assignment.json` and loaded at start, so a
+//!   netd restarted while no manager answers still serves its intent.
+//!
+//! The daemon loop polls [`AssignmentFeed::poll`] like the intent file; all network work runs
+//! on the feed's own thread.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use swarmnet_api as pb;
+use swarmnet_model::{Intent, NodeId};
+use tracing::{info, warn};
+
+/// Where the feed connects and who it says it is.
+#[derive(Debug, Clone)]
+pub struct FeedConfig {
+    pub node: NodeId,
+    pub hostname: String,
+    pub addr: std::net::Ipv4Addr,
+    pub managers: Vec<String>,
+    pub join_token: String,
+    /// `<run_dir>/assignment.json`.
+    pub state_file: PathBuf,
+}
+
+/// A taken assignment, as kept on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    term: u64,
+    index: u64,
+    intent: serde_json::Value,
+    /// Gossip keys (hex), oldest first.
+    keyring: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    stamp: Option<(u64, u64)>,
+    intent: Option<Intent>,
+    keyring: Vec<Vec<u8>>,
+    generation: u64,
+    error: Option<String>,
+}
+
+/// Whether an assignment stamped `incoming` replaces the one stamped `current`.
+pub fn newer(current: Option<(u64, u64)>, incoming: (u64, u64)) -> bool {
+    current.is_none_or(|c| incoming > c)
+}
+
+/// The daemon's handle on the stream.
+#[derive(Debug)]
+pub struct AssignmentFeed {
+    shared: Arc<Mutex<Shared>>,
+    delivered: u64,
+}
+
+impl AssignmentFeed {
+    /// Loads the stored assignment, if any, and starts following the managers.
+    pub fn start(cfg: FeedConfig) -> Self {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        if let Ok(text) = std::fs::read_to_string(&cfg.state_file)
+            && let Ok(stored) = serde_json::from_str::<Stored>(&text)
+        {
+            let intent = serde_json::from_value(stored.intent.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|spec| Intent::new(spec).map_err(|e| e.to_string()));
+            match intent {
+                Ok(intent) => {
+                    let mut s = shared.lock().expect("lock");
+                    s.stamp = Some((stored.term, stored.index));
+                    s.intent = Some(intent);
+                    s.keyring = stored.keyring.iter().map(|k| unhex(k)).collect();
+                    s.generation = 1;
+                    info!(
+                        term = stored.term,
+                        index = stored.index,
+                        "loaded the last assignment"
+                    );
+                }
+                Err(e) => {
+                    warn!(error = %e, "the stored assignment is invalid; waiting for a manager")
+                }
+            }
+        }
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name("assign".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                rt.block_on(follow(cfg, thread_shared));
+            })
+            .expect("spawning the assignment thread");
+        Self {
+            shared,
+            delivered: 0,
+        }
+    }
+
+    /// A new intent, if one was taken since the last call.
+    pub fn poll(&mut self) -> Option<Intent> {
+        let s = self.shared.lock().expect("lock");
+        if s.generation == self.delivered {
+            return None;
+        }
+        self.delivered = s.generation;
+        s.intent.clone()
+    }
+
+    /// Why the feed is not following a manager right now (or why it refused an assignment).
+    pub fn error(&self) -> Option<String> {
+        self.shared.lock().expect("lock").error.clone()
+    }
+
+    /// The gossip keys of the assignment in force, oldest first.
+    pub fn keyring(&self) -> Vec<Vec<u8>> {
+        self.shared.lock().expect("lock").keyring.clone()
+    }
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Round robin over the managers until the process ends.
+async fn follow(cfg: FeedConfig, shared: Arc<Mutex<Shared>>) {
+    let mut backoff = Duration::from_millis(100);
+    for addr in cfg.managers.iter().cycle() {
+        match session(&cfg, addr, &shared, &mut backoff).await {
+            Ok(()) => {}
+            Err(e) => {
+                warn!(manager = %addr, error = %e, "lost the manager; trying the next one");
+                shared.lock().expect("lock").error = Some(format!("manager {addr}: {e}"));
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn session(
+    cfg: &FeedConfig,
+    addr: &str,
+    shared: &Arc<Mutex<Shared>>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let mut cluster = pb::cluster_client::ClusterClient::new(channel.clone());
+    cluster
+        .join_node(pb::JoinNodeRequest {
+            id: cfg.node.to_string(),
+            hostname: cfg.hostname.clone(),
+            addr: cfg.addr.to_string(),
+            token: cfg.join_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| format!("join refused ({:?}): {}", s.code(), s.message()))?;
+    let mut dispatcher = pb::dispatcher_client::DispatcherClient::new(channel);
+    let mut stream = dispatcher
+        .assignments(pb::AssignmentsRequest {
+            node_id: cfg.node.to_string(),
+        })
+        .await
+        .map_err(|s| format!("assignments refused ({:?}): {}", s.code(), s.message()))?
+        .into_inner();
+    info!(manager = %addr, "following the manager's assignments");
+    *backoff = Duration::from_millis(100);
+    let mut hb = dispatcher.clone();
+    let node = cfg.node.to_string();
+    let heartbeats = async move {
+        loop {
+            let period = match hb
+                .heartbeat(pb::HeartbeatRequest {
+                    node_id: node.clone(),
+                })
+                .await
+            {
+                Ok(r) => Duration::from_millis(r.into_inner().period_ms.max(100)),
+                Err(s) => return format!("heartbeat failed ({:?}): {}", s.code(), s.message()),
+            };
+            tokio::time::sleep(period).await;
+        }
+    };
+    tokio::pin!(heartbeats);
+    loop {
+        tokio::select! {
+            e = &mut heartbeats => return Err(e),
+            msg = stream.message() => match msg {
+                Ok(Some(a)) => take(cfg, shared, a),
+                Ok(None) => return Err("the stream ended".into()),
+                Err(s) => return Err(format!("stream broke ({:?}): {}", s.code(), s.message())),
+            },
+        }
+    }
+}
+
+/// Takes an assignment if it is newer and valid; keeps it on disk.
+fn take(cfg: &FeedConfig, shared: &Arc<Mutex<Shared>>, a: pb::Assignment) {
+    let stamp = (a.term, a.index);
+    let mut s = shared.lock().expect("lock");
+    s.error = None;
+    if !newer(s.stamp, stamp) {
+        return;
+    }
+    let text = String::from_utf8_lossy(&a.intent_json);
+    match Intent::from_json(&text) {
+        Ok(intent) => {
+            s.stamp = Some(stamp);
+            s.intent = Some(intent);
+            s.keyring = a.keyring.iter().map(|k| k.key.clone()).collect();
+            s.generation += 1;
+            let stored = Stored {
+                term: a.term,
+                index: a.index,
+                intent: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                keyring: s.keyring.iter().map(|k| hex(k)).collect(),
+            };
+            if let Err(e) = crate::reconcile::persist_json(&cfg.state_file, &stored) {
+                warn!(error = %e, "cannot keep the assignment on disk");
+            }
+        }
+        Err(e) => {
+            warn!(term = a.term, index = a.index, error = %e, "assignment refused; the previous intent stays in force");
+            s.error = Some(format!("assignment ({}, {}) refused: {e}", a.term, a.index));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_newer_stamps_replace() {
+        assert!(newer(None, (1, 1)));
+        assert!(newer(Some((1, 5)), (1, 6)));
+        assert!(newer(Some((1, 5)), (2, 6)));
+        assert!(!newer(Some((1, 5)), (1, 5)), "a repeat is not new");
+        assert!(!newer(Some((2, 9)), (2, 8)), "a lagging follower");
+        assert!(!newer(Some((3, 9)), (2, 12)), "a deposed leader's term");
+    }
+
+    fn cfg(dir: &std::path::Path) -> FeedConfig {
+        FeedConfig {
+            node: NodeId::new("n1").unwrap(),
+            hostname: "n1".into(),
+            addr: "198.18.0.1".parse().unwrap(),
+            // Nothing listens here: the feed keeps retrying and never delivers.
+            managers: vec!["127.0.0.1:1".into()],
+            join_token: "t".into(),
+            state_file: dir.join("assignment.json"),
+        }
+    }
+
+    fn assignment(term: u64, index: u64, nodes: &[&str]) -> pb::Assignment {
+        let spec = serde_json::json!({
+            "version": 1,
+            "nodes": nodes.iter().enumerate().map(|(i, n)| serde_json::json!({"id": n, "addr": format!("198.18.0.{}", i + 1)})).collect::<Vec<_>>(),
+        });
+        pb::Assignment {
+            term,
+            index,
+            intent_json: serde_json::to_vec(&spec).unwrap(),
+            keyring: vec![pb::GossipKey {
+                id: 1,
+                key: vec![7; 32],
+            }],
+        }
+    }
+
+    #[test]
+    fn stale_and_invalid_assignments_are_ignored_and_the_last_one_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let mut feed = AssignmentFeed::start(c.clone());
+        assert!(feed.poll().is_none());
+        take(&c, &feed.shared, assignment(2, 10, &["n1", "n2"]));
+        assert_eq!(feed.poll().unwrap().nodes().count(), 2);
+        assert!(feed.poll().is_none(), "delivered once");
+        // Older: ignored.
+        take(&c, &feed.shared, assignment(1, 20, &["n1"]));
+        take(&c, &feed.shared, assignment(2, 9, &["n1"]));
+        assert!(feed.poll().is_none());
+        // Newer but invalid: refused with the reason, the previous intent stays.
+        let mut bad = assignment(2, 11, &["n1"]);
+        bad.intent_json = br#"{"version": 7}"#.to_vec();
+        take(&c, &feed.shared, bad);
+        assert!(feed.poll().is_none());
+        assert!(
+            feed.error()
+                .unwrap()
+                .contains("unsupported format version 7")
+        );
+        take(&c, &feed.shared, assignment(3, 12, &["n1", "n2", "n3"]));
+        assert_eq!(feed.poll().unwrap().nodes().count(), 3);
+        assert_eq!(feed.keyring(), vec![vec![7u8; 32]]);
+        // A new netd with no reachable manager starts from what was kept.
+        let mut again = AssignmentFeed::start(c.clone());
+        assert_eq!(again.poll().unwrap().nodes().count(), 3);
+        take(&c, &again.shared, assignment(3, 12, &["n1"]));
+        assert!(again.poll().is_none(), "the stored stamp is in force");
+    }
+}
