@@ -73,6 +73,15 @@ pub enum LabCmd {
     Status(LabName),
     /// Removes every namespace, link, mount, cgroup and process the lab made.
     Down(LabName),
+    /// Builds a 3-node lab with a published demo service and a client, and shows DNS, the VIP
+    /// and the routing mesh working from inside it.
+    Demo {
+        #[command(flatten)]
+        lab: LabName,
+        /// Remove the lab afterwards.
+        #[arg(long)]
+        down: bool,
+    },
     /// Runs a command in a node's network namespace (as a host on the underlay).
     Exec {
         #[command(flatten)]
@@ -104,6 +113,14 @@ pub struct LabUp {
 pub enum ClusterCmd {
     /// The cluster's id, Raft term and index, and every manager's status.
     Info,
+    /// The token a node joins with as a worker or a manager (`swarmnet-netd --join-token`).
+    JoinToken {
+        #[arg(value_parser = ["worker", "manager"])]
+        role: String,
+        /// Replace the token first (nodes already joined stay).
+        #[arg(long)]
+        rotate: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -37,6 +37,30 @@ pub async fn cluster(m: &mut Managers, cmd: ClusterCmd, format: Format) -> Resul
             let c = m.cluster().await?;
             Ok(print(format, &c, render::cluster_text))
         }
+        ClusterCmd::JoinToken { role, rotate } => {
+            let tokens = if rotate {
+                let role = role.clone();
+                m.call(|ch| {
+                    let role = role.clone();
+                    async move {
+                        ClusterClient::new(ch)
+                            .rotate_join_token(pb::RotateJoinTokenRequest { role })
+                            .await
+                    }
+                })
+                .await?
+            } else {
+                m.call(|ch| async move { ClusterClient::new(ch).join_tokens(pb::Empty {}).await })
+                    .await?
+            };
+            let token = if role == "manager" {
+                tokens.manager
+            } else {
+                tokens.worker
+            };
+            let v = serde_json::json!({"role": role, "token": token});
+            Ok(print(format, &v, |_| format!("{token}\n")))
+        }
     }
 }
 

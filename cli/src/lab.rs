@@ -260,7 +260,8 @@ pub fn netd_call(socket: &Path, request: &serde_json::Value) -> anyhow::Result<s
 
 // ------------------------------------------------------------------------------- commands
 
-fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
+/// A program of the project: beside the running CLI, or on PATH.
+pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     // Beside the running CLI first (cargo puts every binary of the workspace there), then PATH.
     let exe = std::env::current_exe()?;
     let mut dirs: Vec<PathBuf> = exe.parent().into_iter().map(Path::to_path_buf).collect();

@@ -10,6 +10,7 @@
 //! - [`context`]: how the CLI finds a cluster's managers (written by `lab up`);
 //! - [`lab`]: the lab, built on `swarmnet-labkit`;
 //! - [`progress`]: live progress lines on stderr;
+//! - [`demo`]: `lab demo`;
 //! - [`task`]: finding a task and its process (`task exec`);
 //! - [`inspect`]: intent beside each node's desired and kernel state, drift flagged.
 //!
@@ -20,6 +21,7 @@ pub mod api;
 pub mod args;
 pub mod commands;
 pub mod context;
+pub mod demo;
 pub mod error;
 pub mod inspect;
 pub mod lab;
@@ -30,7 +32,7 @@ pub mod task;
 use clap::CommandFactory;
 
 use crate::args::{Cli, Cmd, LabCmd, TaskCmd};
-use crate::context::{Context, ManagerEndpoint};
+use crate::context::Context;
 use crate::error::Result;
 use crate::progress::Progress;
 use crate::render::Format;
@@ -60,20 +62,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         }
         Cmd::Lab(LabCmd::Up(up)) => {
             let lab = lab::up(&up.lab.name, up.nodes, up.managers, &mut progress)?;
-            let ctx = Context {
-                name: lab.name.clone(),
-                managers: lab
-                    .nodes
-                    .iter()
-                    .filter(|n| n.manager)
-                    .map(|n| ManagerEndpoint {
-                        node: n.id.clone(),
-                        addr: format!("{}:{}", n.addr, lab::MANAGER_PORT),
-                        netns: Some(n.netns_path()),
-                    })
-                    .collect(),
-                lab: Some(lab.name.clone()),
-            };
+            let ctx = lab_context(&lab);
             ctx.save_current(&cli.config_dir)?;
             progress.step(&format!(
                 "lab {} is up; context {:?} is current",
@@ -83,6 +72,13 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::ok(match format {
                 Format::Table => lab::status_table(&view),
                 Format::Json => render::json(&view),
+            }))
+        }
+        Cmd::Lab(LabCmd::Demo { lab, down }) => {
+            let r = demo::run(&lab.name, down, &cli.config_dir, &mut progress)?;
+            Ok(Outcome::ok(match format {
+                Format::Table => demo::text(&r),
+                Format::Json => render::json(&r),
             }))
         }
         Cmd::Lab(LabCmd::Status(l)) => {
@@ -193,6 +189,20 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                 code,
             })
         }
+    }
+}
+
+/// The context of a lab: its managers, reached from inside their nodes' namespaces.
+pub fn lab_context(lab: &lab::LabState) -> Context {
+    Context {
+        name: lab.name.clone(),
+        managers: lab
+            .nodes
+            .iter()
+            .filter(|n| n.manager)
+            .map(lab::LabNode::manager_endpoint)
+            .collect(),
+        lab: Some(lab.name.clone()),
     }
 }
 

@@ -241,3 +241,23 @@ fn lab_status() {
     };
     both("lab_status", status_table(&s), &s);
 }
+
+#[test]
+fn lab_demo() {
+    let r = swarmnet_cli::demo::DemoReport {
+        lab: "lab".into(),
+        vip: "10.0.1.2".into(),
+        web_resolves_to: vec!["10.0.1.2".into()],
+        tasks_web_resolves_to: vec!["10.0.1.3".into(), "10.0.1.5".into(), "10.0.1.4".into()],
+        replicas_answering: vec!["ta".into(), "tb".into(), "tc".into()],
+        requests: 5,
+        published_port: vec![
+            ("n1".into(), "ta".into()),
+            ("n2".into(), "tb".into()),
+            ("n3".into(), "tc".into()),
+        ],
+        nodes_without_web: vec!["n3".into()],
+        removed: false,
+    };
+    both("lab_demo", swarmnet_cli::demo::text(&r), &r);
+}
