@@ -44,8 +44,13 @@ struct Stored {
     keyring: Vec<String>,
 }
 
+/// A task's state as this node reports it: (`running` | `failed`, message).
+pub type TaskReport = (String, String);
+
 #[derive(Debug, Default)]
 struct Shared {
+    /// What the node wants the managers to know about its tasks (latest per task).
+    reports: std::collections::BTreeMap<swarmnet_model::TaskId, TaskReport>,
     stamp: Option<(u64, u64)>,
     intent: Option<Intent>,
     keyring: Vec<Vec<u8>>,
@@ -125,6 +130,14 @@ impl AssignmentFeed {
         self.shared.lock().expect("lock").error.clone()
     }
 
+    /// Records the state of this node's tasks; the feed thread sends what changed.
+    pub fn set_reports(
+        &self,
+        reports: std::collections::BTreeMap<swarmnet_model::TaskId, TaskReport>,
+    ) {
+        self.shared.lock().expect("lock").reports = reports;
+    }
+
     /// The gossip keys of the assignment in force, oldest first.
     pub fn keyring(&self) -> Vec<Vec<u8>> {
         self.shared.lock().expect("lock").keyring.clone()
@@ -139,6 +152,29 @@ fn unhex(s: &str) -> Vec<u8> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The reports for this node's tasks after a round: a task whose sandbox is built (status
+/// `ok`) is running; one whose sandbox failed is failed, with the error.
+pub fn task_reports(
+    rec: &crate::reconcile::Reconciler,
+    node: &NodeId,
+) -> std::collections::BTreeMap<swarmnet_model::TaskId, TaskReport> {
+    use crate::plan::ObjectKey;
+    use crate::reconcile::ObjectState;
+    rec.intent()
+        .tasks()
+        .filter(|(t, _)| &t.node == node)
+        .filter_map(|(t, _)| {
+            let s = rec.status().get(&ObjectKey::Sandbox(t.id.clone()))?;
+            let report = match s.state {
+                ObjectState::Ok => ("running".to_string(), String::new()),
+                ObjectState::Error => ("failed".to_string(), s.error.clone().unwrap_or_default()),
+                ObjectState::Pending => return None,
+            };
+            Some((t.id.clone(), report))
+        })
+        .collect()
 }
 
 /// Round robin over the managers until the process ends.
@@ -208,9 +244,37 @@ async fn session(
         }
     };
     tokio::pin!(heartbeats);
+    // What this session has told the manager; a new session tells everything again.
+    let mut told: std::collections::BTreeMap<swarmnet_model::TaskId, TaskReport> =
+        Default::default();
+    let mut reporter = dispatcher.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             e = &mut heartbeats => return Err(e),
+            _ = tick.tick() => {
+                let want = shared.lock().expect("lock").reports.clone();
+                for (task, report) in want {
+                    if told.get(&task) == Some(&report) {
+                        continue;
+                    }
+                    let r = reporter
+                        .report_task(pb::TaskReport {
+                            node_id: cfg.node.to_string(),
+                            task_id: task.to_string(),
+                            state: report.0.clone(),
+                            message: report.1.clone(),
+                        })
+                        .await;
+                    match r {
+                        // A stale report (the task moved or went) is dropped, not retried.
+                        Ok(_) => {}
+                        Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+                        Err(s) => return Err(format!("task report failed ({:?}): {}", s.code(), s.message())),
+                    }
+                    told.insert(task, report);
+                }
+            }
             msg = stream.message() => match msg {
                 Ok(Some(a)) => take(cfg, shared, a),
                 Ok(None) => return Err("the stream ended".into()),

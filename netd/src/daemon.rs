@@ -89,6 +89,13 @@ impl IntentWatcher {
         }
     }
 
+    /// With the orchestrator, tells it the state of this node's tasks after a round.
+    pub fn report_tasks(&self, rec: &Reconciler, node: &swarmnet_model::NodeId) {
+        if let Some(feed) = &self.feed {
+            feed.set_reports(crate::assign::task_reports(rec, node));
+        }
+    }
+
     /// A new valid intent if the file changed and parses; a parse failure is kept in `error`
     /// and the previous intent stays in force.
     pub fn poll(&mut self) -> Option<Intent> {
@@ -271,6 +278,9 @@ pub fn run(
             ran = Some(rec.round(false, now));
         }
         tick += 1;
+        if ran.is_some() {
+            watcher.report_tasks(&rec, &cfg.node_id);
+        }
         if ran.is_some() || (dns.pending_retry() && tick.is_multiple_of(10)) {
             // Answers follow the round at once (an intent change shows in DNS within a tick);
             // a sandbox whose resolver could not start is retried about once a second.

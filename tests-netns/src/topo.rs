@@ -474,8 +474,10 @@ impl Node {
     /// [`Node::spawn_netd`] with another binary (the harness's own tests use a fake netd).
     pub fn spawn_netd_bin(&mut self, bin: &Path, intent: &Path, extra: &[&str]) -> Result<()> {
         ensure!(self.netd.is_none(), "netd already runs on {}", self.id);
+        // With `--managers`, intent comes from the orchestrator and the file is not used.
+        let from_managers = extra.contains(&"--managers");
         ensure!(
-            intent.exists(),
+            from_managers || intent.exists(),
             "write the intent before starting netd ({} is missing)",
             intent.display()
         );
@@ -495,7 +497,9 @@ impl Node {
         )?;
         let mut cmd = Command::new(bin);
         cmd.arg("--node-id").arg(&self.id);
-        cmd.arg("--intent").arg(intent);
+        if !from_managers {
+            cmd.arg("--intent").arg(intent);
+        }
         cmd.arg("--run-dir").arg(&self.run_dir);
         cmd.arg("--cgroup-dir").arg(&self.cgroup_dir);
         if !extra

@@ -1,0 +1,369 @@
+//! End to end with the orchestrator: three managers (`swarmnet-orchestrator`, one in each node
+//! namespace) and three netds taking their intent from them (`--managers`, `--join-token`).
+//! A network and a service are created through the gRPC API; every node's data plane then
+//! serves the service by name and VIP from every task; with every manager stopped, the data
+//! plane keeps serving.
+//!
+//! API calls run on a thread that entered node n1's namespace (the managers listen on the
+//! underlay addresses, which exist only there).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use swarmnet_api as pb;
+use swarmnet_tests_netns::gate;
+use swarmnet_tests_netns::topo::{self, Bg, Topology, parse_answer, retry};
+
+const PORT: u16 = 4242;
+
+fn orchestrator_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SWARMNET_ORCHESTRATOR_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let beside = topo::netd_binary()?.with_file_name("swarmnet-orchestrator");
+    ensure!(
+        beside.is_file(),
+        "{} not found: build it with `cargo build -p swarmnet-orchestrator` (or set SWARMNET_ORCHESTRATOR_BIN)",
+        beside.display()
+    );
+    Ok(beside)
+}
+
+/// Runs `f` (async) on a thread inside `netns`, with its own runtime.
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>>>> + Send + 'static,
+) -> Result<T> {
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || -> Result<T> {
+        let fd = File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(f())
+    })
+    .join()
+    .map_err(|panic| anyhow!("API thread panicked: {panic:?}"))?
+}
+
+async fn channel(addr: String) -> Result<tonic::transport::Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await?,
+    )
+}
+
+struct Managers {
+    procs: Vec<Option<Bg>>,
+    addrs: Vec<String>,
+}
+
+fn start_managers(topo: &Topology) -> Result<Managers> {
+    let bin = orchestrator_binary()?;
+    let addrs: Vec<String> = topo
+        .nodes
+        .iter()
+        .map(|n| format!("{}:{PORT}", n.addr))
+        .collect();
+    let mut procs = Vec::new();
+    for (i, n) in topo.nodes.iter().enumerate() {
+        let data = topo.dir.join(format!("manager-{}", i + 1));
+        let mut args = vec![
+            bin.to_string_lossy().into_owned(),
+            "--id".into(),
+            (i + 1).to_string(),
+            "--listen".into(),
+            addrs[i].clone(),
+            "--data-dir".into(),
+            data.to_string_lossy().into_owned(),
+        ];
+        if i == 0 {
+            args.push("--bootstrap".into());
+        } else {
+            args.extend(["--join".into(), addrs[0].clone()]);
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cmd: Command = topo::nsenter_cmd(&n.netns_path(), &argv);
+        procs.push(Some(Bg::spawn(cmd, None)?));
+        if i == 0 {
+            // The others join through the first: let it answer first.
+            let a = addrs[0].clone();
+            retry("manager 1 to answer", Duration::from_secs(20), || {
+                let a = a.clone();
+                in_netns(&n.netns_path(), move || {
+                    Box::pin(async move {
+                        channel(a).await?;
+                        Ok(())
+                    })
+                })
+            })?;
+        }
+    }
+    Ok(Managers { procs, addrs })
+}
+
+#[test]
+fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result<()> {
+    if !gate::privileged("three_managers_drive_three_nodes_and_the_data_plane_outlives_them") {
+        return Ok(());
+    }
+    let mut topo = Topology::new(3)?;
+    let mut managers = start_managers(&topo)?;
+    let n1 = topo.node("n1").netns_path();
+    let first = managers.addrs[0].clone();
+    let n1_addr = topo.node("n1").addr.to_string();
+    // Create the cluster (its first node is n1), wait for all three managers to be voters.
+    let token = in_netns(&n1, move || {
+        Box::pin(async move {
+            let mut c = pb::cluster_client::ClusterClient::new(channel(first).await?);
+            c.init(pb::InitRequest {
+                cluster_id: "e2e".into(),
+                node: Some(pb::JoinNodeRequest {
+                    id: "n1".into(),
+                    addr: n1_addr,
+                    role: "manager".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await?;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let info = c.info(pb::Empty {}).await?.into_inner();
+                if info.managers.iter().filter(|m| m.voter).count() == 3 {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "managers did not all join: {info:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(c.join_tokens(pb::Empty {}).await?.into_inner().worker)
+        })
+    })?;
+    let list = managers.addrs.join(",");
+    for n in &mut topo.nodes {
+        let addr = n.addr.to_string();
+        n.spawn_netd(
+            Path::new("/nonexistent"),
+            &[
+                "--managers",
+                &list,
+                "--join-token",
+                &token,
+                "--advertise-addr",
+                &addr,
+            ],
+        )?;
+    }
+    // Every netd joins (n1 was recorded at init and rejoins).
+    let m1 = managers.addrs[0].clone();
+    retry("three nodes to join", Duration::from_secs(30), || {
+        let m1 = m1.clone();
+        let n = in_netns(&n1, move || {
+            Box::pin(async move {
+                let list = pb::nodes_client::NodesClient::new(channel(m1).await?)
+                    .list(pb::Empty {})
+                    .await?
+                    .into_inner();
+                Ok(list.nodes.len())
+            })
+        })?;
+        ensure!(n == 3, "{n} nodes");
+        Ok(())
+    })?;
+    // A network and a service through the API (to manager 2: it forwards to the leader).
+    let m2 = managers.addrs[1].clone();
+    let argv = topo::whoami_argv()?;
+    let mut tasks: Vec<(String, String)> = in_netns(&n1, move || {
+        Box::pin(async move {
+            let ch = channel(m2).await?;
+            pb::networks_client::NetworksClient::new(ch.clone())
+                .create(pb::NetworkCreate {
+                    name: "app".into(),
+                    ..Default::default()
+                })
+                .await?;
+            let mut s = pb::services_client::ServicesClient::new(ch);
+            s.create(pb::ServiceSpec {
+                name: "web".into(),
+                replicas: 3,
+                argv,
+                networks: vec![pb::ServiceNetwork {
+                    network: "app".into(),
+                    aliases: vec![],
+                }],
+                // The VIP balances the ports a service declares.
+                ports: vec![pb::Port {
+                    target: 80,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await?;
+            let ps = s.ps(pb::NameRef { name: "web".into() }).await?.into_inner();
+            Ok(ps
+                .tasks
+                .into_iter()
+                .map(|t| (t.node, t.id))
+                .collect::<Vec<_>>())
+        })
+    })?;
+    ensure!(tasks.len() == 3, "{tasks:?}");
+    let nodes: std::collections::BTreeSet<&str> = tasks.iter().map(|(n, _)| n.as_str()).collect();
+    ensure!(nodes.len() == 3, "one task per node: {tasks:?}");
+    // Every node runs its task and reaches the service by name (DNS -> VIP -> a backend).
+    let check = |topo: &Topology, tasks: &[(String, String)]| -> Result<()> {
+        for (node, task) in tasks {
+            retry(
+                &format!("web to answer {task} on {node}"),
+                Duration::from_secs(60),
+                || {
+                    // The test's commands share only the sandbox's network namespace, not the
+                    // task's resolv.conf: ask the sandbox's resolver explicitly.
+                    let vip = topo
+                        .sandbox_exec(
+                            node,
+                            task,
+                            &["dig", "+short", "+time=1", "@127.0.0.11", "web"],
+                        )?
+                        .check()?
+                        .stdout
+                        .trim()
+                        .to_string();
+                    ensure!(!vip.is_empty(), "web does not resolve");
+                    let out = topo
+                        .sandbox_exec(
+                            node,
+                            task,
+                            &["curl", "-sS", "-m", "2", &format!("http://{vip}/")],
+                        )?
+                        .check()?;
+                    parse_answer(&out.stdout)
+                        .map(drop)
+                        .ok_or_else(|| anyhow!("not a whoami answer: {}", out.stdout))
+                },
+            )?;
+        }
+        Ok(())
+    };
+    check(&topo, &tasks)?;
+    topo.wait_converged(Duration::from_secs(60))?;
+    // The nodes report their tasks running.
+    let m3 = managers.addrs[2].clone();
+    retry(
+        "every task reported running",
+        Duration::from_secs(30),
+        || {
+            let m3 = m3.clone();
+            let states = in_netns(&n1, move || {
+                Box::pin(async move {
+                    let ps = pb::services_client::ServicesClient::new(channel(m3).await?)
+                        .ps(pb::NameRef { name: "web".into() })
+                        .await?
+                        .into_inner();
+                    Ok(ps.tasks.into_iter().map(|t| t.state).collect::<Vec<_>>())
+                })
+            })?;
+            ensure!(states.iter().all(|s| s == "running"), "{states:?}");
+            Ok(())
+        },
+    )?;
+    // Drain n3 while n1's task keeps calling the service: n3's task moves, and the service
+    // answers throughout.
+    let (_, client_task) = tasks.iter().find(|(n, _)| n == "n1").cloned().unwrap();
+    let vip = topo
+        .sandbox_exec("n1", &client_task, &["dig", "+short", "@127.0.0.11", "web"])?
+        .check()?
+        .stdout
+        .trim()
+        .to_string();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sandbox = topo.node("n1").sandbox_netns(&client_task);
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> (usize, Vec<String>) {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok + failed.len() < 2000 {
+                let url = format!("http://{vip}/");
+                match topo::run(
+                    topo::nsenter_cmd(&sandbox, &["curl", "-sS", "-m", "2", &url]),
+                    None,
+                    Duration::from_secs(5),
+                ) {
+                    Ok(o) if o.success() => ok += 1,
+                    Ok(o) => failed.push(o.stderr),
+                    Err(e) => failed.push(e.to_string()),
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (ok, failed)
+        })
+    };
+    let m1 = managers.addrs[0].clone();
+    in_netns(&n1, move || {
+        Box::pin(async move {
+            pb::nodes_client::NodesClient::new(channel(m1).await?)
+                .update(pb::UpdateNodeRequest {
+                    id: "n3".into(),
+                    availability: "drain".into(),
+                    ..Default::default()
+                })
+                .await?;
+            Ok(())
+        })
+    })?;
+    let m1 = managers.addrs[0].clone();
+    retry(
+        "n3's task to run elsewhere",
+        Duration::from_secs(60),
+        || {
+            let m1 = m1.clone();
+            let placed = in_netns(&n1, move || {
+                Box::pin(async move {
+                    let ps = pb::services_client::ServicesClient::new(channel(m1).await?)
+                        .ps(pb::NameRef { name: "web".into() })
+                        .await?
+                        .into_inner();
+                    Ok(ps
+                        .tasks
+                        .into_iter()
+                        .map(|t| (t.node, t.state))
+                        .collect::<Vec<_>>())
+                })
+            })?;
+            ensure!(
+                placed.len() == 3 && placed.iter().all(|(n, s)| n != "n3" && s == "running"),
+                "{placed:?}"
+            );
+            Ok(())
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().map_err(|p| anyhow!("load thread: {p:?}"))?;
+    eprintln!(
+        "during the drain: {ok} answered, {} failed: {failed:?}",
+        failed.len()
+    );
+    ensure!(ok > 10, "too few requests ran during the drain: {ok}");
+    ensure!(
+        failed.is_empty(),
+        "requests failed during the drain: {failed:?}"
+    );
+    // Every manager stopped: the data plane keeps serving names and VIPs (from the tasks that
+    // stayed where they were).
+    for p in &mut managers.procs {
+        drop(p.take());
+    }
+    tasks.retain(|(n, _)| n != "n3");
+    check(&topo, &tasks)?;
+    Ok(())
+}
