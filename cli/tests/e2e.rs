@@ -48,7 +48,8 @@ fn lab_service_dns_vip_mesh_inspect_scale_down() {
     ok(c, &["lab", "up", "--name", &name, "--nodes", "3"]);
     ok(c, &["network", "create", "--subnet", "10.30.0.0/24", "app"]);
     let whoami = whoami();
-    ok(
+    // Without --detach the command waits, showing progress, until every task runs.
+    let created = ok(
         c,
         &[
             "service",
@@ -61,12 +62,16 @@ fn lab_service_dns_vip_mesh_inspect_scale_down() {
             "app",
             "--publish",
             "8080:80",
-            "--detach",
             "--",
             &whoami,
             "--port",
             "80",
         ],
+    );
+    assert!(
+        created.stderr.contains("web: 3/3 tasks running"),
+        "{}",
+        created.stderr
     );
     ok(
         c,
@@ -107,6 +112,9 @@ fn lab_service_dns_vip_mesh_inspect_scale_down() {
         .map(|t| t["id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(web_ips.len(), 3);
+    for t in tasks.as_array().unwrap() {
+        assert_eq!(t["state"], "running", "{t}");
+    }
 
     // The client's process runs once its node's netd got the assignment.
     let exec = |args: &[&str]| {
@@ -216,8 +224,13 @@ fn lab_service_dns_vip_mesh_inspect_scale_down() {
         "{text}"
     );
 
+    // Node labels through the managers.
+    ok(c, &["node", "update", "--label-add", "zone=a", "n2"]);
+    let nodes = ok(c, &["node", "ls", "--format", "json"]).json();
+    assert_eq!(nodes[1]["labels"]["zone"], "a", "{nodes}");
+
     // Scale down: the managers keep one task.
-    ok(c, &["service", "scale", "web=1", "--detach"]);
+    ok(c, &["service", "scale", "web=1"]);
     let tasks = ok(c, &["service", "ps", "web", "--format", "json"]).json();
     assert_eq!(tasks.as_array().unwrap().len(), 1, "{tasks}");
 
