@@ -169,6 +169,7 @@ pub fn text(r: &Report) -> String {
         let drift = match (&n.error, n.drift.len()) {
             (Some(_), _) => "unknown".to_string(),
             (None, 0) => "none".to_string(),
+            (None, 1) => "DRIFT (1 object)".to_string(),
             (None, k) => format!("DRIFT ({k} objects)"),
         };
         let status: Vec<String> = n
@@ -234,4 +235,35 @@ pub fn text(r: &Report) -> String {
         "result: no drift\n"
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_test_and_status_are_selected_per_service() {
+        let v = serde_json::json!({
+            "drift": [{"object": "sandbox/t1", "ops": ["add link"]}, {"object": "network/app", "ops": ["x"]}],
+            "kernel": {"sb-t1": {"links": []}, "sb-t9": {}, "net-app": {}},
+            "status": {
+                "objects": {"sandbox/t1": {"state": "failing", "error": "EEXIST"}, "sandbox/t9": {"state": "ok"}},
+                "published": {"8080/tcp": {"ok": true, "service": "web"}, "9090/tcp": {"ok": false, "service": "api"}}
+            }
+        });
+        let t = Target::Service {
+            name: "web".into(),
+            tasks: vec!["t1".into()],
+        };
+        let n = select("n1", &t, &v);
+        assert_eq!(n.drift.len(), 1);
+        assert_eq!(n.kernel.keys().collect::<Vec<_>>(), ["sb-t1"]);
+        assert_eq!(n.status.keys().collect::<Vec<_>>(), ["sandbox/t1"]);
+        assert_eq!(n.published.keys().collect::<Vec<_>>(), ["8080/tcp"]);
+        let all = select("n1", &Target::Node, &v);
+        assert_eq!(
+            (all.drift.len(), all.kernel.len(), all.published.len()),
+            (2, 3, 2)
+        );
+    }
 }

@@ -220,7 +220,7 @@ pub fn services_table(svcs: &[ServiceView]) -> String {
 }
 
 /// One task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct TaskView {
     pub id: String,
     /// `<service>.<slot>`, what `task exec` accepts besides the id.

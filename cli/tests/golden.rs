@@ -261,3 +261,111 @@ fn lab_demo() {
     };
     both("lab_demo", swarmnet_cli::demo::text(&r), &r);
 }
+
+/// `inspect` over netd answers captured from a lab (n2's FDB entry for a replica on n1 deleted by
+/// hand): what is selected per kind, the drift flags, and both renderings.
+mod inspect {
+    use serde_json::Value;
+    use swarmnet_cli::inspect::{NodeInspect, Report, Target, select, text};
+    use swarmnet_cli::render::TaskView;
+
+    use super::{both, dir};
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(dir().join("../fixtures").join(name)).unwrap()
+    }
+
+    fn nodes(target: &Target) -> Vec<NodeInspect> {
+        ["n1", "n2"]
+            .iter()
+            .map(|n| {
+                let v: Value =
+                    serde_json::from_str(&fixture(&format!("netd_inspect_{n}.json"))).unwrap();
+                select(n, target, &v)
+            })
+            .collect()
+    }
+
+    fn report(
+        kind: &str,
+        name: &str,
+        intent: Value,
+        tasks: Vec<TaskView>,
+        target: &Target,
+    ) -> Report {
+        let nodes = nodes(target);
+        let drift = nodes
+            .iter()
+            .any(|n| n.error.is_some() || !n.drift.is_empty());
+        Report {
+            kind: kind.into(),
+            name: name.into(),
+            intent,
+            tasks,
+            nodes,
+            drift,
+        }
+    }
+
+    #[test]
+    fn network_with_drift_on_n2() {
+        let target = Target::Network { name: "app".into() };
+        let r = report(
+            "network",
+            "app",
+            serde_json::json!({"name": "app", "subnet": "10.40.0.0/24"}),
+            vec![],
+            &target,
+        );
+        assert!(r.drift);
+        assert!(r.nodes[0].drift.is_empty(), "n1 is healthy");
+        assert_eq!(r.nodes[1].drift.len(), 1);
+        assert_eq!(r.nodes[1].kernel.keys().collect::<Vec<_>>(), ["net-app"]);
+        both("inspect_network", text(&r), &r);
+    }
+
+    #[test]
+    fn service_sees_its_sandboxes_but_not_network_drift() {
+        let tasks: Vec<TaskView> = serde_json::from_str(&fixture("web_tasks.json")).unwrap();
+        let target = Target::Service {
+            name: "web".into(),
+            tasks: tasks.iter().map(|t| t.id.clone()).collect(),
+        };
+        let r = report(
+            "service",
+            "web",
+            serde_json::json!({"name": "web"}),
+            tasks,
+            &target,
+        );
+        assert!(
+            !r.drift,
+            "the FDB drift belongs to the network, not the service's sandboxes"
+        );
+        for n in &r.nodes {
+            assert_eq!(
+                n.kernel.len(),
+                1,
+                "one web sandbox per node: {:?}",
+                n.kernel.keys()
+            );
+            assert!(n.kernel.keys().all(|k| k.starts_with("sb-")));
+        }
+        both("inspect_service", text(&r), &r);
+    }
+
+    #[test]
+    fn node_shows_everything() {
+        let r = report(
+            "node",
+            "n2",
+            serde_json::json!({"id": "n2"}),
+            vec![],
+            &Target::Node,
+        );
+        let n2 = &r.nodes[1];
+        assert!(n2.kernel.contains_key("node") && n2.kernel.contains_key("net-app"));
+        assert!(n2.status.contains_key("network/app"));
+        assert_eq!(n2.drift.len(), 1);
+    }
+}
