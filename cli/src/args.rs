@@ -193,9 +193,42 @@ pub enum ServiceCmd {
         #[arg(long)]
         detach: bool,
     },
+    /// Changes a service; a change beyond the replica count rolls its tasks.
+    Update(ServiceUpdate),
     Rm {
         name: String,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceUpdate {
+    pub name: String,
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    /// K=V; repeatable.
+    #[arg(long = "env-add", value_parser = parse_kv)]
+    pub env_add: Vec<(String, String)>,
+    /// K; repeatable.
+    #[arg(long = "env-rm")]
+    pub env_rm: Vec<String>,
+    #[arg(long = "constraint-add", value_parser = parse_constraint)]
+    pub constraint_add: Vec<String>,
+    #[arg(long = "constraint-rm")]
+    pub constraint_rm: Vec<String>,
+    #[arg(long = "publish-add", value_parser = parse_publish)]
+    pub publish_add: Vec<Publish>,
+    /// PUBLISHED port to stop publishing; repeatable.
+    #[arg(long = "publish-rm")]
+    pub publish_rm: Vec<u16>,
+    /// Tasks replaced at once during the rolling update.
+    #[arg(long)]
+    pub update_parallelism: Option<u32>,
+    /// Return once the manager accepted the change.
+    #[arg(long)]
+    pub detach: bool,
+    /// The new command, if it changes.
+    #[arg(last = true)]
+    pub cmd: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,9 @@ use pb::services_client::ServicesClient;
 use swarmnet_api as pb;
 
 use crate::api::{self, Managers};
-use crate::args::{ClusterCmd, InspectKind, NetworkCmd, NodeCmd, ServiceCmd, ServiceCreate};
+use crate::args::{
+    ClusterCmd, InspectKind, NetworkCmd, NodeCmd, ServiceCmd, ServiceCreate, ServiceUpdate,
+};
 use crate::error::{CliError, Result};
 use crate::inspect::Target;
 use crate::progress::Progress;
@@ -240,6 +242,47 @@ pub fn service_spec(c: &ServiceCreate) -> pb::ServiceSpec {
     }
 }
 
+/// Applies `u` to the service's current definition (pure); `None` when nothing changes.
+pub fn updated_spec(mut spec: pb::ServiceSpec, u: &ServiceUpdate) -> Option<pb::ServiceSpec> {
+    let before = spec.clone();
+    if let Some(n) = u.replicas {
+        spec.replicas = n;
+    }
+    for k in &u.env_rm {
+        spec.env.remove(k);
+    }
+    spec.env.extend(u.env_add.iter().cloned());
+    spec.constraints.retain(|c| !u.constraint_rm.contains(c));
+    for c in &u.constraint_add {
+        if !spec.constraints.contains(c) {
+            spec.constraints.push(c.clone());
+        }
+    }
+    spec.ports.retain(|p| {
+        let published = p
+            .publish
+            .parse::<u16>()
+            .ok()
+            .or(u16::try_from(p.published).ok());
+        !published.is_some_and(|n| u.publish_rm.contains(&n))
+    });
+    spec.ports.extend(u.publish_add.iter().map(|p| pb::Port {
+        name: String::new(),
+        protocol: p.protocol.clone(),
+        target: u32::from(p.target),
+        publish: p.published.to_string(),
+        publish_mode: p.mode.clone(),
+        published: 0,
+    }));
+    if let Some(n) = u.update_parallelism {
+        spec.update.get_or_insert_with(Default::default).parallelism = n;
+    }
+    if !u.cmd.is_empty() {
+        spec.argv = u.cmd.clone();
+    }
+    (spec != before).then_some(spec)
+}
+
 pub async fn tasks_of(m: &mut Managers, name: &str) -> Result<Vec<TaskView>> {
     let list = m
         .call(|ch| {
@@ -268,8 +311,21 @@ async fn wait_running(m: &mut Managers, name: &str, progress: &mut Progress) -> 
             progress.step(&format!("{name}: {}/{} tasks running", now.0, now.1));
             last = Some(now);
         }
-        if s.tasks_running >= s.tasks_desired {
-            return Ok(());
+        // A rolling update is done when the managers say so, not when the count is full (old
+        // tasks count as running until replaced).
+        match s.update_state.as_str() {
+            "paused" | "rolled_back" => {
+                return Err(CliError::Refused {
+                    code: crate::error::RefusalKind::Other,
+                    message: format!(
+                        "the update of {name} is {}: {}",
+                        s.update_state, s.update_message
+                    ),
+                });
+            }
+            "updating" | "waiting" | "rolling_back" => {}
+            _ if s.tasks_running >= s.tasks_desired => return Ok(()),
+            _ => {}
         }
         if start.elapsed() > WAIT_TASKS {
             let tasks = tasks_of(m, name).await?;
@@ -363,6 +419,30 @@ pub async fn service(
                 out.push_str(&format!("{name}={replicas}\n"));
             }
             Ok(out)
+        }
+        ServiceCmd::Update(u) => {
+            let current = m
+                .call(|ch| {
+                    let name = u.name.clone();
+                    async move { ServicesClient::new(ch).inspect(pb::NameRef { name }).await }
+                })
+                .await?;
+            let Some(spec) = updated_spec(current.spec.unwrap_or_default(), &u) else {
+                return Err(CliError::usage(
+                    format!("service update {} changes nothing", u.name),
+                    "give at least one change, e.g. --replicas N or --env-add K=V",
+                ));
+            };
+            m.call(|ch| {
+                let spec = spec.clone();
+                async move { ServicesClient::new(ch).update(spec).await }
+            })
+            .await?;
+            progress.step(&format!("{} updated", u.name));
+            if !u.detach {
+                wait_running(m, &u.name, progress).await?;
+            }
+            Ok(format!("{}\n", u.name))
         }
         ServiceCmd::Rm { name } => {
             m.call(|ch| {
@@ -566,6 +646,75 @@ mod tests {
             "true",
         ]);
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn update_applies_each_change_and_refuses_none() {
+        let base = service_spec(&create(&[
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "-p",
+            "8080:80",
+            "-e",
+            "A=1",
+            "--constraint",
+            "node.role==worker",
+            "--",
+            "old",
+        ]));
+        let parse = |args: &[&str]| -> ServiceUpdate {
+            let cli = Cli::try_parse_from(
+                ["swarmnet", "service", "update"]
+                    .iter()
+                    .chain(args)
+                    .copied(),
+            )
+            .unwrap();
+            match cli.cmd {
+                Cmd::Service(ServiceCmd::Update(u)) => u,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(updated_spec(base.clone(), &parse(&["web"])).is_none());
+        assert!(updated_spec(base.clone(), &parse(&["web", "--replicas", "2"])).is_none());
+        let s = updated_spec(
+            base,
+            &parse(&[
+                "web",
+                "--replicas",
+                "5",
+                "--env-rm",
+                "A",
+                "--env-add",
+                "B=2",
+                "--constraint-rm",
+                "node.role==worker",
+                "--constraint-add",
+                "node.labels.zone==a",
+                "--publish-rm",
+                "8080",
+                "--publish-add",
+                "9090:90/udp",
+                "--update-parallelism",
+                "2",
+                "--",
+                "new",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.replicas, 5);
+        assert_eq!(s.env.len(), 1);
+        assert_eq!(s.env.get("B").map(String::as_str), Some("2"));
+        assert_eq!(s.constraints, ["node.labels.zone==a"]);
+        assert_eq!(s.ports.len(), 1);
+        assert_eq!(
+            (s.ports[0].publish.as_str(), s.ports[0].target),
+            ("9090", 90)
+        );
+        assert_eq!(s.update.unwrap().parallelism, 2);
+        assert_eq!(s.argv, ["new"]);
     }
 
     #[test]

@@ -229,6 +229,30 @@ fn lab_service_dns_vip_mesh_inspect_scale_down() {
     let nodes = ok(c, &["node", "ls", "--format", "json"]).json();
     assert_eq!(nodes[1]["labels"]["zone"], "a", "{nodes}");
 
+    // A rolling update: the command waits until the managers report it completed.
+    let upd = ok(
+        c,
+        &[
+            "service",
+            "update",
+            "web",
+            "--env-add",
+            "X=1",
+            "--update-parallelism",
+            "1",
+        ],
+    );
+    assert!(upd.stderr.contains("web updated"), "{}", upd.stderr);
+    let svc = ok(c, &["service", "ls", "--format", "json"]).json();
+    let web = svc
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    assert_eq!(web["update_state"], "completed", "{web}");
+    assert_eq!(web["replicas_running"], 3, "{web}");
+
     // Scale down: the managers keep one task.
     ok(c, &["service", "scale", "web=1"]);
     let tasks = ok(c, &["service", "ps", "web", "--format", "json"]).json();
