@@ -475,6 +475,15 @@ impl pb::cluster_server::Cluster for ClusterApi {
             })
             .await
             .map_err(status_of)?;
+        // The cluster's first gossip key.
+        let bytes = random_bytes()?;
+        self.0
+            .write(Command::RotateGossipKey(GossipKey {
+                id: u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+                key: hex(&random_bytes()?),
+            }))
+            .await
+            .map_err(status_of)?;
         Ok(Response::new(cluster_info(&self.0)))
     }
 

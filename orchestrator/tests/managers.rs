@@ -35,6 +35,10 @@ struct Cluster {
 }
 
 async fn start(slot: &mut Slot) {
+    start_with(slot, Duration::from_secs(3600)).await
+}
+
+async fn start_with(slot: &mut Slot, node_down_after: Duration) {
     let listener = {
         // Rebinding the same port after a stop can meet a lingering socket for a moment.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -50,8 +54,8 @@ async fn start(slot: &mut Slot) {
         }
     };
     let mut cfg = ManagerConfig::new(slot.id, slot.addr.clone(), slot.dir.clone());
-    // No netd runs here: nodes never heartbeat, so do not mark them down during the test.
-    cfg.node_down_after = Duration::from_secs(3600);
+    // Most tests run no netd: nodes never heartbeat, so they set this long.
+    cfg.node_down_after = node_down_after;
     let manager = Manager::start(cfg).await.expect("manager starts");
     let (stop, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(api::serve(manager.clone(), listener, async {
@@ -83,6 +87,10 @@ async fn ports(n: usize) -> Vec<String> {
 }
 
 async fn cluster3() -> Cluster {
+    cluster3_with(Duration::from_secs(3600)).await
+}
+
+async fn cluster3_with(node_down_after: Duration) -> Cluster {
     let tmp = tempfile::tempdir().unwrap();
     let mut slots: Vec<Slot> = ports(3)
         .await
@@ -96,7 +104,7 @@ async fn cluster3() -> Cluster {
         })
         .collect();
     for s in &mut slots {
-        start(s).await;
+        start_with(s, node_down_after).await;
     }
     let mut c = cluster_client(&slots[0].addr).await;
     c.init(pb::InitRequest {
@@ -480,6 +488,88 @@ async fn without_quorum_writes_fail_fast_and_restart_keeps_the_state() {
         .into_inner();
     assert_eq!(svc.tasks_desired, 4);
     assert_eq!(svc.spec.unwrap().ports[0].published, 30000);
+    for s in &mut c.slots {
+        stop(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_marked_down_and_its_tasks_move() {
+    let mut c = cluster3_with(Duration::from_secs(2)).await;
+    let addr = c.slots[1].addr.clone();
+    // n1 and n2 heartbeat (through a follower: it passes them to the leader); n3 is silent.
+    let beat = tokio::spawn(async move {
+        let mut d = pb::dispatcher_client::DispatcherClient::new(channel(&addr).await);
+        loop {
+            for n in ["n1", "n2"] {
+                let _ = d
+                    .heartbeat(pb::HeartbeatRequest { node_id: n.into() })
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    networks_client(&c.slots[0].addr)
+        .await
+        .create(pb::NetworkCreate {
+            name: "app".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut svc = web();
+    svc.replicas = 3;
+    services_client(&c.slots[0].addr)
+        .await
+        .create(svc)
+        .await
+        .unwrap();
+    let nodes_client =
+        || async { pb::nodes_client::NodesClient::new(channel(&c.slots[0].addr).await) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = nodes_client()
+            .await
+            .list(pb::Empty {})
+            .await
+            .unwrap()
+            .into_inner();
+        let status: Vec<(String, String)> =
+            list.nodes.into_iter().map(|n| (n.id, n.status)).collect();
+        let ps = services_client(&c.slots[0].addr)
+            .await
+            .ps(pb::NameRef { name: "web".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let on: BTreeSet<String> = ps.tasks.iter().map(|t| t.node.clone()).collect();
+        if status
+            == [
+                ("n1".to_string(), "ready".to_string()),
+                ("n2".into(), "ready".into()),
+                ("n3".into(), "down".into()),
+            ]
+            && ps.tasks.len() == 3
+            && !on.contains("n3")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n3 not marked down or its task not moved: {status:?} {on:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The gossip keyring was created with the cluster.
+    let keys = c.slots[0]
+        .running
+        .as_ref()
+        .unwrap()
+        .manager
+        .state
+        .read(|a| a.state.keyring.len());
+    assert_eq!(keys, 1);
+    beat.abort();
     for s in &mut c.slots {
         stop(s).await;
     }

@@ -135,7 +135,21 @@ impl Manager {
             path: config.data_dir.display().to_string(),
             source,
         })?;
-        let (log, sm, state) = store::open(&config.data_dir.join("manager.redb"))?;
+        let path = config.data_dir.join("manager.redb");
+        // A manager stopped in this same process releases its database only when openraft's
+        // last task has dropped the store, which can trail `shutdown` a little.
+        let mut tries = 0;
+        let (log, sm, state) = loop {
+            match store::open(&path) {
+                Err(store::OpenError::Database { source, .. })
+                    if matches!(*source, redb::Error::DatabaseAlreadyOpen) && tries < 50 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => break r?,
+            }
+        };
         let election = config.election_timeout.as_millis() as u64;
         let raft_config = Config {
             cluster_name: "swarmnet".into(),
@@ -213,58 +227,48 @@ impl Manager {
                     self.config.write_timeout
                 )));
             }
-            let leader = self.raft.metrics().borrow().current_leader;
-            let attempt = match leader {
-                Some(l) if l == self.id => {
+            match self.leader() {
+                Some((l, _)) if l == self.id => {
                     match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await {
                         Err(_) => {
-                            last_reason = "the leader could not reach a majority".into();
-                            continue;
+                            return Err(WriteError::NoQuorum(format!(
+                                "the leader could not reach a majority within {:?}; the write may still be committed if one returns",
+                                self.config.write_timeout
+                            )));
                         }
                         Ok(Ok(r)) => return r.data.map_err(WriteError::Refused),
                         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                             last_reason = "leadership changed".into();
-                            None
                         }
                         Ok(Err(e)) => return Err(WriteError::Raft(e.to_string())),
                     }
                 }
-                Some(l) => {
-                    let addr = self
-                        .raft
-                        .metrics()
-                        .borrow()
-                        .membership_config
-                        .membership()
-                        .get_node(&l)
-                        .map(|n| n.addr.clone());
-                    match addr {
-                        None => None,
-                        Some(addr) => match self
-                            .forward(&addr, &Forwarded::Write(cmd.clone()), left)
-                            .await
-                        {
-                            Ok(ForwardReply::Applied(r, index)) => {
-                                // Read-your-writes: the caller reads this manager's state next.
-                                self.wait_applied(index, left).await;
-                                return r.map_err(WriteError::Refused);
-                            }
-                            Ok(_) => {
-                                last_reason = format!("manager {l} is no longer the leader");
-                                None
-                            }
-                            Err(ForwardFailure::Unreachable(e)) => {
-                                last_reason =
-                                    format!("the leader (manager {l}) is unreachable: {e}");
-                                None
-                            }
-                            Err(ForwardFailure::Other(e)) => return Err(WriteError::Raft(e)),
-                        },
+                Some((l, addr)) => {
+                    match self
+                        .forward(&addr, &Forwarded::Write(cmd.clone()), left)
+                        .await
+                    {
+                        Ok(ForwardReply::Applied(r, index)) => {
+                            // Read-your-writes: the caller reads this manager's state next.
+                            self.wait_applied(index, left).await;
+                            return r.map_err(WriteError::Refused);
+                        }
+                        Ok(_) => last_reason = format!("manager {l} is no longer the leader"),
+                        // Not delivered: safe to try again (at the next leader).
+                        Err(ForwardFailure::Unreachable(e)) => {
+                            last_reason = format!("the leader (manager {l}) is unreachable: {e}");
+                        }
+                        // Delivered, outcome unknown: a retry could apply it twice.
+                        Err(ForwardFailure::Unknown(e)) => {
+                            return Err(WriteError::NoQuorum(format!(
+                                "the leader (manager {l}) did not answer in time ({e}); the write may still be committed"
+                            )));
+                        }
+                        Err(ForwardFailure::Other(e)) => return Err(WriteError::Raft(e)),
                     }
                 }
-                None => None,
-            };
-            let _: Option<()> = attempt;
+                None => {}
+            }
             // No leader yet, or it just changed: wait a little for the election.
             tokio::time::sleep(Duration::from_millis(50).min(left)).await;
         }
@@ -320,10 +324,7 @@ impl Manager {
                 if s.code() == tonic::Code::DeadlineExceeded
                     || s.code() == tonic::Code::Cancelled =>
             {
-                Err(ForwardFailure::Unreachable(format!(
-                    "no answer: {}",
-                    s.message()
-                )))
+                Err(ForwardFailure::Unknown(s.message().to_string()))
             }
             Err(s) => Err(ForwardFailure::Other(format!(
                 "{}: {}",
@@ -477,7 +478,10 @@ impl Manager {
 
 #[derive(Debug)]
 enum ForwardFailure {
+    /// Not delivered.
     Unreachable(String),
+    /// Delivered but not answered in time.
+    Unknown(String),
     Other(String),
 }
 
