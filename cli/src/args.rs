@@ -129,12 +129,15 @@ pub enum NodeCmd {
     Ls,
     /// Changes a node's availability or labels.
     Update(NodeUpdate),
+    /// Makes a worker a manager.
     Promote {
         node: String,
     },
+    /// Makes a manager a worker.
     Demote {
         node: String,
     },
+    /// Removes a node from the cluster.
     Rm {
         node: String,
         #[arg(long)]
@@ -157,8 +160,11 @@ pub struct NodeUpdate {
 
 #[derive(Debug, Subcommand)]
 pub enum NetworkCmd {
+    /// Creates an overlay network.
     Create(NetworkCreate),
+    /// Lists networks with subnet, VNI and address pool usage.
     Ls,
+    /// Removes a network no service uses.
     Rm { name: String },
 }
 
@@ -181,6 +187,7 @@ pub struct NetworkCreate {
 pub enum ServiceCmd {
     /// Creates a service and (unless --detach) waits, showing progress, until its tasks run.
     Create(ServiceCreate),
+    /// Lists services with running/desired replicas and published ports.
     Ls,
     /// The tasks of a service.
     Ps {
@@ -195,6 +202,7 @@ pub enum ServiceCmd {
     },
     /// Changes a service; a change beyond the replica count rolls its tasks.
     Update(ServiceUpdate),
+    /// Removes a service and its tasks.
     Rm {
         name: String,
     },
