@@ -130,13 +130,9 @@ pub enum NodeCmd {
     /// Changes a node's availability or labels.
     Update(NodeUpdate),
     /// Makes a worker a manager.
-    Promote {
-        node: String,
-    },
+    Promote { node: String },
     /// Makes a manager a worker.
-    Demote {
-        node: String,
-    },
+    Demote { node: String },
     /// Removes a node from the cluster.
     Rm {
         node: String,
@@ -190,9 +186,7 @@ pub enum ServiceCmd {
     /// Lists services with running/desired replicas and published ports.
     Ls,
     /// The tasks of a service.
-    Ps {
-        name: String,
-    },
+    Ps { name: String },
     /// NAME=N; several at once.
     Scale {
         #[arg(required = true, value_parser = parse_scale)]
@@ -203,9 +197,7 @@ pub enum ServiceCmd {
     /// Changes a service; a change beyond the replica count rolls its tasks.
     Update(ServiceUpdate),
     /// Removes a service and its tasks.
-    Rm {
-        name: String,
-    },
+    Rm { name: String },
 }
 
 #[derive(Debug, Args)]
