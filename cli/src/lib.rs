@@ -1,1 +1,232 @@
-//! CLI library
+//! `swarmnet`, the command-line tool: a local lab in one command, cluster, node, network and
+//! service management against the managers' gRPC API, and `inspect`.
+//!
+//! Layout:
+//! - [`args`]: the command line (clap derive) and the pure parsers of compound values;
+//! - [`render`]: view types and their table / JSON renderings (golden-tested);
+//! - [`error`]: the one error type, its messages (each says what to do) and exit codes;
+//! - [`api`]: the managers' gRPC API with failover, and conversions to views;
+//! - [`commands`]: the commands that talk to the managers;
+//! - [`context`]: how the CLI finds a cluster's managers (written by `lab up`);
+//! - [`lab`]: the lab, built on `swarmnet-labkit`;
+//! - [`progress`]: live progress lines on stderr;
+//! - [`demo`]: `lab demo`;
+//! - [`task`]: finding a task and its process (`task exec`);
+//! - [`inspect`]: intent beside each node's desired and kernel state, drift flagged.
+//!
+//! [`run`] executes a parsed command line and returns what to print and the exit code; the
+//! binary only parses, calls it and prints.
+
+pub mod api;
+pub mod args;
+pub mod commands;
+pub mod context;
+pub mod demo;
+pub mod error;
+pub mod inspect;
+pub mod lab;
+pub mod progress;
+pub mod render;
+pub mod task;
+
+use clap::CommandFactory;
+
+use crate::args::{Cli, Cmd, LabCmd, TaskCmd};
+use crate::context::Context;
+use crate::error::Result;
+use crate::progress::Progress;
+use crate::render::Format;
+
+/// What a command printed on stdout, and its exit code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub stdout: String,
+    pub code: i32,
+}
+
+impl Outcome {
+    fn ok(stdout: String) -> Self {
+        Self { stdout, code: 0 }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<Outcome> {
+    let format = cli.format;
+    let mut progress = Progress::new(false);
+    match cli.cmd {
+        Cmd::Completion { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "swarmnet", &mut buf);
+            Ok(Outcome::ok(String::from_utf8_lossy(&buf).into_owned()))
+        }
+        Cmd::Lab(LabCmd::Up(up)) => {
+            let lab = lab::up(&up.lab.name, up.nodes, up.managers, &mut progress)?;
+            let ctx = lab_context(&lab);
+            ctx.save_current(&cli.config_dir)?;
+            progress.step(&format!(
+                "lab {} is up; context {:?} is current",
+                lab.name, ctx.name
+            ));
+            let view = lab::status(&lab.name)?;
+            Ok(Outcome::ok(match format {
+                Format::Table => lab::status_table(&view),
+                Format::Json => render::json(&view),
+            }))
+        }
+        Cmd::Lab(LabCmd::Demo { lab, down }) => {
+            let r = demo::run(&lab.name, down, &cli.config_dir, &mut progress)?;
+            Ok(Outcome::ok(match format {
+                Format::Table => demo::text(&r),
+                Format::Json => render::json(&r),
+            }))
+        }
+        Cmd::Lab(LabCmd::Status(l)) => {
+            let view = lab::status(&l.name)?;
+            Ok(Outcome::ok(match format {
+                Format::Table => lab::status_table(&view),
+                Format::Json => render::json(&view),
+            }))
+        }
+        Cmd::Lab(LabCmd::Down(l)) => {
+            let notes = lab::down(&l.name, &mut progress)?;
+            Context::remove(&cli.config_dir, &l.name);
+            lab::remove_empty_parents();
+            for n in notes {
+                progress.step(&format!("note: {n}"));
+            }
+            Ok(Outcome::ok(format!("lab {} removed\n", l.name)))
+        }
+        Cmd::Cluster(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+            Box::pin(commands::cluster(m, c, format))
+        }),
+        Cmd::Node(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+            Box::pin(commands::node(m, c, format))
+        }),
+        Cmd::Network(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+            Box::pin(commands::network(m, c, format))
+        }),
+        Cmd::Service(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+            Box::pin(async move {
+                let mut progress = Progress::new(false);
+                commands::service(m, c, format, &mut progress).await
+            })
+        }),
+        Cmd::Task(TaskCmd::Exec { task, cmd }) => {
+            let ctx = Context::load(&cli.config_dir, cli.context.as_deref())?;
+            let mut managers = api::Managers::new(ctx.managers.clone());
+            let tasks = runtime()?.block_on(commands::tasks_of(&mut managers, ""))?;
+            let t = task::find(&tasks, &task)?;
+            if t.node.is_empty() {
+                return Err(error::CliError::Refused {
+                    code: error::RefusalKind::FailedPrecondition,
+                    message: format!("task {} is {} on no node: {}", t.name, t.state, t.message),
+                });
+            }
+            let pid = task::live_pid(&task::node_run_dir(&ctx, &t.node)?, t)?;
+            let code = task::exec(pid, &cmd)?;
+            Ok(Outcome {
+                stdout: String::new(),
+                code,
+            })
+        }
+        Cmd::Inspect(a) => {
+            let ctx = Context::load(&cli.config_dir, cli.context.as_deref())?;
+            let mut managers = api::Managers::new(ctx.managers.clone());
+            let (intent, tasks, target, nodes) =
+                runtime()?.block_on(commands::inspect_intent(&mut managers, a.kind, &a.name))?;
+            let nodes: Vec<inspect::NodeInspect> = nodes
+                .iter()
+                .map(|node| {
+                    let asked = task::node_run_dir(&ctx, node)
+                        .map_err(|e| e.to_string())
+                        .and_then(|dir| {
+                            // The kernel view and drift come from `inspect`, the per-object
+                            // reconcile status and self-test from `status`.
+                            let sock = dir.join("netd.sock");
+                            let call = |op: &str| {
+                                lab::netd_call(&sock, &serde_json::json!({ "op": op }))
+                                    .map_err(|e| format!("{e:#}"))
+                            };
+                            let mut inspect = call("inspect")?["inspect"].take();
+                            inspect["status"] = call("status")?["status"].take();
+                            Ok(inspect)
+                        });
+                    match asked {
+                        Ok(answer) => inspect::select(node, &target, &answer),
+                        Err(e) => inspect::NodeInspect {
+                            node: node.clone(),
+                            error: Some(e),
+                            desired: Default::default(),
+                            kernel: Default::default(),
+                            drift: vec![],
+                            status: Default::default(),
+                            published: Default::default(),
+                        },
+                    }
+                })
+                .collect();
+            let drift = nodes
+                .iter()
+                .any(|n| n.error.is_some() || !n.drift.is_empty());
+            let report = inspect::Report {
+                kind: format!("{:?}", a.kind).to_lowercase(),
+                name: a.name,
+                intent,
+                tasks,
+                nodes,
+                drift,
+            };
+            Ok(Outcome::ok(match format {
+                Format::Table => inspect::text(&report),
+                Format::Json => render::json(&report),
+            }))
+        }
+        Cmd::Lab(LabCmd::Exec { lab, node, cmd }) => {
+            let code = lab::exec(&lab.name, &node, &cmd)?;
+            Ok(Outcome {
+                stdout: String::new(),
+                code,
+            })
+        }
+    }
+}
+
+/// The context of a lab: its managers, reached from inside their nodes' namespaces.
+pub fn lab_context(lab: &lab::LabState) -> Context {
+    Context {
+        name: lab.name.clone(),
+        managers: lab
+            .nodes
+            .iter()
+            .filter(|n| n.manager)
+            .map(lab::LabNode::manager_endpoint)
+            .collect(),
+        lab: Some(lab.name.clone()),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| error::CliError::io("starting the async runtime", e))
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
+/// Runs `f` on the managers of the chosen context, in a runtime made for this one command.
+fn with_managers(
+    config_dir: &std::path::Path,
+    context: Option<&str>,
+    f: impl for<'m> FnOnce(&'m mut api::Managers) -> BoxFuture<'m, Result<String>>,
+) -> Result<Outcome> {
+    let ctx = Context::load(config_dir, context)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| error::CliError::io("starting the async runtime", e))?;
+    let mut managers = api::Managers::new(ctx.managers);
+    let out = rt.block_on(f(&mut managers))?;
+    Ok(Outcome::ok(out))
+}

@@ -1045,6 +1045,9 @@ impl ClusterState {
                 target: p.target,
                 published,
                 publish_mode: p.publish_mode,
+                // main grew per-port traffic policies after the orch branch forked; the API
+                // does not carry one yet, so the default (cluster) applies.
+                traffic_policy: Default::default(),
             });
         }
         Ok(out)

@@ -11,6 +11,8 @@
 //! - `<cgroup2>/swarmnet-test/<topo>/<node>`: that node's `--cgroup-dir`; netd itself runs in the
 //!   sibling `netd-<node>`, so one `cgroup.kill` on `<topo>` ends every process of the topology.
 //!
+//! The namespace, process and teardown machinery is `swarmnet-labkit`, shared with `swarmnet lab`.
+//!
 //! netd is started with `setns(CLONE_NEWNET)` only (no `ip netns exec`): the netns bind mounts it
 //! makes under its run dir must live in the shared mount namespace, or they would vanish with it.
 //!
@@ -23,13 +25,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,6 +37,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use swarmnet_labkit as kit;
 
 /// Every name this harness creates starts with this.
 pub const PREFIX: &str = "snt";
@@ -52,17 +52,7 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default limit for a topology to converge after an intent change.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Serialises `ip netns add/del` (iproute2 makes `/run/netns` a shared mount on first use, which
-/// races between concurrent callers) and the sweep.
-static NETNS_LOCK: Mutex<()> = Mutex::new(());
 static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn netns_lock() -> MutexGuard<'static, ()> {
-    // A panic while holding it poisons nothing we rely on: the guarded state is the kernel's.
-    NETNS_LOCK
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Commands
@@ -505,12 +495,6 @@ impl Node {
             "===== harness: netd start #{} on {} =====",
             self.starts, self.id
         )?;
-        let netns = fs::File::open(self.netns_path()).context("opening the node netns")?;
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(self.netd_cgroup.join("cgroup.procs"))
-            .context("opening netd's cgroup.procs")?;
-
         let mut cmd = Command::new(bin);
         cmd.arg("--node-id").arg(&self.id);
         if !from_managers {
@@ -534,30 +518,8 @@ impl Node {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let (ns_fd, procs_fd) = (netns.as_raw_fd(), procs.as_raw_fd());
-        #[expect(
-            unsafe_code,
-            reason = "pre_exec is the only way to setns the child before exec"
-        )]
-        // SAFETY: the closure runs in the forked child before exec and only makes two
-        // async-signal-safe syscalls (setns, write) on fds the parent keeps open until spawn()
-        // returns; it allocates nothing and touches no locks.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // "0" moves the writing process itself into the cgroup.
-                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
+        let child = kit::spawn_in(cmd, &self.netns_path(), &self.netd_cgroup)
             .with_context(|| format!("starting {}", bin.display()))?;
-        drop((netns, procs));
         self.netd = Some(child);
         self.netd_intent = Some(intent.to_path_buf());
         self.netd_bin = Some(bin.to_path_buf());
@@ -1255,192 +1217,34 @@ impl IntentBuilder {
 
 /// `ip netns add`, serialised with the harness's other `ip netns` calls.
 pub fn netns_add(name: &str) -> Result<()> {
-    let _g = netns_lock();
-    host_cmd(&["ip", "netns", "add", name])?.check().map(drop)
+    Ok(kit::netns_add(name)?)
 }
 
 fn list_dir(dir: &Path) -> Vec<String> {
-    fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    kit::list_dir(dir)
 }
 
 /// The cgroup2 mount point, from `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let mount = pre.split_whitespace().nth(4)?;
-            (post.split_whitespace().next()? == "cgroup2").then(|| PathBuf::from(mount))
-        })
-        .context("no cgroup2 file system is mounted (see /proc/self/mountinfo)")
+    Ok(kit::cgroup2_mount()?)
 }
 
-/// Mount points at or below `dir` in our mount namespace, deepest first.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut out: Vec<PathBuf> = info
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .map(|m| PathBuf::from(m.replace("\\040", " ")))
-        .filter(|m| m.starts_with(dir))
-        .collect();
-    out.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-    out
-}
+pub use kit::{mount_count, mounts_under, pid_alive, pids_in_netns};
 
-/// How many times `path` is a mount point (more than 1 means stacked mounts).
-pub fn mount_count(path: &Path) -> usize {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter(|l| l.split_whitespace().nth(4).map(Path::new) == Some(path))
-        .count()
-}
-
-/// `(dev, inode)` of a namespace file.
-fn ns_id(path: &Path) -> Option<(u64, u64)> {
-    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// Pids of live (non-zombie) processes whose network namespace is the one bind-mounted at `netns`.
-pub fn pids_in_netns(netns: &Path) -> Vec<u32> {
-    ns_id(netns)
-        .map(|id| pids_in(&BTreeSet::from([id])))
-        .unwrap_or_default()
-}
-
-fn pids_in(ids: &BTreeSet<(u64, u64)>) -> Vec<u32> {
-    list_dir(Path::new("/proc"))
-        .into_iter()
-        .filter_map(|p| p.parse::<u32>().ok())
-        .filter(|&pid| pid != std::process::id())
-        .filter(|pid| {
-            ns_id(&Path::new("/proc").join(pid.to_string()).join("ns/net"))
-                .is_some_and(|id| ids.contains(&id))
-        })
-        .collect()
-}
-
-/// Whether `pid` is a live process (zombies count as dead).
-pub fn pid_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(s) => {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                != Some("Z")
-        }
-        Err(_) => false,
-    }
-}
-
-fn rmdir_tree(dir: &Path) -> io::Result<()> {
-    for e in fs::read_dir(dir)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            rmdir_tree(&e.path())?;
-        }
-    }
-    fs::remove_dir(dir)
-}
-
-/// Removes everything of topology `name`; returns notes on what had to be forced or failed.
+/// Removes everything of topology `name` (see [`kit::destroy`]); returns notes on what had to be
+/// forced or failed.
 fn destroy(name: &str) -> Vec<String> {
-    let mut notes = Vec::new();
-    let prefix = format!("{name}-");
-    let namespaces: Vec<String> = list_dir(Path::new(NETNS_DIR))
-        .into_iter()
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
-    let dir = Path::new(RUN_ROOT).join(name);
-    let cg = cgroup2_mount()
-        .ok()
-        .map(|m| m.join("swarmnet-test").join(name));
-
-    // 1. Every process in the topology's cgroups (netds and their tasks).
-    if let Some(cg) = cg.as_ref().filter(|c| c.exists()) {
-        if let Err(e) = fs::write(cg.join("cgroup.kill"), "1") {
-            notes.push(format!("cgroup.kill in {}: {e}", cg.display()));
-        }
-        let emptied = wait_until("cgroup to empty", Duration::from_secs(10), || {
-            fs::read_to_string(cg.join("cgroup.events"))
-                .map(|s| s.contains("populated 0"))
-                .unwrap_or(true)
-        });
-        if let Err(e) = emptied {
-            notes.push(format!("{}: {e}", cg.display()));
-        }
-    }
-
-    // 2. Stray processes still inside one of our namespaces (escaped the cgroups).
-    let mut ids: BTreeSet<(u64, u64)> = namespaces
-        .iter()
-        .filter_map(|n| ns_id(&Path::new(NETNS_DIR).join(n)))
-        .collect();
-    for m in mounts_under(&dir) {
-        ids.extend(ns_id(&m));
-    }
-    for round in 0..50 {
-        let strays = pids_in(&ids);
-        if strays.is_empty() {
-            break;
-        }
-        for pid in strays {
-            if round == 0 {
-                let comm = fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                    .unwrap_or_default()
-                    .replace('\0', " ");
-                notes.push(format!(
-                    "killed stray process {pid} ({}) left in a topology namespace",
-                    comm.trim()
-                ));
-            }
-            if let Ok(p) = i32::try_from(pid) {
-                kill(Pid::from_raw(p), Signal::SIGKILL).ok();
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    // 3. Mounts under the run dir (netd's netns bind mounts), then the dir itself.
-    for m in mounts_under(&dir) {
-        for _ in 0..16 {
-            if nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH).is_err() {
-                break;
-            }
-        }
-    }
-    if dir.exists()
-        && let Err(e) = fs::remove_dir_all(&dir)
-    {
-        notes.push(format!("removing {}: {e}", dir.display()));
-    }
-
-    // 4. The cgroup tree, bottom-up.
-    if let Some(cg) = cg.as_ref().filter(|c| c.exists())
-        && let Err(e) = rmdir_tree(cg)
-    {
-        notes.push(format!("removing cgroup {}: {e}", cg.display()));
-    }
-
-    // 5. The namespaces.
-    {
-        let _g = netns_lock();
-        for ns in &namespaces {
-            match host_cmd(&["ip", "netns", "del", ns]).and_then(Output::check) {
-                Ok(_) => {}
-                Err(e) => notes.push(format!("ip netns del {ns}: {e:#}")),
-            }
-        }
-    }
+    let fp = kit::Footprint {
+        netns_prefix: format!("{name}-"),
+        dir: Path::new(RUN_ROOT).join(name),
+        cgroup: cgroup2_mount()
+            .ok()
+            .map(|m| m.join("swarmnet-test").join(name)),
+    };
+    let notes = kit::destroy(&fp);
     // The shared parents go when empty (another topology may be using them: then they stay).
     drop(fs::remove_dir(RUN_ROOT));
-    if let Some(parent) = cg.as_ref().and_then(|c| c.parent()) {
+    if let Some(parent) = fp.cgroup.as_ref().and_then(|c| c.parent()) {
         drop(fs::remove_dir(parent));
     }
     notes

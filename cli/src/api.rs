@@ -1,0 +1,344 @@
+//! The managers' gRPC API (the orchestrator's `proto/swarmnet.proto`, its generated client types)
+//! with failover, and the conversions from its messages to the CLI's views.
+//!
+//! Connections: a context names each manager by `addr` and, for a lab, the network namespace to
+//! reach it from. The lab's managers listen on underlay addresses that exist only inside the lab,
+//! so the TCP connection is made by a short-lived thread that entered that namespace (namespaces
+//! are per thread: the socket keeps the namespace it was created in, and the thread that entered
+//! it dies right after, so no other work ever runs there); the socket is then handed to tokio.
+//! Nothing is added to the root namespace.
+//!
+//! Failover: [`Managers::call`] tries the managers in order, starting with the last one that
+//! answered; a manager that cannot be connected to, or answers UNAVAILABLE or times out, is
+//! skipped; any other refusal is final ([`CliError::Refused`]). A write retried on a second manager
+//! after the first one committed it but died before answering comes back as ALREADY_EXISTS (or
+//! is a no-op for idempotent updates), never as a double effect.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use swarmnet_api as pb;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::context::ManagerEndpoint;
+use crate::error::{CliError, RefusalKind, Result};
+use crate::render::{
+    ClusterView, ManagerView, NetworkView, NodeView, PortView, ServiceView, TaskView,
+};
+
+/// How long to wait for a TCP connection to one manager.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one call may take (writes wait for a quorum: the managers give up after 3 s).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `addr` from inside the network namespace at `netns` (see the module docs).
+async fn connect_in_netns(netns: PathBuf, addr: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    let std_stream = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || -> io::Result<std::net::TcpStream> {
+            let ns = std::fs::File::open(&netns)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", netns.display())))?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| io::Error::other(format!("setns {}: {e}", netns.display())))?;
+            let s = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+            s.set_nodelay(true)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .join()
+        .map_err(|_panic| io::Error::other("the connecting thread panicked"))?
+    })
+    .await
+    .map_err(io::Error::other)??;
+    tokio::net::TcpStream::from_std(std_stream)
+}
+
+/// A channel to one manager.
+pub async fn connect(ep: &ManagerEndpoint) -> Result<Channel, String> {
+    let addr: SocketAddr = ep
+        .addr
+        .parse()
+        .map_err(|e| format!("{:?} is not host:port: {e}", ep.addr))?;
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT);
+    let res = match ep.netns.clone() {
+        None => endpoint.connect().await,
+        Some(ns) => {
+            endpoint
+                .connect_with_connector(tower::service_fn(move |_uri| {
+                    let ns = ns.clone();
+                    async move { connect_in_netns(ns, addr).await.map(TokioIo::new) }
+                }))
+                .await
+        }
+    };
+    res.map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg = format!("{msg}: {s}");
+            src = s.source();
+        }
+        msg
+    })
+}
+
+fn refusal(s: &Status) -> RefusalKind {
+    match s.code() {
+        Code::NotFound => RefusalKind::NotFound,
+        Code::AlreadyExists => RefusalKind::AlreadyExists,
+        Code::InvalidArgument => RefusalKind::InvalidArgument,
+        Code::FailedPrecondition => RefusalKind::FailedPrecondition,
+        _ => RefusalKind::Other,
+    }
+}
+
+/// Whether another manager may answer where this one did not.
+fn worth_failover(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+    )
+}
+
+/// The managers of a context, with failover.
+#[derive(Debug)]
+pub struct Managers {
+    endpoints: Vec<ManagerEndpoint>,
+    /// Index of the manager that answered last: tried first.
+    preferred: usize,
+    channels: Vec<Option<Channel>>,
+}
+
+impl Managers {
+    pub fn new(endpoints: Vec<ManagerEndpoint>) -> Self {
+        let n = endpoints.len();
+        Self {
+            endpoints,
+            preferred: 0,
+            channels: vec![None; n],
+        }
+    }
+
+    /// The namespace the last answering manager was reached from (for probing its peers).
+    pub fn netns(&self) -> Option<&Path> {
+        self.endpoints
+            .get(self.preferred)
+            .and_then(|e| e.netns.as_deref())
+    }
+
+    /// Runs `f` on the first manager that answers.
+    pub async fn call<T, F, Fut>(&mut self, f: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let n = self.endpoints.len();
+        let mut failures = Vec::new();
+        for k in 0..n {
+            let i = (self.preferred + k) % n;
+            let ep = self.endpoints[i].clone();
+            let ch = match self.channels[i].clone() {
+                Some(c) => c,
+                None => match connect(&ep).await {
+                    Ok(c) => {
+                        self.channels[i] = Some(c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        failures.push(format!("{} ({}): {e}", ep.node, ep.addr));
+                        continue;
+                    }
+                },
+            };
+            match f(ch).await {
+                Ok(r) => {
+                    self.preferred = i;
+                    return Ok(r.into_inner());
+                }
+                Err(s) if worth_failover(&s) => {
+                    self.channels[i] = None;
+                    failures.push(format!("{} ({}): {}", ep.node, ep.addr, s.message()));
+                }
+                Err(s) => {
+                    return Err(CliError::Refused {
+                        code: refusal(&s),
+                        message: if s.message().is_empty() {
+                            // e.g. UNIMPLEMENTED from a manager older than this CLI.
+                            format!("{} answered {:?}", ep.node, s.code())
+                        } else {
+                            s.message().to_owned()
+                        },
+                    });
+                }
+            }
+        }
+        if n == 0 {
+            return Err(CliError::NoContext {
+                why: "the context names no manager".into(),
+            });
+        }
+        Err(CliError::Unavailable {
+            tried: self
+                .endpoints
+                .iter()
+                .map(|e| e.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            last: failures.join("; "),
+        })
+    }
+
+    /// Every manager's status as seen from here: the leader, or whether it answers at all.
+    pub async fn cluster(&mut self) -> Result<ClusterView> {
+        let info = self
+            .call(|ch| async move {
+                pb::cluster_client::ClusterClient::new(ch)
+                    .info(pb::Empty {})
+                    .await
+            })
+            .await?;
+        let netns = self.netns().map(Path::to_path_buf);
+        let mut managers = Vec::new();
+        for m in &info.managers {
+            let ep = ManagerEndpoint {
+                node: m.id.to_string(),
+                addr: m.addr.clone(),
+                netns: netns.clone(),
+            };
+            let answered = match connect(&ep).await {
+                Ok(ch) => pb::cluster_client::ClusterClient::new(ch)
+                    .info(pb::Empty {})
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            managers.push(ManagerView {
+                id: m.id,
+                addr: m.addr.clone(),
+                voter: m.voter,
+                status: manager_status(answered, m.id == info.leader),
+            });
+        }
+        Ok(ClusterView {
+            cluster_id: info.cluster_id,
+            leader: info.leader,
+            term: info.term,
+            index: info.index,
+            managers,
+        })
+    }
+}
+
+/// "leader" | "reachable" | "unreachable".
+pub fn manager_status(answered: bool, is_leader: bool) -> String {
+    match (answered, is_leader) {
+        (false, _) => "unreachable",
+        (true, true) => "leader",
+        (true, false) => "reachable",
+    }
+    .into()
+}
+
+// ------------------------------------------------------------------------------ conversions
+
+/// A node, with its manager status looked up by underlay address in `cluster`.
+pub fn node_view(n: pb::Node, cluster: &ClusterView) -> NodeView {
+    let manager_status = cluster
+        .managers
+        .iter()
+        .find(|m| m.addr.rsplit_once(':').map(|(h, _)| h) == Some(n.addr.as_str()))
+        .map(|m| m.status.clone())
+        .unwrap_or_default();
+    NodeView {
+        id: n.id,
+        hostname: n.hostname,
+        addr: n.addr,
+        role: n.role,
+        availability: n.availability,
+        status: n.status,
+        manager_status,
+        labels: n.labels.into_iter().collect(),
+    }
+}
+
+pub fn network_view(n: pb::Network) -> NetworkView {
+    NetworkView {
+        name: n.name,
+        subnet: n.subnet,
+        gateway: n.gateway,
+        vni: n.vni,
+        mtu: n.mtu,
+        internal: n.internal,
+        attachable: n.attachable,
+        ingress: n.ingress,
+        addresses_in_use: n.addresses_in_use,
+        addresses_total: n.addresses_total,
+    }
+}
+
+pub fn service_view(s: pb::Service) -> ServiceView {
+    let spec = s.spec.unwrap_or_default();
+    ServiceView {
+        mode: if spec.mode.is_empty() {
+            "replicated".into()
+        } else {
+            spec.mode
+        },
+        replicas_running: s.tasks_running,
+        replicas_desired: s.tasks_desired,
+        endpoint_mode: if spec.endpoint_mode.is_empty() {
+            "vip".into()
+        } else {
+            spec.endpoint_mode
+        },
+        ports: spec
+            .ports
+            .into_iter()
+            .map(|p| PortView {
+                target: p.target,
+                published: p.published,
+                protocol: if p.protocol.is_empty() {
+                    "tcp".into()
+                } else {
+                    p.protocol
+                },
+                mode: if p.publish_mode.is_empty() {
+                    "ingress".into()
+                } else {
+                    p.publish_mode
+                },
+            })
+            .collect(),
+        vips: s.vips.into_iter().collect(),
+        networks: spec.networks.into_iter().map(|n| n.network).collect(),
+        argv: spec.argv,
+        name: spec.name,
+        update_state: s.update_state,
+        update_message: s.update_message,
+    }
+}
+
+pub fn task_view(t: pb::Task) -> TaskView {
+    TaskView {
+        name: format!("{}.{}", t.service, t.slot),
+        addresses: t
+            .addresses
+            .into_iter()
+            .map(|a| (a.network, a.ip))
+            .collect::<BTreeMap<_, _>>(),
+        id: t.id,
+        service: t.service,
+        slot: t.slot,
+        node: t.node,
+        state: t.state,
+        message: t.message,
+    }
+}

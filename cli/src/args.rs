@@ -1,0 +1,416 @@
+//! The command line (clap derive) and the pure parsers of its compound values (`--publish`,
+//! `--network`, `--constraint`, `NAME=N`). Parse errors come back as clap usage errors (exit 2)
+//! naming the accepted syntax.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::render::Format;
+
+/// swarmnet: overlay networks, service discovery and a routing mesh for a cluster of nodes.
+#[derive(Debug, Parser)]
+#[command(
+    name = "swarmnet",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Output of read commands.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+    /// Which cluster to talk to (a context written by `lab up`); default: the current one.
+    #[arg(long, global = true, env = "SWARMNET_CONTEXT")]
+    pub context: Option<String>,
+    /// Where contexts are kept.
+    #[arg(
+        long,
+        global = true,
+        env = "SWARMNET_CONFIG_DIR",
+        default_value = "/run/swarmnet-lab/contexts",
+        hide = true
+    )]
+    pub config_dir: PathBuf,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// A local cluster in network namespaces on this machine.
+    #[command(subcommand)]
+    Lab(LabCmd),
+    /// The cluster and its managers.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Overlay networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Services and their tasks.
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// One task of a service.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// Intent, gossip and kernel state of one object, with drift flagged.
+    Inspect(InspectArgs),
+    /// Prints a shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCmd {
+    /// Builds the lab: an underlay bridge, N node namespaces, managers and netd on every node.
+    Up(LabUp),
+    /// What the lab holds and whether its processes run.
+    Status(LabName),
+    /// Removes every namespace, link, mount, cgroup and process the lab made.
+    Down(LabName),
+    /// Builds a 3-node lab with a published demo service and a client, and shows DNS, the VIP
+    /// and the routing mesh working from inside it.
+    Demo {
+        #[command(flatten)]
+        lab: LabName,
+        /// Remove the lab afterwards.
+        #[arg(long)]
+        down: bool,
+    },
+    /// Runs a command in a node's network namespace (as a host on the underlay).
+    Exec {
+        #[command(flatten)]
+        lab: LabName,
+        node: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct LabName {
+    /// Name of the lab (several can coexist).
+    #[arg(long, default_value = "lab", value_parser = parse_lab_name)]
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LabUp {
+    #[command(flatten)]
+    pub lab: LabName,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub nodes: u8,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=7))]
+    pub managers: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// The cluster's id, Raft term and index, and every manager's status.
+    Info,
+    /// The token a node joins with as a worker or a manager (`swarmnet-netd --join-token`).
+    JoinToken {
+        #[arg(value_parser = ["worker", "manager"])]
+        role: String,
+        /// Replace the token first (nodes already joined stay).
+        #[arg(long)]
+        rotate: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Lists nodes with address and manager status.
+    Ls,
+    /// Changes a node's availability or labels.
+    Update(NodeUpdate),
+    /// Makes a worker a manager.
+    Promote { node: String },
+    /// Makes a manager a worker.
+    Demote { node: String },
+    /// Removes a node from the cluster.
+    Rm {
+        node: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct NodeUpdate {
+    #[arg(long, value_parser = ["active", "pause", "drain"])]
+    pub availability: Option<String>,
+    /// K=V; repeatable.
+    #[arg(long = "label-add", value_parser = parse_kv)]
+    pub label_add: Vec<(String, String)>,
+    /// K; repeatable.
+    #[arg(long = "label-rm")]
+    pub label_rm: Vec<String>,
+    pub node: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCmd {
+    /// Creates an overlay network.
+    Create(NetworkCreate),
+    /// Lists networks with subnet, VNI and address pool usage.
+    Ls,
+    /// Removes a network no service uses.
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct NetworkCreate {
+    /// CIDR; carved from the cluster's pool when absent.
+    #[arg(long)]
+    pub subnet: Option<ipnet::Ipv4Net>,
+    #[arg(long)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// No traffic leaves the network (and no DNS forwarding).
+    #[arg(long)]
+    pub internal: bool,
+    #[arg(long)]
+    pub attachable: bool,
+    pub name: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Creates a service and (unless --detach) waits, showing progress, until its tasks run.
+    Create(ServiceCreate),
+    /// Lists services with running/desired replicas and published ports.
+    Ls,
+    /// The tasks of a service.
+    Ps { name: String },
+    /// NAME=N; several at once.
+    Scale {
+        #[arg(required = true, value_parser = parse_scale)]
+        targets: Vec<(String, u32)>,
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Changes a service; a change beyond the replica count rolls its tasks.
+    Update(ServiceUpdate),
+    /// Removes a service and its tasks.
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceUpdate {
+    pub name: String,
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    /// K=V; repeatable.
+    #[arg(long = "env-add", value_parser = parse_kv)]
+    pub env_add: Vec<(String, String)>,
+    /// K; repeatable.
+    #[arg(long = "env-rm")]
+    pub env_rm: Vec<String>,
+    #[arg(long = "constraint-add", value_parser = parse_constraint)]
+    pub constraint_add: Vec<String>,
+    #[arg(long = "constraint-rm")]
+    pub constraint_rm: Vec<String>,
+    #[arg(long = "publish-add", value_parser = parse_publish)]
+    pub publish_add: Vec<Publish>,
+    /// PUBLISHED port to stop publishing; repeatable.
+    #[arg(long = "publish-rm")]
+    pub publish_rm: Vec<u16>,
+    /// Tasks replaced at once during the rolling update.
+    #[arg(long)]
+    pub update_parallelism: Option<u32>,
+    /// Return once the manager accepted the change.
+    #[arg(long)]
+    pub detach: bool,
+    /// The new command, if it changes.
+    #[arg(last = true)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceCreate {
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, conflicts_with = "mode")]
+    pub replicas: Option<u32>,
+    #[arg(long, value_parser = ["replicated", "global"])]
+    pub mode: Option<String>,
+    /// NET[,alias=A]...; repeatable.
+    #[arg(long = "network", value_parser = parse_network)]
+    pub networks: Vec<NetworkAttach>,
+    /// [mode=host,]PUBLISHED:TARGET[/udp]; repeatable.
+    #[arg(long = "publish", short = 'p', value_parser = parse_publish)]
+    pub publish: Vec<Publish>,
+    #[arg(long, value_parser = ["vip", "dnsrr"])]
+    pub endpoint_mode: Option<String>,
+    /// node.hostname==H, node.role==R, node.labels.K==V, node.id==I (or !=); repeatable.
+    #[arg(long = "constraint", value_parser = parse_constraint)]
+    pub constraints: Vec<String>,
+    /// K=V; repeatable.
+    #[arg(long = "env", short = 'e', value_parser = parse_kv)]
+    pub env: Vec<(String, String)>,
+    /// Return once the manager accepted the service, without waiting for tasks.
+    #[arg(long)]
+    pub detach: bool,
+    #[arg(last = true, required = true)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// Runs CMD inside a task's network and mount namespaces (its resolv.conf).
+    Exec {
+        /// `<service>.<slot>` or a task id.
+        task: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[arg(value_enum)]
+    pub kind: InspectKind,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InspectKind {
+    Node,
+    Network,
+    Service,
+    Task,
+}
+
+// ------------------------------------------------------------------------- value parsers
+
+/// `--network NET[,alias=A]...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkAttach {
+    pub network: String,
+    pub aliases: Vec<String>,
+}
+
+/// `--publish [mode=host,]PUBLISHED:TARGET[/udp]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub published: u16,
+    pub target: u16,
+    /// "tcp" | "udp".
+    pub protocol: String,
+    /// "ingress" | "host".
+    pub mode: String,
+}
+
+pub fn parse_lab_name(s: &str) -> Result<String, String> {
+    // It becomes part of namespace names (`<name>-n12`) and interface-free paths.
+    if s.is_empty()
+        || s.len() > 12
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err("1 to 12 lower-case letters or digits".into());
+    }
+    if s == "contexts" {
+        return Err("\"contexts\" is where contexts are kept; pick another name".into());
+    }
+    Ok(s.to_owned())
+}
+
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+pub fn parse_scale(s: &str) -> Result<(String, u32), String> {
+    let (name, n) = s
+        .split_once('=')
+        .filter(|(n, _)| !n.is_empty())
+        .ok_or_else(|| format!("expected SERVICE=REPLICAS, got {s:?}"))?;
+    let n = n
+        .parse()
+        .map_err(|e| format!("replicas in {s:?} must be a number: {e}"))?;
+    Ok((name.to_owned(), n))
+}
+
+pub fn parse_network(s: &str) -> Result<NetworkAttach, String> {
+    let mut parts = s.split(',');
+    let network = parts.next().unwrap_or_default();
+    if network.is_empty() {
+        return Err(format!("expected NET[,alias=A], got {s:?}"));
+    }
+    let mut aliases = Vec::new();
+    for p in parts {
+        match p.split_once('=') {
+            Some(("alias", a)) if !a.is_empty() => aliases.push(a.to_owned()),
+            _ => return Err(format!("unknown network option {p:?} (only alias=A)")),
+        }
+    }
+    Ok(NetworkAttach {
+        network: network.to_owned(),
+        aliases,
+    })
+}
+
+pub fn parse_publish(s: &str) -> Result<Publish, String> {
+    let syntax = "expected [mode=host,]PUBLISHED:TARGET[/udp], e.g. 8080:80";
+    let (mode, rest) = match s.split_once(',') {
+        Some((opt, rest)) => match opt.split_once('=') {
+            Some(("mode", m @ ("host" | "ingress"))) => (m, rest),
+            _ => return Err(format!("{s:?}: unknown option {opt:?}; {syntax}")),
+        },
+        None => ("ingress", s),
+    };
+    let (ports, protocol) = match rest.split_once('/') {
+        Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
+        Some((_, other)) => return Err(format!("{s:?}: protocol {other:?} is not tcp or udp")),
+        None => (rest, "tcp"),
+    };
+    let (published, target) = ports
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: {syntax}"))?;
+    let port = |p: &str| -> Result<u16, String> {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{s:?}: {p:?} is not a port (1-65535)")),
+        }
+    };
+    Ok(Publish {
+        published: port(published)?,
+        target: port(target)?,
+        protocol: protocol.to_owned(),
+        mode: mode.to_owned(),
+    })
+}
+
+pub fn parse_constraint(s: &str) -> Result<String, String> {
+    let (key, value) = s
+        .split_once("==")
+        .or_else(|| s.split_once("!="))
+        .ok_or_else(|| format!("{s:?}: expected KEY==VALUE or KEY!=VALUE"))?;
+    let known = matches!(key.trim(), "node.id" | "node.hostname" | "node.role")
+        || key
+            .trim()
+            .strip_prefix("node.labels.")
+            .is_some_and(|k| !k.is_empty());
+    if !known {
+        return Err(format!(
+            "{s:?}: unknown key {key:?} (node.id, node.hostname, node.role, node.labels.K)"
+        ));
+    }
+    if value.trim().is_empty() {
+        return Err(format!("{s:?}: empty value"));
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+#[path = "args_tests.rs"]
+mod tests;

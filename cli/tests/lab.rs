@@ -1,0 +1,95 @@
+//! Privileged, end to end through the real binary: `lab up` builds nodes that reach each other
+//! over the underlay with netd answering on every node, `lab exec` runs in a node, and `lab down`
+//! leaves nothing behind (namespaces, links, mounts, cgroups, directories, processes).
+
+mod common;
+
+use common::{Guard, swarmnet};
+use swarmnet_cli::lab::LabState;
+use swarmnet_labkit as kit;
+use swarmnet_tests_netns::gate;
+
+#[test]
+fn lab_up_exec_down_leaves_nothing() {
+    if !gate::privileged("lab_up_exec_down_leaves_nothing") {
+        return;
+    }
+    // Unique per process so parallel runs of this test never share a lab.
+    let name = common::lab_name("t");
+    let _guard = Guard(name.clone());
+    let name = name.as_str();
+    let config = tempfile::tempdir().unwrap();
+    let fp = LabState::footprint(name);
+
+    let up = swarmnet(
+        config.path(),
+        &[
+            "lab", "up", "--name", name, "--nodes", "3", "--format", "json",
+        ],
+    );
+    assert_eq!(up.code, 0, "lab up: {}", up.stderr);
+    let status: serde_json::Value = serde_json::from_str(&up.stdout).unwrap();
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    for n in nodes {
+        assert_eq!(n["netd"], "running", "{n}");
+        assert_eq!(n["netd_api"], true, "{n}");
+    }
+    assert_eq!(nodes[0]["role"], "manager");
+    assert_eq!(nodes[1]["role"], "worker");
+    // Live progress went to stderr, the result to stdout.
+    assert!(
+        up.stderr.contains("waiting for netd on n3"),
+        "{}",
+        up.stderr
+    );
+    // The context was written and made current.
+    let ctx = std::fs::read_to_string(config.path().join(format!("{name}.json"))).unwrap();
+    assert!(ctx.contains("198.19.0.1:4242"), "{ctx}");
+
+    // The underlay works: n1 reaches n3, and exec passes the command's exit code through.
+    let ping = swarmnet(
+        config.path(),
+        &[
+            "lab",
+            "exec",
+            "--name",
+            name,
+            "n1",
+            "--",
+            "ping",
+            "-c1",
+            "-W2",
+            "198.19.0.3",
+        ],
+    );
+    assert_eq!(ping.code, 0, "{} {}", ping.stdout, ping.stderr);
+    let fail = swarmnet(
+        config.path(),
+        &[
+            "lab", "exec", "--name", name, "n2", "--", "sh", "-c", "exit 7",
+        ],
+    );
+    assert_eq!(fail.code, 7);
+
+    let pids: Vec<u32> = nodes
+        .iter()
+        .map(|n| n["netd_pid"].as_u64().unwrap() as u32)
+        .collect();
+    let again = swarmnet(config.path(), &["lab", "up", "--name", name]);
+    assert_eq!(again.code, 1, "a second lab up must refuse");
+    assert!(again.stderr.contains("lab down"), "{}", again.stderr);
+
+    let down = swarmnet(config.path(), &["lab", "down", "--name", name]);
+    assert_eq!(down.code, 0, "lab down: {}", down.stderr);
+    assert_eq!(kit::leftovers(&fp), Vec::<String>::new());
+    for pid in pids {
+        assert!(!kit::pid_alive(pid), "{pid} survived lab down");
+    }
+    assert!(
+        !config.path().join(format!("{name}.json")).exists(),
+        "context left behind"
+    );
+    let status = swarmnet(config.path(), &["lab", "status", "--name", name]);
+    assert_eq!(status.code, 1);
+}
