@@ -8,6 +8,8 @@
 //! - [`dns`]: the embedded resolver at 127.0.0.11 (views, fast/full answer paths, forwarding,
 //!   the per-sandbox server runtime).
 //! - [`fake`]: in-memory implementations that model kernel semantics, for tests.
+//! - [`gossip`]: endpoint tables over authenticated chitchat (pure core + transport);
+//!   [`gossip_sync`] runs it for the daemon and feeds the projection and DNS.
 //!
 //! Invariants: pure modules never do I/O; every kernel object netd creates carries the `sn`
 //! name prefix or lives in a namespace under the run directory, and prune touches nothing else.
@@ -21,6 +23,7 @@ pub mod dns_sync;
 pub mod fake;
 pub mod firewall;
 pub mod gossip;
+pub mod gossip_sync;
 pub mod lb;
 pub mod linux;
 pub mod plan;

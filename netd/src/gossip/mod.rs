@@ -10,6 +10,11 @@
 //! - [`record`]: the compact `ep/<network>/<task>` and `vtep` records. Pure.
 //! - [`table`]: the merge from live nodes' states to a validated endpoint table, checked
 //!   against intent through a trait. Pure.
+//! - [`view`]: the intent check over the real intent, and the live remote endpoints the
+//!   projection (`desired::project_with_gossip`) and DNS consume, with the start-up warm-up.
+//!   Pure.
+//! - [`keyfile`]: the keyring file (`--gossip-key-file`) and how a changed file is applied
+//!   to the running keyring (rotation). Pure.
 //! - this file: [`GossipConfig`] (→ chitchat's config, failure detector included) and
 //!   [`GossipNode`], the handle the daemon holds.
 //!
@@ -30,9 +35,11 @@
 //! table unless intent backs it.
 
 pub mod crypto;
+pub mod keyfile;
 pub mod record;
 pub mod table;
 pub mod transport;
+pub mod view;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -156,8 +163,26 @@ impl GossipNode {
         keyring: Keyring,
         net: Arc<dyn DatagramNet>,
     ) -> Result<GossipNode, GossipError> {
+        Self::spawn_with(cfg, keyring, net, None, &[]).await
+    }
+
+    /// [`GossipNode::spawn`] with this node's VTEP and endpoints already in its state, so the
+    /// very first exchange carries them: a restarted netd (a new generation, which supersedes
+    /// the previous one in every peer's merge) never shows peers an empty node.
+    pub async fn spawn_with(
+        cfg: &GossipConfig,
+        keyring: Keyring,
+        net: Arc<dyn DatagramNet>,
+        vtep: Option<IpAddr>,
+        local: &[EndpointRecord],
+    ) -> Result<GossipNode, GossipError> {
         let transport = SealedTransport::new(net, keyring, cfg.transport.clone());
-        let handle = chitchat::spawn_chitchat(chitchat_config(cfg), Vec::new(), &transport)
+        let initial: Vec<(String, String)> = vtep
+            .map(|v| (record::VTEP_KEY.to_string(), record::encode_vtep(v)))
+            .into_iter()
+            .chain(local.iter().map(|r| (r.key(), r.value())))
+            .collect();
+        let handle = chitchat::spawn_chitchat(chitchat_config(cfg), initial, &transport)
             .await
             .map_err(|e| GossipError::Start {
                 addr: cfg.listen_addr,
@@ -243,6 +268,43 @@ impl GossipNode {
         &self,
     ) -> tokio::sync::watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>> {
         self.handle.with_chitchat(|c| c.live_nodes_watcher()).await
+    }
+
+    /// Calls `callback` whenever a key starting with `prefix` is set by any node, as chitchat
+    /// applies it (deletions are not notified; the [`GossipNode::watcher`] sees them at the end
+    /// of the round). The callback runs under chitchat's lock: it must be quick and must not
+    /// call back into this node. Dropping the handle unsubscribes.
+    pub async fn subscribe(
+        &self,
+        prefix: &str,
+        callback: impl Fn(chitchat::KeyChangeEvent<'_>) + Send + Sync + 'static,
+    ) -> chitchat::ListenerHandle {
+        let callback = Arc::new(callback);
+        self.handle
+            .with_chitchat(|c| {
+                let cb = callback.clone();
+                c.subscribe_event(prefix, move |e| cb(e))
+            })
+            .await
+    }
+
+    /// Sends one gossip round to `addr` now (a node the intent just added).
+    pub fn gossip_with(&self, addr: SocketAddr) {
+        if let Err(e) = self.handle.gossip(addr) {
+            tracing::warn!(error = %e, %addr, "gossip: cannot reach the chitchat loop");
+        }
+    }
+
+    /// Nodes the failure detector calls live (this one excluded) and dead.
+    pub async fn membership(&self) -> (usize, usize) {
+        self.handle
+            .with_chitchat(|c| {
+                (
+                    c.live_nodes().count().saturating_sub(1),
+                    c.dead_nodes().count(),
+                )
+            })
+            .await
     }
 
     /// Transport counters (drops by reason, bytes).

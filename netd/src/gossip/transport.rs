@@ -99,7 +99,7 @@ pub struct GossipCounters {
 }
 
 /// A copy of [`GossipCounters`] at one instant.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CounterSnapshot {
     pub sent_datagrams: u64,
     pub sent_bytes: u64,
