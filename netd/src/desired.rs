@@ -759,6 +759,7 @@ mod tests {
         let dead = RemoteLive {
             endpoints: BTreeSet::new(),
             warming: None,
+            live_vteps: BTreeSet::new(),
         };
         let (d, _) = project_with_gossip(&intent, &c, Some(&dead));
         assert!(!d.networks[&app].peers.contains_key(&web2));
@@ -774,6 +775,7 @@ mod tests {
             ]
             .into(),
             warming: None,
+            live_vteps: BTreeSet::new(),
         };
         let (d, _) = project_with_gossip(&intent, &c, Some(&live));
         assert_eq!(d, plain);
@@ -782,6 +784,7 @@ mod tests {
         let warming = RemoteLive {
             endpoints: BTreeSet::new(),
             warming: Some(BTreeSet::new()),
+            live_vteps: BTreeSet::new(),
         };
         assert_eq!(project_with_gossip(&intent, &c, Some(&warming)).0, plain);
     }

@@ -45,6 +45,8 @@ use crate::reconcile::Reconciler;
 
 /// How often the key file's stamp is looked at.
 const KEY_CHECK: Duration = Duration::from_secs(1);
+/// Largest gossip frame: 1500 − IPv4 20 − UDP 8, rounded down.
+const MAX_FRAME: usize = 1400;
 /// How long after a failed start the next attempt comes.
 const START_RETRY: Duration = Duration::from_secs(1);
 
@@ -263,6 +265,9 @@ impl GossipSync {
         cfg.seeds = seeds.clone();
         cfg.gossip_interval = self.settings.interval;
         cfg.liveness_bound = self.settings.liveness_bound;
+        // One frame per IP packet on a 1500-byte underlay: the sealed transport fragments
+        // large envelopes itself (IP fragments are lost whole when one piece is dropped).
+        cfg.transport.max_datagram = MAX_FRAME;
         let local = rec.local_endpoints();
         let keyring = match self.keys.keyring() {
             Ok(k) => k,

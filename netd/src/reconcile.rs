@@ -662,6 +662,7 @@ impl Reconciler {
     fn keep_draining(&mut self, desired: &mut DesiredNode, now: Instant) {
         let grace = self.cfg.stop_grace;
         let last = self.last_desired.as_ref();
+        let remote = self.remote.as_ref();
         for net in desired.networks.values_mut() {
             let Some(prev) = self.lb_applied.get(&net.ns) else {
                 continue;
@@ -680,11 +681,14 @@ impl Reconciler {
                     if deadline > now {
                         svc.backends.insert(*ip, BackendState::Draining);
                         // A remote backend stays reachable while it drains: keep its FDB and
-                        // neighbour entries until the deadline.
+                        // neighbour entries until the deadline. Not when gossip says its node
+                        // is dead: nothing is left to reach, and the entries must go within
+                        // the liveness bound.
                         if !net.peers.contains_key(ip)
                             && let Some(peer) = last
                                 .and_then(|l| l.networks.get(&net.id))
                                 .and_then(|l| l.peers.get(ip))
+                            && !remote.is_some_and(|r| r.vtep_dead(peer.1))
                         {
                             net.peers.insert(*ip, *peer);
                         }

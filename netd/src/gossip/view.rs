@@ -64,6 +64,8 @@ pub struct RemoteLive {
     /// During warm-up: the nodes gossip has heard from so far. A remote node not in it is
     /// still trusted from intent. `None` once the warm-up is over.
     pub warming: Option<BTreeSet<NodeId>>,
+    /// VTEPs of the nodes gossip holds live (validated against intent).
+    pub live_vteps: BTreeSet<IpAddr>,
 }
 
 impl RemoteLive {
@@ -77,7 +79,15 @@ impl RemoteLive {
                 .map(|(k, _)| k.clone())
                 .collect(),
             warming,
+            live_vteps: table.vteps.values().copied().collect(),
         }
+    }
+
+    /// Whether the node behind `vtep` is known dead: past the warm-up and not live in gossip.
+    /// A leaving backend of a dead node is not kept reachable while it drains (its
+    /// connections are gone with it): its FDB and neighbour entries go at once.
+    pub fn vtep_dead(&self, vtep: std::net::Ipv4Addr) -> bool {
+        self.warming.is_none() && !self.live_vteps.contains(&IpAddr::V4(vtep))
     }
 
     /// Whether the remote task `task` of node `node` may be used on `network`.
@@ -165,12 +175,18 @@ mod tests {
         let mut r = RemoteLive {
             endpoints: BTreeSet::new(),
             warming: Some(BTreeSet::new()),
+            live_vteps: BTreeSet::new(),
         };
+        let vtep = "198.18.0.2".parse().unwrap();
+        assert!(!r.vtep_dead(vtep), "nothing is dead during the warm-up");
         assert!(r.allows(&n2, &net, &t), "not heard yet: intent is trusted");
         r.warming = Some([n2.clone()].into());
         assert!(!r.allows(&n2, &net, &t), "heard without the record: gone");
         r.warming = None;
+        assert!(r.vtep_dead(vtep));
         r.endpoints.insert((net.clone(), t.clone()));
+        r.live_vteps.insert(IpAddr::V4(vtep));
         assert!(r.allows(&n2, &net, &t));
+        assert!(!r.vtep_dead(vtep));
     }
 }
