@@ -22,8 +22,15 @@
 //! error, so ours never returns one while the socket lives.
 //!
 //! Frames are at most `max_datagram` bytes; a larger envelope (chitchat fills deltas up to
-//! 65 507 bytes, to which sealing adds 49) is split into up to 255 fragments, each sealed on
-//! its own and reassembled with bounded memory.
+//! 65 507 bytes, to which sealing adds 49) is split into fragments, each sealed on its own and
+//! reassembled with bounded memory: a frame claiming more fragments than a 65 507-byte
+//! envelope needs is refused, at most `max_partial` envelopes are in reassembly at once and a
+//! partial one is dropped after `partial_timeout`.
+//!
+//! Memory bounds per node (defaults; netd sets `max_datagram` to 1400): receive queue
+//! `recv_queue` × one envelope (≤ 64 KiB each), reassembly `max_partial` × 64 KiB, replay
+//! state `max_sessions` × 136 bytes. Only datagrams that authenticated reach reassembly and
+//! the replay table, so without the key none of these can be filled.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -733,6 +740,14 @@ impl Reassembly {
         let (session, counter, index, count) = (h.session, h.counter, h.frag_index, h.frag_count);
         if count == 1 {
             return Some(part);
+        }
+        // No honest sender splits an envelope (at most MAX_UDP_PAYLOAD bytes) into more
+        // frames than that needs: this bounds one reassembly to about 64 KiB, and all of
+        // them to `max_partial` × that.
+        let chunk = config.max_datagram.clamp(512, MAX_UDP_PAYLOAD) - OVERHEAD;
+        if usize::from(count) > MAX_UDP_PAYLOAD.div_ceil(chunk) {
+            inc(&counters.dropped_malformed);
+            return None;
         }
         let now = Instant::now();
         let key = (session, counter.wrapping_sub(u64::from(index)));
