@@ -37,4 +37,4 @@ echo "== machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)" | tee b
 SWARMNET_GOSSIP_NODES="$NODES" SWARMNET_GOSSIP_INTERVALS_MS="$INTERVALS" \
 SWARMNET_GOSSIP_ROUNDS="$ROUNDS" SWARMNET_GOSSIP_VARIANTS="$VARIANTS" \
   timeout 3600 cargo test --release -q -p swarmnet-netd --test gossip_bench -- \
-  --ignored --nocapture --test-threads=1 2>&1 | grep -v '^$' | tee -a bench-out/gossip.txt
+  --ignored --nocapture --test-threads=1 2>&1 | grep --line-buffered -v '^$' | tee -a bench-out/gossip.txt

@@ -103,6 +103,11 @@ pub struct GossipCounters {
     pub dropped_undecodable: AtomicU64,
     pub send_errors: AtomicU64,
     pub recv_errors: AtomicU64,
+    /// SYN envelopes sent and their encoded bytes: a SYN is chitchat's full digest (one entry
+    /// per known node), so `sent_syn_bytes / sent_syn` shows how close the cluster is to the
+    /// 65 507-byte wall (docs/gossip-scaling.md).
+    pub sent_syn: AtomicU64,
+    pub sent_syn_bytes: AtomicU64,
 }
 
 /// A copy of [`GossipCounters`] at one instant.
@@ -125,6 +130,8 @@ pub struct CounterSnapshot {
     pub dropped_undecodable: u64,
     pub send_errors: u64,
     pub recv_errors: u64,
+    pub sent_syn: u64,
+    pub sent_syn_bytes: u64,
 }
 
 impl GossipCounters {
@@ -148,6 +155,8 @@ impl GossipCounters {
             dropped_undecodable: g(&self.dropped_undecodable),
             send_errors: g(&self.send_errors),
             recv_errors: g(&self.recv_errors),
+            sent_syn: g(&self.sent_syn),
+            sent_syn_bytes: g(&self.sent_syn_bytes),
         }
     }
 
@@ -661,6 +670,7 @@ impl Socket for SealedSocket {
         to: SocketAddr,
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<SendOutcome> {
+        let syn = matches!(envelope.message, chitchat::ChitchatMessage::Syn { .. });
         let plain = match self.codec.encode(envelope).await {
             Ok(p) => p,
             Err(e) => {
@@ -671,6 +681,12 @@ impl Socket for SealedSocket {
                 return Ok(SendOutcome { num_bytes_sent: 0 });
             }
         };
+        if syn {
+            inc(&self.counters.sent_syn);
+            self.counters
+                .sent_syn_bytes
+                .fetch_add(plain.len() as u64, Ordering::Relaxed);
+        }
         let chunk = self.max_datagram - OVERHEAD;
         let count = plain.len().div_ceil(chunk).max(1);
         if count > usize::from(u8::MAX) {
