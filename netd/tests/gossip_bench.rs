@@ -160,6 +160,16 @@ fn raise_fd_limit() {
     }
 }
 
+/// CPU time (user + system) of this process so far.
+fn cpu_time() -> Duration {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .expect("getrusage");
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(u.user_time()) + tv(u.system_time())
+}
+
 /// Stamps of when each node first applied each key.
 #[derive(Default)]
 struct Seen {
@@ -177,6 +187,11 @@ struct Run {
     join: Duration,
     /// Mean encoded SYN (= full digest) size, sealed variant only.
     syn_bytes: Option<u64>,
+    /// Process CPU time per node per second of the measurement, in ms.
+    cpu_ms_per_node_s: f64,
+    /// Envelopes the sealed transport lost to its own limits (codec time-outs, full queues,
+    /// incomplete reassemblies), sealed variant only.
+    drops: Option<u64>,
 }
 
 async fn run(variant: &str, n: usize, interval: Duration, rounds: usize, base: u16) -> Run {
@@ -242,6 +257,7 @@ async fn run(variant: &str, n: usize, interval: Duration, rounds: usize, base: u
         );
     }
     let bytes0: u64 = nodes.iter().map(Node::sent_bytes).sum();
+    let cpu0 = cpu_time();
     let tb = Instant::now();
     let mut lat = Vec::new();
     let mut missing = 0;
@@ -265,7 +281,7 @@ async fn run(variant: &str, n: usize, interval: Duration, rounds: usize, base: u
                     break per;
                 }
             }
-            if start.elapsed() > Duration::from_secs(30) {
+            if start.elapsed() > Duration::from_secs(15) {
                 let at = seen.at.lock().unwrap();
                 break at.get(&key).cloned().unwrap_or_default();
             }
@@ -279,7 +295,16 @@ async fn run(variant: &str, n: usize, interval: Duration, rounds: usize, base: u
         }
     }
     let secs = tb.elapsed().as_secs_f64();
+    let cpu = (cpu_time() - cpu0).as_secs_f64();
     let bytes: u64 = nodes.iter().map(Node::sent_bytes).sum::<u64>() - bytes0;
+    let drops: u64 = nodes
+        .iter()
+        .filter_map(|nd| match nd {
+            Node::Sealed(g) => Some(g.counters()),
+            Node::Plain(..) => None,
+        })
+        .map(|c| c.dropped_undecodable + c.dropped_queue_full + c.dropped_partial + c.send_errors)
+        .sum();
     let (syns, syn_bytes) = nodes
         .iter()
         .filter_map(|nd| match nd {
@@ -306,6 +331,8 @@ async fn run(variant: &str, n: usize, interval: Duration, rounds: usize, base: u
         bytes_per_node_s: bytes as f64 / secs / n as f64,
         join,
         syn_bytes: (syns > 0).then(|| syn_bytes / syns),
+        drops: (syns > 0).then_some(drops),
+        cpu_ms_per_node_s: cpu * 1e3 / secs / n as f64,
     }
 }
 
@@ -331,7 +358,7 @@ async fn propagation() {
          Serf model 99.99% of nodes in 1.7 s at 30 nodes (200 ms interval, fanout 3)"
     );
     println!(
-        "variant  nodes interval  p50      p99      max      samples missing  B/s/node  join   SYN bytes"
+        "variant  nodes interval  p50      p99      max      samples missing  B/s/node  join   SYN bytes  drops  CPU ms/s/node"
     );
     let mut base = 20_000u16;
     for &ms in &intervals {
@@ -343,7 +370,7 @@ async fn propagation() {
                     base = 20_000;
                 }
                 println!(
-                    "{v:<8} {n:>5} {ms:>6}ms  {:>7.0}ms {:>7.0}ms {:>7.0}ms {:>7} {:>7} {:>9.0}  {:>5.1}s {}",
+                    "{v:<8} {n:>5} {ms:>6}ms  {:>7.0}ms {:>7.0}ms {:>7.0}ms {:>7} {:>7} {:>9.0}  {:>5.1}s {:>9} {:>6} {:>8.1}",
                     r.p50.as_secs_f64() * 1e3,
                     r.p99.as_secs_f64() * 1e3,
                     r.max.as_secs_f64() * 1e3,
@@ -351,7 +378,9 @@ async fn propagation() {
                     r.missing,
                     r.bytes_per_node_s,
                     r.join.as_secs_f64(),
-                    r.syn_bytes.map_or("-".into(), |b| b.to_string())
+                    r.syn_bytes.map_or("-".into(), |b| b.to_string()),
+                    r.drops.map_or("-".into(), |b| b.to_string()),
+                    r.cpu_ms_per_node_s
                 );
             }
         }
