@@ -33,6 +33,12 @@
 //! cannot be resurrected by it. A restarted netd is a new chitchat generation that publishes
 //! only what runs now; the merge ignores older generations of the same node id.
 //!
+//! The daemon runs this through `crate::gossip_sync` (start after the first round, seeds from
+//! intent, keyring file reloads, warm-up, status) and consumes it through
+//! `desired::project_with_gossip` and the DNS views; see ARCHITECTURE.md "Gossip". Measured
+//! propagation, cost per node, and where chitchat's full-membership digest stops scaling:
+//! docs/gossip-scaling.md.
+//!
 //! Invariants: nothing received unauthenticated reaches chitchat; nothing gossiped reaches the
 //! table unless intent backs it.
 
