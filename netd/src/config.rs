@@ -65,7 +65,26 @@ pub struct NetdConfig {
     pub lb: LbChoice,
     /// Idle timeouts of load-balanced connections; `None` keeps the kernel's (TCP 5 days).
     pub lb_timeouts: Option<crate::lb::IdleTimeouts>,
+    /// Gossip of endpoint tables; `None` (no key file configured): intent alone.
+    pub gossip: Option<GossipSettings>,
 }
+
+/// Gossip settings (issue 6). Seeds are the other nodes' addresses from the intent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GossipSettings {
+    /// The keyring file (current key + accepted keys), re-read when it changes.
+    pub key_file: PathBuf,
+    /// UDP port, bound on this node's advertise address.
+    pub port: u16,
+    /// A stopped node's endpoints leave DNS, the LBs and the FDBs within this time.
+    pub liveness_bound: Duration,
+    /// Time between gossip rounds.
+    pub interval: Duration,
+}
+
+pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
+pub const DEFAULT_GOSSIP_LIVENESS_BOUND: Duration = Duration::from_secs(10);
+pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
 
 pub const DEFAULT_DNS_TTL: u32 = 5;
 
@@ -103,6 +122,13 @@ pub struct RawConfig {
     pub lb_tcp_idle_timeout: Option<String>,
     /// e.g. `120s`; UDP flows through a VIP idle this long are forgotten.
     pub lb_udp_idle_timeout: Option<String>,
+    /// Enables gossip: the keyring file (TOML: `current` and `[[keys]]` with `id`, `secret`).
+    pub gossip_key_file: Option<PathBuf>,
+    pub gossip_port: Option<u16>,
+    /// e.g. `10s`.
+    pub gossip_liveness_bound: Option<String>,
+    /// e.g. `500ms`.
+    pub gossip_interval: Option<String>,
 }
 
 impl RawConfig {
@@ -129,6 +155,10 @@ impl RawConfig {
             lb: over.lb.or(self.lb),
             lb_tcp_idle_timeout: over.lb_tcp_idle_timeout.or(self.lb_tcp_idle_timeout),
             lb_udp_idle_timeout: over.lb_udp_idle_timeout.or(self.lb_udp_idle_timeout),
+            gossip_key_file: over.gossip_key_file.or(self.gossip_key_file),
+            gossip_port: over.gossip_port.or(self.gossip_port),
+            gossip_liveness_bound: over.gossip_liveness_bound.or(self.gossip_liveness_bound),
+            gossip_interval: over.gossip_interval.or(self.gossip_interval),
         }
     }
 
@@ -141,6 +171,7 @@ impl RawConfig {
 
     pub fn validate(self) -> Result<NetdConfig, ConfigError> {
         let err = |field: &'static str, message: String| ConfigError { field, message };
+        let gossip = self.gossip_settings()?;
         let node_id = self
             .node_id
             .ok_or_else(|| err("node_id", "is required (--node-id)".into()))?;
@@ -279,7 +310,67 @@ impl RawConfig {
             dns_internal_answer,
             lb: self.lb.unwrap_or(LbChoice::Auto),
             lb_timeouts,
+            gossip,
         })
+    }
+
+    fn gossip_settings(&self) -> Result<Option<GossipSettings>, ConfigError> {
+        let err = |field: &'static str, message: String| ConfigError { field, message };
+        let Some(key_file) = self.gossip_key_file.clone() else {
+            for (set, field) in [
+                (self.gossip_port.is_some(), "gossip_port"),
+                (
+                    self.gossip_liveness_bound.is_some(),
+                    "gossip_liveness_bound",
+                ),
+                (self.gossip_interval.is_some(), "gossip_interval"),
+            ] {
+                if set {
+                    return Err(err(
+                        field,
+                        "is set but gossip is off; gossip needs --gossip-key-file".into(),
+                    ));
+                }
+            }
+            return Ok(None);
+        };
+        let port = self.gossip_port.unwrap_or(DEFAULT_GOSSIP_PORT);
+        if port == 0 {
+            return Err(err("gossip_port", "must not be 0".into()));
+        }
+        let dur = |v: &Option<String>, field: &'static str, default: Duration| match v {
+            Some(s) => parse_duration(s).map_err(|m| err(field, m)),
+            None => Ok(default),
+        };
+        let liveness_bound = dur(
+            &self.gossip_liveness_bound,
+            "gossip_liveness_bound",
+            DEFAULT_GOSSIP_LIVENESS_BOUND,
+        )?;
+        let interval = dur(
+            &self.gossip_interval,
+            "gossip_interval",
+            DEFAULT_GOSSIP_INTERVAL,
+        )?;
+        if interval < Duration::from_millis(10) {
+            return Err(err("gossip_interval", "must be at least 10ms".into()));
+        }
+        // The failure detector needs several heartbeats within the bound to tell a slow node
+        // from a dead one (see gossip::chitchat_config).
+        if liveness_bound < 6 * interval {
+            return Err(err(
+                "gossip_liveness_bound",
+                format!(
+                    "{liveness_bound:?} is under 6 gossip intervals ({interval:?}); raise it or lower --gossip-interval"
+                ),
+            ));
+        }
+        Ok(Some(GossipSettings {
+            key_file,
+            port,
+            liveness_bound,
+            interval,
+        }))
     }
 }
 
@@ -336,6 +427,47 @@ mod tests {
         assert_eq!(c.full_reconcile_interval, Duration::from_secs(30));
         assert_eq!(c.run_dir, PathBuf::from("/run/swarmnet"));
         assert_eq!(c.gw_subnet.to_string(), "172.30.0.0/16");
+        assert_eq!(c.gossip, None, "gossip is off without a key file");
+        let g = RawConfig {
+            gossip_key_file: Some("/k.toml".into()),
+            ..base()
+        }
+        .validate()
+        .unwrap()
+        .gossip
+        .unwrap();
+        assert_eq!(g.port, 7946);
+        assert_eq!(g.liveness_bound, Duration::from_secs(10));
+        assert_eq!(g.interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn gossip_settings_are_checked() {
+        let e = RawConfig {
+            gossip_port: Some(7000),
+            ..base()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.field, "gossip_port");
+        let e = RawConfig {
+            gossip_key_file: Some("/k.toml".into()),
+            gossip_liveness_bound: Some("1s".into()),
+            gossip_interval: Some("500ms".into()),
+            ..base()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.field, "gossip_liveness_bound");
+        let file = RawConfig::from_toml(
+            "node_id = \"n1\"\nintent_file = \"/a\"\ngossip_key_file = \"/k\"\ngossip_liveness_bound = \"4s\"\ngossip_interval = \"200ms\"\n",
+        )
+        .unwrap();
+        let g = file.validate().unwrap().gossip.unwrap();
+        assert_eq!(
+            (g.liveness_bound, g.interval),
+            (Duration::from_secs(4), Duration::from_millis(200))
+        );
     }
 
     #[test]

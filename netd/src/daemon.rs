@@ -19,6 +19,7 @@ use std::sync::mpsc::Receiver;
 use crate::api::{Call, Request, Response};
 use crate::config::{IntentSource, NetdConfig};
 use crate::dns_sync::DnsSync;
+use crate::gossip_sync::GossipSync;
 use crate::plan::ObjectKey;
 use crate::reconcile::{ObjectStatus, Reconciler, persist_json};
 use crate::selftest::SelfTest;
@@ -40,6 +41,9 @@ pub struct StatusFile<'a> {
     pub objects: std::collections::BTreeMap<String, &'a ObjectStatus>,
     /// The last self-test of each published port (after full rounds).
     pub published: std::collections::BTreeMap<String, crate::selftest::PortCheck>,
+    /// Gossip counters and membership (absent when gossip is off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gossip: Option<crate::gossip_sync::GossipStatus>,
 }
 
 /// Identity of the intent file's current content, cheap to poll.
@@ -144,6 +148,7 @@ fn status_json(
     watcher: &IntentWatcher,
     full: bool,
     selftest: &SelfTest,
+    gossip: Option<&GossipSync>,
 ) -> serde_json::Value {
     let status = StatusFile {
         node: cfg.node_id.as_str(),
@@ -160,6 +165,7 @@ fn status_json(
             .map(|(k, v): (&ObjectKey, _)| (k.to_string(), v))
             .collect(),
         published: selftest.results(),
+        gossip: gossip.map(GossipSync::status),
     };
     serde_json::to_value(&status).expect("status serializes")
 }
@@ -171,6 +177,7 @@ fn answer(
     rec: &mut Reconciler,
     watcher: &IntentWatcher,
     selftest: &SelfTest,
+    gossip: Option<&GossipSync>,
     req: Request,
 ) -> Response {
     let task = match &req {
@@ -182,7 +189,7 @@ fn answer(
             let report = rec.inspect(Instant::now());
             return Response {
                 inspect: Some(serde_json::to_value(&report).expect("inspection serializes")),
-                status: Some(status_json(cfg, rec, watcher, false, selftest)),
+                status: Some(status_json(cfg, rec, watcher, false, selftest, gossip)),
                 ..Response::ok()
             };
         }
@@ -204,7 +211,7 @@ fn answer(
         }
     }
     Response {
-        status: Some(status_json(cfg, rec, watcher, false, selftest)),
+        status: Some(status_json(cfg, rec, watcher, false, selftest, gossip)),
         ..Response::ok()
     }
 }
@@ -240,10 +247,17 @@ pub fn run(
     let mut tick: u64 = 0;
     let selftest = SelfTest::default();
     let mut last_checks = std::collections::BTreeMap::new();
+    let mut gossip = match &cfg.gossip {
+        Some(g) => Some(GossipSync::new(cfg.node_id.clone(), g.clone())?),
+        None => None,
+    };
     info!(node = %cfg.node_id, intent = %source, "netd running");
     while !shutdown.load(Ordering::Relaxed) {
         let now = Instant::now();
         let mut ran = None;
+        // A change of what gossip holds live is a change of the projection's input: it gets
+        // an incremental round (FDB, LB backends) and a DNS sync in this same tick.
+        let gossip_changed = gossip.as_mut().is_some_and(|g| g.tick(&mut rec, now));
         if let Some(intent) = watcher.poll() {
             if let Some(addr) = cfg.advertise_addr
                 && let Some(n) = intent.node(&cfg.node_id)
@@ -271,7 +285,8 @@ pub fn run(
             ran = Some(rec.round(true, now));
             next_full = Some(now + cfg.full_reconcile_interval);
         } else if rec.intent_generation() > 0
-            && (rec.wants_round(now)
+            && (gossip_changed
+                || rec.wants_round(now)
                 || ((child_exited.swap(false, Ordering::Relaxed) || tick.is_multiple_of(20))
                     && rec.poll_processes(now)))
         {
@@ -281,6 +296,11 @@ pub fn run(
         if ran.is_some() {
             watcher.report_tasks(&rec, &cfg.node_id);
         }
+        if let Some(g) = gossip.as_mut()
+            && ran.is_some()
+        {
+            g.publish(&rec);
+        }
         if ran.is_some() || (dns.pending_retry() && tick.is_multiple_of(10)) {
             // Answers follow the round at once (an intent change shows in DNS within a tick);
             // a sandbox whose resolver could not start is retried about once a second.
@@ -288,7 +308,14 @@ pub fn run(
         }
         let mut answered = false;
         while let Ok((req, reply)) = calls.try_recv() {
-            let _ = reply.send(answer(cfg, &mut rec, &watcher, &selftest, req));
+            let _ = reply.send(answer(
+                cfg,
+                &mut rec,
+                &watcher,
+                &selftest,
+                gossip.as_ref(),
+                req,
+            ));
             dns.sync(&rec);
             answered = true;
         }
@@ -304,12 +331,14 @@ pub fn run(
         let checks = selftest.results();
         let checks_changed = checks != last_checks;
         last_checks = checks;
-        if ran.is_some() || answered || checks_changed || watcher.error != last_err {
+        // With gossip, counters move without rounds: status is also refreshed every second.
+        let gossip_due = gossip.is_some() && tick.is_multiple_of(10);
+        if ran.is_some() || answered || checks_changed || gossip_due || watcher.error != last_err {
             last_err = watcher.error.clone();
             let full = ran.as_ref().is_some_and(|r| r.full);
             if let Err(e) = persist_json(
                 &status_path,
-                &status_json(cfg, &rec, &watcher, full, &selftest),
+                &status_json(cfg, &rec, &watcher, full, &selftest, gossip.as_ref()),
             ) {
                 warn!(error = %e, path = %status_path.display(), "cannot write status");
             }

@@ -462,6 +462,50 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
     (out, issues)
 }
 
+/// [`project`] with gossip as an input: remote endpoints that gossip does not hold live (see
+/// [`crate::gossip::view`]) are taken out of the FDB/neighbour entries and the load-balancer
+/// backends. `None` (gossip not configured) is the intent alone. Gossip only ever removes:
+/// nothing the intent does not hold is added.
+pub fn project_with_gossip(
+    intent: &Intent,
+    ctx: &NodeContext,
+    remote: Option<&crate::gossip::view::RemoteLive>,
+) -> (DesiredNode, Vec<ProjectionIssue>) {
+    let (mut out, issues) = project(intent, ctx);
+    if let Some(remote) = remote {
+        drop_dead_remotes(intent, &ctx.node, remote, &mut out);
+    }
+    (out, issues)
+}
+
+fn drop_dead_remotes(
+    intent: &Intent,
+    me: &NodeId,
+    remote: &crate::gossip::view::RemoteLive,
+    out: &mut DesiredNode,
+) {
+    for (t, atts) in intent
+        .tasks()
+        .filter(|(t, _)| &t.node != me && t.desired_state == DesiredState::Running)
+    {
+        for a in atts {
+            if remote.allows(&t.node, &a.network, &t.id) {
+                continue;
+            }
+            let Some(net) = intent
+                .network(&a.network)
+                .and_then(|n| out.networks.get_mut(&n.id))
+            else {
+                continue;
+            };
+            net.peers.remove(&a.ip);
+            for svc in net.lb.services.values_mut() {
+                svc.backends.remove(&a.ip);
+            }
+        }
+    }
+}
+
 /// The node's share of the routing mesh: its ingress sandbox (an interface on the ingress
 /// network with the node's ingress address, one on the gateway bridge, forwarding with
 /// masquerade into the ingress network) and the route to the ingress network through it.
@@ -716,6 +760,67 @@ mod tests {
             ["db"]
         );
         assert_eq!(d3.networks[&Name::new("db").unwrap()].peers.len(), 1);
+    }
+
+    #[test]
+    fn gossip_removes_dead_remotes_and_never_adds() {
+        use crate::gossip::view::RemoteLive;
+        // The fixture with a VIP on web, so that web2 (on n2) is a load-balancer backend on n1.
+        let mut v: serde_json::Value = serde_json::from_str(INTENT).unwrap();
+        v["services"][0]["endpoint_mode"] = "vip".into();
+        v["services"][0]["networks"][0]["vip"] = "10.10.0.200".into();
+        v["services"][0]["ports"] = serde_json::json!([{"name": "http", "target": 80}]);
+        let intent = Intent::from_json(&v.to_string()).unwrap();
+        let c = ctx("n1");
+        let app = Name::new("app").unwrap();
+        let web2: Ipv4Addr = "10.10.0.4".parse().unwrap();
+        let backends = |d: &DesiredNode| -> Vec<Ipv4Addr> {
+            d.networks[&app]
+                .lb
+                .services
+                .values()
+                .flat_map(|s| s.backends.keys().copied())
+                .collect()
+        };
+        let (plain, _) = project(&intent, &c);
+        let (none, _) = project_with_gossip(&intent, &c, None);
+        assert_eq!(plain, none, "without gossip: the intent alone");
+        assert!(plain.networks[&app].peers.contains_key(&web2));
+        assert!(backends(&plain).contains(&web2));
+
+        // n2 heard from, web2 not in the table: no FDB/neighbour entry, no backend; local web1
+        // stays.
+        let dead = RemoteLive {
+            endpoints: BTreeSet::new(),
+            warming: None,
+            live_vteps: BTreeSet::new(),
+        };
+        let (d, _) = project_with_gossip(&intent, &c, Some(&dead));
+        assert!(!d.networks[&app].peers.contains_key(&web2));
+        assert_eq!(backends(&d), vec!["10.10.0.3".parse::<Ipv4Addr>().unwrap()]);
+
+        // Live in gossip: the same as the intent. A record of a task the intent does not hold
+        // adds nothing.
+        let live = RemoteLive {
+            endpoints: [
+                (app.clone(), TaskId::new("web2").unwrap()),
+                (Name::new("db").unwrap(), TaskId::new("pg2").unwrap()),
+                (app.clone(), TaskId::new("ghost").unwrap()),
+            ]
+            .into(),
+            warming: None,
+            live_vteps: BTreeSet::new(),
+        };
+        let (d, _) = project_with_gossip(&intent, &c, Some(&live));
+        assert_eq!(d, plain);
+
+        // Warm-up: n2 not heard from yet is trusted from intent.
+        let warming = RemoteLive {
+            endpoints: BTreeSet::new(),
+            warming: Some(BTreeSet::new()),
+            live_vteps: BTreeSet::new(),
+        };
+        assert_eq!(project_with_gossip(&intent, &c, Some(&warming)).0, plain);
     }
 
     #[test]

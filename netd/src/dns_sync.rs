@@ -1,7 +1,8 @@
 //! Keeps the DNS server's sandboxes in step with the reconciler: after every round, each local
 //! sandbox gets the view of its task (built from the intent) and its forwarding policy.
 //!
-//! Views depend only on the intent and on the ordered networks of the asking task, so one view
+//! Views depend only on the intent (with gossip: and on which remote tasks gossip holds live)
+//! and on the ordered networks of the asking task, so one view
 //! is built per distinct network list and shared (`Arc`) by every sandbox on the same networks:
 //! a node with a thousand sandboxes on three networks builds three views per intent change.
 //! Nothing is rebuilt when neither the intent nor the set of sandboxes changed, unless the last
@@ -30,13 +31,14 @@ pub struct DnsSyncConfig {
 pub struct DnsSync {
     server: DnsServer,
     cfg: DnsSyncConfig,
-    last_generation: u64,
+    /// (intent generation, gossip view generation) of the last sync.
+    last_generation: (u64, u64),
     last_set: BTreeMap<TaskId, PathBuf>,
     /// Sandboxes whose resolver could not be opened in the last sync (retried).
     failing: BTreeSet<TaskId>,
     /// One view (and forwarding policy) per distinct network list, for `views_generation`.
     views: HashMap<Vec<Name>, (Arc<DnsView>, ForwardPolicy)>,
-    views_generation: u64,
+    views_generation: (u64, u64),
 }
 
 impl DnsSync {
@@ -44,11 +46,11 @@ impl DnsSync {
         Self {
             server,
             cfg,
-            last_generation: 0,
+            last_generation: (0, 0),
             last_set: BTreeMap::new(),
             failing: BTreeSet::new(),
             views: HashMap::new(),
-            views_generation: 0,
+            views_generation: (0, 0),
         }
     }
 
@@ -67,14 +69,17 @@ impl DnsSync {
             .filter(|s| rec.sandbox_ready(&s.task))
             .map(|s| (s.task.clone(), rec.netns_path(&s.ns)))
             .collect();
-        let generation = rec.intent_generation();
+        // Views depend on the intent and, with gossip, on which remote tasks are live.
+        let generation = (rec.intent_generation(), rec.remote_generation());
         if self.failing.is_empty() && generation == self.last_generation && want == self.last_set {
             return;
         }
         let intent = rec.intent();
         let opts = ViewOptions {
             ttl: self.cfg.ttl,
-            live: None,
+            live: rec
+                .remote_live()
+                .map(|r| r.live_tasks(intent, &desired.node)),
         };
         // Views of the intent in force are kept: the sync after a round (new sandboxes) and
         // retries reuse them; a new intent starts afresh.

@@ -9,6 +9,8 @@
 //!   the per-sandbox server runtime).
 //! - [`fake`]: in-memory implementations that model kernel semantics, for tests.
 //! - [`assign`]: intent from the orchestrator (join, assignment stream, heartbeats).
+//! - [`gossip`]: endpoint tables over authenticated chitchat (pure core + transport);
+//!   [`gossip_sync`] runs it for the daemon and feeds the projection and DNS.
 //!
 //! Invariants: pure modules never do I/O; every kernel object netd creates carries the `sn`
 //! name prefix or lives in a namespace under the run directory, and prune touches nothing else.
@@ -23,6 +25,7 @@ pub mod dns_sync;
 pub mod fake;
 pub mod firewall;
 pub mod gossip;
+pub mod gossip_sync;
 pub mod lb;
 pub mod linux;
 pub mod plan;

@@ -75,6 +75,19 @@ struct Args {
     /// Idle timeout of UDP flows through VIPs, e.g. 120s [default: kernel].
     #[arg(long)]
     lb_udp_idle_timeout: Option<String>,
+    /// Enables gossip of endpoint tables: the keyring file (current key + accepted keys),
+    /// re-read when it changes [default: off, intent alone].
+    #[arg(long)]
+    gossip_key_file: Option<PathBuf>,
+    /// Gossip UDP port on the advertise address [default: 7946].
+    #[arg(long)]
+    gossip_port: Option<u16>,
+    /// A stopped node's endpoints leave DNS, LBs and FDBs within this, e.g. 10s [default: 10s].
+    #[arg(long)]
+    gossip_liveness_bound: Option<String>,
+    /// Time between gossip rounds, e.g. 500ms [default: 500ms].
+    #[arg(long)]
+    gossip_interval: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -157,6 +170,10 @@ fn main() -> anyhow::Result<()> {
         lb: args.lb,
         lb_tcp_idle_timeout: args.lb_tcp_idle_timeout,
         lb_udp_idle_timeout: args.lb_udp_idle_timeout,
+        gossip_key_file: args.gossip_key_file,
+        gossip_port: args.gossip_port,
+        gossip_liveness_bound: args.gossip_liveness_bound,
+        gossip_interval: args.gossip_interval,
     };
     let cfg = file.overlay(flags).validate()?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

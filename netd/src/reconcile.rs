@@ -149,6 +149,10 @@ pub struct Reconciler {
     /// Backends that left a service still on the network: draining until the deadline.
     drains: BTreeMap<(NsName, ServiceKey, Ipv4Addr), Instant>,
     round: u64,
+    /// Remote endpoints gossip holds live (`None`: gossip not configured, intent alone).
+    remote: Option<crate::gossip::view::RemoteLive>,
+    /// Bumped whenever `remote` changes (DNS views depend on it).
+    remote_generation: u64,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -185,6 +189,8 @@ impl Reconciler {
             lb_applied: BTreeMap::new(),
             drains: BTreeMap::new(),
             round: 0,
+            remote: None,
+            remote_generation: 0,
         }
     }
 
@@ -195,6 +201,58 @@ impl Reconciler {
 
     pub fn intent_generation(&self) -> u64 {
         self.intent_generation
+    }
+
+    /// Sets what gossip holds live (see `gossip::view`); true if it changed, and then the next
+    /// round must run (the projection depends on it).
+    pub fn set_remote_live(&mut self, remote: Option<crate::gossip::view::RemoteLive>) -> bool {
+        if self.remote == remote {
+            return false;
+        }
+        self.remote = remote;
+        self.remote_generation += 1;
+        true
+    }
+
+    pub fn remote_live(&self) -> Option<&crate::gossip::view::RemoteLive> {
+        self.remote.as_ref()
+    }
+
+    pub fn remote_generation(&self) -> u64 {
+        self.remote_generation
+    }
+
+    /// The endpoints this node runs, as gossip publishes them: every attachment of each
+    /// intent task whose sandbox is built, healthy while its process runs (an external task:
+    /// while attached), unhealthy while it is down or restarting.
+    pub fn local_endpoints(&self) -> Vec<crate::gossip::EndpointRecord> {
+        use crate::gossip::{EndpointRecord, Health};
+        let Some(d) = &self.last_desired else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for sb in d.sandboxes.values() {
+            let Some((t, atts)) = self.intent.task(&sb.task) else {
+                continue; // the ingress sandbox is not a task
+            };
+            if !self.sandbox_ready(&sb.task) {
+                continue;
+            }
+            let health = match (&sb.process, self.proc_snapshot.get(&sb.task)) {
+                (None, _) => Health::Healthy,
+                (Some(_), Some(p)) if p.exit.is_none() => Health::Healthy,
+                (Some(_), _) => Health::Unhealthy,
+            };
+            out.extend(atts.iter().map(|a| EndpointRecord {
+                network: a.network.clone(),
+                task: t.id.clone(),
+                ip: std::net::IpAddr::V4(a.ip),
+                mac: a.mac,
+                service: Some(t.service.clone()),
+                health,
+            }));
+        }
+        out
     }
 
     /// Hands an external task's namespace to netd (the attach API). Only a task that the intent
@@ -416,7 +474,8 @@ impl Reconciler {
             };
         }
         let ctx = self.context();
-        let (mut desired, issues) = desired::project(&self.intent, &ctx);
+        let (mut desired, issues) =
+            desired::project_with_gossip(&self.intent, &ctx, self.remote.as_ref());
         for n in desired
             .networks
             .values_mut()
@@ -607,6 +666,7 @@ impl Reconciler {
     fn keep_draining(&mut self, desired: &mut DesiredNode, now: Instant) {
         let grace = self.cfg.stop_grace;
         let last = self.last_desired.as_ref();
+        let remote = self.remote.as_ref();
         for net in desired.networks.values_mut() {
             let Some(prev) = self.lb_applied.get(&net.ns) else {
                 continue;
@@ -625,11 +685,14 @@ impl Reconciler {
                     if deadline > now {
                         svc.backends.insert(*ip, BackendState::Draining);
                         // A remote backend stays reachable while it drains: keep its FDB and
-                        // neighbour entries until the deadline.
+                        // neighbour entries until the deadline. Not when gossip says its node
+                        // is dead: nothing is left to reach, and the entries must go within
+                        // the liveness bound.
                         if !net.peers.contains_key(ip)
                             && let Some(peer) = last
                                 .and_then(|l| l.networks.get(&net.id))
                                 .and_then(|l| l.peers.get(ip))
+                            && !remote.is_some_and(|r| r.vtep_dead(peer.1))
                         {
                             net.peers.insert(*ip, *peer);
                         }

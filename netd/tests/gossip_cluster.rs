@@ -1,7 +1,8 @@
 //! Gossip clusters in-process on `MemNet`: liveness (a stopped or cut-off node's endpoints
 //! leave every table within the bound and return with it; deletions made while away are not
 //! resurrected), forged records refused by the intent check, attacks on a running node
-//! change no state, and a seeded property test of random adds/removes, stops/starts and
+//! change no state, a key rotation (add → switch → remove, nodes out of step) that never
+//! drops an endpoint, and a seeded property test of random adds/removes, stops/starts and
 //! partitions that must converge to the same table everywhere.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -302,6 +303,68 @@ async fn forged_records_and_attack_datagrams_change_nothing() {
         "replayed {replays}, counters: replay {} auth {} malformed {}",
         after.dropped_replay, after.dropped_auth, after.dropped_malformed
     );
+}
+
+/// Rotation in the three steps of `gossip::keyfile`, each applied node by node with gossip
+/// running in between (nodes out of step, as when they re-read the key file at different
+/// times): every node keeps every endpoint throughout, and no datagram is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_out_of_step_keeps_every_endpoint() {
+    use swarmnet_netd::gossip::keyfile::{KeyFile, render};
+    let c = Cluster::new(4).await;
+    let mut want: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
+    for i in 0..4 {
+        let ts: BTreeSet<usize> = [i * 10].into();
+        c.publish(i, &ts).await;
+        want.insert(i, ts);
+    }
+    c.converge(&want, Duration::from_secs(10)).await;
+    let old = [5; KEY_LEN];
+    let new = [9; KEY_LEN];
+    let refused = |c: &Cluster| -> u64 {
+        c.nodes
+            .iter()
+            .flatten()
+            .map(|n| {
+                let k = n.counters();
+                k.dropped_auth + k.dropped_unknown_key
+            })
+            .sum()
+    };
+    let refused_before = refused(&c);
+    for step in [
+        render(1, &[(1, old), (2, new)]),
+        render(2, &[(1, old), (2, new)]),
+        render(2, &[(2, new)]),
+    ] {
+        let file = KeyFile::parse(&step).unwrap();
+        for i in 0..4 {
+            file.apply(c.nodes[i].as_ref().unwrap().keyring()).unwrap();
+            // Gossip runs with this node ahead of the others; nothing may go missing.
+            let deadline = Instant::now() + 2 * INTERVAL;
+            while Instant::now() < deadline {
+                for (j, t) in c.tables().await {
+                    assert_eq!(
+                        t.endpoints.len(),
+                        4,
+                        "node {j} lost an endpoint at step {step}"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    // Past the liveness bound on the new key alone: every node still live everywhere.
+    tokio::time::sleep(BOUND + Duration::from_millis(500)).await;
+    c.converge(&want, Duration::from_secs(1)).await;
+    assert_eq!(
+        refused(&c),
+        refused_before,
+        "no datagram refused during the rotation"
+    );
+    for n in c.nodes.iter().flatten() {
+        assert_eq!((n.keyring().sealing_id(), n.keyring().ids()), (2, vec![2]));
+    }
 }
 
 /// Random scenarios with a fixed seed: after the last event and a quiet period, every running

@@ -634,3 +634,121 @@ fn vips_load_balance_over_every_node_and_leaving_backends_drain() {
         FakeRefusal::NoBackend
     );
 }
+
+/// Gossip as an input of the projection: a remote task that gossip stops holding live leaves
+/// the load balancer like an intent removal (draining: no new connections, established ones
+/// continue, then gone) and, its node being dead, its FDB and neighbour entries go at once;
+/// when gossip holds it again it comes back. Without gossip (`None`) the intent alone rules.
+#[test]
+fn gossip_liveness_drives_remote_backends_fdb_and_neighbours() {
+    use swarmnet_model::{Name, TaskId};
+    use swarmnet_netd::gossip::view::RemoteLive;
+    let tmp = tempfile::tempdir().unwrap();
+    let lb = SharedLb::default();
+    let ports = Ports {
+        links: Box::new(node_with_underlay()),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(SharedProcs::default()),
+        lb: Box::new(lb.clone()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
+    };
+    let mut r = Reconciler::new(ports, config(tmp.path()));
+    r.set_intent(intent(VIP_INTENT));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    let app = ns("net-app");
+    let vx = swarmnet_model::IfName::new("snvx4097").unwrap();
+    let web2: Ipv4Addr = "10.10.0.4".parse().unwrap();
+    let n2: std::net::IpAddr = "198.18.0.2".parse().unwrap();
+    let remote_entries = |r: &mut Reconciler| {
+        let fdb = r.ports_mut().links.list_fdb(&app, &vx).unwrap().len();
+        let neigh = r
+            .ports_mut()
+            .links
+            .list_neighs(&app, &vx)
+            .unwrap()
+            .iter()
+            .filter(|n| n.ip == web2)
+            .count();
+        (fdb, neigh)
+    };
+    assert_eq!(
+        remote_entries(&mut r),
+        (1, 1),
+        "intent alone: web2 is a peer"
+    );
+    let tcp = ServiceKey {
+        vip: "10.10.0.2".parse().unwrap(),
+        proto: Proto::Tcp,
+        port: 80,
+    };
+    let client: Ipv4Addr = "10.10.0.9".parse().unwrap();
+    let backends = |lb: &SharedLb| {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            seen.insert(
+                lb.0.lock()
+                    .unwrap()
+                    .connect(&app, client, tcp)
+                    .unwrap()
+                    .backend
+                    .to_string(),
+            );
+        }
+        seen.into_iter().collect::<Vec<_>>()
+    };
+    assert_eq!(backends(&lb), ["10.10.0.3", "10.10.0.4"]);
+    let open = lb.0.lock().unwrap().connect(&app, client, tcp).unwrap();
+    let open = if open.backend == web2 {
+        open
+    } else {
+        loop {
+            let c = lb.0.lock().unwrap().connect(&app, client, tcp).unwrap();
+            if c.backend == web2 {
+                break c;
+            }
+        }
+    };
+
+    // Gossip: n2 dead (no VTEP, no endpoint).
+    let dead = RemoteLive::default();
+    assert!(r.set_remote_live(Some(dead.clone())));
+    assert!(
+        !r.set_remote_live(Some(dead)),
+        "unchanged: no new round needed"
+    );
+    let t0 = Instant::now();
+    r.round(false, t0);
+    assert_eq!(
+        remote_entries(&mut r),
+        (0, 0),
+        "a dead node's entries go at once"
+    );
+    assert_eq!(backends(&lb), ["10.10.0.3"], "no new connection to web2");
+    assert!(
+        lb.0.lock().unwrap().established(open.id).is_some(),
+        "established connections drain as after an intent removal"
+    );
+    let later = t0 + Duration::from_secs(2);
+    assert!(r.wants_round(later), "the drain deadline wakes a round");
+    r.round(false, later);
+    settle(&mut r);
+
+    // Back in gossip: backend, FDB and neighbour return.
+    let live = RemoteLive {
+        endpoints: [(Name::new("app").unwrap(), TaskId::new("web2").unwrap())].into(),
+        warming: None,
+        live_vteps: [n2].into(),
+    };
+    assert!(r.set_remote_live(Some(live)));
+    r.round(false, later);
+    settle(&mut r);
+    assert_eq!(remote_entries(&mut r), (1, 1));
+    assert_eq!(backends(&lb), ["10.10.0.3", "10.10.0.4"]);
+
+    // Gossip switched off: the intent alone.
+    assert!(r.set_remote_live(None));
+    r.round(false, later);
+    settle(&mut r);
+    assert_eq!(remote_entries(&mut r), (1, 1));
+}

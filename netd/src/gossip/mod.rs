@@ -10,12 +10,19 @@
 //! - [`record`]: the compact `ep/<network>/<task>` and `vtep` records. Pure.
 //! - [`table`]: the merge from live nodes' states to a validated endpoint table, checked
 //!   against intent through a trait. Pure.
+//! - [`view`]: the intent check over the real intent, and the live remote endpoints the
+//!   projection (`desired::project_with_gossip`) and DNS consume, with the start-up warm-up.
+//!   Pure.
+//! - [`keyfile`]: the keyring file (`--gossip-key-file`) and how a changed file is applied
+//!   to the running keyring (rotation). Pure.
 //! - this file: [`GossipConfig`] (→ chitchat's config, failure detector included) and
 //!   [`GossipNode`], the handle the daemon holds.
 //!
-//! Liveness: chitchat's phi-accrual detector is tuned from one operator knob,
-//! [`GossipConfig::liveness_bound`] (see [`chitchat_config`]); only live nodes enter the table,
-//! so a dead node's endpoints leave it within the bound and come back with its heartbeats.
+//! Liveness: one operator knob, [`GossipConfig::liveness_bound`]. A node is live while
+//! chitchat's phi-accrual detector (set lenient, see [`chitchat_config`]) says so *and* its
+//! heartbeat moved within [`stale_after`] (60 % of the bound); only live nodes enter the
+//! table, so a dead node's endpoints leave it within the bound and come back with its
+//! heartbeats.
 //!
 //! Deletion: an endpoint that stops is removed with `NodeState::delete` (a versioned tombstone,
 //! invisible at once; garbage-collected after [`GossipConfig::tombstone_grace`], and a peer that
@@ -26,21 +33,29 @@
 //! cannot be resurrected by it. A restarted netd is a new chitchat generation that publishes
 //! only what runs now; the merge ignores older generations of the same node id.
 //!
+//! The daemon runs this through `crate::gossip_sync` (start after the first round, seeds from
+//! intent, keyring file reloads, warm-up, status) and consumes it through
+//! `desired::project_with_gossip` and the DNS views; see ARCHITECTURE.md "Gossip". Measured
+//! propagation, cost per node, and where chitchat's full-membership digest stops scaling:
+//! docs/gossip-scaling.md.
+//!
 //! Invariants: nothing received unauthenticated reaches chitchat; nothing gossiped reaches the
 //! table unless intent backs it.
 
 pub mod crypto;
+pub mod keyfile;
 pub mod record;
 pub mod table;
 pub mod transport;
+pub mod view;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chitchat::{
-    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ProtocolVersion,
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, Heartbeat, ProtocolVersion,
 };
 
 pub use crypto::{Keyring, KeyringError};
@@ -88,19 +103,28 @@ impl GossipConfig {
     }
 }
 
+/// How long a remote node's heartbeat may stand still before the node counts as dead: 60 %
+/// of the liveness bound, leaving the rest for one gossip interval (the watch re-reads the
+/// states once per interval), the daemon's 100 ms tick and the reconcile round.
+pub fn stale_after(cfg: &GossipConfig) -> Duration {
+    cfg.liveness_bound.mul_f64(0.6)
+}
+
 /// Chitchat's configuration for `cfg` (pure).
 ///
-/// Phi accrual: a node is declared dead when the time since its last heartbeat exceeds
-/// `phi_threshold × mean heartbeat interval`, and the mean is seeded with `initial_interval`
-/// (weight 5). Heartbeats arrive about once per gossip interval (every node gossips with three
-/// peers per round), so with `phi = (bound / 2) / interval` detection takes about half the
-/// bound, leaving the other half for a mean up to twice the interval (a loaded node), the
-/// liveness update that runs once per round, and the table rebuild. Never below 3 (flapping).
+/// Phi accrual: chitchat declares a node dead when the time since its last heartbeat
+/// increment exceeds `phi_threshold × mean observed increment interval` (seeded with
+/// `initial_interval`, weight 5). A node's heartbeat moves once per gossip round and on every
+/// message it handles, and an observer learns of it directly or through others, so the mean
+/// is below the interval in small clusters and above it in large ones: the detector alone
+/// has no fixed bound. Here it is set lenient (`phi = bound / interval`, at least 3, to avoid
+/// flapping) and the hard bound comes from [`stale_after`] in
+/// [`GossipNode::live_snapshots`]; samples longer than the bound are ignored (`max_interval`).
 /// Dead nodes are remembered for the tombstone grace so their state is not re-learned from a
 /// lagging peer as new.
 pub fn chitchat_config(cfg: &GossipConfig) -> ChitchatConfig {
     let interval = cfg.gossip_interval.max(Duration::from_millis(10));
-    let phi = (cfg.liveness_bound.as_secs_f64() / 2.0 / interval.as_secs_f64()).max(3.0);
+    let phi = (cfg.liveness_bound.as_secs_f64() / interval.as_secs_f64()).max(3.0);
     ChitchatConfig {
         chitchat_id: ChitchatId::new(cfg.node_id.clone(), cfg.generation, cfg.advertise_addr),
         cluster_id: cfg.cluster_id.clone(),
@@ -138,6 +162,11 @@ pub struct GossipNode {
     handle: ChitchatHandle,
     transport: SealedTransport,
     node_id: String,
+    /// Per remote node: the last heartbeat seen and when it was first seen.
+    heartbeats: std::sync::Mutex<std::collections::HashMap<ChitchatId, (Heartbeat, Instant)>>,
+    /// A node whose heartbeat has not moved for this long is treated as dead (see
+    /// [`GossipNode::live_snapshots`]).
+    stale_after: Duration,
 }
 
 impl std::fmt::Debug for GossipNode {
@@ -156,8 +185,26 @@ impl GossipNode {
         keyring: Keyring,
         net: Arc<dyn DatagramNet>,
     ) -> Result<GossipNode, GossipError> {
+        Self::spawn_with(cfg, keyring, net, None, &[]).await
+    }
+
+    /// [`GossipNode::spawn`] with this node's VTEP and endpoints already in its state, so the
+    /// very first exchange carries them: a restarted netd (a new generation, which supersedes
+    /// the previous one in every peer's merge) never shows peers an empty node.
+    pub async fn spawn_with(
+        cfg: &GossipConfig,
+        keyring: Keyring,
+        net: Arc<dyn DatagramNet>,
+        vtep: Option<IpAddr>,
+        local: &[EndpointRecord],
+    ) -> Result<GossipNode, GossipError> {
         let transport = SealedTransport::new(net, keyring, cfg.transport.clone());
-        let handle = chitchat::spawn_chitchat(chitchat_config(cfg), Vec::new(), &transport)
+        let initial: Vec<(String, String)> = vtep
+            .map(|v| (record::VTEP_KEY.to_string(), record::encode_vtep(v)))
+            .into_iter()
+            .chain(local.iter().map(|r| (r.key(), r.value())))
+            .collect();
+        let handle = chitchat::spawn_chitchat(chitchat_config(cfg), initial, &transport)
             .await
             .map_err(|e| GossipError::Start {
                 addr: cfg.listen_addr,
@@ -167,6 +214,8 @@ impl GossipNode {
             handle,
             transport,
             node_id: cfg.node_id.clone(),
+            heartbeats: std::sync::Mutex::default(),
+            stale_after: stale_after(cfg),
         })
     }
 
@@ -205,9 +254,18 @@ impl GossipNode {
             .await;
     }
 
-    /// Snapshots of the live nodes (this one included).
+    /// Snapshots of the live nodes (this one included): those chitchat's failure detector
+    /// calls live *and* whose heartbeat moved within [`stale_after`] of this call's view.
+    ///
+    /// Why both: chitchat's phi detector measures against the observed mean interval between
+    /// heartbeat increments, which shrinks in small clusters (a node's heartbeat also moves
+    /// on every message it handles) and grows in large ones (news of a node's heartbeat
+    /// arrives every few rounds), so on its own it gives no fixed upper bound. The heartbeat
+    /// freshness rule does: a node nobody has heard from, directly or through others, for
+    /// `stale_after` is out. Call this at least once per gossip interval for the rule to be
+    /// precise (the daemon's watch task does).
     pub async fn live_snapshots(&self) -> Vec<NodeSnapshot> {
-        let live = self
+        let mut live = self
             .handle
             .with_chitchat(|c| {
                 let ids: Vec<ChitchatId> = c.live_nodes().cloned().collect();
@@ -216,6 +274,21 @@ impl GossipNode {
                     .collect::<BTreeMap<_, _>>()
             })
             .await;
+        let now = Instant::now();
+        let mut seen = self.heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+        seen.retain(|id, _| live.contains_key(id));
+        live.retain(|id, state| {
+            if &*id.node_id == self.node_id.as_str() {
+                return true;
+            }
+            let hb = state.heartbeat();
+            let entry = seen.entry(id.clone()).or_insert((hb, now));
+            if entry.0 != hb {
+                *entry = (hb, now);
+            }
+            now.duration_since(entry.1) <= self.stale_after
+        });
+        drop(seen);
         NodeSnapshot::from_live(&live)
     }
 
@@ -243,6 +316,43 @@ impl GossipNode {
         &self,
     ) -> tokio::sync::watch::Receiver<BTreeMap<ChitchatId, chitchat::NodeState>> {
         self.handle.with_chitchat(|c| c.live_nodes_watcher()).await
+    }
+
+    /// Calls `callback` whenever a key starting with `prefix` is set by any node, as chitchat
+    /// applies it (deletions are not notified; the [`GossipNode::watcher`] sees them at the end
+    /// of the round). The callback runs under chitchat's lock: it must be quick and must not
+    /// call back into this node. Dropping the handle unsubscribes.
+    pub async fn subscribe(
+        &self,
+        prefix: &str,
+        callback: impl Fn(chitchat::KeyChangeEvent<'_>) + Send + Sync + 'static,
+    ) -> chitchat::ListenerHandle {
+        let callback = Arc::new(callback);
+        self.handle
+            .with_chitchat(|c| {
+                let cb = callback.clone();
+                c.subscribe_event(prefix, move |e| cb(e))
+            })
+            .await
+    }
+
+    /// Sends one gossip round to `addr` now (a node the intent just added).
+    pub fn gossip_with(&self, addr: SocketAddr) {
+        if let Err(e) = self.handle.gossip(addr) {
+            tracing::warn!(error = %e, %addr, "gossip: cannot reach the chitchat loop");
+        }
+    }
+
+    /// Nodes the failure detector calls live (this one excluded) and dead.
+    pub async fn membership(&self) -> (usize, usize) {
+        self.handle
+            .with_chitchat(|c| {
+                (
+                    c.live_nodes().count().saturating_sub(1),
+                    c.dead_nodes().count(),
+                )
+            })
+            .await
     }
 
     /// Transport counters (drops by reason, bytes).

@@ -122,7 +122,7 @@ impl EndpointTable {
 }
 
 /// What the merge ignored, by reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MergeStats {
     pub accepted: u64,
     /// Records that do not decode (bad key, value, version).

@@ -22,8 +22,15 @@
 //! error, so ours never returns one while the socket lives.
 //!
 //! Frames are at most `max_datagram` bytes; a larger envelope (chitchat fills deltas up to
-//! 65 507 bytes, to which sealing adds 49) is split into up to 255 fragments, each sealed on
-//! its own and reassembled with bounded memory.
+//! 65 507 bytes, to which sealing adds 49) is split into fragments, each sealed on its own and
+//! reassembled with bounded memory: a frame claiming more fragments than a 65 507-byte
+//! envelope needs is refused, at most `max_partial` envelopes are in reassembly at once and a
+//! partial one is dropped after `partial_timeout`.
+//!
+//! Memory bounds per node (defaults; netd sets `max_datagram` to 1400): receive queue
+//! `recv_queue` × one envelope (≤ 64 KiB each), reassembly `max_partial` × 64 KiB, replay
+//! state `max_sessions` × 136 bytes. Only datagrams that authenticated reach reassembly and
+//! the replay table, so without the key none of these can be filled.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -96,10 +103,15 @@ pub struct GossipCounters {
     pub dropped_undecodable: AtomicU64,
     pub send_errors: AtomicU64,
     pub recv_errors: AtomicU64,
+    /// SYN envelopes sent and their encoded bytes: a SYN is chitchat's full digest (one entry
+    /// per known node), so `sent_syn_bytes / sent_syn` shows how close the cluster is to the
+    /// 65 507-byte wall (docs/gossip-scaling.md).
+    pub sent_syn: AtomicU64,
+    pub sent_syn_bytes: AtomicU64,
 }
 
 /// A copy of [`GossipCounters`] at one instant.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CounterSnapshot {
     pub sent_datagrams: u64,
     pub sent_bytes: u64,
@@ -118,6 +130,8 @@ pub struct CounterSnapshot {
     pub dropped_undecodable: u64,
     pub send_errors: u64,
     pub recv_errors: u64,
+    pub sent_syn: u64,
+    pub sent_syn_bytes: u64,
 }
 
 impl GossipCounters {
@@ -141,6 +155,8 @@ impl GossipCounters {
             dropped_undecodable: g(&self.dropped_undecodable),
             send_errors: g(&self.send_errors),
             recv_errors: g(&self.recv_errors),
+            sent_syn: g(&self.sent_syn),
+            sent_syn_bytes: g(&self.sent_syn_bytes),
         }
     }
 
@@ -444,13 +460,22 @@ pub enum TransportError {
     CodecTimeout(Duration),
 }
 
-const CODEC_TIMEOUT: Duration = Duration::from_millis(200);
+/// Loopback delivery is immediate, but on a starved runtime the reactor may report it late.
+/// Only a key holder can send bytes that authenticate and then fail to decode, so a long wait
+/// costs nothing an outsider can trigger.
+const CODEC_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Envelope ↔ chitchat wire bytes, through chitchat's public UDP socket (see module doc).
 struct EnvelopeCodec {
     cc: chitchat::transport::UdpSocket,
     cc_addr: SocketAddr,
-    raw: tokio::net::UdpSocket,
+    /// A plain non-blocking socket, read with direct syscalls: loopback delivers a datagram
+    /// into the receiver's buffer during the sender's syscall, so the encoded bytes are there
+    /// as soon as chitchat's send returns, without waiting for the runtime's reactor. That
+    /// matters: chitchat's loop awaits every send, and a reactor turn per send on a busy
+    /// runtime is what stalled it (measured: a 100-node bench on two busy cores lost
+    /// envelopes by the thousand).
+    raw: std::net::UdpSocket,
     raw_addr: SocketAddr,
     buf: Vec<u8>,
 }
@@ -464,9 +489,8 @@ impl EnvelopeCodec {
             .await
             .map_err(|e| codec(e.into()))?;
         let cc_addr = cc.local_addr().map_err(|e| codec(e.into()))?;
-        let raw = tokio::net::UdpSocket::bind(lo)
-            .await
-            .map_err(|e| codec(e.into()))?;
+        let raw = std::net::UdpSocket::bind(lo).map_err(|e| codec(e.into()))?;
+        raw.set_nonblocking(true).map_err(|e| codec(e.into()))?;
         let raw_addr = raw.local_addr().map_err(|e| codec(e.into()))?;
         Ok(EnvelopeCodec {
             cc,
@@ -480,30 +504,31 @@ impl EnvelopeCodec {
     async fn encode(&mut self, envelope: ChitchatEnvelope) -> Result<Vec<u8>, TransportError> {
         // Drop anything left over (a reply that came after a timeout) so bytes never pair
         // with the wrong envelope.
-        while self.raw.try_recv_from(&mut self.buf).is_ok() {}
+        while self.raw.recv_from(&mut self.buf).is_ok() {}
         self.cc
             .send(self.raw_addr, envelope)
             .await
             .map_err(|e| TransportError::Codec { source: e.into() })?;
-        let fut = async {
-            loop {
-                let (n, from) = self.raw.recv_from(&mut self.buf).await?;
-                if from == self.cc_addr {
-                    return Ok::<_, io::Error>(self.buf[..n].to_vec());
+        let deadline = Instant::now() + CODEC_TIMEOUT;
+        loop {
+            match self.raw.recv_from(&mut self.buf) {
+                Ok((n, from)) if from == self.cc_addr => return Ok(self.buf[..n].to_vec()),
+                Ok(_) => {}
+                // Not there yet (delivery deferred to a softirq): let others run, retry.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(TransportError::CodecTimeout(CODEC_TIMEOUT));
+                    }
+                    tokio::task::yield_now().await;
                 }
+                Err(e) => return Err(TransportError::Codec { source: e.into() }),
             }
-        };
-        match tokio::time::timeout(CODEC_TIMEOUT, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(TransportError::Codec { source: e.into() }),
-            Err(_) => Err(TransportError::CodecTimeout(CODEC_TIMEOUT)),
         }
     }
 
     async fn decode(&mut self, bytes: &[u8]) -> Result<ChitchatEnvelope, TransportError> {
         self.raw
             .send_to(bytes, self.cc_addr)
-            .await
             .map_err(|e| TransportError::Codec { source: e.into() })?;
         let fut = async {
             loop {
@@ -513,8 +538,10 @@ impl EnvelopeCodec {
                 }
             }
         };
-        // Chitchat's socket silently skips bytes it cannot decode; loopback delivery is
-        // immediate, so a timeout means "undecodable", and nothing stale is left behind.
+        // Chitchat's socket silently skips bytes it cannot decode, so a timeout means
+        // "undecodable" (see CODEC_TIMEOUT). A reply that arrives after its time-out would be
+        // taken by the next decode: it is still an authenticated envelope, only its sender
+        // address would be the next datagram's.
         match tokio::time::timeout(CODEC_TIMEOUT, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(TransportError::Codec { source: e.into() }),
@@ -654,6 +681,7 @@ impl Socket for SealedSocket {
         to: SocketAddr,
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<SendOutcome> {
+        let syn = matches!(envelope.message, chitchat::ChitchatMessage::Syn { .. });
         let plain = match self.codec.encode(envelope).await {
             Ok(p) => p,
             Err(e) => {
@@ -664,6 +692,12 @@ impl Socket for SealedSocket {
                 return Ok(SendOutcome { num_bytes_sent: 0 });
             }
         };
+        if syn {
+            inc(&self.counters.sent_syn);
+            self.counters
+                .sent_syn_bytes
+                .fetch_add(plain.len() as u64, Ordering::Relaxed);
+        }
         let chunk = self.max_datagram - OVERHEAD;
         let count = plain.len().div_ceil(chunk).max(1);
         if count > usize::from(u8::MAX) {
@@ -733,6 +767,14 @@ impl Reassembly {
         let (session, counter, index, count) = (h.session, h.counter, h.frag_index, h.frag_count);
         if count == 1 {
             return Some(part);
+        }
+        // No honest sender splits an envelope (at most MAX_UDP_PAYLOAD bytes) into more
+        // frames than that needs: this bounds one reassembly to about 64 KiB, and all of
+        // them to `max_partial` × that.
+        let chunk = config.max_datagram.clamp(512, MAX_UDP_PAYLOAD) - OVERHEAD;
+        if usize::from(count) > MAX_UDP_PAYLOAD.div_ceil(chunk) {
+            inc(&counters.dropped_malformed);
+            return None;
         }
         let now = Instant::now();
         let key = (session, counter.wrapping_sub(u64::from(index)));
