@@ -36,12 +36,13 @@ import json, sys
 runs = [json.loads(l) for l in sys.stdin if l.strip()]
 json.dump(runs, open("bench-out/datapath.json", "w"), indent=1)
 print()
-print(f"{\"bench\":<6} {\"path\":<24} {\"conn/s\":>9} {\"x direct\":>9} {\"Gbit/s\":>8} {\"x direct\":>9} failed")
+print("%-6s %-24s %9s %9s %8s %9s %s" % ("bench", "path", "conn/s", "x direct", "Gbit/s", "x direct", "failed"))
 for r in runs:
     d = r["paths"]["direct"]
     for name, p in r["paths"].items():
-        print(f"{r[\"bench\"]:<6} {name:<24} {p[\"conn_per_s\"]:>9.0f} {p[\"conn_per_s\"]/d[\"conn_per_s\"]:>9.2f} "
-              f"{p[\"gbit_per_s\"]:>8.2f} {p[\"gbit_per_s\"]/d[\"gbit_per_s\"]:>9.2f} {p[\"conn_failed\"]}")
+        print("%-6s %-24s %9.0f %9.2f %8.2f %9.2f %d" % (r["bench"], name, p["conn_per_s"],
+              p["conn_per_s"] / d["conn_per_s"], p["gbit_per_s"], p["gbit_per_s"] / d["gbit_per_s"],
+              p["conn_failed"]))
 print()
 print("targets: vip >= 0.95 of direct throughput and >= 0.9 of direct connection rate;")
 print("         mesh on the node with the task >= 0.9 of direct; the node without it pays one VXLAN hop")
