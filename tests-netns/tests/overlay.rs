@@ -460,10 +460,9 @@ fn deleted_bridge_and_fdb_entry_are_restored_by_the_full_reconcile() {
             &["bridge", "fdb", "del", &mac, "dev", vx, "self"],
         )?
         .check()?;
-        ensure!(
-            has_entry().is_err(),
-            "the FDB entry survived `bridge fdb del`"
-        );
+        // `bridge fdb del` succeeding proves the entry was there and is gone. No check that it
+        // is absent now: a full round (every 2 s here) may already have restored it, which is
+        // the behaviour under test, not a failure (that check raced the reconciler).
         let took = retry("the FDB entry for b1 comes back", limit, has_entry)
             .with_context(|| topo.report())?;
         eprintln!("FDB entry restored after {took:?}");
