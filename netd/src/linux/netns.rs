@@ -186,3 +186,34 @@ fn sysctl_path(key: &str) -> io::Result<PathBuf> {
     }
     Ok(Path::new("/proc/sys").join(key))
 }
+
+/// Opens the namespace files behind an [`NsRef`](crate::port::NsRef): the node namespace is the
+/// one netd was started in (opened once, at construction, on the constructing thread), owned
+/// ones are files under `<run_dir>/netns/`. Shared by the ports that keep a socket per namespace.
+#[derive(Debug)]
+pub struct NsFiles {
+    run_dir: PathBuf,
+    node: File,
+}
+
+impl NsFiles {
+    /// `NsRef::Node` will be the namespace of the calling thread.
+    pub fn new(run_dir: impl Into<PathBuf>) -> crate::port::PortResult<Self> {
+        let node = File::open("/proc/thread-self/ns/net").map_err(|e| {
+            crate::port::PortError::io("open node netns", "/proc/thread-self/ns/net", e)
+        })?;
+        Ok(Self {
+            run_dir: run_dir.into(),
+            node,
+        })
+    }
+
+    /// A new handle on the namespace `ns`.
+    pub fn open(&self, ns: &crate::port::NsRef) -> crate::port::PortResult<File> {
+        let file = match ns {
+            crate::port::NsRef::Node => self.node.try_clone(),
+            crate::port::NsRef::Owned(name) => open(&dir(&self.run_dir).join(name.as_str())),
+        };
+        file.map_err(|e| crate::port::PortError::io("open netns", ns.to_string(), e))
+    }
+}

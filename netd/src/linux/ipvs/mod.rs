@@ -390,8 +390,7 @@ struct Applied {
 /// The IPVS load balancer: virtual services in each network namespace it is given.
 #[derive(Debug)]
 pub struct IpvsLoadBalancer {
-    run_dir: PathBuf,
-    node: File,
+    files: netns::NsFiles,
     nss: BTreeMap<NsRef, NsIpvs>,
 }
 
@@ -410,27 +409,15 @@ impl IpvsLoadBalancer {
                 why,
             ));
         }
-        let node = File::open("/proc/thread-self/ns/net")
-            .map_err(|e| PortError::io("open node netns", "/proc/thread-self/ns/net", e))?;
         Ok(Self {
-            run_dir: run_dir.into(),
-            node,
+            files: netns::NsFiles::new(run_dir)?,
             nss: BTreeMap::new(),
         })
     }
 
     fn ns_entry(&mut self, ns: &NsRef) -> PortResult<&mut NsIpvs> {
         if !self.nss.contains_key(ns) {
-            let file = match ns {
-                NsRef::Node => self
-                    .node
-                    .try_clone()
-                    .map_err(|e| PortError::io("open netns", ns.to_string(), e))?,
-                NsRef::Owned(name) => {
-                    netns::open(&netns::dir(&self.run_dir).join(name.as_str()))
-                        .map_err(|e| PortError::io("open netns", ns.to_string(), e))?
-                }
-            };
+            let file = self.files.open(ns)?;
             let (genl, nf) = netns::run_in(&file, || Ok((GenlSocket::open()?, NfSocket::open()?)))
                 .map_err(|e| PortError::io("open IPVS netlink sockets", ns.to_string(), e))?;
             self.nss.insert(

@@ -301,8 +301,7 @@ struct NsLb {
 /// The nftables load balancer: one owned table `ip swarmnet-lb` per namespace.
 #[derive(Debug)]
 pub struct NftLoadBalancer {
-    run_dir: PathBuf,
-    node: File,
+    files: netns::NsFiles,
     nss: BTreeMap<NsRef, NsLb>,
 }
 
@@ -310,27 +309,15 @@ impl NftLoadBalancer {
     /// `NsRef::Node` is the namespace of the calling thread; owned namespaces are files under
     /// `<run_dir>/netns/`.
     pub fn new(run_dir: impl Into<PathBuf>) -> PortResult<Self> {
-        let node = File::open("/proc/thread-self/ns/net")
-            .map_err(|e| PortError::io("open node netns", "/proc/thread-self/ns/net", e))?;
         Ok(Self {
-            run_dir: run_dir.into(),
-            node,
+            files: netns::NsFiles::new(run_dir)?,
             nss: BTreeMap::new(),
         })
     }
 
     fn ns_entry(&mut self, ns: &NsRef) -> PortResult<&mut NsLb> {
         if !self.nss.contains_key(ns) {
-            let file = match ns {
-                NsRef::Node => self
-                    .node
-                    .try_clone()
-                    .map_err(|e| PortError::io("open netns", ns.to_string(), e))?,
-                NsRef::Owned(name) => {
-                    netns::open(&netns::dir(&self.run_dir).join(name.as_str()))
-                        .map_err(|e| PortError::io("open netns", ns.to_string(), e))?
-                }
-            };
+            let file = self.files.open(ns)?;
             let sock = netns::run_in(&file, NfSocket::open)
                 .map_err(|e| PortError::io("open nfnetlink socket", ns.to_string(), e))?;
             self.nss.insert(
