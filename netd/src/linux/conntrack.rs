@@ -7,6 +7,9 @@
 //! address and port) on the backend its first datagram was NATed to for as long as datagrams
 //! keep coming, so without deletion a client keeps talking to a backend that is gone.
 //!
+//! Also the namespace's conntrack idle timeouts ([`set_idle_timeouts`]), which every
+//! load-balancer backend sets the same way.
+//!
 //! Invariants: attributes are in network byte order (addresses, ports) as ctnetlink wants
 //! them; a parsed entry carries exactly the original tuple needed to delete it.
 
@@ -179,6 +182,31 @@ pub fn parse_entry(payload: &[u8]) -> Option<Entry> {
         orig: orig?,
         reply: reply?,
     })
+}
+
+/// Sets the namespace's conntrack idle timeouts of established TCP and streaming UDP flows,
+/// so a load-balanced connection idle for less than the operator's bound is never forgotten
+/// by conntrack (moby/moby#31208). Shared by every load-balancer backend.
+pub fn set_idle_timeouts(
+    ns_file: &std::fs::File,
+    ns: &crate::port::NsRef,
+    t: crate::lb::IdleTimeouts,
+) -> crate::port::PortResult<()> {
+    for (key, d) in [
+        (
+            "net/netfilter/nf_conntrack_tcp_timeout_established",
+            t.tcp_established,
+        ),
+        (
+            "net/netfilter/nf_conntrack_udp_timeout_stream",
+            t.udp_stream,
+        ),
+    ] {
+        super::netns::write_sysctl(ns_file, key, &d.as_secs().max(1).to_string()).map_err(|e| {
+            crate::port::PortError::io("set conntrack timeout", format!("{key} in {ns}"), e)
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -491,20 +491,7 @@ impl NsIpvs {
             .request(Request::SetConfig(ipvs))
             .map_err(|e| PortError::io("set IPVS timeouts", object(ns), e))?;
         if let Some(t) = t {
-            for (key, d) in [
-                (
-                    "net/netfilter/nf_conntrack_tcp_timeout_established",
-                    t.tcp_established,
-                ),
-                (
-                    "net/netfilter/nf_conntrack_udp_timeout_stream",
-                    t.udp_stream,
-                ),
-            ] {
-                netns::write_sysctl(&self.ns_file, key, &d.as_secs().max(1).to_string()).map_err(
-                    |e| PortError::io("set conntrack timeout", format!("{key} in {ns}"), e),
-                )?;
-            }
+            super::conntrack::set_idle_timeouts(&self.ns_file, ns, t)?;
         }
         self.timeouts_applied = Some(t);
         Ok(())

@@ -444,20 +444,7 @@ impl LoadBalancerPort for NftLoadBalancer {
         if spec.timeouts != entry.timeouts_applied
             && let Some(t) = spec.timeouts
         {
-            for (key, d) in [
-                (
-                    "net/netfilter/nf_conntrack_tcp_timeout_established",
-                    t.tcp_established,
-                ),
-                (
-                    "net/netfilter/nf_conntrack_udp_timeout_stream",
-                    t.udp_stream,
-                ),
-            ] {
-                netns::write_sysctl(&entry.ns_file, key, &d.as_secs().max(1).to_string()).map_err(
-                    |e| PortError::io("set conntrack timeout", format!("{key} in {ns}"), e),
-                )?;
-            }
+            super::conntrack::set_idle_timeouts(&entry.ns_file, ns, t)?;
             entry.timeouts_applied = spec.timeouts;
         }
         Self::apply_rules(entry, ns, spec)
