@@ -638,6 +638,36 @@ pub fn parse_answer(text: &str) -> Option<Answer> {
     Some(Answer { task, client_ip })
 }
 
+/// A shell script that runs `cmd` (reading `$T`, the target) `n` times, each followed by a
+/// `== rc=<exit code>` marker line; [`parse_many`] reads its output.
+pub fn many_script(n: usize, cmd: &str, target: &str) -> String {
+    format!(
+        "T={target}; i=0; while [ $i -lt {n} ]; do i=$((i+1)); \
+         {cmd} 2>&1; echo \"== rc=$?\"; done"
+    )
+}
+
+/// Splits the output of a [`many_script`] run into parsed answers (exit 0 and an answer) and
+/// the raw text of the runs that failed.
+pub fn parse_many(stdout: &str) -> (Vec<Answer>, Vec<String>) {
+    let mut answers = Vec::new();
+    let mut failed = Vec::new();
+    let mut cur = String::new();
+    for line in stdout.lines() {
+        if let Some(rc) = line.strip_prefix("== rc=") {
+            match parse_answer(&cur) {
+                Some(a) if rc == "0" => answers.push(a),
+                _ => failed.push(format!("rc={rc}: {}", cur.trim())),
+            }
+            cur.clear();
+        } else {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    (answers, failed)
+}
+
 /// The netd binary the tests run: `SWARMNET_NETD_BIN`, or the one built beside the test binary.
 pub fn netd_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("SWARMNET_NETD_BIN") {

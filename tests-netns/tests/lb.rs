@@ -109,10 +109,7 @@ fn many(
     cmd: &str,
     target: &str,
 ) -> Result<(Vec<Answer>, Vec<String>)> {
-    let script = format!(
-        "T={target}; i=0; while [ $i -lt {n} ]; do i=$((i+1)); \
-         {cmd} 2>&1; echo \"== rc=$?\"; done"
-    );
+    let script = topo::many_script(n, cmd, target);
     let out = topo.sandbox_exec_timeout(
         node,
         task,
@@ -120,22 +117,7 @@ fn many(
         Duration::from_secs(10 + 3 * n as u64),
     )?;
     ensure!(out.success(), "the client loop failed: {out}");
-    let mut answers = Vec::new();
-    let mut failed = Vec::new();
-    let mut cur = String::new();
-    for line in out.stdout.lines() {
-        if let Some(rc) = line.strip_prefix("== rc=") {
-            match parse_answer(&cur) {
-                Some(a) if rc == "0" => answers.push(a),
-                _ => failed.push(format!("rc={rc}: {}", cur.trim())),
-            }
-            cur.clear();
-        } else {
-            cur.push_str(line);
-            cur.push('\n');
-        }
-    }
-    Ok((answers, failed))
+    Ok(topo::parse_many(&out.stdout))
 }
 
 /// `n` HTTP requests from `task` to `http://<target>/`, each a new curl (new connection).

@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 use swarmnet_tests_netns::gate;
-use swarmnet_tests_netns::topo::{
-    self, Answer, CONVERGE_TIMEOUT, Output, Topology, parse_answer, retry,
-};
+use swarmnet_tests_netns::topo::{self, Answer, CONVERGE_TIMEOUT, Output, Topology, retry};
 
 /// Limit for a published port to answer after the intent that publishes it converged.
 const READY: Duration = Duration::from_secs(20);
@@ -169,28 +167,10 @@ fn outside_many(
     cmd: &str,
     target: &str,
 ) -> Result<(Vec<Answer>, Vec<String>)> {
-    let script = format!(
-        "T={target}; i=0; while [ $i -lt {n} ]; do i=$((i+1)); \
-         {cmd} 2>&1; echo \"== rc=$?\"; done"
-    );
+    let script = topo::many_script(n, cmd, target);
     let out = outside_sh(topo, &script, Duration::from_secs(10 + 4 * n as u64))?;
     ensure!(out.success(), "the client loop failed: {out}");
-    let mut answers = Vec::new();
-    let mut failed = Vec::new();
-    let mut cur = String::new();
-    for line in out.stdout.lines() {
-        if let Some(rc) = line.strip_prefix("== rc=") {
-            match parse_answer(&cur) {
-                Some(a) if rc == "0" => answers.push(a),
-                _ => failed.push(format!("rc={rc}: {}", cur.trim())),
-            }
-            cur.clear();
-        } else {
-            cur.push_str(line);
-            cur.push('\n');
-        }
-    }
-    Ok((answers, failed))
+    Ok(topo::parse_many(&out.stdout))
 }
 
 /// `n` HTTP requests (each a new curl, a new connection) from outside to `addr:port`.
