@@ -72,7 +72,9 @@ pub enum LabCmd {
     /// What the lab holds and whether its processes run.
     Status(LabName),
     /// Removes every namespace, link, mount, cgroup and process the lab made.
-    Down(LabName),
+    Down(LabDown),
+    /// Every lab on this machine, also those a crashed or interrupted `lab up` left behind.
+    Ls,
     /// Builds a 3-node lab with a published demo service and a client, and shows DNS, the VIP
     /// and the routing mesh working from inside it.
     Demo {
@@ -97,6 +99,15 @@ pub struct LabName {
     /// Name of the lab (several can coexist).
     #[arg(long, default_value = "lab", value_parser = parse_lab_name)]
     pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LabDown {
+    #[command(flatten)]
+    pub lab: LabName,
+    /// Remove every lab found on this machine (see `lab ls`), including half-made ones.
+    #[arg(long, conflicts_with = "name")]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]

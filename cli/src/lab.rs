@@ -664,7 +664,7 @@ pub fn down(name: &str, progress: &mut Progress) -> Result<Vec<String>> {
     if kit::leftovers(&fp).is_empty() {
         return Err(CliError::lab(
             name,
-            "see which labs exist with `ls /run/swarmnet-lab`",
+            "see which labs exist with `swarmnet lab ls`",
             anyhow!("there is no such lab"),
         ));
     }

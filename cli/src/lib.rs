@@ -25,6 +25,7 @@ pub mod demo;
 pub mod error;
 pub mod inspect;
 pub mod lab;
+pub mod labs;
 pub mod progress;
 pub mod render;
 pub mod task;
@@ -88,14 +89,33 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                 Format::Json => render::json(&view),
             }))
         }
-        Cmd::Lab(LabCmd::Down(l)) => {
-            let notes = lab::down(&l.name, &mut progress)?;
-            Context::remove(&cli.config_dir, &l.name);
-            lab::remove_empty_parents();
-            for n in notes {
-                progress.step(&format!("note: {n}"));
+        Cmd::Lab(LabCmd::Down(d)) => {
+            let names = if d.all {
+                labs::names()
+            } else {
+                vec![d.lab.name]
+            };
+            let mut out = String::new();
+            for name in &names {
+                let notes = lab::down(name, &mut progress)?;
+                Context::remove(&cli.config_dir, name);
+                for n in notes {
+                    progress.step(&format!("note: {n}"));
+                }
+                out.push_str(&format!("lab {name} removed\n"));
             }
-            Ok(Outcome::ok(format!("lab {} removed\n", l.name)))
+            lab::remove_empty_parents();
+            if names.is_empty() {
+                out.push_str("no labs on this machine\n");
+            }
+            Ok(Outcome::ok(out))
+        }
+        Cmd::Lab(LabCmd::Ls) => {
+            let found = labs::list();
+            Ok(Outcome::ok(match format {
+                Format::Table => labs::table(&found),
+                Format::Json => render::json(&found),
+            }))
         }
         Cmd::Cluster(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
             Box::pin(commands::cluster(m, c, format))

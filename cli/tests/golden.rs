@@ -369,3 +369,26 @@ mod inspect {
         assert_eq!(n2.drift.len(), 1);
     }
 }
+
+#[test]
+fn lab_ls() {
+    use swarmnet_cli::labs::{LabListing, table};
+    let labs = vec![
+        LabListing {
+            name: "lab".into(),
+            state: "up".into(),
+            nodes: 3,
+            namespaces: 4,
+            processes: 4,
+        },
+        LabListing {
+            name: "demo".into(),
+            state: "leftover".into(),
+            nodes: 0,
+            namespaces: 2,
+            processes: 1,
+        },
+    ];
+    both("lab_ls", table(&labs), &labs);
+    assert_eq!(table(&[]), "no labs on this machine\n");
+}

@@ -93,3 +93,66 @@ fn lab_up_exec_down_leaves_nothing() {
     let status = swarmnet(config.path(), &["lab", "status", "--name", name]);
     assert_eq!(status.code, 1);
 }
+
+/// A lab whose processes died and whose state file is gone (a crashed or interrupted `lab up`)
+/// is still listed by `lab ls` and fully removed by `lab down`.
+#[test]
+fn crashed_lab_is_listed_and_swept() {
+    if !gate::privileged("crashed_lab_is_listed_and_swept") {
+        return;
+    }
+    let name = common::lab_name("c");
+    let _guard = Guard(name.clone());
+    let name = name.as_str();
+    let config = tempfile::tempdir().unwrap();
+    let fp = LabState::footprint(name);
+    let up = swarmnet(
+        config.path(),
+        &[
+            "lab", "up", "--name", name, "--nodes", "2", "--format", "json",
+        ],
+    );
+    assert_eq!(up.code, 0, "lab up: {}", up.stderr);
+    let ours = |c: &std::path::Path| -> serde_json::Value {
+        let ls = swarmnet(c, &["lab", "ls", "--format", "json"]);
+        assert_eq!(ls.code, 0, "lab ls: {}", ls.stderr);
+        let all: Vec<serde_json::Value> = serde_json::from_str(&ls.stdout).unwrap();
+        all.into_iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in lab ls: {}", ls.stdout))
+    };
+    let listed = ours(config.path());
+    assert_eq!(listed["state"], "up", "{listed}");
+    assert_eq!(listed["nodes"], 2, "{listed}");
+    assert_eq!(listed["namespaces"], 3, "{listed}");
+
+    // n2's netd dies (a process this test started, through the lab): degraded.
+    let status: serde_json::Value = serde_json::from_str(&up.stdout).unwrap();
+    let n2 = status["nodes"][1]["netd_pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(n2),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(kit::wait_until(std::time::Duration::from_secs(10), || {
+        ours(config.path())["state"] == "degraded"
+    }));
+
+    // The state file goes too (the CLI crashed before writing it): still found, by its traces.
+    std::fs::remove_file(LabState::state_path(name)).unwrap();
+    let listed = ours(config.path());
+    assert_eq!(listed["state"], "leftover", "{listed}");
+    assert!(listed["processes"].as_u64().unwrap() >= 1, "{listed}");
+    let table = swarmnet(config.path(), &["lab", "ls"]);
+    assert!(table.stdout.contains("leftover"), "{}", table.stdout);
+
+    let down = swarmnet(config.path(), &["lab", "down", "--name", name]);
+    assert_eq!(down.code, 0, "lab down: {}", down.stderr);
+    assert_eq!(kit::leftovers(&fp), Vec::<String>::new());
+    let ls = swarmnet(config.path(), &["lab", "ls", "--format", "json"]);
+    assert!(!ls.stdout.contains(&format!("\"{name}\"")), "{}", ls.stdout);
+
+    // `--all` with a name is a usage error (it would be ambiguous which one was meant).
+    let both = swarmnet(config.path(), &["lab", "down", "--all", "--name", name]);
+    assert_eq!(both.code, 2, "{}", both.stderr);
+}
