@@ -148,6 +148,20 @@ fn fake_netd_runs_in_node_namespace_and_cgroup() -> Result<()> {
         verdict.as_deref().is_some_and(|e| e.contains("bogus")),
         "{verdict:?}"
     );
+    // The fake counts every content change, valid or not (the real netd counts valid ones):
+    // wait until both saw the invalid file, or rewriting intent2 below could look unchanged to
+    // one that never polled in between, and its generation would never rise.
+    for n in &topo.nodes {
+        retry(
+            &format!("fake netd on {} to see the invalid intent", n.id),
+            Duration::from_secs(20),
+            || {
+                let g = n.status()?.context("status")?.intent_generation;
+                anyhow::ensure!(g >= 3, "intent_generation {g}");
+                Ok(())
+            },
+        )?;
+    }
 
     // Restart: the status of the killed process is stale until the new one writes.
     let old = topo.node("n1").netd_pid();
