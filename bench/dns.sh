@@ -202,8 +202,13 @@ ip -n "$TAG-n1" addr add 198.18.0.1/24 dev ul0
 ip -n "$TAG-n1" link set ul0 up
 mkdir -p "$CG/tasks" "$CG/netd"
 # nsenter --net only: netd's namespace bind mounts must stay in the shared mount namespace.
+# The resolver's own threads (--dns-cpus) get the server core to themselves; the rest of netd
+# (reconcile tick, status writes, API: idle here, well under 1 % of a core) runs on the other
+# core, so its wake-ups never preempt the resolver. The peers are single-process servers on
+# the server core; their few housekeeping wake-ups stay there.
 (echo $BASHPID > "$CG/netd/cgroup.procs" && exec nsenter --net="/run/netns/$TAG-n1" -- \
-    taskset -c "$SERVER_CPU" "$NETD" --node-id n1 --intent "$WORK/cluster.json" --run-dir "$RUN" \
+    taskset -c "$LOAD_CPU" "$NETD" --node-id n1 --intent "$WORK/cluster.json" --run-dir "$RUN" \
+    --dns-cpus "$SERVER_CPU" \
     --cgroup-dir "$CG/tasks" --full-reconcile-interval 600s --dns-upstreams none \
     >"$WORK/netd.log" 2>&1) &
 PID[netd]=$!

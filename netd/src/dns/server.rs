@@ -57,6 +57,11 @@ pub struct DnsServerConfig {
     pub max_tcp_connections: usize,
     /// A TCP connection idle (or sending a message slowly) this long is closed.
     pub tcp_idle_timeout: Duration,
+    /// CPUs the runtime's threads are pinned to (bit i = CPU i); 0: not pinned. Only the
+    /// resolver runs on these threads (sockets' loops, forwards, TCP connections): netd's
+    /// reconcile loop, API and gossip have threads of their own, so with netd itself pinned
+    /// elsewhere the resolver has its CPUs to itself.
+    pub cpu_mask: u64,
 }
 
 impl Default for DnsServerConfig {
@@ -68,6 +73,7 @@ impl Default for DnsServerConfig {
             max_inflight_forwards: 256,
             max_tcp_connections: 32,
             tcp_idle_timeout: Duration::from_secs(10),
+            cpu_mask: 0,
         }
     }
 }
@@ -223,6 +229,7 @@ impl DnsServer {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.worker_threads.max(1))
             .thread_name("sn-dns")
+            .on_thread_start(move || pin_current_thread(cfg.cpu_mask))
             .enable_io()
             .enable_time()
             .build()
@@ -335,6 +342,23 @@ impl Drop for DnsServer {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
+    }
+}
+
+/// Pins the calling thread to the CPUs of `mask` (nothing when 0). A failure (a CPU that does
+/// not exist or lies outside netd's cpuset) is logged and the thread runs unpinned.
+fn pin_current_thread(mask: u64) {
+    if mask == 0 {
+        return;
+    }
+    let mut set = nix::sched::CpuSet::new();
+    for cpu in (0..64).filter(|c| mask & (1 << c) != 0) {
+        if let Err(e) = set.set(cpu) {
+            tracing::warn!(cpu, error = %e, "dns: cannot pin to this CPU");
+        }
+    }
+    if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+        tracing::warn!(mask = format!("{mask:#x}"), error = %e, "dns: cannot pin the resolver thread; running unpinned");
     }
 }
 
@@ -581,6 +605,18 @@ mod tests {
         assert_eq!(l.allow(), None);
         *l.next.lock().unwrap() = Instant::now();
         assert_eq!(l.allow(), Some(2));
+    }
+
+    #[test]
+    fn pinning_restricts_the_thread_to_the_mask() {
+        let got = std::thread::spawn(|| {
+            pin_current_thread(1);
+            nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert!(got.is_set(0).unwrap());
+        assert!((1..nix::sched::CpuSet::count()).all(|c| !got.is_set(c).unwrap()));
     }
 
     #[test]

@@ -325,6 +325,20 @@ impl DnsView {
         Lookup::NotOurs
     }
 
+    /// How many labels, from the right, of the cluster name `key` make the zone apex whose SOA
+    /// a negative answer for it carries (RFC 2308): the enclosing octet-aligned reverse zone of
+    /// a cluster subnet for reverse names (`10.in-addr.arpa` for a /11, `0.10.10.in-addr.arpa`
+    /// for a /24), otherwise the name's top label (cluster names are single-label
+    /// names and names below them: `web`, `tasks.web`, `_http._tcp.web`).
+    pub fn apex_labels(&self, key: &[u8]) -> usize {
+        if let Some(ip) = parse_reverse(key)
+            && let Some(z) = self.reverse_zones.iter().find(|z| z.contains(&ip))
+        {
+            return 2 + usize::from(z.prefix_len() / 8).min(4);
+        }
+        1
+    }
+
     /// Looks a name up given as text (any case, optional trailing dot). For tests and tools.
     pub fn lookup_str(&self, name: &str) -> Lookup<'_> {
         let k = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
