@@ -162,6 +162,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                             drift: vec![],
                             status: Default::default(),
                             published: Default::default(),
+                            dns: Default::default(),
                         },
                     }
                 })

@@ -178,6 +178,7 @@ fn answer(
     watcher: &IntentWatcher,
     selftest: &SelfTest,
     gossip: Option<&GossipSync>,
+    dns: &DnsSync,
     req: Request,
 ) -> Response {
     let task = match &req {
@@ -186,7 +187,8 @@ fn answer(
     };
     let r = match req {
         Request::Inspect {} => {
-            let report = rec.inspect(Instant::now());
+            let mut report = rec.inspect(Instant::now());
+            report.dns = dns.inspect();
             return Response {
                 inspect: Some(serde_json::to_value(&report).expect("inspection serializes")),
                 status: Some(status_json(cfg, rec, watcher, false, selftest, gossip)),
@@ -314,6 +316,7 @@ pub fn run(
                 &watcher,
                 &selftest,
                 gossip.as_ref(),
+                &dns,
                 req,
             ));
             dns.sync(&rec);

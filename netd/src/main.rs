@@ -243,7 +243,7 @@ fn main() -> anyhow::Result<()> {
         cpu_mask: cfg.dns_cpu_mask,
         ..dns::DnsServerConfig::default()
     })
-        .context("starting the DNS server")?;
+    .context("starting the DNS server")?;
     let dns = dns_sync::DnsSync::new(
         dns_server,
         dns_sync::DnsSyncConfig {

@@ -133,7 +133,10 @@ fn ptr_and_srv() {
     assert_soa(&m, "0.11.10.in-addr.arpa.", 5);
     // A PTR name asked for A: NODATA with the reverse zone's SOA.
     let m = ask(&v, "2.0.10.10.in-addr.arpa", RecordType::A);
-    assert_eq!((m.response_code, m.answers.len()), (ResponseCode::NoError, 0));
+    assert_eq!(
+        (m.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
     assert_soa(&m, "0.10.10.in-addr.arpa.", 5);
 
     let m = ask(&v, "_http._tcp.web", RecordType::SRV);

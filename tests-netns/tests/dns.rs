@@ -638,6 +638,41 @@ fn three_nodes_resolve_services_tasks_aliases_ptr_srv_within_their_networks() {
         }
         expect_status(topo, n, c, &["-x", "10.31.0.11"], "NXDOMAIN")?;
         expect_status(topo, n, c, &["-x", "10.31.0.2"], "NXDOMAIN")?;
+        // Negative answers carry the zone's SOA with the TTL as negative TTL (RFC 2308), so
+        // caching stubs cache them: NODATA, NXDOMAIN, and a reverse name in a cluster subnet.
+        for (args, soa) in [
+            (
+                vec!["AAAA", "web"],
+                "web. 5 IN SOA web. hostmaster.web. 1 7200 1800 86400 5",
+            ),
+            (
+                vec!["MX", "tasks.web"],
+                "web. 5 IN SOA web. hostmaster.web. 1 7200 1800 86400 5",
+            ),
+            (
+                vec!["A", "tasks.secret"],
+                "secret. 5 IN SOA secret. hostmaster.secret. 1 7200 1800 86400 5",
+            ),
+            (
+                vec!["-x", "10.31.0.11"],
+                "0.31.10.in-addr.arpa. 5 IN SOA 0.31.10.in-addr.arpa. hostmaster.0.31.10.in-addr.arpa. 1 7200 1800 86400 5",
+            ),
+        ] {
+            let mut q = vec!["+noall", "+authority"];
+            q.extend_from_slice(&args);
+            let got = dig(topo, n, c, &q)?;
+            let got = got.split_whitespace().collect::<Vec<_>>().join(" ");
+            ensure!(
+                got == soa,
+                "dig {args:?}: authority {got:?}, expected {soa:?}"
+            );
+        }
+        ensure!(
+            dig(topo, n, c, &["+noall", "+authority", "web"])?
+                .trim()
+                .is_empty(),
+            "a positive answer has no authority section"
+        );
         // kdig over TCP sees the same.
         ensure!(
             lines(&kdig(topo, n, c, &["+short", "+tcp", "tasks.api"])?)

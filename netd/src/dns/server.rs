@@ -105,6 +105,19 @@ impl SandboxDns {
     }
 }
 
+/// One sandbox's resolver as `inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SandboxDnsInspect {
+    /// The sockets' addresses inside the sandbox (`udp 127.0.0.11:53`, `tcp ...`).
+    pub listen: Vec<String>,
+    pub ttl: u32,
+    /// What names outside the cluster get.
+    pub other_names: String,
+    /// Name → records, as answered now.
+    pub records: BTreeMap<String, Vec<String>>,
+    pub stats: SandboxStatsSnapshot,
+}
+
 /// A sandbox whose resolver could not be started (it is retried on the next call).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open the DNS sockets of sandbox {task} in {}", netns.display())]
@@ -138,7 +151,7 @@ pub struct SandboxStats {
 }
 
 /// A snapshot of [`SandboxStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SandboxStatsSnapshot {
     pub udp_queries: u64,
     pub tcp_queries: u64,
@@ -202,6 +215,8 @@ impl Shared {
 #[derive(Debug)]
 struct Running {
     netns: PathBuf,
+    /// `udp <addr>` and `tcp <addr>` of the sockets, for `inspect`.
+    listen: Vec<String>,
     shared: Arc<Shared>,
     loops: Vec<JoinHandle<()>>,
 }
@@ -301,6 +316,38 @@ impl DnsServer {
         })
     }
 
+    /// What every served sandbox's resolver answers, for `inspect`.
+    pub fn inspect(&self) -> BTreeMap<TaskId, SandboxDnsInspect> {
+        self.running
+            .iter()
+            .map(|(task, r)| {
+                let policy = r.shared.policy.load();
+                let forward = match &**policy {
+                    ForwardPolicy::Forward { upstreams } if upstreams.is_empty() => {
+                        "SERVFAIL (no usable upstream)".to_string()
+                    }
+                    ForwardPolicy::Forward { upstreams } => {
+                        let u: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
+                        format!("forward to {}", u.join(", "))
+                    }
+                    ForwardPolicy::Deny(DenyAnswer::Refused) => "REFUSED (internal)".into(),
+                    ForwardPolicy::Deny(DenyAnswer::NxDomain) => "NXDOMAIN (internal)".into(),
+                };
+                let view = r.shared.view.load();
+                (
+                    task.clone(),
+                    SandboxDnsInspect {
+                        listen: r.listen.iter().map(ToString::to_string).collect(),
+                        ttl: view.ttl(),
+                        other_names: forward,
+                        records: view.records(),
+                        stats: self.stats(task).unwrap_or_default(),
+                    },
+                )
+            })
+            .collect()
+    }
+
     fn open(&self, task: &TaskId, sb: SandboxDns) -> Result<Running, SandboxDnsError> {
         let err = |source| SandboxDnsError {
             task: task.clone(),
@@ -313,6 +360,10 @@ impl DnsServer {
         let _enter = rt.enter();
         let udp = UdpSocket::from_std(udp).map_err(err)?;
         let tcp = TcpListener::from_std(tcp).map_err(err)?;
+        let listen = vec![
+            format!("udp {}", udp.local_addr().map_err(err)?),
+            format!("tcp {}", tcp.local_addr().map_err(err)?),
+        ];
         let shared = Arc::new(Shared {
             task: task.clone(),
             view: ArcSwap::new(sb.view),
@@ -330,6 +381,7 @@ impl DnsServer {
         ];
         Ok(Running {
             netns: sb.netns,
+            listen,
             shared,
             loops,
         })

@@ -339,6 +339,25 @@ impl DnsView {
         1
     }
 
+    /// Every name this view answers with its records, in text (`A 10.0.0.2`, `PTR web.`,
+    /// `SRV 0 100 80 web.`), for `inspect`. Names hidden from this sandbox are not listed.
+    pub fn records(&self) -> BTreeMap<String, Vec<String>> {
+        self.names
+            .iter()
+            .map(|(k, d)| {
+                let mut r: Vec<String> = d.a.iter().map(|ip| format!("A {ip}")).collect();
+                r.extend(d.aaaa.iter().map(|ip| format!("AAAA {ip}")));
+                r.extend(d.ptr.iter().map(|t| format!("PTR {t}.")));
+                r.extend(
+                    d.srv.iter().map(|s| {
+                        format!("SRV {} {} {} {}.", s.priority, s.weight, s.port, s.target)
+                    }),
+                );
+                (String::from_utf8_lossy(k).into_owned(), r)
+            })
+            .collect()
+    }
+
     /// Looks a name up given as text (any case, optional trailing dot). For tests and tools.
     pub fn lookup_str(&self, name: &str) -> Lookup<'_> {
         let k = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
@@ -424,6 +443,19 @@ pub(crate) mod tests {
             &TaskId::new(task).unwrap(),
             &ViewOptions::default(),
         )
+    }
+
+    #[test]
+    fn records_list_what_the_sandbox_sees() {
+        let r = view("w1").records();
+        assert_eq!(r["web"], ["A 10.10.0.2"]);
+        assert_eq!(r["tasks.api"], ["A 10.10.0.20", "A 10.10.0.21"]);
+        assert_eq!(r["2.0.10.10.in-addr.arpa"], ["PTR web."]);
+        assert_eq!(r["_http._tcp.web"], ["SRV 0 100 80 web."]);
+        assert!(
+            !r.contains_key("pg"),
+            "another network's name is not listed"
+        );
     }
 
     fn a(v: &DnsView, name: &str) -> Vec<Ipv4Addr> {
