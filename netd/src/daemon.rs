@@ -322,6 +322,11 @@ pub fn run(
             dns.sync(&rec);
             answered = true;
         }
+        if ran.as_ref().is_some_and(|r| r.full) {
+            // The resolver's DNAT tables in the sandboxes are ours too: restored after a
+            // foreign flush like every other object (ANCHORS: our rules, reconciled).
+            dns.repair_nat();
+        }
         if ran.as_ref().is_some_and(|r| r.full)
             && let (Some(addr), Some(d)) = (
                 rec.intent().node(&cfg.node_id).map(|n| n.addr),

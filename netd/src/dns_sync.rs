@@ -59,6 +59,11 @@ impl DnsSync {
         !self.failing.is_empty()
     }
 
+    /// Restores DNAT tables removed or changed behind netd's back (called on full rounds).
+    pub fn repair_nat(&mut self) -> Vec<TaskId> {
+        self.server.repair_nat()
+    }
+
     /// Per sandbox (task id): what its resolver answers now, or why it is not serving.
     pub fn inspect(&self) -> BTreeMap<String, serde_json::Value> {
         let mut out: BTreeMap<String, serde_json::Value> = self

@@ -202,6 +202,11 @@ fn upstream_answer(q: &[u8], udp: bool) -> Option<Vec<u8>> {
 }
 
 fn start_upstream(ns: &Path) -> Upstream {
+    start_dns_at(ns, SocketAddr::from((UPSTREAM, 53)))
+}
+
+/// The same responder on `addr` (e.g. a task's own DNS server on 0.0.0.0:53).
+fn start_dns_at(ns: &Path, addr: SocketAddr) -> Upstream {
     let seen = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
@@ -211,7 +216,6 @@ fn start_upstream(ns: &Path) -> Upstream {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         threads.push(std::thread::spawn(move || {
             nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let addr = SocketAddr::from((UPSTREAM, 53));
             if tcp {
                 let l = std::net::TcpListener::bind(addr).unwrap();
                 l.set_nonblocking(true).unwrap();
@@ -578,4 +582,91 @@ fn one_sandbox_flooding_does_not_starve_another() {
         sent >= 10_000,
         "the flood was too small to mean anything: {sent}"
     );
+}
+
+/// Docker's layout: the resolver's sockets on random ports of 127.0.0.11, DNAT from port 53 in
+/// the sandbox. A task runs its own DNS server on 0.0.0.0:53 (UDP and TCP) beside it: the
+/// task's `dig @127.0.0.11` still gets cluster answers, a peer asking the task's address gets
+/// the task's server. A foreign flush of the table is restored by `repair_nat`; removing the
+/// sandbox from the resolver removes the table from a namespace that lives on.
+#[test]
+fn dnat_leaves_port_53_to_the_task() {
+    if !swarmnet_tests_netns::gate::privileged("dnat_leaves_port_53_to_the_task") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let peer = lab.ns("peer");
+    let sb = lab.ns("sb-w1");
+    lab.link(&peer, &sb);
+    // The task's own server first: port 53 is free for it.
+    let task_dns = start_dns_at(&sb, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 53)));
+    let intent = intent(0);
+    let mut srv = server(Duration::from_millis(500));
+    let errs = srv.set_sandboxes(BTreeMap::from([(
+        tid("w1"),
+        sandbox(&intent, "w1", &sb, &[]),
+    )]));
+    assert!(errs.is_empty(), "{errs:?}");
+
+    // The resolver's sockets are not on port 53.
+    let socks = sh(&sb, &["ss", "-lnutH"]);
+    assert!(
+        socks
+            .lines()
+            .any(|l| l.contains("127.0.0.11:") && !l.contains("127.0.0.11:53 ")),
+        "{socks}"
+    );
+    // Inside the sandbox: cluster answers at 127.0.0.11, UDP and TCP.
+    assert_eq!(dig(&sb, &["+short", "web"]).trim(), "10.10.0.2");
+    assert_eq!(kdig(&sb, &["+short", "+tcp", "web"]).trim(), "10.10.0.2");
+    // From a peer, the task's address on port 53 is the task's own server, UDP and TCP.
+    let ask_task = |tcp: &str| {
+        sh(
+            &peer,
+            &[
+                "dig",
+                "@198.18.53.2",
+                "+time=2",
+                "+tries=1",
+                tcp,
+                "+short",
+                "web",
+            ],
+        )
+    };
+    assert_eq!(ask_task("+notcp").trim(), UPSTREAM_ANSWER.to_string());
+    assert_eq!(ask_task("+tcp").trim(), UPSTREAM_ANSWER.to_string());
+    assert!(task_dns.seen.load(Ordering::Relaxed) >= 2);
+
+    let table = sh(&sb, &["nft", "list", "table", "ip", "swarmnet-dns"]);
+    assert!(
+        table.contains("ip daddr 127.0.0.11 udp dport 53 dnat to 127.0.0.11:")
+            && table.contains("ip daddr 127.0.0.11 tcp dport 53 dnat to 127.0.0.11:"),
+        "{table}"
+    );
+    // Unchanged: nothing to repair.
+    assert_eq!(srv.repair_nat(), vec![]);
+    // A foreign flush: 127.0.0.11:53 no longer reaches the resolver (it reaches the task's
+    // 0.0.0.0:53 server, whose unconnected reply leaves from 127.0.0.1 and dig drops it).
+    sh(&sb, &["nft", "delete", "table", "ip", "swarmnet-dns"]);
+    let out = nsenter(
+        &sb,
+        &["dig", "@127.0.0.11", "+time=1", "+tries=1", "+short", "web"],
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("10.10.0.2"),
+        "the resolver answered without its DNAT"
+    );
+    assert_eq!(srv.repair_nat(), vec![tid("w1")]);
+    assert_eq!(dig(&sb, &["+short", "web"]).trim(), "10.10.0.2");
+    let inspect = srv.inspect();
+    let d = inspect[&tid("w1")].dnat.clone().expect("dnat in inspect");
+    assert_eq!(d.in_kernel, Some(true));
+    assert_eq!(d.rules.len(), 2);
+
+    // Removed from the resolver while the namespace lives on: the table goes too.
+    srv.set_sandboxes(BTreeMap::new());
+    let out = nsenter(&sb, &["nft", "list", "table", "ip", "swarmnet-dns"]);
+    assert!(!out.status.success(), "table left behind");
+    drop(task_dns);
 }
