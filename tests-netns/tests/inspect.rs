@@ -100,7 +100,7 @@ fn inspect_shows_the_kernel_and_flags_a_deleted_fdb_entry_as_drift() {
         ensure!(
             dns["records"]["web"] == json!(["A 10.40.0.2"])
                 && dns["records"]["tasks.web"] == json!(["A 10.40.0.11", "A 10.40.0.12"])
-                && dns["records"]["web.2.web2"] == json!(["A 10.40.0.12"])
+                && dns["records"]["web.0.web2"] == json!(["A 10.40.0.12"])
                 && dns["records"]["2.0.40.10.in-addr.arpa"] == json!(["PTR web."]),
             "web1's DNS records in inspect: {dns:#}"
         );
