@@ -469,5 +469,16 @@ for s in servers:
           f"{f(m['cpu_s_per_million'], '.2f'):>8} | {f(h.get('p50_us'), '.0f') + '/' + f(h.get('p99_us'), '.0f'):>17} | "
           f"{f(nh.get('p50_us'), '.0f') + '/' + f(nh.get('p99_us'), '.0f'):>18} | {f(p.get('qps'), ',.0f'):>11} | "
           f"{f(p.get('loss_pct'), '.2f'):>5} | {f(p.get('avg_latency_us'), '.0f'):>6} | {'; '.join(notes)}")
+shared = [s for s in servers if (summary[s]["core_busy"] or 0) - (summary[s]["server_util"] or 0) > 0.2]
+if shared:
+    # Other processes took the server core: rates, latencies and losses measure the machine,
+    # not the servers. Only CPU-s per million queries (each server's own CPU time) compares.
+    print(f"\nVERDICT: the machine was the bottleneck (core {scpu} busy with other work during the runs of "
+          f"{', '.join(shared)}; load average {load}): capacity, qps/core ratios and latencies are not "
+          f"comparable; CPU-s/Mq (own CPU time) is. Rerun on a quiet machine.")
+elif ratio.get("netd") is None:
+    print("\nVERDICT: no valid capacity run for netd (the load generator was the bottleneck): no ratio reported.")
+else:
+    print(f"\nVERDICT: netd {ratio['netd']:.2f}x unbound's queries/s per core (target 1.2x).")
 print(f"\nresults: {out}")
 PY
