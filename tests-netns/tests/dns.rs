@@ -673,6 +673,36 @@ fn three_nodes_resolve_services_tasks_aliases_ptr_srv_within_their_networks() {
                 .is_empty(),
             "a positive answer has no authority section"
         );
+        // Nothing of the resolver listens outside sandboxes: not in the node namespace (node
+        // and bridge side) nor in the overlay network's namespace; in the sandbox, only on
+        // 127.0.0.11 (random ports behind the DNAT), never on the task's own addresses.
+        let no_dns = |where_: &str, out: &str| -> Result<()> {
+            ensure!(
+                !out.lines()
+                    .any(|l| l.contains("127.0.0.11:") || l.contains(":53 ")),
+                "a resolver socket in {where_}:\n{out}"
+            );
+            Ok(())
+        };
+        no_dns(
+            "n1's node namespace",
+            &topo.node(n).exec_ok(&["ss", "-lnutH"])?,
+        )?;
+        no_dns(
+            "n1's app network namespace",
+            &topo
+                .network_exec(n, "app", &["ss", "-lnutH"])?
+                .check()?
+                .stdout,
+        )?;
+        let in_sb = topo.sandbox_exec(n, c, &["ss", "-lnutH"])?.check()?.stdout;
+        ensure!(
+            in_sb
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .all(|l| l.contains("127.0.0.11:")),
+            "sandbox sockets other than the resolver's:\n{in_sb}"
+        );
         // kdig over TCP sees the same.
         ensure!(
             lines(&kdig(topo, n, c, &["+short", "+tcp", "tasks.api"])?)
