@@ -47,6 +47,9 @@ pub struct NodeInspect {
     pub status: BTreeMap<String, Value>,
     /// Published-port self-test results.
     pub published: BTreeMap<String, Value>,
+    /// The embedded resolver per sandbox (task id): sockets, outside names, name → records.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub dns: BTreeMap<String, Value>,
 }
 
 /// The whole report.
@@ -136,6 +139,10 @@ pub fn select(node: &str, target: &Target, inspect: &Value) -> NodeInspect {
             _ => false,
         })
         .collect();
+    let dns = obj_map(inspect.pointer("/dns"))
+        .into_iter()
+        .filter(|(task, _)| mine(&format!("sandbox/{task}")))
+        .collect();
     NodeInspect {
         node: node.to_owned(),
         error: None,
@@ -144,6 +151,7 @@ pub fn select(node: &str, target: &Target, inspect: &Value) -> NodeInspect {
         drift,
         status,
         published,
+        dns,
     }
 }
 
@@ -225,6 +233,24 @@ pub fn text(r: &Report) -> String {
             if let Some(o) = k.as_object() {
                 for (what, v) in o {
                     out.push_str(&format!("  {what}: {}\n", compact(v)));
+                }
+            }
+        }
+    }
+    for n in &r.nodes {
+        for (task, d) in &n.dns {
+            let listen = d.get("listen").map(compact).unwrap_or_default();
+            let other = d.get("other_names").map(compact).unwrap_or_default();
+            out.push_str(&format!(
+                "dns on {} ({task}): {listen}, other names: {other}\n",
+                n.node
+            ));
+            if let Some(e) = d.get("error") {
+                out.push_str(&format!("  {}\n", compact(e)));
+            }
+            if let Some(recs) = d.get("records").and_then(Value::as_object) {
+                for (name, rs) in recs {
+                    out.push_str(&format!("  {name}: {}\n", compact(rs)));
                 }
             }
         }

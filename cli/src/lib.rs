@@ -182,6 +182,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                             drift: vec![],
                             status: Default::default(),
                             published: Default::default(),
+                            dns: Default::default(),
                         },
                     }
                 })

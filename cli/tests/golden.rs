@@ -350,6 +350,7 @@ mod inspect {
                 n.kernel.keys()
             );
             assert!(n.kernel.keys().all(|k| k.starts_with("sb-")));
+            assert_eq!(n.dns.len(), 1, "the web sandbox's resolver records");
         }
         both("inspect_service", text(&r), &r);
     }

@@ -62,6 +62,9 @@ pub struct NetdConfig {
     pub dns_ttl: u32,
     /// What sandboxes on internal networks get for names outside the cluster.
     pub dns_internal_answer: crate::dns::DenyAnswer,
+    /// CPUs the resolver's threads are pinned to (bit i = CPU i); 0: not pinned. The
+    /// resolver's threads do nothing else, and no other netd thread is pinned there.
+    pub dns_cpu_mask: u64,
     pub lb: LbChoice,
     /// Idle timeouts of load-balanced connections; `None` keeps the kernel's (TCP 5 days).
     pub lb_timeouts: Option<crate::lb::IdleTimeouts>,
@@ -87,6 +90,32 @@ pub const DEFAULT_GOSSIP_LIVENESS_BOUND: Duration = Duration::from_secs(10);
 pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
 
 pub const DEFAULT_DNS_TTL: u32 = 5;
+
+/// `1`, `0,2`, `2-3,6` → a CPU bit mask (CPUs 0..63).
+fn parse_cpu_list(list: &str) -> Result<u64, String> {
+    let bad = |m: String| format!("{m}; expected a CPU list like 1 or 2-3,6 (CPUs 0..63)");
+    let cpu = |t: &str| -> Result<u32, String> {
+        t.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|c| *c < 64)
+            .ok_or_else(|| bad(format!("{t:?} is not a CPU number")))
+    };
+    let mut mask = 0u64;
+    for part in list.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (cpu(a)?, cpu(b)?),
+            None => (cpu(part)?, cpu(part)?),
+        };
+        if lo > hi {
+            return Err(bad(format!("{part:?} is an empty range")));
+        }
+        for c in lo..=hi {
+            mask |= 1 << c;
+        }
+    }
+    Ok(mask)
+}
 
 pub const DEFAULT_RUN_DIR: &str = "/run/swarmnet";
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -117,6 +146,8 @@ pub struct RawConfig {
     pub dns_ttl: Option<u32>,
     /// `refused` or `nxdomain`.
     pub dns_internal_answer: Option<String>,
+    /// CPU list for the resolver's threads, e.g. `1` or `2-3,6`.
+    pub dns_cpus: Option<String>,
     pub lb: Option<LbChoice>,
     /// e.g. `2h`; established TCP connections through a VIP idle this long are forgotten.
     pub lb_tcp_idle_timeout: Option<String>,
@@ -152,6 +183,7 @@ impl RawConfig {
             dns_upstreams: over.dns_upstreams.or(self.dns_upstreams),
             dns_ttl: over.dns_ttl.or(self.dns_ttl),
             dns_internal_answer: over.dns_internal_answer.or(self.dns_internal_answer),
+            dns_cpus: over.dns_cpus.or(self.dns_cpus),
             lb: over.lb.or(self.lb),
             lb_tcp_idle_timeout: over.lb_tcp_idle_timeout.or(self.lb_tcp_idle_timeout),
             lb_udp_idle_timeout: over.lb_udp_idle_timeout.or(self.lb_udp_idle_timeout),
@@ -270,6 +302,10 @@ impl RawConfig {
                 ));
             }
         };
+        let dns_cpu_mask = match self.dns_cpus.as_deref() {
+            None => 0,
+            Some(list) => parse_cpu_list(list).map_err(|m| err("dns_cpus", m))?,
+        };
         let idle = |v: Option<String>, field: &'static str, default: Duration| match v {
             Some(s) => parse_duration(&s).map_err(|m| err(field, m)),
             None => Ok(default),
@@ -308,6 +344,7 @@ impl RawConfig {
             dns_upstreams,
             dns_ttl: self.dns_ttl.unwrap_or(DEFAULT_DNS_TTL),
             dns_internal_answer,
+            dns_cpu_mask,
             lb: self.lb.unwrap_or(LbChoice::Auto),
             lb_timeouts,
             gossip,
@@ -563,5 +600,21 @@ mod tests {
         .validate()
         .unwrap();
         assert_eq!(c.dns_upstreams, Some(vec![]));
+        let c = RawConfig {
+            dns_cpus: Some("1,4-5".into()),
+            ..base()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.dns_cpu_mask, 0b11_0010);
+        for bad in ["", "64", "3-1", "x"] {
+            let e = RawConfig {
+                dns_cpus: Some(bad.into()),
+                ..base()
+            }
+            .validate()
+            .unwrap_err();
+            assert_eq!(e.field, "dns_cpus", "{bad:?}");
+        }
     }
 }

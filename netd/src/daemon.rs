@@ -178,6 +178,7 @@ fn answer(
     watcher: &IntentWatcher,
     selftest: &SelfTest,
     gossip: Option<&GossipSync>,
+    dns: &DnsSync,
     req: Request,
 ) -> Response {
     let task = match &req {
@@ -186,7 +187,8 @@ fn answer(
     };
     let r = match req {
         Request::Inspect {} => {
-            let report = rec.inspect(Instant::now());
+            let mut report = rec.inspect(Instant::now());
+            report.dns = dns.inspect();
             return Response {
                 inspect: Some(serde_json::to_value(&report).expect("inspection serializes")),
                 status: Some(status_json(cfg, rec, watcher, false, selftest, gossip)),
@@ -314,10 +316,16 @@ pub fn run(
                 &watcher,
                 &selftest,
                 gossip.as_ref(),
+                &dns,
                 req,
             ));
             dns.sync(&rec);
             answered = true;
+        }
+        if ran.as_ref().is_some_and(|r| r.full) {
+            // The resolver's DNAT tables in the sandboxes are ours too: restored after a
+            // foreign flush like every other object (ANCHORS: our rules, reconciled).
+            dns.repair_nat();
         }
         if ran.as_ref().is_some_and(|r| r.full)
             && let (Some(addr), Some(d)) = (

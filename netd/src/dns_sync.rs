@@ -59,6 +59,31 @@ impl DnsSync {
         !self.failing.is_empty()
     }
 
+    /// Restores DNAT tables removed or changed behind netd's back (called on full rounds).
+    pub fn repair_nat(&mut self) -> Vec<TaskId> {
+        self.server.repair_nat()
+    }
+
+    /// Per sandbox (task id): what its resolver answers now, or why it is not serving.
+    pub fn inspect(&self) -> BTreeMap<String, serde_json::Value> {
+        let mut out: BTreeMap<String, serde_json::Value> = self
+            .server
+            .inspect()
+            .into_iter()
+            .map(|(t, i)| {
+                let v = serde_json::to_value(&i).unwrap_or(serde_json::Value::Null);
+                (t.to_string(), v)
+            })
+            .collect();
+        for t in &self.failing {
+            out.insert(
+                t.to_string(),
+                serde_json::json!({"error": "resolver not started; retrying (see netd's log)"}),
+            );
+        }
+        out
+    }
+
     /// Brings the server in line with the reconciler's current intent and sandboxes.
     pub fn sync(&mut self, rec: &Reconciler) {
         let Some(desired) = rec.desired() else { return };

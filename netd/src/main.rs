@@ -66,6 +66,10 @@ struct Args {
     /// Answer for outside names on internal networks: refused or nxdomain [default: refused].
     #[arg(long)]
     dns_internal_answer: Option<String>,
+    /// Pin the resolver's threads to these CPUs, e.g. 1 or 2-3 (nothing else of netd runs
+    /// on them; to keep them to itself, pin netd elsewhere with taskset) [default: unpinned].
+    #[arg(long)]
+    dns_cpus: Option<String>,
     /// Load balancer for service VIPs [default: auto: IPVS where the kernel has it, else nftables].
     #[arg(long, value_enum)]
     lb: Option<swarmnet_netd::config::LbChoice>,
@@ -167,6 +171,7 @@ fn main() -> anyhow::Result<()> {
         dns_upstreams: args.dns_upstreams,
         dns_ttl: args.dns_ttl,
         dns_internal_answer: args.dns_internal_answer,
+        dns_cpus: args.dns_cpus,
         lb: args.lb,
         lb_tcp_idle_timeout: args.lb_tcp_idle_timeout,
         lb_udp_idle_timeout: args.lb_udp_idle_timeout,
@@ -234,8 +239,11 @@ fn main() -> anyhow::Result<()> {
             dns::node_upstreams().context("reading the node's resolvers from /etc/resolv.conf")?
         }
     };
-    let dns_server = dns::DnsServer::start(dns::DnsServerConfig::default())
-        .context("starting the DNS server")?;
+    let dns_server = dns::DnsServer::start(dns::DnsServerConfig {
+        cpu_mask: cfg.dns_cpu_mask,
+        ..dns::DnsServerConfig::default()
+    })
+    .context("starting the DNS server")?;
     let dns = dns_sync::DnsSync::new(
         dns_server,
         dns_sync::DnsSyncConfig {

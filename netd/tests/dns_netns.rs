@@ -158,6 +158,8 @@ fn sandbox(intent: &Intent, task: &str, netns: &Path, upstreams: &[SocketAddr]) 
 /// records (TC over UDP without EDNS). Counts the queries it sees.
 struct Upstream {
     seen: Arc<AtomicUsize>,
+    /// (query ID, source port) of every UDP query seen.
+    udp_origins: Arc<std::sync::Mutex<Vec<(u16, u16)>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -202,16 +204,21 @@ fn upstream_answer(q: &[u8], udp: bool) -> Option<Vec<u8>> {
 }
 
 fn start_upstream(ns: &Path) -> Upstream {
+    start_dns_at(ns, SocketAddr::from((UPSTREAM, 53)))
+}
+
+/// The same responder on `addr` (e.g. a task's own DNS server on 0.0.0.0:53).
+fn start_dns_at(ns: &Path, addr: SocketAddr) -> Upstream {
     let seen = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let udp_origins = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut threads = Vec::new();
     for tcp in [false, true] {
-        let (seen, stop) = (seen.clone(), stop.clone());
+        let (seen, stop, origins) = (seen.clone(), stop.clone(), udp_origins.clone());
         let file = netns::open(ns).unwrap();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         threads.push(std::thread::spawn(move || {
             nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let addr = SocketAddr::from((UPSTREAM, 53));
             if tcp {
                 let l = std::net::TcpListener::bind(addr).unwrap();
                 l.set_nonblocking(true).unwrap();
@@ -248,6 +255,12 @@ fn start_upstream(ns: &Path) -> Upstream {
                         continue;
                     };
                     seen.fetch_add(1, Ordering::Relaxed);
+                    if n >= 2 {
+                        origins
+                            .lock()
+                            .unwrap()
+                            .push((u16::from_be_bytes([buf[0], buf[1]]), peer.port()));
+                    }
                     if let Some(a) = upstream_answer(&buf[..n], true) {
                         let _ignored = u.send_to(&a, peer);
                     }
@@ -258,6 +271,7 @@ fn start_upstream(ns: &Path) -> Upstream {
     }
     Upstream {
         seen,
+        udp_origins,
         stop,
         threads,
     }
@@ -472,6 +486,22 @@ fn forwarding_internal_and_self_upstream() {
     );
     let seen = upstream.seen.load(Ordering::Relaxed);
     assert!(seen >= 5, "upstream saw {seen} queries");
+    // Random query IDs and source ports toward the upstream: the same client ID (dig's
+    // +qid) asked 8 times leaves with (almost surely) 8 different IDs and ports.
+    upstream.udp_origins.lock().unwrap().clear();
+    for i in 0..8 {
+        dig(&sb, &["+short", "+qid=4242", &format!("r{i}.example")]);
+    }
+    let origins = upstream.udp_origins.lock().unwrap().clone();
+    let ids: std::collections::BTreeSet<u16> = origins.iter().map(|o| o.0).collect();
+    let ports: std::collections::BTreeSet<u16> = origins.iter().map(|o| o.1).collect();
+    assert!(origins.len() >= 8, "{origins:?}");
+    assert!(
+        ids.len() >= 7 && !ids.contains(&4242),
+        "query IDs not random: {origins:?}"
+    );
+    assert!(ports.len() >= 7, "source ports not random: {origins:?}");
+    let seen = upstream.seen.load(Ordering::Relaxed);
     assert!(srv.stats(&tid("w1")).unwrap().forwarded >= 4);
 
     // Internal only: REFUSED, and nothing reaches the upstream.
@@ -578,4 +608,196 @@ fn one_sandbox_flooding_does_not_starve_another() {
         sent >= 10_000,
         "the flood was too small to mean anything: {sent}"
     );
+}
+
+/// Docker's layout: the resolver's sockets on random ports of 127.0.0.11, DNAT from port 53 in
+/// the sandbox. A task runs its own DNS server on 0.0.0.0:53 (UDP and TCP) beside it: the
+/// task's `dig @127.0.0.11` still gets cluster answers, a peer asking the task's address gets
+/// the task's server. A foreign flush of the table is restored by `repair_nat`; removing the
+/// sandbox from the resolver removes the table from a namespace that lives on.
+#[test]
+fn dnat_leaves_port_53_to_the_task() {
+    if !swarmnet_tests_netns::gate::privileged("dnat_leaves_port_53_to_the_task") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let peer = lab.ns("peer");
+    let sb = lab.ns("sb-w1");
+    lab.link(&peer, &sb);
+    // The task's own server first: port 53 is free for it.
+    let task_dns = start_dns_at(&sb, SocketAddr::from((Ipv4Addr::UNSPECIFIED, 53)));
+    let intent = intent(0);
+    let mut srv = server(Duration::from_millis(500));
+    let errs = srv.set_sandboxes(BTreeMap::from([(
+        tid("w1"),
+        sandbox(&intent, "w1", &sb, &[]),
+    )]));
+    assert!(errs.is_empty(), "{errs:?}");
+
+    // The resolver's sockets are not on port 53.
+    let socks = sh(&sb, &["ss", "-lnutH"]);
+    assert!(
+        socks
+            .lines()
+            .any(|l| l.contains("127.0.0.11:") && !l.contains("127.0.0.11:53 ")),
+        "{socks}"
+    );
+    // Inside the sandbox: cluster answers at 127.0.0.11, UDP and TCP.
+    assert_eq!(dig(&sb, &["+short", "web"]).trim(), "10.10.0.2");
+    assert_eq!(kdig(&sb, &["+short", "+tcp", "web"]).trim(), "10.10.0.2");
+    // From a peer, the task's address on port 53 is the task's own server, UDP and TCP.
+    let ask_task = |tcp: &str| {
+        sh(
+            &peer,
+            &[
+                "dig",
+                "@198.18.53.2",
+                "+time=2",
+                "+tries=1",
+                tcp,
+                "+short",
+                "web",
+            ],
+        )
+    };
+    assert_eq!(ask_task("+notcp").trim(), UPSTREAM_ANSWER.to_string());
+    assert_eq!(ask_task("+tcp").trim(), UPSTREAM_ANSWER.to_string());
+    assert!(task_dns.seen.load(Ordering::Relaxed) >= 2);
+
+    let table = sh(&sb, &["nft", "list", "table", "ip", "swarmnet-dns"]);
+    assert!(
+        table.contains("ip daddr 127.0.0.11 udp dport 53 dnat to 127.0.0.11:")
+            && table.contains("ip daddr 127.0.0.11 tcp dport 53 dnat to 127.0.0.11:"),
+        "{table}"
+    );
+    // Unchanged: nothing to repair.
+    assert_eq!(srv.repair_nat(), vec![]);
+    // A foreign flush: 127.0.0.11:53 no longer reaches the resolver (it reaches the task's
+    // 0.0.0.0:53 server, whose unconnected reply leaves from 127.0.0.1 and dig drops it).
+    sh(&sb, &["nft", "delete", "table", "ip", "swarmnet-dns"]);
+    let out = nsenter(
+        &sb,
+        &["dig", "@127.0.0.11", "+time=1", "+tries=1", "+short", "web"],
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("10.10.0.2"),
+        "the resolver answered without its DNAT"
+    );
+    assert_eq!(srv.repair_nat(), vec![tid("w1")]);
+    assert_eq!(dig(&sb, &["+short", "web"]).trim(), "10.10.0.2");
+    let inspect = srv.inspect();
+    let d = inspect[&tid("w1")].dnat.clone().expect("dnat in inspect");
+    assert_eq!(d.in_kernel, Some(true));
+    assert_eq!(d.rules.len(), 2);
+
+    // Removed from the resolver while the namespace lives on: the table goes too.
+    srv.set_sandboxes(BTreeMap::new());
+    let out = nsenter(&sb, &["nft", "list", "table", "ip", "swarmnet-dns"]);
+    assert!(!out.status.success(), "table left behind");
+    drop(task_dns);
+}
+
+/// The per-sandbox caps: a sandbox holding its in-flight forward cap (an upstream that never
+/// answers) gets SERVFAIL at once for the rest, and one holding its TCP connection cap has
+/// new connections closed at once; another sandbox on the same server resolves meanwhile,
+/// over UDP and TCP, and its counters show no cap hit.
+#[test]
+fn caps_on_forwards_and_tcp_connections_are_per_sandbox() {
+    if !swarmnet_tests_netns::gate::privileged(
+        "caps_on_forwards_and_tcp_connections_are_per_sandbox",
+    ) {
+        return;
+    }
+    use std::io::Read;
+    let mut lab = Lab::new();
+    let up_ns = lab.ns("up");
+    let a = lab.ns("sb-w1");
+    let b = lab.ns("sb-a1");
+    lab.link(&a, &up_ns);
+    // An upstream that takes queries and never answers.
+    let blackhole = netns::run_in(netns::open(&up_ns).unwrap(), || {
+        UdpSocket::bind(SocketAddr::from((UPSTREAM, 53)))
+    })
+    .unwrap();
+    let intent = intent(0);
+    let mut srv = DnsServer::start(DnsServerConfig {
+        forward: ForwardConfig {
+            timeout: Duration::from_secs(4),
+            attempts: 1,
+        },
+        max_inflight_forwards: 4,
+        max_tcp_connections: 2,
+        ..DnsServerConfig::default()
+    })
+    .unwrap();
+    let errs = srv.set_sandboxes(BTreeMap::from([
+        (tid("w1"), sandbox(&intent, "w1", &a, &up())),
+        (tid("a1"), sandbox(&intent, "a1", &b, &up())),
+    ]));
+    assert!(errs.is_empty(), "{errs:?}");
+
+    // Ten outside names from A at once: four wait on the upstream, six get SERVFAIL now.
+    let resolver = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 11), 53));
+    let client = netns::run_in(netns::open(&a).unwrap(), || {
+        UdpSocket::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+    })
+    .unwrap();
+    for i in 0..10u16 {
+        let q = query(100 + i, &format!("n{i}.example"), RecordType::A, None);
+        client.send_to(&q, resolver).unwrap();
+    }
+    client
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut servfail = 0;
+    let mut buf = [0u8; 512];
+    while let Ok(n) = client.recv(&mut buf) {
+        assert_eq!(parse(&buf[..n]).response_code, ResponseCode::ServFail);
+        servfail += 1;
+    }
+    assert_eq!(servfail, 6, "answered at once past the cap");
+    assert_eq!(srv.stats(&tid("w1")).unwrap().forward_cap_hit, 6);
+
+    // A holds its two TCP connections; a third is closed at once.
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            netns::run_in(netns::open(&a).unwrap(), || {
+                std::net::TcpStream::connect(resolver)
+            })
+            .unwrap()
+        })
+        .collect();
+    let mut third = netns::run_in(netns::open(&a).unwrap(), || {
+        std::net::TcpStream::connect(resolver)
+    })
+    .unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut one = [0u8; 1];
+    assert_eq!(third.read(&mut one).unwrap_or(0), 0, "closed by the cap");
+    let a_stats = srv.stats(&tid("w1")).unwrap();
+    assert_eq!(a_stats.tcp_cap_hit, 1);
+
+    // B is untouched: cluster names over UDP and TCP, no cap hit of its own.
+    assert_eq!(dig(&b, &["+short", "web"]).trim(), "10.10.0.2");
+    assert_eq!(kdig(&b, &["+short", "+tcp", "web"]).trim(), "10.10.0.2");
+    let b_stats = srv.stats(&tid("a1")).unwrap();
+    assert_eq!((b_stats.forward_cap_hit, b_stats.tcp_cap_hit), (0, 0));
+
+    // A's held connections closed: A's TCP works again.
+    drop(held);
+    retry_until(Duration::from_secs(5), || {
+        kdig(&a, &["+short", "+tcp", "web"]).trim() == "10.10.0.2"
+    });
+    drop(blackhole);
+}
+
+/// Polls `ok` until it holds or `within` passes (then fails).
+fn retry_until(within: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < end, "condition not met within {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

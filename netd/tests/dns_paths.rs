@@ -61,22 +61,53 @@ fn cluster_answers() {
         "Tasks.API.",
         "owner keeps the asked case"
     );
-    // AAAA of a known name: NOERROR, empty.
+    // AAAA of a known name: NOERROR, empty, with the zone's SOA (fast path).
     let m = ask(&v, "web", RecordType::AAAA);
     assert_eq!(
         (m.response_code, m.answers.len()),
         (ResponseCode::NoError, 0)
     );
-    // MX of a known name: NODATA too.
-    let m = ask(&v, "web", RecordType::MX);
+    assert_soa(&m, "web.", 5);
+    let m = ask(&v, "Tasks.API", RecordType::AAAA);
+    assert_soa(&m, "API.", 5);
+    // MX of a known name: NODATA too (full path).
+    let m = ask(&v, "tasks.web", RecordType::MX);
     assert_eq!(
         (m.response_code, m.answers.len()),
         (ResponseCode::NoError, 0)
     );
-    // Another network's name: NXDOMAIN, authoritative.
+    assert_soa(&m, "web.", 5);
+    // Another network's name: NXDOMAIN, authoritative, SOA.
     let m = ask(&v, "pg", RecordType::A);
     assert_eq!(m.response_code, ResponseCode::NXDomain);
     assert!(m.authoritative);
+    assert_soa(&m, "pg.", 5);
+    // The negative TTL follows the configured TTL.
+    let v = DnsView::build(
+        &intent(300),
+        &tid("w1"),
+        &ViewOptions {
+            ttl: 42,
+            live: None,
+        },
+    );
+    assert_soa(&ask(&v, "pg", RecordType::A), "pg.", 42);
+    assert_soa(&ask(&v, "web", RecordType::AAAA), "web.", 42);
+    // A positive answer has no authority section; a forwarded-name refusal has no SOA.
+    assert!(ask(&v, "web", RecordType::A).authorities.is_empty());
+}
+
+/// One SOA in the authority section, owned by `apex`, negative TTL `ttl` (RFC 2308).
+fn assert_soa(m: &hickory_proto::op::Message, apex: &str, ttl: u32) {
+    assert_eq!(m.authorities.len(), 1, "{m:?}");
+    let r = &m.authorities[0];
+    let RData::SOA(soa) = &r.data else {
+        panic!("not an SOA: {r:?}")
+    };
+    assert_eq!(r.name.to_ascii(), apex);
+    assert_eq!(soa.mname.to_ascii(), apex);
+    assert_eq!(soa.rname.to_ascii(), format!("hostmaster.{apex}"));
+    assert_eq!((r.ttl, soa.minimum), (ttl, ttl));
 }
 
 #[test]
@@ -98,6 +129,15 @@ fn ptr_and_srv() {
         ResponseCode::NXDomain,
         "cluster subnet, unknown address"
     );
+    // The SOA of the subnet's octet-aligned reverse zone (10.11.0.0/24).
+    assert_soa(&m, "0.11.10.in-addr.arpa.", 5);
+    // A PTR name asked for A: NODATA with the reverse zone's SOA.
+    let m = ask(&v, "2.0.10.10.in-addr.arpa", RecordType::A);
+    assert_eq!(
+        (m.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
+    assert_soa(&m, "0.10.10.in-addr.arpa.", 5);
 
     let m = ask(&v, "_http._tcp.web", RecordType::SRV);
     let RData::SRV(s) = &m.answers[0].data else {
@@ -279,6 +319,8 @@ fn fast_equals_full() {
         "nope",
         "many.17",
         "many.17.b16",
+        "Tasks.API",
+        "WEB.1.w1",
     ]
     .into_iter()
     .map(String::from)

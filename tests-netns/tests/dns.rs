@@ -638,6 +638,71 @@ fn three_nodes_resolve_services_tasks_aliases_ptr_srv_within_their_networks() {
         }
         expect_status(topo, n, c, &["-x", "10.31.0.11"], "NXDOMAIN")?;
         expect_status(topo, n, c, &["-x", "10.31.0.2"], "NXDOMAIN")?;
+        // Negative answers carry the zone's SOA with the TTL as negative TTL (RFC 2308), so
+        // caching stubs cache them: NODATA, NXDOMAIN, and a reverse name in a cluster subnet.
+        for (args, soa) in [
+            (
+                vec!["AAAA", "web"],
+                "web. 5 IN SOA web. hostmaster.web. 1 7200 1800 86400 5",
+            ),
+            (
+                vec!["MX", "tasks.web"],
+                "web. 5 IN SOA web. hostmaster.web. 1 7200 1800 86400 5",
+            ),
+            (
+                vec!["A", "tasks.secret"],
+                "secret. 5 IN SOA secret. hostmaster.secret. 1 7200 1800 86400 5",
+            ),
+            (
+                vec!["-x", "10.31.0.11"],
+                "0.31.10.in-addr.arpa. 5 IN SOA 0.31.10.in-addr.arpa. hostmaster.0.31.10.in-addr.arpa. 1 7200 1800 86400 5",
+            ),
+        ] {
+            let mut q = vec!["+noall", "+authority"];
+            q.extend_from_slice(&args);
+            let got = dig(topo, n, c, &q)?;
+            let got = got.split_whitespace().collect::<Vec<_>>().join(" ");
+            ensure!(
+                got == soa,
+                "dig {args:?}: authority {got:?}, expected {soa:?}"
+            );
+        }
+        ensure!(
+            dig(topo, n, c, &["+noall", "+authority", "web"])?
+                .trim()
+                .is_empty(),
+            "a positive answer has no authority section"
+        );
+        // Nothing of the resolver listens outside sandboxes: not in the node namespace (node
+        // and bridge side) nor in the overlay network's namespace; in the sandbox, only on
+        // 127.0.0.11 (random ports behind the DNAT), never on the task's own addresses.
+        let no_dns = |where_: &str, out: &str| -> Result<()> {
+            ensure!(
+                !out.lines()
+                    .any(|l| l.contains("127.0.0.11:") || l.contains(":53 ")),
+                "a resolver socket in {where_}:\n{out}"
+            );
+            Ok(())
+        };
+        no_dns(
+            "n1's node namespace",
+            &topo.node(n).exec_ok(&["ss", "-lnutH"])?,
+        )?;
+        no_dns(
+            "n1's app network namespace",
+            &topo
+                .network_exec(n, "app", &["ss", "-lnutH"])?
+                .check()?
+                .stdout,
+        )?;
+        let in_sb = topo.sandbox_exec(n, c, &["ss", "-lnutH"])?.check()?.stdout;
+        ensure!(
+            in_sb
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .all(|l| l.contains("127.0.0.11:")),
+            "sandbox sockets other than the resolver's:\n{in_sb}"
+        );
         // kdig over TCP sees the same.
         ensure!(
             lines(&kdig(topo, n, c, &["+short", "+tcp", "tasks.api"])?)

@@ -1,7 +1,8 @@
 //! `swarmnet-netd inspect` on a live two-node overlay: a converged node reports no drift and
 //! shows what its kernel holds (the remote endpoint's FDB and neighbour entries, the VIP's load
 //! balancer); an FDB entry deleted by hand is reported as drift under the network that owns
-//! it, and is gone from the report once a full round has repaired it.
+//! it, and is gone from the report once a full round has repaired it. The DNS records each
+//! sandbox's resolver serves are shown too.
 
 use std::time::Duration;
 
@@ -92,6 +93,20 @@ fn inspect_shows_the_kernel_and_flags_a_deleted_fdb_entry_as_drift() {
                 .to_string()
                 .contains("10.40.0.12:80"),
             "the VIP's backends are shown: {kernel:#}"
+        );
+
+        // The DNS records web1's resolver serves: the VIP, both tasks, the PTRs.
+        let dns = &v["dns"]["web1"];
+        ensure!(
+            dns["records"]["web"] == json!(["A 10.40.0.2"])
+                && dns["records"]["tasks.web"] == json!(["A 10.40.0.11", "A 10.40.0.12"])
+                && dns["records"]["web.0.web2"] == json!(["A 10.40.0.12"])
+                && dns["records"]["2.0.40.10.in-addr.arpa"] == json!(["PTR web."]),
+            "web1's DNS records in inspect: {dns:#}"
+        );
+        ensure!(
+            dns["listen"].to_string().contains("udp 127.0.0.11:"),
+            "the resolver's sockets: {dns:#}"
         );
 
         // Delete the remote endpoint's FDB entry behind netd's back.

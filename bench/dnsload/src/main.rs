@@ -268,8 +268,12 @@ fn core_ticks(cpu: usize) -> Option<(u64, u64, u64)> {
 }
 
 /// UDP sockets of this namespace from /proc/net/udp: (drops, queued receive bytes) summed
-/// for local port 53 (the server) and for the given ports (this generator).
+/// for the server's sockets and for the given ports (this generator). The server's are those
+/// on port 53 or on the resolver address 127.0.0.11 at any port: netd's sockets sit on random
+/// ports behind a DNAT from 127.0.0.11:53 (as Docker's do).
 fn udp_sockets(ours: &[u16]) -> ((u64, u64), (u64, u64)) {
+    // 127.0.0.11 as /proc/net/udp prints it (the address's bytes in host order, x86: LE).
+    let resolver = format!("{:08X}", u32::from_ne_bytes([127, 0, 0, 11]));
     let text = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
     let (mut server, mut gen_) = ((0, 0), (0, 0));
     for l in text.lines().skip(1) {
@@ -285,9 +289,11 @@ fn udp_sockets(ours: &[u16]) -> ((u64, u64), (u64, u64)) {
             .split_once(':')
             .and_then(|(_, rx)| u64::from_str_radix(rx, 16).ok())
             .unwrap_or(0);
+        let on_resolver = local.split_once(':').is_some_and(|(ip, _)| ip == resolver);
         let slot = match port {
-            Some(53) => &mut server,
             Some(p) if ours.contains(&p) => &mut gen_,
+            Some(53) => &mut server,
+            Some(_) if on_resolver => &mut server,
             _ => continue,
         };
         slot.0 += drops;

@@ -9,7 +9,8 @@
 //! Layout of the answer (what hickory emits for the same message):
 //! header (QR, AA, RD/CD copied, RA per policy, TC when cut) · the question copied verbatim
 //! (case preserved, RFC 4343; clients using 0x20 randomisation compare it) · one A record per
-//! address with its owner compressed to a pointer at offset 12 (0xC00C) · the OPT record when
+//! address with its owner compressed to a pointer at offset 12 (0xC00C) · for an AAAA NODATA,
+//! the zone's SOA in the authority section (RFC 2308) · the OPT record when
 //! the query had one (payload [`OUR_EDNS_PAYLOAD`], DO copied, RFC 3225).
 //!
 //! Invariants: no heap allocation once `scratch` has grown to the largest answer set; every
@@ -20,9 +21,11 @@ use std::net::Ipv4Addr;
 use rand::Rng;
 
 use super::OUR_EDNS_PAYLOAD;
-use super::full::{order_addrs, udp_limit};
+use super::full::{
+    SOA_EXPIRE, SOA_REFRESH, SOA_RETRY, SOA_RNAME_LABEL, SOA_SERIAL, order_addrs, udp_limit,
+};
 use super::view::{DnsView, Lookup};
-use super::wire::{self, CLASS_IN, TYPE_A, TYPE_AAAA, TYPE_OPT};
+use super::wire::{self, CLASS_IN, TYPE_A, TYPE_AAAA, TYPE_OPT, TYPE_SOA};
 
 const OPT_LEN: usize = 11;
 /// hickory-proto 0.26 compresses at most this many names per message (an anti-DoS bound in
@@ -93,6 +96,18 @@ impl FastPath {
             n += 1;
         }
         let truncated = n < addrs.len();
+        // NODATA (a known name without AAAA): the zone's SOA in the authority section, laid
+        // out as hickory emits it: owner and MNAME compressed to the apex's labels in the
+        // question, RNAME `hostmaster` + the same pointer (see `full::add_soa`).
+        let soa_at = if addrs.is_empty() {
+            let at = apex_offset(qname, view.apex_labels(&key[..q.key_len]))?;
+            if used + SOA_LEN > limit {
+                return None;
+            }
+            Some(u16::try_from(wire::HEADER_LEN + at).ok()? | 0xC000)
+        } else {
+            None
+        };
 
         let h = q.header;
         let mut flags = wire::FLAG_QR | wire::FLAG_AA | (h.flags & (wire::FLAG_RD | wire::FLAG_CD));
@@ -108,7 +123,7 @@ impl FastPath {
         w.put(&flags.to_be_bytes())?;
         w.put(&[0, 1])?;
         w.put(&an.to_be_bytes())?;
-        w.put(&[0, 0, 0, u8::from(q.opt.is_some())])?;
+        w.put(&[0, u8::from(soa_at.is_some()), 0, u8::from(q.opt.is_some())])?;
         w.put(req.get(wire::HEADER_LEN..q.question_end)?)?;
         let ttl = view.ttl().to_be_bytes();
         for (i, ip) in addrs[..n].iter().enumerate() {
@@ -123,6 +138,23 @@ impl FastPath {
             w.put(&[0, 4])?;
             w.put(&ip.octets())?;
         }
+        if let Some(ptr) = soa_at {
+            let ptr = ptr.to_be_bytes();
+            w.put(&ptr)?;
+            w.put(&TYPE_SOA.to_be_bytes())?;
+            w.put(&CLASS_IN.to_be_bytes())?;
+            w.put(&ttl)?;
+            w.put(&u16::try_from(SOA_LEN - 12).ok()?.to_be_bytes())?;
+            w.put(&ptr)?;
+            w.put(&[u8::try_from(SOA_RNAME_LABEL.len()).ok()?])?;
+            w.put(SOA_RNAME_LABEL.as_bytes())?;
+            w.put(&ptr)?;
+            w.put(&SOA_SERIAL.to_be_bytes())?;
+            w.put(&SOA_REFRESH.to_be_bytes())?;
+            w.put(&SOA_RETRY.to_be_bytes())?;
+            w.put(&SOA_EXPIRE.to_be_bytes())?;
+            w.put(&ttl)?;
+        }
         if let Some(o) = q.opt {
             w.put(&[0])?;
             w.put(&TYPE_OPT.to_be_bytes())?;
@@ -133,6 +165,24 @@ impl FastPath {
         }
         Some(w.pos)
     }
+}
+
+/// Bytes of the NODATA SOA record: owner pointer, type, class, TTL, RDLENGTH (12), then MNAME
+/// pointer (2), RNAME `hostmaster` label + pointer (1 + 10 + 2) and five 32-bit fields (20).
+const SOA_LEN: usize = 12 + 2 + 1 + SOA_RNAME_LABEL.len() + 2 + 20;
+
+/// Offset within `qname` (wire form, uncompressed, ending in the root label) of the suffix
+/// made of its last `labels` labels.
+fn apex_offset(qname: &[u8], labels: usize) -> Option<usize> {
+    let mut starts = [0usize; 128];
+    let (mut pos, mut count) = (0usize, 0usize);
+    while *qname.get(pos)? != 0 {
+        *starts.get_mut(count)? = pos;
+        count += 1;
+        pos += 1 + usize::from(qname[pos]);
+    }
+    let labels = labels.min(count);
+    (labels > 0).then(|| starts[count - labels])
 }
 
 struct Writer<'a> {

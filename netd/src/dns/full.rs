@@ -10,7 +10,8 @@
 //! 5. class other than IN (CHAOS `version.bind` and friends): REFUSED;
 //! 6. zone transfers (AXFR/IXFR): REFUSED, we are no authoritative server for them;
 //! 7. cluster names: the view answers (A, PTR, SRV; empty NOERROR for other types;
-//!    NXDOMAIN for names not visible here);
+//!    NXDOMAIN for names not visible here); negative answers (NXDOMAIN, NODATA) carry the
+//!    zone's SOA with the view's TTL as negative TTL, so caching stubs cache them (RFC 2308);
 //! 8. everything else: forwarded, or REFUSED/NXDOMAIN for internal-only sandboxes, or SERVFAIL
 //!    when no usable upstream exists (the resolver listed as its own upstream).
 //!
@@ -25,7 +26,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR, SRV};
+use hickory_proto::rr::rdata::{A, PTR, SOA, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use rand::Rng;
@@ -38,6 +39,36 @@ use super::{MAX_UDP_PAYLOAD, OUR_EDNS_PAYLOAD, Transport};
 
 /// Panics caught in hickory's parser since start (should stay 0; the fuzz tests check it).
 pub(crate) static CAUGHT_PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// The SOA of negative answers for cluster names (RFC 2308 §3): owner and MNAME the apex
+/// ([`DnsView::apex_labels`]), RNAME `hostmaster.<apex>`, these timers, MINIMUM and TTL the
+/// view's TTL, so a caching stub keeps an NXDOMAIN or NODATA exactly as long as a positive
+/// answer and a task that appears is seen as soon as a new address would be.
+pub(crate) const SOA_SERIAL: u32 = 1;
+pub(crate) const SOA_REFRESH: i32 = 7200;
+pub(crate) const SOA_RETRY: i32 = 1800;
+pub(crate) const SOA_EXPIRE: i32 = 86_400;
+pub(crate) const SOA_RNAME_LABEL: &str = "hostmaster";
+
+/// Puts the SOA of the zone of `qname` in the authority section of a negative answer.
+fn add_soa(resp: &mut Message, view: &DnsView, qname: &Name, key: &[u8]) {
+    let labels = view.apex_labels(key).min(usize::from(qname.num_labels()));
+    let apex = qname.trim_to(labels);
+    let Ok(rname) = Name::from_ascii(SOA_RNAME_LABEL).and_then(|h| h.append_domain(&apex)) else {
+        return;
+    };
+    let ttl = view.ttl();
+    let soa = SOA::new(
+        apex.clone(),
+        rname,
+        SOA_SERIAL,
+        SOA_REFRESH,
+        SOA_RETRY,
+        SOA_EXPIRE,
+        ttl,
+    );
+    resp.add_authority(Record::from_rdata(apex, ttl, RData::SOA(soa)));
+}
 
 /// What to do with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,9 +180,12 @@ pub fn respond<R: Rng + ?Sized>(
         return encode(&resp, limit, out);
     }
     let mut key = [0u8; wire::MAX_KEY];
-    let lookup = match wire::key_of_labels(query.name().iter(), &mut key) {
-        Some(n) => view.lookup(&key[..n]),
-        None => Lookup::NotOurs,
+    let key_len = wire::key_of_labels(query.name().iter(), &mut key).unwrap_or(0);
+    let key = &key[..key_len];
+    let lookup = if key_len > 0 {
+        view.lookup(key)
+    } else {
+        Lookup::NotOurs
     };
     let owner = query.name().clone();
     let ttl = view.ttl();
@@ -206,11 +240,15 @@ pub fn respond<R: Rng + ?Sized>(
                 // Known name, no record of that type: NOERROR, empty (NODATA).
                 _ => {}
             }
+            if resp.answers.is_empty() {
+                add_soa(&mut resp, view, &owner, key);
+            }
             encode(&resp, limit, out)
         }
         Lookup::NxDomain => {
             resp.metadata.authoritative = true;
             resp.metadata.response_code = ResponseCode::NXDomain;
+            add_soa(&mut resp, view, &owner, key);
             encode(&resp, limit, out)
         }
         Lookup::NotOurs => match policy.decision() {

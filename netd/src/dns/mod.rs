@@ -26,7 +26,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 pub use forward::{DenyAnswer, ForwardConfig, ForwardPolicy, node_upstreams, parse_resolv_conf};
-pub use server::{DnsServer, DnsServerConfig, SandboxDns, SandboxDnsError};
+pub use server::{DnsServer, DnsServerConfig, SandboxDns, SandboxDnsError, SandboxDnsInspect};
 pub use view::{DnsView, Lookup, ViewOptions};
 
 /// The resolver's address inside every sandbox (Docker's).

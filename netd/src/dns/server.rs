@@ -34,6 +34,7 @@ use super::forward::{self, DenyAnswer, ForwardConfig, ForwardPolicy};
 use super::view::{DnsView, ViewOptions};
 use super::{Outcome, RESOLVER_ADDR, Responder, Transport, full, wire};
 use crate::linux::dns_socket::{self, NetnsSockets, SocketFactory};
+use crate::linux::nft::dns_nat::{self, DnsNat};
 use crate::linux::udp_batch::UdpBatch;
 
 /// Datagrams handled before the UDP loop yields to other sandboxes' loops.
@@ -57,6 +58,14 @@ pub struct DnsServerConfig {
     pub max_tcp_connections: usize,
     /// A TCP connection idle (or sending a message slowly) this long is closed.
     pub tcp_idle_timeout: Duration,
+    /// Bind the sockets to random ports of `listen`'s address and DNAT `listen` to them in
+    /// the sandbox (Docker's way), so a task may bind port 53 itself. Off: bind `listen`.
+    pub dnat: bool,
+    /// CPUs the runtime's threads are pinned to (bit i = CPU i); 0: not pinned. Only the
+    /// resolver runs on these threads (sockets' loops, forwards, TCP connections): netd's
+    /// reconcile loop, API and gossip have threads of their own, so with netd itself pinned
+    /// elsewhere the resolver has its CPUs to itself.
+    pub cpu_mask: u64,
 }
 
 impl Default for DnsServerConfig {
@@ -68,6 +77,8 @@ impl Default for DnsServerConfig {
             max_inflight_forwards: 256,
             max_tcp_connections: 32,
             tcp_idle_timeout: Duration::from_secs(10),
+            dnat: true,
+            cpu_mask: 0,
         }
     }
 }
@@ -97,6 +108,31 @@ impl SandboxDns {
             forward: ForwardPolicy::for_task(intent, task, upstreams, deny),
         }
     }
+}
+
+/// One sandbox's resolver as `inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SandboxDnsInspect {
+    /// The sockets' addresses inside the sandbox (`udp 127.0.0.11:53`, `tcp ...`).
+    pub listen: Vec<String>,
+    /// The DNAT of 127.0.0.11:53 to the sockets, when on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dnat: Option<DnatInspect>,
+    pub ttl: u32,
+    /// What names outside the cluster get.
+    pub other_names: String,
+    /// Name → records, as answered now.
+    pub records: BTreeMap<String, Vec<String>>,
+    pub stats: SandboxStatsSnapshot,
+}
+
+/// A sandbox's DNAT table as `inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DnatInspect {
+    pub rules: Vec<String>,
+    /// Whether the table is in the kernel now (`None`: could not be read); a missing one is
+    /// drift, restored by the next full round.
+    pub in_kernel: Option<bool>,
 }
 
 /// A sandbox whose resolver could not be started (it is retried on the next call).
@@ -132,7 +168,7 @@ pub struct SandboxStats {
 }
 
 /// A snapshot of [`SandboxStats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SandboxStatsSnapshot {
     pub udp_queries: u64,
     pub tcp_queries: u64,
@@ -196,6 +232,12 @@ impl Shared {
 #[derive(Debug)]
 struct Running {
     netns: PathBuf,
+    /// `udp <addr>` and `tcp <addr>` of the sockets, for `inspect`.
+    listen: Vec<String>,
+    /// The DNAT of the listen address to the sockets, in the sandbox (`dnat` on).
+    nat: Option<DnsNat>,
+    /// The namespace's ruleset generation when the DNAT was last checked.
+    nat_genid: Option<u32>,
     shared: Arc<Shared>,
     loops: Vec<JoinHandle<()>>,
 }
@@ -223,6 +265,7 @@ impl DnsServer {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.worker_threads.max(1))
             .thread_name("sn-dns")
+            .on_thread_start(move || pin_current_thread(cfg.cpu_mask))
             .enable_io()
             .enable_time()
             .build()
@@ -251,8 +294,19 @@ impl DnsServer {
     /// atomically. Returns the sandboxes that could not be opened; they are not served and
     /// are tried again on the next call.
     pub fn set_sandboxes(&mut self, want: BTreeMap<TaskId, SandboxDns>) -> Vec<SandboxDnsError> {
-        self.running
-            .retain(|task, r| want.get(task).is_some_and(|w| w.netns == r.netns));
+        self.running.retain(|task, r| {
+            let keep = want.get(task).is_some_and(|w| w.netns == r.netns);
+            if !keep && r.nat.is_some() {
+                // The namespace usually goes with the sandbox (and the table with it); an
+                // attached container's namespace outlives it: leave nothing behind there.
+                if let Ok(ns) = crate::linux::netns::open(&r.netns)
+                    && let Err(e) = dns_nat::delete(&ns)
+                {
+                    tracing::warn!(task = %task, error = %e, "dns: cannot remove the DNAT table");
+                }
+            }
+            keep
+        });
         let mut errors = Vec::new();
         for (task, sb) in want {
             if let Some(r) = self.running.get(&task) {
@@ -294,18 +348,120 @@ impl DnsServer {
         })
     }
 
+    /// Checks every served sandbox's DNAT table and restores it where the namespace's ruleset
+    /// changed since the last check (a foreign flush or edit; also our other tables' commits,
+    /// for which the replacement is a no-op). Returns the sandboxes whose table was missing.
+    pub fn repair_nat(&mut self) -> Vec<TaskId> {
+        let mut repaired = Vec::new();
+        for (task, r) in &mut self.running {
+            let Some(nat) = r.nat else { continue };
+            let Ok(ns) = crate::linux::netns::open(&r.netns) else {
+                continue;
+            };
+            match dns_nat::observe(&ns) {
+                Ok((true, generation)) if r.nat_genid == Some(generation) => continue,
+                Ok((present, _)) => {
+                    if !present {
+                        repaired.push(task.clone());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(task = %task, error = %e, "dns: cannot read the DNAT table");
+                    continue;
+                }
+            }
+            match dns_nat::ensure(&ns, &nat).and_then(|()| dns_nat::observe(&ns)) {
+                Ok((_, generation)) => r.nat_genid = Some(generation),
+                Err(e) => {
+                    r.nat_genid = None;
+                    tracing::warn!(task = %task, error = %e, "dns: cannot restore the DNAT table");
+                }
+            }
+        }
+        if !repaired.is_empty() {
+            tracing::warn!(sandboxes = ?repaired, "dns: DNAT table was missing; restored");
+        }
+        repaired
+    }
+
+    /// What every served sandbox's resolver answers, for `inspect`.
+    pub fn inspect(&self) -> BTreeMap<TaskId, SandboxDnsInspect> {
+        self.running
+            .iter()
+            .map(|(task, r)| {
+                let policy = r.shared.policy.load();
+                let forward = match &**policy {
+                    ForwardPolicy::Forward { upstreams } if upstreams.is_empty() => {
+                        "SERVFAIL (no usable upstream)".to_string()
+                    }
+                    ForwardPolicy::Forward { upstreams } => {
+                        let u: Vec<String> = upstreams.iter().map(ToString::to_string).collect();
+                        format!("forward to {}", u.join(", "))
+                    }
+                    ForwardPolicy::Deny(DenyAnswer::Refused) => "REFUSED (internal)".into(),
+                    ForwardPolicy::Deny(DenyAnswer::NxDomain) => "NXDOMAIN (internal)".into(),
+                };
+                let view = r.shared.view.load();
+                (
+                    task.clone(),
+                    SandboxDnsInspect {
+                        listen: r.listen.iter().map(ToString::to_string).collect(),
+                        dnat: r.nat.map(|n| {
+                            let present = crate::linux::netns::open(&r.netns)
+                                .and_then(|ns| dns_nat::observe(&ns))
+                                .map(|(p, _)| p);
+                            DnatInspect {
+                                rules: vec![
+                                    format!("udp {}:53 -> {}:{}", n.addr, n.addr, n.udp_port),
+                                    format!("tcp {}:53 -> {}:{}", n.addr, n.addr, n.tcp_port),
+                                ],
+                                in_kernel: present.ok(),
+                            }
+                        }),
+                        ttl: view.ttl(),
+                        other_names: forward,
+                        records: view.records(),
+                        stats: self.stats(task).unwrap_or_default(),
+                    },
+                )
+            })
+            .collect()
+    }
+
     fn open(&self, task: &TaskId, sb: SandboxDns) -> Result<Running, SandboxDnsError> {
         let err = |source| SandboxDnsError {
             task: task.clone(),
             netns: sb.netns.clone(),
             source,
         };
-        let (udp, tcp) = dns_socket::open_listeners(&sb.netns, self.cfg.listen).map_err(err)?;
+        let bind = if self.cfg.dnat {
+            SocketAddrV4::new(*self.cfg.listen.ip(), 0)
+        } else {
+            self.cfg.listen
+        };
+        let (udp, tcp) = dns_socket::open_listeners(&sb.netns, bind).map_err(err)?;
+        let nat = if self.cfg.dnat {
+            let port = |a: std::io::Result<SocketAddr>| a.map(|a| a.port()).map_err(err);
+            let nat = DnsNat {
+                addr: *self.cfg.listen.ip(),
+                udp_port: port(udp.local_addr())?,
+                tcp_port: port(tcp.local_addr())?,
+            };
+            let ns = crate::linux::netns::open(&sb.netns).map_err(err)?;
+            dns_nat::ensure(&ns, &nat).map_err(err)?;
+            Some(nat)
+        } else {
+            None
+        };
         let sockets = self.factory.for_netns(&sb.netns).map_err(err)?;
         let rt = self.rt.as_ref().expect("runtime lives until drop");
         let _enter = rt.enter();
         let udp = UdpSocket::from_std(udp).map_err(err)?;
         let tcp = TcpListener::from_std(tcp).map_err(err)?;
+        let listen = vec![
+            format!("udp {}", udp.local_addr().map_err(err)?),
+            format!("tcp {}", tcp.local_addr().map_err(err)?),
+        ];
         let shared = Arc::new(Shared {
             task: task.clone(),
             view: ArcSwap::new(sb.view),
@@ -323,6 +479,9 @@ impl DnsServer {
         ];
         Ok(Running {
             netns: sb.netns,
+            listen,
+            nat,
+            nat_genid: None,
             shared,
             loops,
         })
@@ -335,6 +494,23 @@ impl Drop for DnsServer {
         if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
+    }
+}
+
+/// Pins the calling thread to the CPUs of `mask` (nothing when 0). A failure (a CPU that does
+/// not exist or lies outside netd's cpuset) is logged and the thread runs unpinned.
+fn pin_current_thread(mask: u64) {
+    if mask == 0 {
+        return;
+    }
+    let mut set = nix::sched::CpuSet::new();
+    for cpu in (0..64).filter(|c| mask & (1 << c) != 0) {
+        if let Err(e) = set.set(cpu) {
+            tracing::warn!(cpu, error = %e, "dns: cannot pin to this CPU");
+        }
+    }
+    if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+        tracing::warn!(mask = format!("{mask:#x}"), error = %e, "dns: cannot pin the resolver thread; running unpinned");
     }
 }
 
@@ -581,6 +757,18 @@ mod tests {
         assert_eq!(l.allow(), None);
         *l.next.lock().unwrap() = Instant::now();
         assert_eq!(l.allow(), Some(2));
+    }
+
+    #[test]
+    fn pinning_restricts_the_thread_to_the_mask() {
+        let got = std::thread::spawn(|| {
+            pin_current_thread(1);
+            nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert!(got.is_set(0).unwrap());
+        assert!((1..nix::sched::CpuSet::count()).all(|c| !got.is_set(c).unwrap()));
     }
 
     #[test]

@@ -325,6 +325,39 @@ impl DnsView {
         Lookup::NotOurs
     }
 
+    /// How many labels, from the right, of the cluster name `key` make the zone apex whose SOA
+    /// a negative answer for it carries (RFC 2308): the enclosing octet-aligned reverse zone of
+    /// a cluster subnet for reverse names (`10.in-addr.arpa` for a /11, `0.10.10.in-addr.arpa`
+    /// for a /24), otherwise the name's top label (cluster names are single-label
+    /// names and names below them: `web`, `tasks.web`, `_http._tcp.web`).
+    pub fn apex_labels(&self, key: &[u8]) -> usize {
+        if let Some(ip) = parse_reverse(key)
+            && let Some(z) = self.reverse_zones.iter().find(|z| z.contains(&ip))
+        {
+            return 2 + usize::from(z.prefix_len() / 8).min(4);
+        }
+        1
+    }
+
+    /// Every name this view answers with its records, in text (`A 10.0.0.2`, `PTR web.`,
+    /// `SRV 0 100 80 web.`), for `inspect`. Names hidden from this sandbox are not listed.
+    pub fn records(&self) -> BTreeMap<String, Vec<String>> {
+        self.names
+            .iter()
+            .map(|(k, d)| {
+                let mut r: Vec<String> = d.a.iter().map(|ip| format!("A {ip}")).collect();
+                r.extend(d.aaaa.iter().map(|ip| format!("AAAA {ip}")));
+                r.extend(d.ptr.iter().map(|t| format!("PTR {t}.")));
+                r.extend(
+                    d.srv.iter().map(|s| {
+                        format!("SRV {} {} {} {}.", s.priority, s.weight, s.port, s.target)
+                    }),
+                );
+                (String::from_utf8_lossy(k).into_owned(), r)
+            })
+            .collect()
+    }
+
     /// Looks a name up given as text (any case, optional trailing dot). For tests and tools.
     pub fn lookup_str(&self, name: &str) -> Lookup<'_> {
         let k = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
@@ -410,6 +443,19 @@ pub(crate) mod tests {
             &TaskId::new(task).unwrap(),
             &ViewOptions::default(),
         )
+    }
+
+    #[test]
+    fn records_list_what_the_sandbox_sees() {
+        let r = view("w1").records();
+        assert_eq!(r["web"], ["A 10.10.0.2"]);
+        assert_eq!(r["tasks.api"], ["A 10.10.0.20", "A 10.10.0.21"]);
+        assert_eq!(r["2.0.10.10.in-addr.arpa"], ["PTR web."]);
+        assert_eq!(r["_http._tcp.web"], ["SRV 0 100 80 web."]);
+        assert!(
+            !r.contains_key("pg"),
+            "another network's name is not listed"
+        );
     }
 
     fn a(v: &DnsView, name: &str) -> Vec<Ipv4Addr> {

@@ -12,6 +12,7 @@
 /// Header length.
 pub const HEADER_LEN: usize = 12;
 pub const TYPE_A: u16 = 1;
+pub const TYPE_SOA: u16 = 6;
 pub const TYPE_AAAA: u16 = 28;
 pub const TYPE_OPT: u16 = 41;
 pub const CLASS_IN: u16 = 1;

@@ -66,6 +66,10 @@ pub struct Inspection {
     /// The node firewall table as listed by the kernel (normalized).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub firewall: Option<String>,
+    /// Per sandbox (task id): the embedded resolver's sockets, policy for outside names and
+    /// the names → records it answers (filled in by the daemon, which owns the resolver).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub dns: BTreeMap<String, serde_json::Value>,
 }
 
 impl Reconciler {
@@ -81,6 +85,7 @@ impl Reconciler {
                 desired: serde_json::Value::Null,
                 kernel: BTreeMap::new(),
                 firewall: None,
+                dns: BTreeMap::new(),
             };
         };
         let observed = self.observe(&desired, &Scope::Full);
@@ -103,6 +108,7 @@ impl Reconciler {
             desired: desired_summary(&desired),
             kernel: kernel_view(&observed),
             firewall: observed.firewall.clone(),
+            dns: BTreeMap::new(),
         }
     }
 }
