@@ -12,16 +12,21 @@
 //!   takes effect without restarting anything.
 //! - [`net`]: tonic glue: a TLS listener stream whose connections carry the peer's
 //!   [`Identity`] as a request extension, and TLS channels.
+//! - [`join`]: the client side of joining (a certificate for a join token) and of renewal.
 //! - [`store`]: a node's key, certificate and CA on disk (directory 0700, files 0600).
 //!
 //! Invariants: the CA decides every name in a certificate; a request's subject is ignored. The
 //! identity of a peer is read only from a certificate the handshake verified.
 
 pub mod ca;
+pub mod join;
 pub mod net;
 pub mod store;
 pub mod tls;
 pub mod token;
+
+/// The rustls crate this one is built with (its config types appear in the API).
+pub use rustls;
 
 /// The DNS name in every manager certificate; clients verify it instead of an address.
 pub const SERVER_NAME: &str = "swarm-manager";
