@@ -28,9 +28,14 @@ use crate::{Identity, PkiError, Role, SERVER_NAME};
 pub const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Default lifetime of a node certificate (renewed at half of it).
 pub const DEFAULT_NODE_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
-/// Certificates start this much in the past, so a node whose clock lags a little still
-/// accepts a fresh one.
+/// Certificates start up to this much in the past (at most a quarter of their lifetime, so
+/// that renewal at half life stays ahead), so a node whose clock lags a little still accepts a
+/// fresh one.
 const BACKDATE: Duration = Duration::from_secs(60);
+
+fn backdate(lifetime: Duration) -> Duration {
+    BACKDATE.min(lifetime / 4)
+}
 
 /// The root CA: certificate and private key, PEM. `Debug` never prints the key.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,7 +235,7 @@ fn node_params(id: &str, role: Role, lifetime: Duration) -> Result<CertificatePa
     sans.dedup();
     params.subject_alt_names = sans;
     let now = SystemTime::now();
-    params.not_before = to_offset(now - BACKDATE);
+    params.not_before = to_offset(now - backdate(lifetime));
     params.not_after = to_offset(now + lifetime);
     params.serial_number = Some(serial()?);
     Ok(params)
