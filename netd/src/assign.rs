@@ -298,15 +298,25 @@ async fn session(
     let mut reporter = dispatcher.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let renewal_channel = channel.clone();
-    loop {
+    // When the certificate is next due for renewal (half its life); a deadline, not a sleep
+    // per turn, since the other branches wake the loop every 200 ms.
+    let next_renewal = |min: Duration| {
         let info = creds.info();
-        let due = swarmnet_pki::ca::renew_at(info.not_before, info.not_after)
+        let wait = swarmnet_pki::ca::renew_at(info.not_before, info.not_after)
             .duration_since(std::time::SystemTime::now())
             .unwrap_or(Duration::ZERO)
-            .max(Duration::from_millis(500));
+            .max(min);
+        tokio::time::Instant::now() + wait
+    };
+    let mut renewal = next_renewal(Duration::ZERO);
+    loop {
         tokio::select! {
             e = &mut heartbeats => return Err(e),
-            _ = tokio::time::sleep(due) => renew(cfg, addr, creds, renewal_channel.clone()).await,
+            _ = tokio::time::sleep_until(renewal) => {
+                renew(cfg, addr, creds, renewal_channel.clone()).await;
+                // After a failure, retry in a second.
+                renewal = next_renewal(Duration::from_secs(1));
+            }
             _ = tick.tick() => {
                 let want = shared.lock().expect("lock").reports.clone();
                 for (task, report) in want {
