@@ -56,9 +56,16 @@ done
 echo "== starting 3 swarmnet managers and 3 etcd members" >&2
 "$ORCH" --id 1 --listen "${M[0]}" --data-dir "$TMP/m1" --bootstrap >"$TMP/m1.log" 2>&1 &
 PIDS+=($!)
-sleep 1
+# Every call is mTLS: the load generator uses the administrator certificate of manager 1.
+ADMIN="$TMP/m1/tls/admin"
+TOKEN=""
+for _ in $(seq 1 50); do
+    TOKEN=$("$LOAD" --target swarmnet --addrs "${M[0]}" --tls-dir "$ADMIN" --init 2>/dev/null) && break
+    sleep 0.2
+done
+[ -n "$TOKEN" ] || { echo "manager 1 did not initialize; see $TMP/m1.log" >&2; exit 1; }
 for i in 2 3; do
-    "$ORCH" --id "$i" --listen "${M[$((i - 1))]}" --data-dir "$TMP/m$i" --join "${M[0]}" >"$TMP/m$i.log" 2>&1 &
+    "$ORCH" --id "$i" --listen "${M[$((i - 1))]}" --data-dir "$TMP/m$i" --join "${M[0]}" --join-token "$TOKEN" >"$TMP/m$i.log" 2>&1 &
     PIDS+=($!)
 done
 for i in 1 2 3; do
@@ -71,7 +78,7 @@ for i in 1 2 3; do
 done
 MADDRS=$(IFS=,; echo "${M[*]}")
 EADDRS=$(IFS=,; echo "${E[*]}")
-"$LOAD" --target swarmnet --addrs "$MADDRS" --init
+"$LOAD" --target swarmnet --addrs "$MADDRS" --tls-dir "$ADMIN" --wait
 for _ in $(seq 1 100); do
     ETCDCTL_API=3 etcdctl --endpoints "$EADDRS" endpoint health >/dev/null 2>&1 && break
     sleep 0.2
@@ -81,7 +88,7 @@ printf '%-8s %-8s %12s %10s %10s %8s\n' system clients writes/s p50_ms p99_ms er
 for c in $CLIENTS; do
     for t in swarmnet etcd; do
         if [ "$t" = swarmnet ]; then a=$MADDRS; else a=$EADDRS; fi
-        line=$("$LOAD" --target "$t" --addrs "$a" --clients "$c" --seconds "$SECS")
+        line=$("$LOAD" --target "$t" --addrs "$a" --tls-dir "$ADMIN" --clients "$c" --seconds "$SECS")
         python3 -c '
 import json, sys
 r = json.loads(sys.argv[1])

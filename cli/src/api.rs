@@ -21,7 +21,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use swarmnet_api as pb;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -58,27 +57,60 @@ async fn connect_in_netns(netns: PathBuf, addr: SocketAddr) -> io::Result<tokio:
     tokio::net::TcpStream::from_std(std_stream)
 }
 
-/// A channel to one manager.
+/// The mTLS client configuration of an endpoint (its `tls_dir`).
+fn tls_of(
+    ep: &ManagerEndpoint,
+) -> Result<std::sync::Arc<swarmnet_pki::rustls::ClientConfig>, String> {
+    let dir = ep.tls_dir.as_ref().ok_or_else(|| {
+        format!(
+            "the context names no client certificate for {} (tls_dir); the managers accept only mTLS",
+            ep.addr
+        )
+    })?;
+    let material = swarmnet_pki::store::load(dir)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no client certificate in {}", dir.display()))?;
+    let creds = swarmnet_pki::tls::Credentials::new(material).map_err(|e| e.to_string())?;
+    swarmnet_pki::tls::client_config(creds).map_err(|e| e.to_string())
+}
+
+/// A channel to one manager, over mTLS.
 pub async fn connect(ep: &ManagerEndpoint) -> Result<Channel, String> {
     let addr: SocketAddr = ep
         .addr
         .parse()
         .map_err(|e| format!("{:?} is not host:port: {e}", ep.addr))?;
+    let tls = tls_of(ep)?;
+    // The scheme stays http: the connector does TLS itself.
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT);
-    let res = match ep.netns.clone() {
-        None => endpoint.connect().await,
-        Some(ns) => {
-            endpoint
-                .connect_with_connector(tower::service_fn(move |_uri| {
-                    let ns = ns.clone();
-                    async move { connect_in_netns(ns, addr).await.map(TokioIo::new) }
-                }))
-                .await
-        }
-    };
+    let netns = ep.netns.clone();
+    let res = endpoint
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let ns = netns.clone();
+            let tls = tls.clone();
+            async move {
+                let tcp = match ns {
+                    Some(ns) => connect_in_netns(ns, addr).await?,
+                    None => {
+                        let s = tokio::time::timeout(
+                            CONNECT_TIMEOUT,
+                            tokio::net::TcpStream::connect(addr),
+                        )
+                        .await
+                        .map_err(|_elapsed| {
+                            io::Error::new(io::ErrorKind::TimedOut, format!("connecting to {addr}"))
+                        })??;
+                        s.set_nodelay(true)?;
+                        s
+                    }
+                };
+                swarmnet_pki::net::tls_connect(tls, tcp).await
+            }
+        }))
+        .await;
     res.map_err(|e| {
         let mut msg = e.to_string();
         let mut src = std::error::Error::source(&e);
@@ -206,12 +238,17 @@ impl Managers {
             })
             .await?;
         let netns = self.netns().map(Path::to_path_buf);
+        let tls_dir = self
+            .endpoints
+            .get(self.preferred)
+            .and_then(|e| e.tls_dir.clone());
         let mut managers = Vec::new();
         for m in &info.managers {
             let ep = ManagerEndpoint {
                 node: m.id.to_string(),
                 addr: m.addr.clone(),
                 netns: netns.clone(),
+                tls_dir: tls_dir.clone(),
             };
             let answered = match connect(&ep).await {
                 Ok(ch) => pb::cluster_client::ClusterClient::new(ch)

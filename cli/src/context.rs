@@ -4,7 +4,7 @@
 //! A manager is reached at `addr` (host:port), from inside the network namespace `netns` when set:
 //! the lab's managers listen on their node's underlay address, which exists only inside the lab's
 //! namespaces, so the CLI creates its connection there (see [`crate::api`]) and nothing is added to
-//! the root namespace.
+//! the root namespace. Every connection is mTLS with the certificate in `tls_dir`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,11 @@ pub struct ManagerEndpoint {
     /// Namespace to connect from; absent for an address reachable from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
+    /// Directory with the client certificate (`node.key`, `node.crt`, `ca.crt`: an
+    /// administrator certificate of the cluster CA) the CLI presents; the managers accept only
+    /// mTLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -86,8 +86,18 @@ impl LabNode {
             node: self.id.clone(),
             addr: self.manager_addr(),
             netns: Some(self.netns_path()),
+            tls_dir: Some(admin_dir(&self.run_dir)),
         }
     }
+}
+
+/// The lab's administrator certificate (`<lab dir>/admin`), copied from the bootstrap
+/// manager's `manager/tls/admin`; the lab's context presents it.
+pub fn admin_dir(node_run_dir: &Path) -> PathBuf {
+    node_run_dir
+        .parent()
+        .unwrap_or(Path::new(LAB_ROOT))
+        .join("admin")
 }
 
 /// What `lab.json` holds.
@@ -336,12 +346,13 @@ fn open_log(path: &Path) -> anyhow::Result<fs::File> {
 }
 
 /// Starts the manager of `lab.nodes[i]` in its node's namespace (Raft id `i + 1`): the first
-/// bootstraps a one-member Raft group, the others ask `seed` to add them.
+/// bootstraps a one-member Raft group (and the cluster CA), the others join through `seed`
+/// with the manager token (`seed` = (address, token)).
 fn start_manager(
     lab: &mut LabState,
     i: usize,
     orchestrator: &Path,
-    seed: Option<&str>,
+    seed: Option<(&str, &str)>,
 ) -> anyhow::Result<()> {
     let node = &lab.nodes[i];
     let data = node.run_dir.join("manager");
@@ -356,7 +367,7 @@ fn start_manager(
         .arg(&data);
     match seed {
         None => cmd.arg("--bootstrap"),
-        Some(s) => cmd.arg("--join").arg(s),
+        Some((addr, token)) => cmd.arg("--join").arg(addr).arg("--join-token").arg(token),
     };
     cmd.env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -415,6 +426,20 @@ fn start_cluster(
     progress.step("manager on n1 (bootstrap)");
     start_manager(lab, 0, orchestrator, None)?;
     let first = lab.nodes[0].clone();
+    // The bootstrap manager writes the administrator certificate; the lab's context uses a
+    // copy.
+    let written = first.run_dir.join("manager").join("tls").join("admin");
+    let ready = kit::wait_until(wait, || {
+        swarmnet_pki::store::load(&written).is_ok_and(|m| m.is_some())
+    });
+    anyhow::ensure!(
+        ready,
+        "the manager on n1 wrote no administrator certificate in {} (see {})",
+        written.display(),
+        first.run_dir.join("manager.log").display()
+    );
+    let admin = swarmnet_pki::store::load(&written)?.context("admin certificate")?;
+    swarmnet_pki::store::save(&admin_dir(&first.run_dir), &admin)?;
     let init = pb::InitRequest {
         cluster_id: lab.name.clone(),
         pool: String::new(),
@@ -438,6 +463,17 @@ fn start_cluster(
         )
     })?;
     let seed = first.manager_addr();
+    let manager_token = rt
+        .block_on(async {
+            Managers::new(vec![first.manager_endpoint()])
+                .call(|ch| async move {
+                    pb::cluster_client::ClusterClient::new(ch)
+                        .join_tokens(pb::Empty {})
+                        .await
+                })
+                .await
+        })?
+        .manager;
     let managers: Vec<usize> = (1..lab.nodes.len())
         .filter(|&i| lab.nodes[i].manager)
         .collect();
@@ -446,7 +482,7 @@ fn start_cluster(
             "manager on {} (joins through n1)",
             lab.nodes[i].id
         ));
-        start_manager(lab, i, orchestrator, Some(&seed))?;
+        start_manager(lab, i, orchestrator, Some((&seed, &manager_token)))?;
     }
     let endpoints: Vec<ManagerEndpoint> = lab
         .nodes

@@ -10,6 +10,12 @@
 //! - The last assignment taken is kept in `<run_dir>/assignment.json` and loaded at start, so a
 //!   netd restarted while no manager answers still serves its intent.
 //!
+//! - Every connection is mTLS. The first time, netd trades its join token for a node
+//!   certificate (`swarmnet_pki::join`: the manager must present the CA the token pins) and
+//!   keeps key, certificate and CA in `<run_dir>/tls/` (0600); later sessions and restarts use
+//!   them. The certificate is renewed at half its life over the session's connection;
+//!   established connections and the data plane are untouched by a renewal.
+//!
 //! The daemon loop polls [`AssignmentFeed::poll`] like the intent file; all network work runs
 //! on the feed's own thread.
 
@@ -177,11 +183,56 @@ pub fn task_reports(
         .collect()
 }
 
+/// Where the node's key, certificate and CA are kept: `<run_dir>/tls`.
+fn tls_dir(cfg: &FeedConfig) -> PathBuf {
+    cfg.state_file
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("tls")
+}
+
+/// The node's credentials: from disk, else by joining through `addr` with the token.
+async fn credentials(
+    cfg: &FeedConfig,
+    addr: &str,
+) -> Result<Arc<swarmnet_pki::tls::Credentials>, String> {
+    let dir = tls_dir(cfg);
+    let material = match swarmnet_pki::store::load(&dir).map_err(|e| e.to_string())? {
+        Some(m) => m,
+        None => {
+            let (m, role) = swarmnet_pki::join::request_certificate(
+                addr,
+                &cfg.join_token,
+                cfg.node.as_str(),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|e| format!("join refused: {e}"))?;
+            swarmnet_pki::store::save(&dir, &m).map_err(|e| e.to_string())?;
+            info!(manager = %addr, %role, dir = %dir.display(), "joined: got a node certificate");
+            m
+        }
+    };
+    swarmnet_pki::tls::Credentials::new(material).map_err(|e| e.to_string())
+}
+
 /// Round robin over the managers until the process ends.
 async fn follow(cfg: FeedConfig, shared: Arc<Mutex<Shared>>) {
     let mut backoff = Duration::from_millis(100);
+    let mut creds: Option<Arc<swarmnet_pki::tls::Credentials>> = None;
     for addr in cfg.managers.iter().cycle() {
-        match session(&cfg, addr, &shared, &mut backoff).await {
+        let c = match &creds {
+            Some(c) => Ok(c.clone()),
+            None => credentials(&cfg, addr).await,
+        };
+        let result = match c {
+            Ok(c) => {
+                creds = Some(c.clone());
+                session(&cfg, addr, &shared, &mut backoff, &c).await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(()) => {}
             Err(e) => {
                 warn!(manager = %addr, error = %e, "lost the manager; trying the next one");
@@ -198,13 +249,10 @@ async fn session(
     addr: &str,
     shared: &Arc<Mutex<Shared>>,
     backoff: &mut Duration,
+    creds: &Arc<swarmnet_pki::tls::Credentials>,
 ) -> Result<(), String> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(1))
-        .tcp_nodelay(true)
-        .connect()
-        .await
+    let tls = swarmnet_pki::tls::client_config(creds.clone()).map_err(|e| e.to_string())?;
+    let channel = swarmnet_pki::net::channel(addr, tls, Duration::from_secs(1))
         .map_err(|e| format!("cannot connect: {e}"))?;
     let mut cluster = pb::cluster_client::ClusterClient::new(channel.clone());
     cluster
@@ -217,7 +265,7 @@ async fn session(
         })
         .await
         .map_err(|s| format!("join refused ({:?}): {}", s.code(), s.message()))?;
-    let mut dispatcher = pb::dispatcher_client::DispatcherClient::new(channel);
+    let mut dispatcher = pb::dispatcher_client::DispatcherClient::new(channel.clone());
     let mut stream = dispatcher
         .assignments(pb::AssignmentsRequest {
             node_id: cfg.node.to_string(),
@@ -249,9 +297,26 @@ async fn session(
         Default::default();
     let mut reporter = dispatcher.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let renewal_channel = channel.clone();
+    // When the certificate is next due for renewal (half its life); a deadline, not a sleep
+    // per turn, since the other branches wake the loop every 200 ms.
+    let next_renewal = |min: Duration| {
+        let info = creds.info();
+        let wait = swarmnet_pki::ca::renew_at(info.not_before, info.not_after)
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .max(min);
+        tokio::time::Instant::now() + wait
+    };
+    let mut renewal = next_renewal(Duration::ZERO);
     loop {
         tokio::select! {
             e = &mut heartbeats => return Err(e),
+            _ = tokio::time::sleep_until(renewal) => {
+                renew(cfg, addr, creds, renewal_channel.clone()).await;
+                // After a failure, retry in a second.
+                renewal = next_renewal(Duration::from_secs(1));
+            }
             _ = tick.tick() => {
                 let want = shared.lock().expect("lock").reports.clone();
                 for (task, report) in want {
@@ -280,6 +345,33 @@ async fn session(
                 Ok(None) => return Err("the stream ended".into()),
                 Err(s) => return Err(format!("stream broke ({:?}): {}", s.code(), s.message())),
             },
+        }
+    }
+}
+
+/// Renews the node certificate over the session's channel (half its life has passed); a
+/// failure is logged and retried at the next turn (the certificate in force stays valid).
+async fn renew(
+    cfg: &FeedConfig,
+    addr: &str,
+    creds: &swarmnet_pki::tls::Credentials,
+    channel: tonic::transport::Channel,
+) {
+    let info = creds.info();
+    if std::time::SystemTime::now() < swarmnet_pki::ca::renew_at(info.not_before, info.not_after) {
+        return;
+    }
+    let r = swarmnet_pki::join::renew(channel, addr, &creds.material(), Duration::from_secs(5))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|m| {
+            creds.replace(m.clone()).map_err(|e| e.to_string())?;
+            swarmnet_pki::store::save(&tls_dir(cfg), &m).map_err(|e| e.to_string())
+        });
+    match r {
+        Ok(()) => info!(manager = %addr, "renewed the node certificate"),
+        Err(e) => {
+            warn!(manager = %addr, error = %e, "renewing the node certificate failed; retrying")
         }
     }
 }

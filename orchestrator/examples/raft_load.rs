@@ -54,12 +54,26 @@ async fn main() -> anyhow::Result<()> {
     let seconds: f64 = arg(&args, "--seconds")
         .unwrap_or_else(|| "5".into())
         .parse()?;
-    let channels: Vec<Channel> = addrs
-        .iter()
-        .map(|a| swarmnet_orchestrator::raft::network::channel(a))
-        .collect::<Result<_, _>>()?;
+    // swarmnet: mTLS with the administrator certificate in --tls-dir (the bootstrap manager's
+    // `<data-dir>/tls/admin`); etcd: plaintext, as its benchmark runs.
+    let channels: Vec<Channel> = if target == "swarmnet" {
+        let dir = arg(&args, "--tls-dir")
+            .ok_or_else(|| anyhow::anyhow!("--tls-dir DIR (the admin certificate) is required"))?;
+        let tls = swarmnet_orchestrator::ca::client_config_from(std::path::Path::new(&dir))?;
+        addrs
+            .iter()
+            .map(|a| swarmnet_orchestrator::raft::network::channel(a, &tls))
+            .collect::<Result<_, _>>()?
+    } else {
+        addrs
+            .iter()
+            .map(|a| {
+                Ok(tonic::transport::Endpoint::from_shared(format!("http://{a}"))?.connect_lazy())
+            })
+            .collect::<Result<_, tonic::transport::Error>>()?
+    };
     if args.iter().any(|a| a == "--init") {
-        // Create the cluster on the first manager and wait for every manager to be a voter.
+        // Create the cluster on the first manager; print the manager join token.
         let mut c = pb::cluster_client::ClusterClient::new(channels[0].clone());
         c.init(pb::InitRequest {
             node: Some(pb::JoinNodeRequest {
@@ -71,6 +85,15 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         })
         .await?;
+        println!(
+            "{}",
+            c.join_tokens(pb::Empty {}).await?.into_inner().manager
+        );
+        return Ok(());
+    }
+    if args.iter().any(|a| a == "--wait") {
+        // Wait for every manager to be a voter.
+        let mut c = pb::cluster_client::ClusterClient::new(channels[0].clone());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let info = c.info(pb::Empty {}).await?.into_inner();

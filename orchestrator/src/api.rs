@@ -1,6 +1,9 @@
 //! The gRPC server: the services of `proto/swarmnet.proto` over one [`Manager`]. Conversions
 //! between wire messages and state types live here; every rule lives in the state machine.
 //!
+//! Every connection is TLS (`swarmnet_pki::net::incoming`); every call passes
+//! [`crate::ca::AuthLayer`] (authorization by the caller's certificate) first.
+//!
 //! [`serve`] takes the listener and a shutdown future (tests run managers on ephemeral
 //! loopback ports and stop them at will).
 
@@ -23,7 +26,7 @@ use swarmnet_model::spec::{NodeRole, ServiceMode};
 use swarmnet_model::{IfName, Mtu, Name, NodeId, TaskId};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::ipam::PoolConfig;
@@ -44,8 +47,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::result::Result<(), tonic::transport::Error> {
     let m = manager;
+    let incoming = swarmnet_pki::net::incoming(listener, m.tls.server.clone());
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(crate::ca::AuthLayer)
+        .add_service(pb::ca_server::CaServer::new(crate::ca::CaApi(m.clone())))
         .add_service(pb::raft_server::RaftServer::new(RaftApi(m.clone())))
         .add_service(pb::cluster_server::ClusterServer::new(ClusterApi(
             m.clone(),
@@ -60,7 +66,7 @@ pub async fn serve(
         .add_service(pb::dispatcher_server::DispatcherServer::new(DispatcherApi(
             m,
         )))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 
@@ -460,11 +466,13 @@ impl pb::cluster_server::Cluster for ClusterApi {
         } else {
             r.cluster_id
         };
-        let tokens = JoinTokens {
-            worker: new_token(&cluster_id, "w")?,
-            manager: new_token(&cluster_id, "m")?,
-        };
         self.0.bootstrap().await.map_err(status_of)?;
+        // The CA first: the tokens pin it.
+        crate::ca::install_root_ca(&self.0).await?;
+        let tokens = JoinTokens {
+            worker: crate::ca::new_token(&self.0)?,
+            manager: crate::ca::new_token(&self.0)?,
+        };
         self.0
             .write(Command::Init {
                 cluster_id,
@@ -492,17 +500,35 @@ impl pb::cluster_server::Cluster for ClusterApi {
     }
 
     async fn join_node(&self, r: Request<pb::JoinNodeRequest>) -> Result<pb::Node> {
+        let caller = crate::ca::identity(&r);
         let r = r.into_inner();
-        let role = self
-            .0
-            .state
-            .read(|a| a.state.cluster.as_ref().map(|c| c.tokens.role_of(&r.token)))
-            .ok_or_else(|| Status::failed_precondition("the cluster is not initialized yet"))?
-            .ok_or_else(|| {
-                Status::permission_denied(
-                    "invalid join token: ask a manager for `swarmnet cluster join-token worker`",
-                )
-            })?;
+        let role = match caller {
+            // A node's certificate (issued for a token) decides its role and its id.
+            Some(who) if who.role != swarmnet_pki::Role::Admin && who.id == r.id => {
+                if who.role == swarmnet_pki::Role::Manager {
+                    NodeRole::Manager
+                } else {
+                    NodeRole::Worker
+                }
+            }
+            Some(who) if who.role == swarmnet_pki::Role::Worker => {
+                return Err(Status::permission_denied(format!(
+                    "the certificate of {:?} cannot join node {:?}",
+                    who.id, r.id
+                )));
+            }
+            // An administrator or a manager joins a node on its behalf with a token.
+            _ => self
+                .0
+                .state
+                .read(|a| a.state.cluster.as_ref().map(|c| c.tokens.role_of(&r.token)))
+                .ok_or_else(|| Status::failed_precondition("the cluster is not initialized yet"))?
+                .ok_or_else(|| {
+                    Status::permission_denied(
+                        "invalid join token: ask a manager for `swarmnet cluster join-token worker`",
+                    )
+                })?,
+        };
         let mut join = join_of(&r)?;
         // The token, not the request, decides the role.
         join.role = role;
@@ -541,16 +567,15 @@ impl pb::cluster_server::Cluster for ClusterApi {
     ) -> Result<pb::JoinTokensResponse> {
         let role: NodeRole =
             word("role", &r.into_inner().role)?.ok_or_else(|| bad("role", "required"))?;
-        let cluster_id = self
-            .0
-            .state
-            .read(|a| a.state.cluster.as_ref().map(|c| c.id.clone()))
-            .ok_or_else(|| Status::failed_precondition("the cluster is not initialized yet"))?;
-        let tag = if role == NodeRole::Worker { "w" } else { "m" };
+        if self.0.state.read(|a| a.state.cluster.is_none()) {
+            return Err(Status::failed_precondition(
+                "the cluster is not initialized yet",
+            ));
+        }
         self.0
             .write(Command::RotateJoinToken {
                 role,
-                token: new_token(&cluster_id, tag)?,
+                token: crate::ca::new_token(&self.0)?,
             })
             .await
             .map_err(status_of)?;
@@ -567,15 +592,6 @@ impl pb::cluster_server::Cluster for ClusterApi {
             .map_err(status_of)?;
         Ok(Response::new(cluster_info(&self.0)))
     }
-}
-
-/// `SWMTKN-1-<cluster id>-<32 random bytes, hex>-<w|m>`. (With the cluster CA, the digest of
-/// its certificate takes the cluster id's place, so that a joining node can pin it.)
-fn new_token(cluster_id: &str, role: &str) -> std::result::Result<String, Status> {
-    Ok(format!(
-        "SWMTKN-1-{cluster_id}-{}-{role}",
-        hex(&random_bytes()?)
-    ))
 }
 
 fn tokens_reply(m: &Manager) -> Result<pb::JoinTokensResponse> {
@@ -857,6 +873,7 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
         &self,
         r: Request<pb::AssignmentsRequest>,
     ) -> Result<Self::AssignmentsStream> {
+        crate::ca::check_node(&r, &r.get_ref().node_id)?;
         let node: NodeId = parse("node_id", &r.into_inner().node_id)?;
         if !self.0.state.read(|a| a.state.nodes.contains_key(&node)) {
             return Err(Status::not_found(format!(
@@ -891,6 +908,7 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
     }
 
     async fn report_task(&self, r: Request<pb::TaskReport>) -> Result<pb::Empty> {
+        crate::ca::check_node(&r, &r.get_ref().node_id)?;
         let r = r.into_inner();
         let state: TaskState = word("state", &r.state)?.ok_or_else(|| bad("state", "required"))?;
         self.0
@@ -906,6 +924,7 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
     }
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Result<pb::HeartbeatResponse> {
+        crate::ca::check_node(&r, &r.get_ref().node_id)?;
         let node: NodeId = parse("node_id", &r.into_inner().node_id)?;
         self.0.heartbeat(node).await.map_err(status_of)?;
         Ok(Response::new(pb::HeartbeatResponse {

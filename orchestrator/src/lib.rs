@@ -6,6 +6,8 @@
 //! - [`state`]: the cluster state and [`state::Command`]s; `apply` is deterministic and runs
 //!   the scheduler (spread, global, constraints, rescheduling, rolling updates) after every
 //!   command. This is the Raft state machine's content.
+//! - [`ca`]: the cluster PKI on the managers: credentials, the `Ca` service, authorization by
+//!   certificate role, renewal of a manager's own certificate.
 //! - [`project`]: the state as the `model::spec::ClusterSpec` netd consumes.
 //!
 //! Invariants: nothing here does I/O except the Raft storage and server modules; the state
@@ -13,6 +15,7 @@
 //! This crate depends on `model`, never on netd.
 
 pub mod api;
+pub mod ca;
 pub mod constraint;
 pub mod ipam;
 pub mod project;

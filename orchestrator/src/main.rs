@@ -1,15 +1,18 @@
 //! `swarmnet-orchestrator`: one manager. Start the first with `--bootstrap` (a one-member Raft
-//! group), then create the cluster with the `Cluster.Init` call; start others with
-//! `--join ADDR` (an existing manager adds them as voters).
+//! group and a new root CA; the administrator certificate lands in `<data-dir>/tls/admin/`),
+//! then create the cluster with the `Cluster.Init` call; start others with
+//! `--join ADDR --join-token <manager token>` (they get a manager certificate from ADDR, then
+//! an existing manager adds them as voters). A restart needs neither flag. Every connection is
+//! mTLS; see the `ca` module for where key material lives.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use swarmnet_orchestrator::api;
 use swarmnet_orchestrator::pb;
 use swarmnet_orchestrator::raft::manager::{Manager, ManagerConfig};
+use swarmnet_orchestrator::{api, ca};
 
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -29,9 +32,18 @@ struct Args {
     /// Start a new one-member Raft group (idempotent on restart).
     #[arg(long)]
     bootstrap: bool,
-    /// Ask the manager at this address to add this one.
-    #[arg(long)]
+    /// Ask the manager at this address to add this one (with --join-token).
+    #[arg(long, requires = "join_token")]
     join: Option<String>,
+    /// The manager join token (`swarmnet cluster join-token manager`), with --join.
+    #[arg(long, env = "SWARMNET_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// The name in this manager's certificate (CN); default `manager-<id>`.
+    #[arg(long)]
+    name: Option<String>,
+    /// Lifetime of the node certificates this manager issues, in seconds (renewed at half).
+    #[arg(long, default_value_t = swarmnet_pki::ca::DEFAULT_NODE_LIFETIME.as_secs())]
+    cert_lifetime_secs: u64,
     #[arg(long, default_value_t = 500)]
     election_timeout_ms: u64,
     /// A node silent this long is marked down and its tasks rescheduled.
@@ -60,7 +72,21 @@ async fn main() -> anyhow::Result<()> {
     let mut config = ManagerConfig::new(args.id, advertise.clone(), args.data_dir.clone());
     config.election_timeout = Duration::from_millis(args.election_timeout_ms);
     config.node_down_after = Duration::from_millis(args.node_down_after_ms);
-    let manager = Manager::start(config).await?;
+    config.cert_lifetime = Duration::from_secs(args.cert_lifetime_secs.max(1));
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("manager-{}", args.id));
+    let credentials = if args.bootstrap {
+        ca::bootstrap(&args.data_dir, &name, config.cert_lifetime)?
+    } else if let (Some(seed), Some(token)) = (&args.join, &args.join_token) {
+        ca::join(&args.data_dir, seed, token, &name).await?
+    } else {
+        ca::existing(&args.data_dir)?
+    };
+    let tls = ca::ManagerTls::new(credentials)?;
+    let client_tls = tls.client.clone();
+    let manager = Manager::start(config, tls).await?;
     if args.bootstrap {
         manager.bootstrap().await?;
     }
@@ -69,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = stop_rx.await;
     }));
     if let Some(seed) = &args.join {
-        join(seed, args.id, &advertise).await?;
+        join(seed, args.id, &advertise, &client_tls).await?;
     }
     tracing::info!(id = args.id, %advertise, "manager running");
     tokio::signal::ctrl_c()
@@ -82,11 +108,16 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Asks `seed` to add this manager, retrying while the cluster elects a leader.
-async fn join(seed: &str, id: u64, advertise: &str) -> anyhow::Result<()> {
+async fn join(
+    seed: &str,
+    id: u64,
+    advertise: &str,
+    tls: &std::sync::Arc<swarmnet_pki::rustls::ClientConfig>,
+) -> anyhow::Result<()> {
     let mut last = String::new();
     for _ in 0..60 {
-        match pb::cluster_client::ClusterClient::connect(format!("http://{seed}")).await {
-            Ok(mut c) => match c
+        match swarmnet_orchestrator::raft::network::channel(seed, tls) {
+            Ok(ch) => match pb::cluster_client::ClusterClient::new(ch)
                 .add_manager(pb::AddManagerRequest {
                     id,
                     addr: advertise.to_string(),

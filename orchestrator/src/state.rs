@@ -49,6 +49,10 @@ pub struct ClusterState {
     pub keyring: Vec<GossipKey>,
     /// Sequence for task ids.
     pub next_task: u64,
+    /// The cluster's root CA, key included: it lives only in the managers' replicated state
+    /// (never in an assignment), so that any leader can issue and renew node certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_ca: Option<swarmnet_pki::ca::RootCa>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -403,6 +407,9 @@ pub enum Command {
         role: NodeRole,
         token: String,
     },
+    /// Installs the root CA made by the manager that created the cluster. Idempotent; a
+    /// different CA is refused (root rotation is not supported).
+    SetRootCa(swarmnet_pki::ca::RootCa),
 }
 
 /// What a successful command produced.
@@ -506,7 +513,7 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> CommandError 
 impl ClusterState {
     /// Applies one command. A refused command leaves the state exactly as it was.
     pub fn apply(&mut self, cmd: &Command) -> Result<Response, CommandError> {
-        if !matches!(cmd, Command::Init { .. }) && self.cluster.is_none() {
+        if !matches!(cmd, Command::Init { .. } | Command::SetRootCa(_)) && self.cluster.is_none() {
             return Err(CommandError::NotInitialized);
         }
         // Work on a copy so a refusal half-way leaves nothing behind. The copy is the price of
@@ -542,6 +549,16 @@ impl ClusterState {
                 }
                 Ok(Response::Done)
             }
+            Command::SetRootCa(ca) => match &self.root_ca {
+                Some(c) if c != ca => Err(invalid(
+                    "root_ca",
+                    "the cluster already has a different root CA",
+                )),
+                _ => {
+                    self.root_ca = Some(ca.clone());
+                    Ok(Response::Done)
+                }
+            },
             Command::JoinNode(join) => self.join_node(join),
             Command::UpdateNode {
                 id,

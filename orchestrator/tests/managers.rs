@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use swarmnet_model::Intent;
-use swarmnet_orchestrator::api;
 use swarmnet_orchestrator::pb;
 use swarmnet_orchestrator::raft::manager::{Manager, ManagerConfig};
+use swarmnet_orchestrator::{api, ca};
+use swarmnet_pki::Role;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -56,7 +57,9 @@ async fn start_with(slot: &mut Slot, node_down_after: Duration) {
     let mut cfg = ManagerConfig::new(slot.id, slot.addr.clone(), slot.dir.clone());
     // Most tests run no netd: nodes never heartbeat, so they set this long.
     cfg.node_down_after = node_down_after;
-    let manager = Manager::start(cfg).await.expect("manager starts");
+    // Credentials were provisioned by `cluster3_with` (or survive a restart on disk).
+    let tls = ca::ManagerTls::new(ca::existing(&slot.dir).expect("credentials")).unwrap();
+    let manager = Manager::start(cfg, tls).await.expect("manager starts");
     let (stop, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(api::serve(manager.clone(), listener, async {
         let _ = rx.await;
@@ -103,7 +106,23 @@ async fn cluster3_with(node_down_after: Duration) -> Cluster {
             running: None,
         })
         .collect();
+    // Manager 1 makes the CA; the others get the manager certificates a join would give
+    // them (tests/tls.rs joins over the network).
+    ca::bootstrap(&slots[0].dir, "manager-1", Duration::from_secs(3600)).unwrap();
+    let root = ca::pending_root_ca(&slots[0].dir).unwrap();
+    for s in &slots[1..] {
+        let m = root
+            .issue_local(
+                &format!("manager-{}", s.id),
+                Role::Manager,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        swarmnet_pki::store::save(&ca::tls_dir(&s.dir), &m).unwrap();
+    }
+    let admin = ca::client_config_from(&ca::admin_dir(&slots[0].dir)).unwrap();
     for s in &mut slots {
+        ADMIN.lock().unwrap().insert(s.addr.clone(), admin.clone());
         start_with(s, node_down_after).await;
     }
     let mut c = cluster_client(&slots[0].addr).await;
@@ -129,7 +148,12 @@ async fn cluster3_with(node_down_after: Duration) -> Cluster {
         .expect("add manager");
     }
     let tokens = c.join_tokens(pb::Empty {}).await.unwrap().into_inner();
-    assert!(tokens.worker.starts_with("SWMTKN-1-test-"), "{tokens:?}");
+    // The tokens pin the CA.
+    let digest = root.digest().unwrap();
+    assert!(
+        tokens.worker.starts_with(&format!("SWMTKN-1-{digest}-")),
+        "{tokens:?}"
+    );
     assert_ne!(tokens.worker, tokens.manager);
     // A wrong token is refused, and the node is not recorded.
     let e = c
@@ -161,8 +185,21 @@ async fn cluster3_with(node_down_after: Duration) -> Cluster {
     Cluster { _tmp: tmp, slots }
 }
 
+/// The administrator's TLS configuration per manager address (each test's cluster has its own
+/// CA; ports are unique within the process).
+static ADMIN: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Arc<swarmnet_pki::rustls::ClientConfig>>>,
+> = std::sync::LazyLock::new(Default::default);
+
+/// An mTLS channel with the administrator certificate.
 async fn channel(addr: &str) -> Channel {
-    swarmnet_orchestrator::raft::network::channel(addr).unwrap()
+    let tls = ADMIN
+        .lock()
+        .unwrap()
+        .get(addr)
+        .cloned()
+        .expect("a cluster's address");
+    swarmnet_orchestrator::raft::network::channel(addr, &tls).unwrap()
 }
 
 async fn cluster_client(addr: &str) -> pb::cluster_client::ClusterClient<Channel> {

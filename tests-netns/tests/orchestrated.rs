@@ -50,13 +50,20 @@ fn in_netns<T: Send + 'static>(
     .map_err(|panic| anyhow!("API thread panicked: {panic:?}"))?
 }
 
+/// The administrator certificate written by the bootstrap manager (`<data>/tls/admin`).
+static ADMIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// An mTLS channel to a manager with the administrator certificate.
 async fn channel(addr: String) -> Result<tonic::transport::Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect()
-            .await?,
-    )
+    let dir = ADMIN_DIR.get().context("no admin certificate yet")?;
+    let material = swarmnet_pki::store::load(dir)?
+        .with_context(|| format!("no admin certificate in {}", dir.display()))?;
+    let tls = swarmnet_pki::tls::client_config(swarmnet_pki::tls::Credentials::new(material)?)?;
+    Ok(swarmnet_pki::net::channel(
+        &addr,
+        tls,
+        Duration::from_secs(1),
+    )?)
 }
 
 struct Managers {
@@ -72,6 +79,7 @@ fn start_managers(topo: &Topology) -> Result<Managers> {
         .map(|n| format!("{}:{PORT}", n.addr))
         .collect();
     let mut procs = Vec::new();
+    let _ = ADMIN_DIR.set(topo.dir.join("manager-1").join("tls").join("admin"));
     for (i, n) in topo.nodes.iter().enumerate() {
         let data = topo.dir.join(format!("manager-{}", i + 1));
         let mut args = vec![
@@ -86,7 +94,8 @@ fn start_managers(topo: &Topology) -> Result<Managers> {
         if i == 0 {
             args.push("--bootstrap".into());
         } else {
-            args.extend(["--join".into(), addrs[0].clone()]);
+            // Joining needs the manager token: the others start after init.
+            break;
         }
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let cmd: Command = topo::nsenter_cmd(&n.netns_path(), &argv);
@@ -98,7 +107,9 @@ fn start_managers(topo: &Topology) -> Result<Managers> {
                 let a = a.clone();
                 in_netns(&n.netns_path(), move || {
                     Box::pin(async move {
-                        channel(a).await?;
+                        pb::cluster_client::ClusterClient::new(channel(a).await?)
+                            .info(pb::Empty {})
+                            .await?;
                         Ok(())
                     })
                 })
@@ -106,6 +117,32 @@ fn start_managers(topo: &Topology) -> Result<Managers> {
         }
     }
     Ok(Managers { procs, addrs })
+}
+
+/// Starts managers 2.. with the manager join token: each gets its certificate from manager 1
+/// (checking manager 1's CA against the token), then asks it to add it.
+fn start_joining_managers(topo: &Topology, managers: &mut Managers, token: &str) -> Result<()> {
+    let bin = orchestrator_binary()?;
+    for (i, n) in topo.nodes.iter().enumerate().skip(1) {
+        let data = topo.dir.join(format!("manager-{}", i + 1));
+        let args = [
+            bin.to_string_lossy().into_owned(),
+            "--id".into(),
+            (i + 1).to_string(),
+            "--listen".into(),
+            managers.addrs[i].clone(),
+            "--data-dir".into(),
+            data.to_string_lossy().into_owned(),
+            "--join".into(),
+            managers.addrs[0].clone(),
+            "--join-token".into(),
+            token.to_string(),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let cmd: Command = topo::nsenter_cmd(&n.netns_path(), &argv);
+        managers.procs.push(Some(Bg::spawn(cmd, None)?));
+    }
+    Ok(())
 }
 
 #[test]
@@ -133,11 +170,21 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
                 ..Default::default()
             })
             .await?;
+            let t = c.join_tokens(pb::Empty {}).await?.into_inner();
+            Ok((t.worker, t.manager))
+        })
+    })?;
+    start_joining_managers(&topo, &mut managers, &token.1)?;
+    let token = token.0;
+    let first = managers.addrs[0].clone();
+    in_netns(&n1, move || {
+        Box::pin(async move {
+            let mut c = pb::cluster_client::ClusterClient::new(channel(first).await?);
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let info = c.info(pb::Empty {}).await?.into_inner();
                 if info.managers.iter().filter(|m| m.voter).count() == 3 {
-                    break;
+                    return Ok(());
                 }
                 ensure!(
                     Instant::now() < deadline,
@@ -145,7 +192,6 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Ok(c.join_tokens(pb::Empty {}).await?.into_inner().worker)
         })
     })?;
     let list = managers.addrs.join(",");

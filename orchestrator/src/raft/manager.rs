@@ -39,6 +39,8 @@ pub struct ManagerConfig {
     pub node_heartbeat_period: Duration,
     /// A node silent this long is marked down and its tasks go elsewhere.
     pub node_down_after: Duration,
+    /// Lifetime of the node certificates this manager issues (renewed at half of it).
+    pub cert_lifetime: Duration,
 }
 
 impl ManagerConfig {
@@ -52,6 +54,7 @@ impl ManagerConfig {
             write_timeout: Duration::from_secs(3),
             node_heartbeat_period: Duration::from_secs(1),
             node_down_after: Duration::from_secs(5),
+            cert_lifetime: swarmnet_pki::ca::DEFAULT_NODE_LIFETIME,
         }
     }
 }
@@ -93,6 +96,8 @@ pub struct Manager {
     pub raft: Raft<TypeConfig>,
     pub state: SharedState,
     pub config: ManagerConfig,
+    /// This manager's certificate and the TLS configurations built on it.
+    pub tls: crate::ca::ManagerTls,
     /// Last heartbeat per node, as seen by this manager while leader.
     heartbeats: Mutex<HashMap<NodeId, Instant>>,
     /// When this manager last became leader (heartbeat grace starts then).
@@ -130,7 +135,10 @@ pub enum StartError {
 impl Manager {
     /// Opens the store and starts Raft. A fresh manager waits to be initialized
     /// ([`Manager::bootstrap`]) or added by another one.
-    pub async fn start(config: ManagerConfig) -> Result<Arc<Self>, StartError> {
+    pub async fn start(
+        config: ManagerConfig,
+        tls: crate::ca::ManagerTls,
+    ) -> Result<Arc<Self>, StartError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
@@ -150,6 +158,18 @@ impl Manager {
                 r => break r?,
             }
         };
+        // The state holds the cluster's root CA key: readable by root only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for (p, mode) in [(&config.data_dir, 0o700), (&path, 0o600)] {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(
+                    |source| StartError::DataDir {
+                        path: p.display().to_string(),
+                        source,
+                    },
+                )?;
+            }
+        }
         let election = config.election_timeout.as_millis() as u64;
         let raft_config = Config {
             cluster_name: "swarmnet".into(),
@@ -163,21 +183,31 @@ impl Manager {
         }
         .validate()
         .map_err(|e| StartError::Config(e.to_string()))?;
-        let raft = Raft::new(config.id, Arc::new(raft_config), Network, log, sm)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            Network {
+                tls: tls.client.clone(),
+            },
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
         let (stop, _) = watch::channel(false);
         let m = Arc::new(Self {
             id: config.id,
             raft,
             state,
             config,
+            tls,
             heartbeats: Mutex::default(),
             leader_since: Mutex::default(),
             forward_clients: Mutex::default(),
             stop,
         });
         tokio::spawn(leader_duties(m.clone()));
+        tokio::spawn(crate::ca::renew_own(m.clone()));
         Ok(m)
     }
 
@@ -301,7 +331,8 @@ impl Manager {
             match clients.get(addr) {
                 Some(c) => c.clone(),
                 None => {
-                    let ch = channel(addr).map_err(|e| ForwardFailure::Other(e.to_string()))?;
+                    let ch = channel(addr, &self.tls.client)
+                        .map_err(|e| ForwardFailure::Other(e.to_string()))?;
                     let c = pb::raft_client::RaftClient::new(ch);
                     clients.insert(addr.to_string(), c.clone());
                     c

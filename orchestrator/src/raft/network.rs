@@ -1,6 +1,9 @@
 //! openraft's network over gRPC: each Raft RPC is one unary call of the internal `Raft` service
 //! carrying openraft's own request and `Result<response, RaftError>` as JSON.
 //!
+//! Every connection is mTLS: the manager presents its own certificate and trusts only the
+//! cluster CA (peers' certificates must carry the manager role, see `ca::authorize`).
+//!
 //! Connections are lazy (tonic channels), so a manager that is down costs a failed connect per
 //! RPC, reported to openraft as `Unreachable` (it backs off) rather than as a hang.
 
@@ -17,7 +20,10 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use std::sync::Arc;
+
+use swarmnet_pki::rustls::ClientConfig;
+use tonic::transport::Channel;
 
 use super::{ManagerId, TypeConfig};
 use crate::pb;
@@ -26,17 +32,16 @@ use crate::pb::raft_client::RaftClient;
 /// How long to wait for a connection to another manager before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// Opens a lazy channel to a manager's gRPC address (`host:port`).
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect_lazy())
+/// Opens a lazy mTLS channel to a manager's gRPC address (`host:port`).
+pub fn channel(addr: &str, tls: &Arc<ClientConfig>) -> Result<Channel, tonic::transport::Error> {
+    swarmnet_pki::net::channel(addr, tls.clone(), CONNECT_TIMEOUT)
 }
 
 /// Makes one client per peer.
-#[derive(Debug, Clone, Default)]
-pub struct Network;
+#[derive(Debug, Clone)]
+pub struct Network {
+    pub tls: Arc<ClientConfig>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
@@ -44,7 +49,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: ManagerId, node: &BasicNode) -> Peer {
         Peer {
             target,
-            client: channel(&node.addr).ok().map(RaftClient::new),
+            client: channel(&node.addr, &self.tls).ok().map(RaftClient::new),
             addr: node.addr.clone(),
         }
     }
