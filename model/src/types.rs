@@ -338,7 +338,7 @@ impl FromStr for HumanDuration {
             }
             let n: f64 = rest[..num_len]
                 .parse()
-                .map_err(|_| bad("expected a number like 5s or 1m30s"))?;
+                .map_err(|e| bad(&format!("expected a number like 5s or 1m30s ({e})")))?;
             rest = &rest[num_len..];
             let unit_len = rest
                 .find(|c: char| c.is_ascii_digit() || c == '.')

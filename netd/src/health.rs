@@ -648,12 +648,16 @@ mod tests {
         });
         // b's next check hangs: killed at its timeout, and a failure (retries 1).
         let h = wait_for(&mut m, |h| {
-            h.get(&b).is_some_and(|x| x.status == HealthStatus::Unhealthy)
+            h.get(&b)
+                .is_some_and(|x| x.status == HealthStatus::Unhealthy)
         });
         assert_eq!(h[&b].last.as_deref(), Some("timed out after 50ms"));
         assert_eq!(h[&a].status, HealthStatus::Healthy, "a is unaffected");
         // A new pid for b (a restart) starts afresh.
-        outcomes.lock().unwrap().insert("b".into(), vec![Some(true)]);
+        outcomes
+            .lock()
+            .unwrap()
+            .insert("b".into(), vec![Some(true)]);
         m.set_targets(vec![target("a", 1), target("b", 3)]);
         wait_for(&mut m, |h| {
             h.get(&b)
