@@ -263,9 +263,16 @@ fn health_of(
     h: Option<&pb::HealthConfig>,
 ) -> std::result::Result<Option<swarmnet_model::spec::HealthCheck>, Status> {
     use swarmnet_model::spec::HealthCheck;
-    let Some(h) = h.filter(|h| !h.cmd.is_empty()) else {
-        return Ok(None);
-    };
+    let Some(h) = h else { return Ok(None) };
+    if h.cmd.is_empty() {
+        if *h == pb::HealthConfig::default() {
+            return Ok(None);
+        }
+        return Err(bad(
+            "health.cmd",
+            "settings without a command; give the check's command (swarmnet: --health-cmd)",
+        ));
+    }
     let dur = |field: &str, v: &str, default| -> std::result::Result<_, Status> {
         if v.is_empty() {
             Ok(default)
