@@ -102,6 +102,9 @@ struct RestartState {
     not_before: Option<Instant>,
     done: bool,
     started_at: Option<Instant>,
+    /// How the process last ended: kept after its record is forgotten, so that a task the
+    /// restart policy keeps down still reports how it ended (`reconcile/health.rs`).
+    last_exit: Option<crate::port::Exit>,
 }
 
 /// What a round did, for logs, status and tests.
@@ -753,6 +756,7 @@ impl Reconciler {
                 RestartPolicy::OnFailure => exit.success(),
                 RestartPolicy::Always => false,
             };
+            st.last_exit = Some(exit);
             if stays_down {
                 st.done = true;
                 info!(task = %p.task, ?exit, "task exited; restart policy keeps it down");

@@ -70,9 +70,18 @@ impl Reconciler {
             .service(&t.service)
             .and_then(|s| s.health.as_ref());
         let verdict = self.health_verdicts.get(&t.id);
+        // Exited: still listed, or forgotten and kept down by the restart policy.
+        let exit = match self.proc_snapshot.get(&t.id) {
+            Some(p) => p.exit,
+            None => self
+                .restarts
+                .get(&t.id)
+                .filter(|r| r.done)
+                .and_then(|r| r.last_exit),
+        };
         let status = match (running, check) {
             (None, _) => {
-                if self.proc_snapshot.contains_key(&t.id) {
+                if exit.is_some() {
                     HealthStatus::Unhealthy
                 } else {
                     HealthStatus::Starting
@@ -86,7 +95,7 @@ impl Reconciler {
         LocalHealth {
             status,
             down: running.is_none(),
-            exit: self.proc_snapshot.get(&t.id).and_then(|p| p.exit),
+            exit,
             check: check.and(verdict.cloned()),
         }
     }
