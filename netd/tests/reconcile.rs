@@ -866,3 +866,66 @@ fn health_verdicts_decide_local_backends_and_gossip_health() {
         targets[0].netns
     );
 }
+
+/// A task whose process ends and whose restart policy keeps it down (what the orchestrator
+/// projects) stops serving and is reported with how it ended, after its record is forgotten.
+#[test]
+fn an_exited_task_kept_down_stops_serving_and_is_reported_with_its_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lb = SharedLb::default();
+    let procs = SharedProcs::default();
+    let ports = Ports {
+        links: Box::new(node_with_underlay()),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(procs.clone()),
+        lb: Box::new(lb.clone()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
+    };
+    let mut r = Reconciler::new(ports, config(tmp.path()));
+    let text = VIP_INTENT.replace(
+        r#""ports": [{"target": 80}, {"target": 53, "protocol": "udp"}]}"#,
+        r#""ports": [{"target": 80}], "restart": "never"}"#,
+    );
+    r.set_intent(intent(&text));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    let web1 = TaskId::new("web1").unwrap();
+    let n1 = NodeId::new("n1").unwrap();
+    let reports = swarmnet_netd::assign::task_reports(&r, &n1);
+    assert_eq!(
+        reports[&web1],
+        ("running".to_string(), String::new(), String::new())
+    );
+    assert!(procs.0.lock().unwrap().exit(&web1, Exit::Code(3)));
+    assert!(r.poll_processes(Instant::now()), "an exit is due a round");
+    settle(&mut r);
+    assert!(!procs.0.lock().unwrap().running(&web1), "kept down");
+    assert!(r.unready().contains(&web1));
+    let reports = swarmnet_netd::assign::task_reports(&r, &n1);
+    assert_eq!(
+        reports[&web1],
+        (
+            "failed".to_string(),
+            "exit code 3".to_string(),
+            String::new()
+        )
+    );
+    let app = ns("net-app");
+    let tcp = ServiceKey {
+        vip: "10.10.0.2".parse().unwrap(),
+        proto: Proto::Tcp,
+        port: 80,
+    };
+    for _ in 0..20 {
+        let c =
+            lb.0.lock()
+                .unwrap()
+                .connect(&app, "10.10.0.9".parse().unwrap(), tcp)
+                .unwrap();
+        assert_eq!(
+            c.backend.to_string(),
+            "10.10.0.4",
+            "only the remote task serves"
+        );
+    }
+}
