@@ -31,6 +31,9 @@ use crate::health::{CheckOutcome, CheckRunner, HealthTarget, OUTPUT_LIMIT, Runni
 /// `PATH` of every check unless the task's environment sets one (as for the task itself).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// How long the verdict waits for the output pipe to close after the check ended.
+const OUTPUT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Starts checks with fork/exec into the task's namespaces.
 #[derive(Debug, Default)]
 pub struct LinuxCheckRunner;
@@ -79,8 +82,9 @@ impl CheckRunner for LinuxCheckRunner {
         drop(cmd);
         let pid = child.id();
         // Read on a thread of its own: `wait` must not depend on the output being closed (a
-        // check may leave a background child holding the pipe).
-        let reader = std::thread::Builder::new()
+        // check may leave a process of another session holding the pipe).
+        let (out_tx, out_rx2) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
             .name("health-out".into())
             .spawn(move || {
                 let mut kept = Vec::new();
@@ -94,14 +98,14 @@ impl CheckRunner for LinuxCheckRunner {
                         }
                     }
                 }
-                kept
+                let _ = out_tx.send(kept);
             })
             .map_err(|e| format!("spawn an output reader: {e}"))?;
         Ok(Box::new(LinuxCheck {
             pid,
             child: Mutex::new(Some(child)),
             reaped: Mutex::new(false),
-            reader: Mutex::new(Some(reader)),
+            output: Mutex::new(out_rx2),
         }))
     }
 }
@@ -111,7 +115,8 @@ struct LinuxCheck {
     child: Mutex<Option<Child>>,
     /// Set (under this lock) just before the leader is reaped; `kill` holds it too.
     reaped: Mutex<bool>,
-    reader: Mutex<Option<std::thread::JoinHandle<Vec<u8>>>>,
+    /// The output, once the pipe closed.
+    output: Mutex<std::sync::mpsc::Receiver<Vec<u8>>>,
 }
 
 impl RunningCheck for LinuxCheck {
@@ -145,12 +150,13 @@ impl RunningCheck for LinuxCheck {
             *reaped = true;
             child.wait()
         };
+        // Its group is dead; a process that left the group (a new session) and still holds
+        // the pipe does not hold up the verdict: the output so far is not waited for.
         let output = self
-            .reader
+            .output
             .lock()
-            .expect("reader lock")
-            .take()
-            .and_then(|r| r.join().ok())
+            .expect("output lock")
+            .recv_timeout(OUTPUT_WAIT)
             .unwrap_or_default();
         let text = String::from_utf8_lossy(&output).trim().to_string();
         match status {
