@@ -376,6 +376,12 @@ pub fn task_view(t: pb::Task) -> TaskView {
         slot: t.slot,
         node: t.node,
         state: t.state,
+        desired_state: if t.desired_state.is_empty() {
+            "running".into()
+        } else {
+            t.desired_state
+        },
+        health: t.health,
         message: t.message,
     }
 }

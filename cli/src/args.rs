@@ -234,6 +234,11 @@ pub struct ServiceUpdate {
     /// Tasks replaced at once during the rolling update.
     #[arg(long)]
     pub update_parallelism: Option<u32>,
+    #[command(flatten)]
+    pub health: Box<HealthFlags>,
+    /// Remove the service's health check.
+    #[arg(long = "no-healthcheck", conflicts_with = "health_cmd")]
+    pub no_healthcheck: bool,
     /// Return once the manager accepted the change.
     #[arg(long)]
     pub detach: bool,
@@ -264,11 +269,59 @@ pub struct ServiceCreate {
     /// K=V; repeatable.
     #[arg(long = "env", short = 'e', value_parser = parse_kv)]
     pub env: Vec<(String, String)>,
+    #[command(flatten)]
+    pub health: Box<HealthFlags>,
     /// Return once the manager accepted the service, without waiting for tasks.
     #[arg(long)]
     pub detach: bool,
     #[arg(last = true, required = true)]
     pub cmd: Vec<String>,
+}
+
+/// A health check run in each task's network and mount namespaces; a task is a backend and a
+/// DNS answer only while it passes, and an unhealthy task is replaced.
+#[derive(Debug, Clone, Default, Args)]
+pub struct HealthFlags {
+    /// Shell command (`/bin/sh -c CMD`); exit 0 is healthy.
+    #[arg(long = "health-cmd")]
+    pub health_cmd: Option<String>,
+    /// Time between checks, e.g. 500ms, 5s, 1m30s [default: 30s].
+    #[arg(long = "health-interval", value_parser = parse_duration)]
+    pub health_interval: Option<String>,
+    /// A check still running after this fails (and is killed) [default: 30s].
+    #[arg(long = "health-timeout", value_parser = parse_duration)]
+    pub health_timeout: Option<String>,
+    /// Failures in a row that make a task unhealthy, at least 1 [default: 3].
+    #[arg(long = "health-retries", value_parser = parse_retries)]
+    pub health_retries: Option<u32>,
+    /// Failures during this time after the task starts do not count [default: 0s].
+    #[arg(long = "health-start-period", value_parser = parse_duration)]
+    pub health_start_period: Option<String>,
+}
+
+impl HealthFlags {
+    pub fn any(&self) -> bool {
+        self.health_cmd.is_some()
+            || self.health_interval.is_some()
+            || self.health_timeout.is_some()
+            || self.health_retries.is_some()
+            || self.health_start_period.is_some()
+    }
+}
+
+/// A duration as the intent file writes it (500ms, 5s, 1m30s), normalized.
+pub fn parse_duration(s: &str) -> Result<String, String> {
+    s.parse::<swarmnet_model::HumanDuration>()
+        .map(|d| d.to_string())
+        .map_err(|e| e.to_string())
+}
+
+pub fn parse_retries(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("must be at least 1 (failures in a row that make a task unhealthy)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("expected a whole number of at least 1: {e}")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -239,7 +239,37 @@ pub fn service_spec(c: &ServiceCreate) -> pb::ServiceSpec {
         runtime: String::new(),
         constraints: c.constraints.clone(),
         update: None,
+        health: health_config(&c.health, None),
     }
+}
+
+/// The health check `flags` make of `current` (none on create): `--health-cmd` replaces the
+/// command, the other flags one setting each. Settings without a command reach the managers
+/// as such, and they refuse them naming `health.cmd`.
+pub fn health_config(
+    flags: &crate::args::HealthFlags,
+    current: Option<pb::HealthConfig>,
+) -> Option<pb::HealthConfig> {
+    if !flags.any() {
+        return current;
+    }
+    let mut h = current.unwrap_or_default();
+    if let Some(cmd) = &flags.health_cmd {
+        h.cmd = vec!["/bin/sh".into(), "-c".into(), cmd.clone()];
+    }
+    if let Some(v) = &flags.health_interval {
+        h.interval = v.clone();
+    }
+    if let Some(v) = &flags.health_timeout {
+        h.timeout = v.clone();
+    }
+    if flags.health_retries.is_some() {
+        h.retries = flags.health_retries;
+    }
+    if let Some(v) = &flags.health_start_period {
+        h.start_period = v.clone();
+    }
+    Some(h)
 }
 
 /// Applies `u` to the service's current definition (pure); `None` when nothing changes.
@@ -277,6 +307,11 @@ pub fn updated_spec(mut spec: pb::ServiceSpec, u: &ServiceUpdate) -> Option<pb::
     if let Some(n) = u.update_parallelism {
         spec.update.get_or_insert_with(Default::default).parallelism = n;
     }
+    spec.health = if u.no_healthcheck {
+        None
+    } else {
+        health_config(&u.health, spec.health.take())
+    };
     if !u.cmd.is_empty() {
         spec.argv = u.cmd.clone();
     }
@@ -504,7 +539,11 @@ pub async fn inspect_intent(
             let v = api::service_view(s);
             let tasks = tasks_of(m, name).await?;
             let nodes = all_nodes(m).await?;
-            let ids = tasks.iter().map(|t| t.id.clone()).collect();
+            let ids = tasks
+                .iter()
+                .filter(|t| t.desired_state != "shutdown")
+                .map(|t| t.id.clone())
+                .collect();
             Ok((
                 json(&v),
                 tasks,
@@ -628,6 +667,78 @@ mod tests {
         assert_eq!((g.mode.as_str(), g.replicas), ("global", 0));
         let d = service_spec(&create(&["--name", "d", "--", "true"]));
         assert_eq!((d.mode.as_str(), d.replicas), ("", 1));
+    }
+
+    #[test]
+    fn health_flags_make_a_check_and_update_changes_or_removes_it() {
+        let s = service_spec(&create(&[
+            "--name",
+            "web",
+            "--health-cmd",
+            "test -f /tmp/ok",
+            "--health-interval",
+            "500ms",
+            "--health-retries",
+            "2",
+            "--health-timeout",
+            "1.5s",
+            "--health-start-period",
+            "90s",
+            "--",
+            "true",
+        ]));
+        let h = s.health.clone().unwrap();
+        assert_eq!(h.cmd, ["/bin/sh", "-c", "test -f /tmp/ok"]);
+        assert_eq!(
+            (
+                h.interval.as_str(),
+                h.timeout.as_str(),
+                h.retries,
+                h.start_period.as_str()
+            ),
+            ("500ms", "1s500ms", Some(2), "1m30s")
+        );
+        assert!(
+            service_spec(&create(&["--name", "d", "--", "true"]))
+                .health
+                .is_none()
+        );
+        let update = |args: &[&str]| -> Option<pb::ServiceSpec> {
+            let cli = Cli::try_parse_from(
+                ["swarmnet", "service", "update", "web"]
+                    .iter()
+                    .chain(args)
+                    .copied(),
+            )
+            .unwrap();
+            match cli.cmd {
+                Cmd::Service(ServiceCmd::Update(u)) => updated_spec(s.clone(), &u),
+                other => panic!("{other:?}"),
+            }
+        };
+        let u = update(&["--health-retries", "5"]).unwrap().health.unwrap();
+        assert_eq!(
+            (u.retries, u.cmd.len(), u.interval.as_str()),
+            (Some(5), 3, "500ms")
+        );
+        assert!(update(&["--no-healthcheck"]).unwrap().health.is_none());
+        assert!(
+            update(&["--health-interval", "500ms"]).is_none(),
+            "no change"
+        );
+        // Bad values are usage errors, named.
+        for (flag, value, says) in [
+            ("--health-retries", "0", "at least 1"),
+            ("--health-interval", "5", "needs a unit"),
+            ("--health-timeout", "5x", "unknown unit"),
+        ] {
+            let e = Cli::try_parse_from([
+                "swarmnet", "service", "create", "--name", "x", flag, value, "--", "true",
+            ])
+            .unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{flag} {value}");
+            assert!(e.to_string().contains(says), "{flag} {value}: {e}");
+        }
     }
 
     #[test]

@@ -230,14 +230,34 @@ pub struct TaskView {
     /// Empty while pending without a node.
     pub node: String,
     pub state: String,
-    /// Why it is pending or failed.
+    /// `running`, or `shutdown` for a replaced task the service keeps in its history.
+    #[serde(default = "running")]
+    pub desired_state: String,
+    /// `starting` | `healthy` | `unhealthy` as its node reported; empty without a check.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub health: String,
+    /// Why it is pending or failed (an exit code, a failing health check, an exhausted
+    /// network).
     pub message: String,
     /// Network name -> address.
     pub addresses: BTreeMap<String, String>,
 }
 
+fn running() -> String {
+    "running".into()
+}
+
 pub fn tasks_table(tasks: &[TaskView]) -> String {
-    let mut t = Table::new(&["ID", "NAME", "NODE", "STATE", "ADDRESSES", "MESSAGE"]);
+    let mut t = Table::new(&[
+        "ID",
+        "NAME",
+        "NODE",
+        "DESIRED",
+        "STATE",
+        "HEALTH",
+        "ADDRESSES",
+        "MESSAGE",
+    ]);
     for k in tasks {
         let addrs: Vec<String> = k
             .addresses
@@ -248,7 +268,9 @@ pub fn tasks_table(tasks: &[TaskView]) -> String {
             k.id.clone(),
             k.name.clone(),
             or_dash(&k.node),
+            k.desired_state.clone(),
             k.state.clone(),
+            or_dash(&k.health),
             or_dash(&addrs.join(",")),
             k.message.clone(),
         ]);

@@ -25,7 +25,12 @@ pub fn find<'a>(tasks: &'a [TaskView], key: &str) -> Result<&'a TaskView> {
     if let Some(t) = tasks.iter().find(|t| t.id == key) {
         return Ok(t);
     }
-    let by_name: Vec<&TaskView> = tasks.iter().filter(|t| t.name == key).collect();
+    // A replaced task (kept for `service ps`) shares its slot's name: the name means the
+    // live one.
+    let by_name: Vec<&TaskView> = tasks
+        .iter()
+        .filter(|t| t.name == key && t.desired_state != "shutdown")
+        .collect();
     match by_name.as_slice() {
         [one] => Ok(one),
         [] => {
@@ -134,6 +139,8 @@ mod tests {
             slot,
             node: node.into(),
             state: "running".into(),
+            desired_state: "running".into(),
+            health: String::new(),
             message: String::new(),
             addresses: Default::default(),
         }

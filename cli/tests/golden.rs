@@ -164,6 +164,8 @@ fn service_ps() {
             slot: 1,
             node: "n1".into(),
             state: "running".into(),
+            desired_state: "running".into(),
+            health: "healthy".into(),
             message: String::new(),
             addresses: BTreeMap::from([
                 ("app".into(), "10.0.1.3".into()),
@@ -177,8 +179,22 @@ fn service_ps() {
             slot: 2,
             node: String::new(),
             state: "pending".into(),
+            desired_state: "running".into(),
+            health: String::new(),
             message: "network app: no free address in 10.0.1.0/24".into(),
             addresses: BTreeMap::new(),
+        },
+        TaskView {
+            id: "tq3x9k2m7p1z8a".into(),
+            name: "web.1".into(),
+            service: "web".into(),
+            slot: 1,
+            node: "n2".into(),
+            state: "failed".into(),
+            desired_state: "shutdown".into(),
+            health: "unhealthy".into(),
+            message: "unhealthy: health check failed 3 times in a row (last: exit 1)".into(),
+            addresses: BTreeMap::from([("app".into(), "10.0.1.4".into())]),
         },
     ];
     both("service_ps", tasks_table(&t), &t);

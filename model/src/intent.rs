@@ -512,6 +512,11 @@ impl Validator {
                     }
                 }
             }
+            if let Some(h) = &s.health {
+                for (field, message) in h.problems() {
+                    self.err(format!("{p}.health.{field}"), message);
+                }
+            }
             let mut seen_nets = BTreeSet::new();
             for (k, sn) in s.networks.iter().enumerate() {
                 let pp = format!("{p}.networks[{k}]");
@@ -890,6 +895,49 @@ mod tests {
         );
         let e = issues(&bad);
         assert!(e[0].contains("nearest"), "{e:?}");
+    }
+
+    #[test]
+    fn health_checks_are_validated() {
+        let with = |h: &str| {
+            GOOD.replace(
+                r#""name": "web","#,
+                &format!(r#""name": "web", "health": {h},"#),
+            )
+        };
+        let ok = Intent::from_json(&with(
+            r#"{"cmd": ["true"], "interval": "1s", "start_period": "5s"}"#,
+        ))
+        .unwrap();
+        let h = ok
+            .service(&Name::new("web").unwrap())
+            .unwrap()
+            .health
+            .clone()
+            .unwrap();
+        assert_eq!(h.interval.get().as_millis(), 1000);
+        assert_eq!(h.timeout, crate::spec::HealthCheck::DEFAULT_TIMEOUT);
+        assert_eq!(h.retries, 3);
+        assert_eq!(Intent::from_json(&ok.to_json()).unwrap(), ok, "round trip");
+        let e = issues(&with(r#"{"cmd": [], "retries": 0, "timeout": "1ms"}"#));
+        assert!(
+            e.iter()
+                .any(|i| i.contains("services[0].health.cmd: must name a program")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|i| i.contains("services[0].health.retries: must be at least 1")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|i| i.contains("services[0].health.timeout: 1ms is too short")),
+            "{e:?}"
+        );
+        let e = issues(&with(r#"{"cmd": ["true"], "interval": "5 parsecs"}"#));
+        assert!(e[0].starts_with("services[0].health.interval"), "{e:?}");
+        assert!(e[0].contains("unknown unit"), "{e:?}");
     }
 
     #[test]

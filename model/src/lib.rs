@@ -13,4 +13,4 @@ pub mod spec;
 pub mod types;
 
 pub use intent::{Attachment, Intent, IntentError, IntentIssue, Network};
-pub use types::{IfName, MacAddr, Mtu, Name, NodeId, TaskId, ValueError, Vni};
+pub use types::{HumanDuration, IfName, MacAddr, Mtu, Name, NodeId, TaskId, ValueError, Vni};

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::types::{IfName, MacAddr, Mtu, Name, NodeId, TaskId, Vni};
+use crate::types::{HumanDuration, IfName, MacAddr, Mtu, Name, NodeId, TaskId, Vni};
 
 /// The whole cluster's intent: what should exist, as the orchestrator (or an operator writing
 /// the file by hand) declares it. Nodes project their own share of it.
@@ -113,6 +113,106 @@ pub struct ServiceSpec {
     /// Client-IP session affinity of the service's VIP.
     #[serde(default)]
     pub affinity: Affinity,
+    /// A command run inside each task's sandbox: a task is a backend and a DNS answer only
+    /// while it passes. Without one, a task counts as healthy once its process runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+/// A service's health check (Docker's `HEALTHCHECK`): `cmd` runs in the task's network and
+/// mount namespaces every `interval`; exit 0 passes. A check that runs longer than `timeout`
+/// is killed and fails. `retries` consecutive failures make the task unhealthy; failures
+/// during `start_period` do not count, and the first pass ends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// argv; `["/bin/sh", "-c", "..."]` for a shell command.
+    pub cmd: Vec<String>,
+    #[serde(default = "HealthCheck::default_interval")]
+    pub interval: HumanDuration,
+    #[serde(default = "HealthCheck::default_timeout")]
+    pub timeout: HumanDuration,
+    #[serde(default = "HealthCheck::default_retries")]
+    pub retries: u32,
+    #[serde(default, skip_serializing_if = "HumanDuration::is_zero")]
+    pub start_period: HumanDuration,
+}
+
+impl HealthCheck {
+    /// Docker's defaults: every 30 s, 30 s to answer, unhealthy after 3 failures in a row.
+    pub const DEFAULT_INTERVAL: HumanDuration = HumanDuration::from_millis(30_000);
+    pub const DEFAULT_TIMEOUT: HumanDuration = HumanDuration::from_millis(30_000);
+    pub const DEFAULT_RETRIES: u32 = 3;
+    /// The shortest interval and timeout accepted: a check is a process start each time.
+    pub const MIN_PERIOD: HumanDuration = HumanDuration::from_millis(10);
+
+    fn default_interval() -> HumanDuration {
+        Self::DEFAULT_INTERVAL
+    }
+    fn default_timeout() -> HumanDuration {
+        Self::DEFAULT_TIMEOUT
+    }
+    fn default_retries() -> u32 {
+        Self::DEFAULT_RETRIES
+    }
+
+    /// Every problem of this check, as (field, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.cmd.is_empty() || self.cmd[0].is_empty() {
+            out.push(("cmd", "must name a program to run".to_string()));
+        }
+        for (field, d) in [("interval", self.interval), ("timeout", self.timeout)] {
+            if d < Self::MIN_PERIOD {
+                out.push((
+                    field,
+                    format!("{d} is too short; the minimum is {}", Self::MIN_PERIOD),
+                ));
+            }
+        }
+        if self.retries == 0 {
+            out.push((
+                "retries",
+                "must be at least 1 (the number of failures in a row that make a task unhealthy)"
+                    .to_string(),
+            ));
+        }
+        out
+    }
+}
+
+/// A task's health as netd observes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    /// It has a check that has not passed yet.
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+impl HealthStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "starting" => Some(Self::Starting),
+            "healthy" => Some(Self::Healthy),
+            "unhealthy" => Some(Self::Unhealthy),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -296,6 +296,118 @@ impl fmt::Debug for MacAddr {
     }
 }
 
+/// A duration written the way operators write them: `500ms`, `5s`, `1m30s`, `1.5s`, `2h`
+/// (units `ms`, `s`, `m`, `h`; a bare `0` is zero). Serialized in the same form.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
+pub struct HumanDuration(std::time::Duration);
+
+impl HumanDuration {
+    pub const fn from_millis(ms: u64) -> Self {
+        Self(std::time::Duration::from_millis(ms))
+    }
+    pub fn get(self) -> std::time::Duration {
+        self.0
+    }
+    pub fn is_zero(&self) -> bool {
+        self.0.is_zero()
+    }
+}
+
+impl FromStr for HumanDuration {
+    type Err = ValueError;
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let bad = |why: &str| ValueError::new("duration", s, why);
+        let t = s.trim();
+        if t.is_empty() {
+            return Err(bad("is empty; write it like 500ms, 5s, 1m30s"));
+        }
+        if t == "0" {
+            return Ok(Self(std::time::Duration::ZERO));
+        }
+        let mut total_ms: f64 = 0.0;
+        let mut rest = t;
+        while !rest.is_empty() {
+            let num_len = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .ok_or_else(|| bad("a number needs a unit: ms, s, m or h"))?;
+            if num_len == 0 {
+                return Err(bad("expected a number like 5s or 1m30s"));
+            }
+            let n: f64 = rest[..num_len]
+                .parse()
+                .map_err(|e| bad(&format!("expected a number like 5s or 1m30s ({e})")))?;
+            rest = &rest[num_len..];
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(rest.len());
+            let scale = match &rest[..unit_len] {
+                "ms" => 1.0,
+                "s" => 1_000.0,
+                "m" => 60_000.0,
+                "h" => 3_600_000.0,
+                u => {
+                    return Err(bad(&format!("unknown unit {u:?}; use ms, s, m or h")));
+                }
+            };
+            rest = &rest[unit_len..];
+            total_ms += n * scale;
+        }
+        // A week is far beyond any health-check setting; it also keeps the arithmetic exact.
+        if total_ms > 7.0 * 86_400_000.0 {
+            return Err(bad("is longer than a week"));
+        }
+        Ok(Self(std::time::Duration::from_micros(
+            (total_ms * 1000.0).round() as u64,
+        )))
+    }
+}
+impl TryFrom<String> for HumanDuration {
+    type Error = ValueError;
+    fn try_from(s: String) -> Result<Self, ValueError> {
+        s.parse()
+    }
+}
+impl From<HumanDuration> for String {
+    fn from(d: HumanDuration) -> String {
+        d.to_string()
+    }
+}
+impl From<std::time::Duration> for HumanDuration {
+    fn from(d: std::time::Duration) -> Self {
+        Self(d)
+    }
+}
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms == 0 {
+            return f.write_str("0s");
+        }
+        let (h, m, s, r) = (
+            ms / 3_600_000,
+            ms / 60_000 % 60,
+            ms / 1_000 % 60,
+            ms % 1_000,
+        );
+        if h > 0 {
+            write!(f, "{h}h")?;
+        }
+        if m > 0 {
+            write!(f, "{m}m")?;
+        }
+        if s > 0 {
+            write!(f, "{s}s")?;
+        }
+        if r > 0 {
+            write!(f, "{r}ms")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +449,34 @@ mod tests {
         assert!("02:42:0a:00:00".parse::<MacAddr>().is_err());
         assert!("02:42:0a:00:00:02:03".parse::<MacAddr>().is_err());
         assert!("zz:42:0a:00:00:02".parse::<MacAddr>().is_err());
+    }
+
+    #[test]
+    fn durations_parse_and_print() {
+        let d = |s: &str| s.parse::<HumanDuration>().map(|d| d.get().as_millis());
+        assert_eq!(d("500ms").unwrap(), 500);
+        assert_eq!(d("5s").unwrap(), 5000);
+        assert_eq!(d("1.5s").unwrap(), 1500);
+        assert_eq!(d("1m30s").unwrap(), 90_000);
+        assert_eq!(d("0").unwrap(), 0);
+        assert_eq!(
+            "1m30s".parse::<HumanDuration>().unwrap().to_string(),
+            "1m30s"
+        );
+        assert_eq!(
+            "1500ms".parse::<HumanDuration>().unwrap().to_string(),
+            "1s500ms"
+        );
+        for bad in ["", "5", "5x", "s", "-1s", "1..5s", "200h"] {
+            let e = bad.parse::<HumanDuration>().unwrap_err();
+            assert!(e.to_string().starts_with("duration"), "{bad}: {e}");
+        }
+        assert!(
+            d("5x")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown unit \"x\"")
+        );
     }
 
     #[test]

@@ -50,8 +50,9 @@ struct Stored {
     keyring: Vec<String>,
 }
 
-/// A task's state as this node reports it: (`running` | `failed`, message).
-pub type TaskReport = (String, String);
+/// A task's state as this node reports it: (`running` | `failed` | `complete`, message,
+/// health: `starting` | `healthy` | `unhealthy`, empty when its service has no check).
+pub type TaskReport = (String, String, String);
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -161,7 +162,10 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// The reports for this node's tasks after a round: a task whose sandbox is built (status
-/// `ok`) is running; one whose sandbox failed is failed, with the error.
+/// `ok`) is running, with its health; one whose sandbox failed is failed, with the error; one
+/// whose process exited is complete (exit 0) or failed, with how it ended; one whose health
+/// check turned unhealthy is failed, with the check's last output (the orchestrator then
+/// replaces it, as Swarm does).
 pub fn task_reports(
     rec: &crate::reconcile::Reconciler,
     node: &NodeId,
@@ -173,11 +177,34 @@ pub fn task_reports(
         .filter(|(t, _)| &t.node == node)
         .filter_map(|(t, _)| {
             let s = rec.status().get(&ObjectKey::Sandbox(t.id.clone()))?;
-            let report = match s.state {
-                ObjectState::Ok => ("running".to_string(), String::new()),
-                ObjectState::Error => ("failed".to_string(), s.error.clone().unwrap_or_default()),
-                ObjectState::Pending => return None,
+            let h = rec.local_health(t);
+            let checked = rec
+                .intent()
+                .service(&t.service)
+                .is_some_and(|s| s.health.is_some());
+            let health = if checked {
+                h.status.as_str().to_string()
+            } else {
+                String::new()
             };
+            let report = match (s.state, h.exit) {
+                (ObjectState::Ok, Some(exit)) => exit_report(exit),
+                (ObjectState::Ok, None)
+                    if checked && h.status == swarmnet_model::spec::HealthStatus::Unhealthy =>
+                {
+                    let reason = h.check.as_ref().map_or_else(
+                        || "unhealthy".to_string(),
+                        crate::health::TaskHealth::reason,
+                    );
+                    ("failed".to_string(), reason)
+                }
+                (ObjectState::Ok, None) => ("running".to_string(), String::new()),
+                (ObjectState::Error, _) => {
+                    ("failed".to_string(), s.error.clone().unwrap_or_default())
+                }
+                (ObjectState::Pending, _) => return None,
+            };
+            let report = (report.0, report.1, health);
             Some((t.id.clone(), report))
         })
         .collect()
@@ -214,6 +241,20 @@ async fn credentials(
         }
     };
     swarmnet_pki::tls::Credentials::new(material).map_err(|e| e.to_string())
+}
+
+/// How an exited process is reported.
+fn exit_report(exit: crate::port::Exit) -> (String, String) {
+    use crate::port::Exit;
+    match exit {
+        Exit::Code(0) => ("complete".into(), "exit code 0".into()),
+        Exit::Code(c) => ("failed".into(), format!("exit code {c}")),
+        Exit::Signal(s) => ("failed".into(), format!("killed by signal {s}")),
+        Exit::Unknown => (
+            "failed".into(),
+            "exited while netd was restarting (status unknown)".into(),
+        ),
+    }
 }
 
 /// Round robin over the managers until the process ends.
@@ -329,6 +370,7 @@ async fn session(
                             task_id: task.to_string(),
                             state: report.0.clone(),
                             message: report.1.clone(),
+                            health: report.2.clone(),
                         })
                         .await;
                     match r {

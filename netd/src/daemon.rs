@@ -26,6 +26,8 @@ use crate::selftest::SelfTest;
 
 /// How often the intent file and the task processes are looked at.
 const TICK: Duration = Duration::from_millis(100);
+/// Health checks running at once on a node (each is a process start in a task's namespaces).
+const MAX_CONCURRENT_CHECKS: usize = 8;
 
 /// What `status.json` holds: for tests, for `swarmnet inspect`, for operators.
 #[derive(Debug, Serialize)]
@@ -44,6 +46,10 @@ pub struct StatusFile<'a> {
     /// Gossip counters and membership (absent when gossip is off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gossip: Option<crate::gossip_sync::GossipStatus>,
+    /// Each local task's health: `healthy` (serving), `starting` (its check has not passed
+    /// yet, or its process is not running yet), `unhealthy` (failing, or its process exited).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub health: std::collections::BTreeMap<String, crate::reconcile::LocalHealth>,
 }
 
 /// Identity of the intent file's current content, cheap to poll.
@@ -166,6 +172,11 @@ fn status_json(
             .collect(),
         published: selftest.results(),
         gossip: gossip.map(GossipSync::status),
+        health: rec
+            .local_health_all()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
     };
     serde_json::to_value(&status).expect("status serializes")
 }
@@ -253,6 +264,10 @@ pub fn run(
         Some(g) => Some(GossipSync::new(cfg.node_id.clone(), g.clone())?),
         None => None,
     };
+    let mut health = crate::health::HealthMonitor::start(
+        Box::new(crate::linux::health_exec::LinuxCheckRunner),
+        MAX_CONCURRENT_CHECKS,
+    );
     info!(node = %cfg.node_id, intent = %source, "netd running");
     while !shutdown.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -260,6 +275,9 @@ pub fn run(
         // A change of what gossip holds live is a change of the projection's input: it gets
         // an incremental round (FDB, LB backends) and a DNS sync in this same tick.
         let gossip_changed = gossip.as_mut().is_some_and(|g| g.tick(&mut rec, now));
+        // A health transition changes backends, published ports, DNS and what gossip says of
+        // the task: it gets a round in this same tick.
+        let health_changed = health.poll().is_some_and(|h| rec.set_local_health(h));
         if let Some(intent) = watcher.poll() {
             if let Some(addr) = cfg.advertise_addr
                 && let Some(n) = intent.node(&cfg.node_id)
@@ -288,6 +306,7 @@ pub fn run(
             next_full = Some(now + cfg.full_reconcile_interval);
         } else if rec.intent_generation() > 0
             && (gossip_changed
+                || health_changed
                 || rec.wants_round(now)
                 || ((child_exited.swap(false, Ordering::Relaxed) || tick.is_multiple_of(20))
                     && rec.poll_processes(now)))
@@ -297,6 +316,7 @@ pub fn run(
         tick += 1;
         if ran.is_some() {
             watcher.report_tasks(&rec, &cfg.node_id);
+            health.set_targets(rec.health_targets());
         }
         if let Some(g) = gossip.as_mut()
             && ran.is_some()

@@ -95,6 +95,10 @@ pub struct NodeContext {
     pub external: BTreeMap<TaskId, PathBuf>,
     /// Directory holding per-task files (logs, resolv.conf).
     pub task_dir: PathBuf,
+    /// Local tasks that must not serve: not running, or not (yet) healthy. They keep their
+    /// sandbox and process but are no load-balancer backend or published-port target here
+    /// (other nodes learn it through gossip).
+    pub unready: BTreeSet<TaskId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -368,7 +372,7 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
         }
     }
 
-    project_vips(intent, &mut out.networks);
+    project_vips(intent, &ctx.unready, &mut out.networks);
 
     let gw_gateway = ctx.gw_subnet.hosts().next();
     for (t, atts) in intent
@@ -449,7 +453,7 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
             &mut issues,
         );
     }
-    project_published(intent, ingress.map(|(ing, _)| ing), &mut out);
+    project_published(intent, ingress.map(|(ing, _)| ing), &ctx.unready, &mut out);
     if out.sandboxes.values().any(|s| s.gw.is_some())
         && let Some(gateway) = gw_gateway
     {
@@ -565,6 +569,7 @@ fn project_ingress(
 fn project_published(
     intent: &Intent,
     ingress: Option<&swarmnet_model::Network>,
+    unready: &BTreeSet<TaskId>,
     out: &mut DesiredNode,
 ) {
     for s in intent.services() {
@@ -572,6 +577,7 @@ fn project_published(
             out.sandboxes
                 .values()
                 .filter(|sb| sb.process.is_some() || sb.external.is_some())
+                .filter(|sb| !unready.contains(&sb.task))
                 .filter(|sb| {
                     intent.task(&sb.task).is_some_and(|(t, _)| {
                         t.service == s.name && t.desired_state == DesiredState::Running
@@ -623,7 +629,11 @@ fn project_published(
 /// VIPs and load-balancer entries of every network instantiated here: services in `vip` mode
 /// with a VIP on the network, one entry per port (VIP:target → task:target, as Swarm does), and
 /// as backends the running tasks of the service on that network, wherever they run.
-fn project_vips(intent: &Intent, networks: &mut BTreeMap<Name, DesiredNetwork>) {
+fn project_vips(
+    intent: &Intent,
+    unready: &BTreeSet<TaskId>,
+    networks: &mut BTreeMap<Name, DesiredNetwork>,
+) {
     let by_name: BTreeMap<&Name, &Name> =
         intent.networks().map(|n| (&n.spec.name, &n.id)).collect();
     // Running tasks' addresses by (service, network), built once: looking them up per service
@@ -631,7 +641,7 @@ fn project_vips(intent: &Intent, networks: &mut BTreeMap<Name, DesiredNetwork>) 
     let mut addrs: BTreeMap<(&Name, &Name), Vec<Ipv4Addr>> = BTreeMap::new();
     for (t, atts) in intent
         .tasks()
-        .filter(|(t, _)| t.desired_state == DesiredState::Running)
+        .filter(|(t, _)| t.desired_state == DesiredState::Running && !unready.contains(&t.id))
     {
         for a in atts {
             addrs
@@ -718,6 +728,7 @@ mod tests {
             gw_leases: BTreeMap::new(),
             external: BTreeMap::new(),
             task_dir: PathBuf::from("/run/sn/tasks"),
+            unready: BTreeSet::new(),
         }
     }
 

@@ -31,14 +31,14 @@ pub struct DnsSyncConfig {
 pub struct DnsSync {
     server: DnsServer,
     cfg: DnsSyncConfig,
-    /// (intent generation, gossip view generation) of the last sync.
-    last_generation: (u64, u64),
+    /// (intent generation, gossip view generation, local health generation) of the last sync.
+    last_generation: (u64, u64, u64),
     last_set: BTreeMap<TaskId, PathBuf>,
     /// Sandboxes whose resolver could not be opened in the last sync (retried).
     failing: BTreeSet<TaskId>,
     /// One view (and forwarding policy) per distinct network list, for `views_generation`.
     views: HashMap<Vec<Name>, (Arc<DnsView>, ForwardPolicy)>,
-    views_generation: (u64, u64),
+    views_generation: (u64, u64, u64),
 }
 
 impl DnsSync {
@@ -46,11 +46,11 @@ impl DnsSync {
         Self {
             server,
             cfg,
-            last_generation: (0, 0),
+            last_generation: (0, 0, 0),
             last_set: BTreeMap::new(),
             failing: BTreeSet::new(),
             views: HashMap::new(),
-            views_generation: (0, 0),
+            views_generation: (0, 0, 0),
         }
     }
 
@@ -94,17 +94,30 @@ impl DnsSync {
             .filter(|s| rec.sandbox_ready(&s.task))
             .map(|s| (s.task.clone(), rec.netns_path(&s.ns)))
             .collect();
-        // Views depend on the intent and, with gossip, on which remote tasks are live.
-        let generation = (rec.intent_generation(), rec.remote_generation());
+        // Views depend on the intent, on which local tasks are ready (health) and, with gossip,
+        // on which remote tasks are live.
+        let generation = (
+            rec.intent_generation(),
+            rec.remote_generation(),
+            rec.health_generation(),
+        );
         if self.failing.is_empty() && generation == self.last_generation && want == self.last_set {
             return;
         }
         let intent = rec.intent();
+        // A local task answers only while ready (running, and healthy when it has a check).
+        let mut live = match rec.remote_live() {
+            Some(r) => r.live_tasks(intent, &desired.node),
+            None => intent
+                .tasks()
+                .filter(|(t, _)| t.desired_state == swarmnet_model::spec::DesiredState::Running)
+                .map(|(t, _)| t.id.clone())
+                .collect(),
+        };
+        live.retain(|t| !rec.unready().contains(t));
         let opts = ViewOptions {
             ttl: self.cfg.ttl,
-            live: rec
-                .remote_live()
-                .map(|r| r.live_tasks(intent, &desired.node)),
+            live: Some(live),
         };
         // Views of the intent in force are kept: the sync after a round (new sandboxes) and
         // retries reuse them; a new intent starts afresh.

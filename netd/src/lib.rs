@@ -26,6 +26,7 @@ pub mod fake;
 pub mod firewall;
 pub mod gossip;
 pub mod gossip_sync;
+pub mod health;
 pub mod lb;
 pub mod linux;
 pub mod plan;

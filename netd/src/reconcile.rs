@@ -7,8 +7,10 @@
 //! exponential backoff; the others proceed. Full rounds also prune what netd owns but no
 //! longer wants, and repair drift made by anyone else.
 
+mod health;
 mod inspect;
 
+pub use health::LocalHealth;
 pub use inspect::{Drift, Inspection, LbView, NsView};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -100,6 +102,9 @@ struct RestartState {
     not_before: Option<Instant>,
     done: bool,
     started_at: Option<Instant>,
+    /// How the process last ended: kept after its record is forgotten, so that a task the
+    /// restart policy keeps down still reports how it ended (`reconcile/health.rs`).
+    last_exit: Option<crate::port::Exit>,
 }
 
 /// What a round did, for logs, status and tests.
@@ -153,6 +158,12 @@ pub struct Reconciler {
     remote: Option<crate::gossip::view::RemoteLive>,
     /// Bumped whenever `remote` changes (DNS views depend on it).
     remote_generation: u64,
+    /// The health monitor's last verdicts on local tasks (see `reconcile/health.rs`).
+    health_verdicts: BTreeMap<TaskId, crate::health::TaskHealth>,
+    /// Local tasks that must not serve (not running, or not healthy), as of the last round.
+    unready: BTreeSet<TaskId>,
+    /// Bumped whenever `unready` changes (DNS views depend on it).
+    health_generation: u64,
 }
 
 impl std::fmt::Debug for Reconciler {
@@ -191,6 +202,9 @@ impl Reconciler {
             round: 0,
             remote: None,
             remote_generation: 0,
+            health_verdicts: BTreeMap::new(),
+            unready: BTreeSet::new(),
+            health_generation: 0,
         }
     }
 
@@ -223,8 +237,9 @@ impl Reconciler {
     }
 
     /// The endpoints this node runs, as gossip publishes them: every attachment of each
-    /// intent task whose sandbox is built, healthy while its process runs (an external task:
-    /// while attached), unhealthy while it is down or restarting.
+    /// intent task whose sandbox is built, with its health (`reconcile/health.rs`): healthy
+    /// while its process runs and its check (if any) passes (an external task: while
+    /// attached), starting until the first pass, unhealthy while down or failing.
     pub fn local_endpoints(&self) -> Vec<crate::gossip::EndpointRecord> {
         use crate::gossip::{EndpointRecord, Health};
         let Some(d) = &self.last_desired else {
@@ -238,10 +253,11 @@ impl Reconciler {
             if !self.sandbox_ready(&sb.task) {
                 continue;
             }
-            let health = match (&sb.process, self.proc_snapshot.get(&sb.task)) {
+            let health = match (&sb.process, self.local_health(t).status) {
                 (None, _) => Health::Healthy,
-                (Some(_), Some(p)) if p.exit.is_none() => Health::Healthy,
-                (Some(_), _) => Health::Unhealthy,
+                (Some(_), swarmnet_model::spec::HealthStatus::Healthy) => Health::Healthy,
+                (Some(_), swarmnet_model::spec::HealthStatus::Starting) => Health::Starting,
+                (Some(_), swarmnet_model::spec::HealthStatus::Unhealthy) => Health::Unhealthy,
             };
             out.extend(atts.iter().map(|a| EndpointRecord {
                 network: a.network.clone(),
@@ -453,6 +469,7 @@ impl Reconciler {
             gw_leases: self.leases.clone(),
             external: self.external.clone(),
             task_dir: self.cfg.task_dir.clone(),
+            unready: self.unready.clone(),
         }
     }
 
@@ -473,6 +490,10 @@ impl Reconciler {
                 ..RoundReport::default()
             };
         }
+        // One process listing serves readiness (health), the scope and the observation of
+        // this round: a task started last round is a backend from this one on.
+        self.refresh_processes();
+        self.refresh_unready();
         let ctx = self.context();
         let (mut desired, issues) =
             desired::project_with_gossip(&self.intent, &ctx, self.remote.as_ref());
@@ -498,8 +519,6 @@ impl Reconciler {
                 (key, i.message)
             })
             .collect();
-        // One process listing serves the scope and the observation of this round.
-        self.refresh_processes();
         let changed = changed_objects(self.last_desired.as_ref(), &desired);
         let scope = if full {
             Scope::Full
@@ -737,6 +756,7 @@ impl Reconciler {
                 RestartPolicy::OnFailure => exit.success(),
                 RestartPolicy::Always => false,
             };
+            st.last_exit = Some(exit);
             if stays_down {
                 st.done = true;
                 info!(task = %p.task, ?exit, "task exited; restart policy keeps it down");

@@ -26,6 +26,7 @@ fn desired(node: &str) -> swarmnet_netd::desired::DesiredNode {
         gw_leases: BTreeMap::new(),
         external: BTreeMap::new(),
         task_dir: "/run/swarmnet/tasks".into(),
+        unready: Default::default(),
     };
     ctx.gw_leases = lease_gw(ctx.gw_subnet, &ctx.gw_leases, &gw_tasks(&intent, &ctx.node)).0;
     let (d, issues) = project(&intent, &ctx);
@@ -113,6 +114,7 @@ fn routing_mesh_ruleset_and_plan() {
         gw_leases: BTreeMap::new(),
         external: BTreeMap::new(),
         task_dir: "/run/swarmnet/tasks".into(),
+        unready: Default::default(),
     };
     ctx.gw_leases = lease_gw(ctx.gw_subnet, &ctx.gw_leases, &gw_tasks(&intent, &ctx.node)).0;
     let (d, issues) = project(&intent, &ctx);

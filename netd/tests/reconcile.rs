@@ -752,3 +752,180 @@ fn gossip_liveness_drives_remote_backends_fdb_and_neighbours() {
     settle(&mut r);
     assert_eq!(remote_entries(&mut r), (1, 1));
 }
+
+/// A local task serves (VIP backend, gossip-published healthy) only while its process runs
+/// and its service's check passes on that process; the verdicts come from the health monitor.
+#[test]
+fn health_verdicts_decide_local_backends_and_gossip_health() {
+    use swarmnet_model::spec::HealthStatus;
+    use swarmnet_netd::gossip::Health;
+    use swarmnet_netd::health::TaskHealth;
+    let tmp = tempfile::tempdir().unwrap();
+    let lb = SharedLb::default();
+    let procs = SharedProcs::default();
+    let ports = Ports {
+        links: Box::new(node_with_underlay()),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(procs.clone()),
+        lb: Box::new(lb.clone()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
+    };
+    let mut r = Reconciler::new(ports, config(tmp.path()));
+    let text = VIP_INTENT.replace(
+        r#""ports": [{"target": 80}, {"target": 53, "protocol": "udp"}]}"#,
+        r#""ports": [{"target": 80}], "health": {"cmd": ["true"], "interval": "1s"}}"#,
+    );
+    r.set_intent(intent(&text));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    let app = ns("net-app");
+    let tcp = ServiceKey {
+        vip: "10.10.0.2".parse().unwrap(),
+        proto: Proto::Tcp,
+        port: 80,
+    };
+    let backends = |lb: &SharedLb| -> Vec<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..40 {
+            if let Ok(c) =
+                lb.0.lock()
+                    .unwrap()
+                    .connect(&app, "10.10.0.9".parse().unwrap(), tcp)
+            {
+                seen.insert(c.backend.to_string());
+            }
+        }
+        seen.into_iter().collect()
+    };
+    let web1 = TaskId::new("web1").unwrap();
+    let health_of = |r: &Reconciler| {
+        r.local_endpoints()
+            .into_iter()
+            .find(|e| e.task == web1)
+            .map(|e| e.health)
+    };
+    // Running, never checked: starting, not a backend; the remote task (gossip off) is.
+    assert_eq!(backends(&lb), ["10.10.0.4"]);
+    assert_eq!(health_of(&r), Some(Health::Starting));
+    assert!(r.unready().contains(&web1));
+    let c1 = TaskId::new("c1").unwrap();
+    assert!(
+        !r.unready().contains(&c1),
+        "a task without a check serves once running"
+    );
+    let pid = procs
+        .0
+        .lock()
+        .unwrap()
+        .list()
+        .unwrap()
+        .into_iter()
+        .find(|p| p.task == web1)
+        .unwrap()
+        .pid;
+    let verdict = |status, pid| {
+        std::collections::BTreeMap::from([(
+            web1.clone(),
+            TaskHealth {
+                status,
+                pid,
+                failing_streak: 0,
+                checks: 1,
+                last: None,
+            },
+        )])
+    };
+    assert!(r.set_local_health(verdict(HealthStatus::Healthy, pid)));
+    assert!(
+        !r.set_local_health(verdict(HealthStatus::Healthy, pid)),
+        "no change"
+    );
+    let generation = r.health_generation();
+    r.round(false, Instant::now());
+    settle(&mut r);
+    assert!(r.health_generation() > generation, "DNS views follow");
+    assert_eq!(backends(&lb), ["10.10.0.3", "10.10.0.4"]);
+    assert_eq!(health_of(&r), Some(Health::Healthy));
+    // Unhealthy: it leaves the backends at once (drains), gossip says so.
+    assert!(r.set_local_health(verdict(HealthStatus::Unhealthy, pid)));
+    r.round(false, Instant::now());
+    settle(&mut r);
+    assert_eq!(backends(&lb), ["10.10.0.4"]);
+    assert_eq!(health_of(&r), Some(Health::Unhealthy));
+    // A verdict on another pid (the process restarted since) does not count.
+    assert!(r.set_local_health(verdict(HealthStatus::Healthy, pid + 1000)));
+    r.round(false, Instant::now());
+    assert_eq!(health_of(&r), Some(Health::Starting));
+    // The monitor is asked to check web1 (it has a check, its process runs), not c1.
+    let targets = r.health_targets();
+    assert_eq!(targets.len(), 1);
+    assert_eq!((&targets[0].task, targets[0].pid), (&web1, pid));
+    assert!(
+        targets[0].netns.ends_with("sb-web1"),
+        "{:?}",
+        targets[0].netns
+    );
+}
+
+/// A task whose process ends and whose restart policy keeps it down (what the orchestrator
+/// projects) stops serving and is reported with how it ended, after its record is forgotten.
+#[test]
+fn an_exited_task_kept_down_stops_serving_and_is_reported_with_its_exit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lb = SharedLb::default();
+    let procs = SharedProcs::default();
+    let ports = Ports {
+        links: Box::new(node_with_underlay()),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(procs.clone()),
+        lb: Box::new(lb.clone()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
+    };
+    let mut r = Reconciler::new(ports, config(tmp.path()));
+    let text = VIP_INTENT.replace(
+        r#""ports": [{"target": 80}, {"target": 53, "protocol": "udp"}]}"#,
+        r#""ports": [{"target": 80}], "restart": "never"}"#,
+    );
+    r.set_intent(intent(&text));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    let web1 = TaskId::new("web1").unwrap();
+    let n1 = NodeId::new("n1").unwrap();
+    let reports = swarmnet_netd::assign::task_reports(&r, &n1);
+    assert_eq!(
+        reports[&web1],
+        ("running".to_string(), String::new(), String::new())
+    );
+    assert!(procs.0.lock().unwrap().exit(&web1, Exit::Code(3)));
+    assert!(r.poll_processes(Instant::now()), "an exit is due a round");
+    settle(&mut r);
+    assert!(!procs.0.lock().unwrap().running(&web1), "kept down");
+    assert!(r.unready().contains(&web1));
+    let reports = swarmnet_netd::assign::task_reports(&r, &n1);
+    assert_eq!(
+        reports[&web1],
+        (
+            "failed".to_string(),
+            "exit code 3".to_string(),
+            String::new()
+        )
+    );
+    let app = ns("net-app");
+    let tcp = ServiceKey {
+        vip: "10.10.0.2".parse().unwrap(),
+        proto: Proto::Tcp,
+        port: 80,
+    };
+    for _ in 0..20 {
+        let c =
+            lb.0.lock()
+                .unwrap()
+                .connect(&app, "10.10.0.9".parse().unwrap(), tcp)
+                .unwrap();
+        assert_eq!(
+            c.backend.to_string(),
+            "10.10.0.4",
+            "only the remote task serves"
+        );
+    }
+}

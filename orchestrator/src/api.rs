@@ -235,6 +235,7 @@ fn def_of(s: &pb::ServiceSpec) -> std::result::Result<ServiceDef, Status> {
         })
         .collect::<std::result::Result<Vec<_>, Status>>()?;
     let update = s.update.clone().unwrap_or_default();
+    let health = health_of(s.health.as_ref())?;
     Ok(ServiceDef {
         name: parse("name", &s.name)?,
         mode,
@@ -258,7 +259,54 @@ fn def_of(s: &pb::ServiceSpec) -> std::result::Result<ServiceDef, Status> {
             delay_ms: update.delay_ms,
             failure_action: word_or_default("update.failure_action", &update.failure_action)?,
         },
+        health: health.map(Box::new),
     })
+}
+
+/// The service's health check from the wire: durations as in the intent file, defaults for
+/// what is unset, every problem refused with the field named.
+fn health_of(
+    h: Option<&pb::HealthConfig>,
+) -> std::result::Result<Option<swarmnet_model::spec::HealthCheck>, Status> {
+    use swarmnet_model::spec::HealthCheck;
+    let Some(h) = h else { return Ok(None) };
+    if h.cmd.is_empty() {
+        if *h == pb::HealthConfig::default() {
+            return Ok(None);
+        }
+        return Err(bad(
+            "health.cmd",
+            "settings without a command; give the check's command (swarmnet: --health-cmd)",
+        ));
+    }
+    let dur = |field: &str, v: &str, default| -> std::result::Result<_, Status> {
+        if v.is_empty() {
+            Ok(default)
+        } else {
+            parse(&format!("health.{field}"), v)
+        }
+    };
+    let check = HealthCheck {
+        cmd: h.cmd.clone(),
+        interval: dur("interval", &h.interval, HealthCheck::DEFAULT_INTERVAL)?,
+        timeout: dur("timeout", &h.timeout, HealthCheck::DEFAULT_TIMEOUT)?,
+        retries: h.retries.unwrap_or(HealthCheck::DEFAULT_RETRIES),
+        start_period: dur("start_period", &h.start_period, Default::default())?,
+    };
+    if let Some((field, why)) = check.problems().into_iter().next() {
+        return Err(bad(&format!("health.{field}"), why));
+    }
+    Ok(Some(check))
+}
+
+fn health_msg(h: &swarmnet_model::spec::HealthCheck) -> pb::HealthConfig {
+    pb::HealthConfig {
+        cmd: h.cmd.clone(),
+        interval: h.interval.to_string(),
+        timeout: h.timeout.to_string(),
+        retries: Some(h.retries),
+        start_period: h.start_period.to_string(),
+    }
 }
 
 fn service_msg(st: &ClusterState, s: &state::Service) -> pb::Service {
@@ -310,6 +358,7 @@ fn service_msg(st: &ClusterState, s: &state::Service) -> pb::Service {
                 delay_ms: d.update.delay_ms,
                 failure_action: name_of(&d.update.failure_action),
             }),
+            health: d.health.as_deref().map(health_msg),
         }),
         version: s.version,
         vips: s
@@ -339,7 +388,14 @@ fn service_msg(st: &ClusterState, s: &state::Service) -> pb::Service {
 }
 
 fn task_msg(t: &state::Task) -> pb::Task {
+    task_msg_as(t, "running")
+}
+
+/// A task as `ps` shows it; `desired` is `shutdown` for a replaced task from the history.
+fn task_msg_as(t: &state::Task, desired: &str) -> pb::Task {
     pb::Task {
+        health: t.health.map(|h| h.to_string()).unwrap_or_default(),
+        desired_state: desired.into(),
         id: t.id.to_string(),
         service: t.service.to_string(),
         slot: t.slot,
@@ -825,6 +881,14 @@ impl pb::services_server::Services for ServicesApi {
                     .values()
                     .filter(|t| name.is_empty() || t.service.as_str() == name)
                     .map(task_msg)
+                    .chain(
+                        a.state
+                            .history
+                            .iter()
+                            .filter(|(s, _)| name.is_empty() || s.as_str() == name)
+                            .flat_map(|(_, h)| h.iter().rev())
+                            .map(|t| task_msg_as(t, "shutdown")),
+                    )
                     .collect(),
             )
         });
@@ -911,15 +975,27 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
         crate::ca::check_node(&r, &r.get_ref().node_id)?;
         let r = r.into_inner();
         let state: TaskState = word("state", &r.state)?.ok_or_else(|| bad("state", "required"))?;
-        self.0
-            .write(Command::ReportTask {
-                node: parse("node_id", &r.node_id)?,
-                task: parse::<TaskId>("task_id", &r.task_id)?,
+        let node = parse("node_id", &r.node_id)?;
+        let task = parse::<TaskId>("task_id", &r.task_id)?;
+        let cmd = if r.health.is_empty() {
+            Command::ReportTask {
+                node,
+                task,
                 state,
                 message: r.message,
-            })
-            .await
-            .map_err(status_of)?;
+            }
+        } else {
+            let health = swarmnet_model::spec::HealthStatus::parse(&r.health)
+                .ok_or_else(|| bad("health", "expected starting, healthy or unhealthy"))?;
+            Command::ReportTaskHealth {
+                node,
+                task,
+                state,
+                message: r.message,
+                health: Some(health),
+            }
+        };
+        self.0.write(cmd).await.map_err(status_of)?;
         Ok(Response::new(pb::Empty {}))
     }
 

@@ -76,7 +76,9 @@ pub fn project(state: &ClusterState) -> ClusterSpec {
                 endpoint_mode: s.def.endpoint_mode,
                 ports: s.ports.clone(),
                 networks,
-                restart: s.def.restart,
+                // The orchestrator replaces failed tasks itself (state/restart.rs): netd never restarts.
+                restart: swarmnet_model::spec::RestartPolicy::Never,
+                health: s.def.health.as_deref().cloned(),
                 affinity: s.def.affinity,
             }
         })

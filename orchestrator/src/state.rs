@@ -29,6 +29,10 @@ use swarmnet_model::spec::{
 };
 use swarmnet_model::{IfName, Mtu, Name, NodeId, TaskId, Vni};
 
+mod restart;
+
+pub use restart::HISTORY_LEN;
+
 use crate::constraint::Constraint;
 use crate::ipam::{self, AddressError, Addresses, PoolConfig};
 
@@ -53,6 +57,10 @@ pub struct ClusterState {
     /// (never in an assignment), so that any leader can issue and renew node certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_ca: Option<swarmnet_pki::ca::RootCa>,
+    /// Per service, its last tasks that failed, exited or turned unhealthy and were replaced
+    /// (newest last, at most [`HISTORY_LEN`]): `service ps` shows them and why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub history: BTreeMap<Name, Vec<Task>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,6 +245,10 @@ pub struct ServiceDef {
     pub constraints: Vec<Constraint>,
     #[serde(default)]
     pub update: UpdateConfig,
+    /// Run in each task's sandbox by its node; an unhealthy task is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Boxed: commands carry whole definitions, and most services have no check.
+    pub health: Option<Box<swarmnet_model::spec::HealthCheck>>,
 }
 
 impl ServiceDef {
@@ -303,7 +315,8 @@ pub enum TaskState {
     /// Placed on a node, not yet reported running.
     Assigned,
     Running,
-    /// Exited with an error or refused by the node; netd applies the restart policy.
+    /// Exited with an error, turned unhealthy, or refused by the node; replaced per the
+    /// service's restart policy (see `state/restart.rs`).
     Failed,
     /// Exited successfully.
     Complete,
@@ -335,6 +348,9 @@ pub struct Task {
     pub template: TaskTemplate,
     pub networks: Vec<TaskNetwork>,
     pub status: TaskStatus,
+    /// As its node last reported (services with a health check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<swarmnet_model::spec::HealthStatus>,
 }
 
 impl Task {
@@ -395,6 +411,14 @@ pub enum Command {
         task: TaskId,
         state: TaskState,
         message: String,
+    },
+    /// [`Command::ReportTask`] with the task's health (services with a health check).
+    ReportTaskHealth {
+        node: NodeId,
+        task: TaskId,
+        state: TaskState,
+        message: String,
+        health: Option<swarmnet_model::spec::HealthStatus>,
     },
     /// The leader's update timer fired: replace the next batch of a rolling update.
     AdvanceUpdate {
@@ -628,6 +652,7 @@ impl ClusterState {
                 for id in ids {
                     self.remove_task(&id);
                 }
+                self.history.remove(name);
                 for (net, vip) in &svc.vips {
                     self.release(net, *vip);
                 }
@@ -639,6 +664,17 @@ impl ClusterState {
                 state,
                 message,
             } => self.report_task(node, task, *state, message),
+            Command::ReportTaskHealth {
+                node,
+                task,
+                state,
+                message,
+                health,
+            } => {
+                let r = self.report_task(node, task, *state, message)?;
+                self.note_health(task, *health);
+                Ok(r)
+            }
             Command::AdvanceUpdate { service, version } => {
                 if let Some(svc) = self.services.get_mut(service)
                     && svc.version == *version
@@ -916,6 +952,11 @@ impl ClusterState {
 
     /// Checks a definition against the cluster: networks exist, ports are sane.
     fn check_def(&self, def: &ServiceDef) -> Result<(), CommandError> {
+        if let Some(h) = &def.health
+            && let Some((field, why)) = h.problems().into_iter().next()
+        {
+            return Err(invalid(format!("health.{field}"), why));
+        }
         let mut seen = BTreeSet::new();
         for (i, n) in def.networks.iter().enumerate() {
             let net = self
@@ -1214,6 +1255,7 @@ impl ClusterState {
                 }
             }
         }
+        self.apply_restart_policy(id);
         Ok(Response::Done)
     }
 
@@ -1476,6 +1518,7 @@ impl ClusterState {
                     state: TaskState::Pending,
                     message: "new".into(),
                 },
+                health: None,
             };
             self.tasks.insert(id, task);
         }

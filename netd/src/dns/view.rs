@@ -39,8 +39,9 @@ pub const DEFAULT_TTL: u32 = 5;
 pub struct ViewOptions {
     /// TTL of every answer record.
     pub ttl: u32,
-    /// The tasks considered healthy. `None`: every task whose `desired_state` is `running` (until
-    /// health checks and gossip liveness feed this set).
+    /// The tasks considered healthy. `None`: every task whose `desired_state` is `running`. The
+    /// daemon always gives a set (`dns_sync`): remote tasks gossip holds live, local tasks that
+    /// are ready (running, and healthy when their service has a check).
     pub live: Option<BTreeSet<TaskId>>,
 }
 

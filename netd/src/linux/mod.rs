@@ -3,6 +3,7 @@
 pub mod conntrack;
 pub mod dns_socket;
 pub mod firewall;
+pub mod health_exec;
 pub mod ipvs;
 pub mod link;
 pub mod netns;

@@ -88,6 +88,7 @@ pub fn service(n: &str, replicas: u32, nets: &[&str]) -> ServiceDef {
         },
         constraints: vec![],
         update: UpdateConfig::default(),
+        health: None,
     }
 }
 
