@@ -283,7 +283,19 @@ pub struct TaskSpec {
 pub enum DesiredState {
     #[default]
     Running,
+    /// Leaving (the first phase of a two-phase removal): the task keeps running on its node so
+    /// connections already open to it finish, but it is no longer a load-balancer backend, a
+    /// DNS answer or a published-port target on any node. The orchestrator stops it (removes
+    /// it from the intent) after a grace period.
+    Draining,
     Shutdown,
+}
+
+impl DesiredState {
+    /// Whether the task's sandbox and process exist on its node (running or draining).
+    pub fn keeps_sandbox(self) -> bool {
+        matches!(self, Self::Running | Self::Draining)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

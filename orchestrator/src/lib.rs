@@ -7,6 +7,8 @@
 //!   the scheduler (spread, global, constraints, rescheduling, rolling updates) after every
 //!   command. This is the Raft state machine's content.
 //! - [`project`]: the state as the `model::spec::ClusterSpec` netd consumes.
+//! - [`dispatch`]: the assignment feed: that projection once per change, sent to every node as
+//!   a snapshot, then deltas stamped with Raft (term, index).
 //!
 //! Invariants: nothing here does I/O except the Raft storage and server modules; the state
 //! machine reads no clock and draws no random numbers (the leader puts both into commands).
@@ -14,6 +16,7 @@
 
 pub mod api;
 pub mod constraint;
+pub mod dispatch;
 pub mod ipam;
 pub mod project;
 pub mod raft;

@@ -37,6 +37,9 @@ struct Args {
     /// A node silent this long is marked down and its tasks rescheduled.
     #[arg(long, default_value_t = 5000)]
     node_down_after_ms: u64,
+    /// A removed task leaves every load balancer and DNS first and is stopped this much later.
+    #[arg(long, default_value_t = 3000)]
+    task_stop_grace_ms: u64,
 }
 
 #[tokio::main]
@@ -60,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = ManagerConfig::new(args.id, advertise.clone(), args.data_dir.clone());
     config.election_timeout = Duration::from_millis(args.election_timeout_ms);
     config.node_down_after = Duration::from_millis(args.node_down_after_ms);
+    config.task_stop_grace = Duration::from_millis(args.task_stop_grace_ms);
     let manager = Manager::start(config).await?;
     if args.bootstrap {
         manager.bootstrap().await?;

@@ -5,7 +5,9 @@
 //! backends, DNS answers and FDB entries) and picks its own tasks by node id. What is left out:
 //! tasks still pending (no node or no address yet: nothing to run, nothing to answer for), and,
 //! during a rolling update, an old task's attachment to a network its service has left (its
-//! interface goes; the task itself is replaced soon).
+//! interface goes; the task itself is replaced soon). A draining task (the first phase of its
+//! removal) is sent as `desired_state: draining`: it keeps running where it is, and no node
+//! balances to it or answers for it any more.
 
 use swarmnet_model::spec::{
     ClusterSpec, DesiredState, NetworkSpec, NodeSpec, ServiceNetwork, ServiceSpec, TaskAttachment,
@@ -111,7 +113,11 @@ pub fn project(state: &ClusterState) -> ClusterSpec {
                     .collect::<Option<Vec<_>>>()?,
                 argv: t.template.argv.clone(),
                 env: t.template.env.clone(),
-                desired_state: DesiredState::Running,
+                desired_state: if t.draining {
+                    DesiredState::Draining
+                } else {
+                    DesiredState::Running
+                },
                 runtime: t.template.runtime,
             })
         })

@@ -1,7 +1,8 @@
 //! Three managers in one process on loopback ports, driven only through the gRPC API:
 //! replication and forwarding, the leader killed in the middle of a burst of writes (a new
 //! leader within a bounded time, every acknowledged write kept), two of three stopped (writes
-//! refused with "no quorum" quickly), and a restart of all managers (state intact).
+//! refused with "no quorum" quickly), and a restart of all managers (state intact); the
+//! assignment stream (a snapshot, then deltas on their base; removal in two phases).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -9,6 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use swarmnet_model::Intent;
+use swarmnet_model::delta::SpecDelta;
+use swarmnet_model::spec::{ClusterSpec, DesiredState};
 use swarmnet_orchestrator::api;
 use swarmnet_orchestrator::pb;
 use swarmnet_orchestrator::raft::manager::{Manager, ManagerConfig};
@@ -312,29 +315,101 @@ async fn three_managers_replicate_forward_and_stream_assignments() {
         .into_inner();
     let first = stream.message().await.unwrap().unwrap();
     assert!(first.term >= 1 && first.index >= 1);
-    let intent = Intent::from_json(std::str::from_utf8(&first.intent_json).unwrap()).unwrap();
+    assert!(!first.delta, "a stream opens with a snapshot");
+    let mut spec: ClusterSpec = serde_json::from_slice(&first.intent_json).unwrap();
+    let mut stamp = (first.term, first.index);
+    let intent = Intent::new(spec.clone()).unwrap();
     assert_eq!(intent.tasks().count(), 3);
-    // A change arrives as a newer assignment.
-    services_client(&c.slots[0].addr)
-        .await
-        .scale(pb::ScaleRequest {
-            name: "web".into(),
-            replicas: 5,
-        })
-        .await
-        .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
+    // Then deltas, each on top of the message before it: follow them as netd does.
+    let follow = |a: pb::Assignment, spec: &mut ClusterSpec, stamp: &mut (u64, u64)| {
+        assert!(a.delta, "after the snapshot, deltas");
+        assert_eq!(
+            (a.base_term, a.base_index),
+            *stamp,
+            "a delta names its base"
+        );
+        assert!((a.term, a.index) > *stamp);
+        let d: SpecDelta = serde_json::from_slice(&a.delta_json).unwrap();
+        assert!(!d.is_empty());
+        swarmnet_model::delta::apply(spec, &d);
+        *stamp = (a.term, a.index);
+    };
+    let scale = |replicas: u32| {
+        let addr = c.slots[0].addr.clone();
+        async move {
+            services_client(&addr)
+                .await
+                .scale(pb::ScaleRequest {
+                    name: "web".into(),
+                    replicas,
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let running = |spec: &ClusterSpec| {
+        spec.tasks
+            .iter()
+            .filter(|t| t.desired_state == DesiredState::Running)
+            .count()
+    };
+    let draining = |spec: &ClusterSpec| {
+        spec.tasks
+            .iter()
+            .filter(|t| t.desired_state == DesiredState::Draining)
+            .count()
+    };
+    scale(5).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while running(&spec) != 5 {
             let a = stream.message().await.unwrap().unwrap();
-            let i = Intent::from_json(std::str::from_utf8(&a.intent_json).unwrap()).unwrap();
-            if i.tasks().count() == 5 {
-                return a;
-            }
+            follow(a, &mut spec, &mut stamp);
         }
     })
     .await
-    .expect("the scaled intent arrives");
-    assert!((next.term, next.index) > (first.term, first.index));
+    .expect("the scaled intent arrives as deltas");
+    // Scaling down is a two-phase removal: three tasks drain (still in the intent, out of
+    // every load balancer and DNS), and are stopped (gone from the intent) after the grace.
+    scale(2).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while draining(&spec) != 3 {
+            let a = stream.message().await.unwrap().unwrap();
+            follow(a, &mut spec, &mut stamp);
+        }
+    })
+    .await
+    .expect("the removed tasks drain first");
+    assert_eq!(running(&spec), 2);
+    let drained_at = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while spec.tasks.len() != 2 {
+            let a = stream.message().await.unwrap().unwrap();
+            follow(a, &mut spec, &mut stamp);
+        }
+    })
+    .await
+    .expect("the drained tasks are stopped after the grace");
+    assert!(
+        drained_at.elapsed() >= Duration::from_secs(1),
+        "stopped only after a grace period ({:?})",
+        drained_at.elapsed()
+    );
+    // The snapshot plus every delta is what a new stream (to another manager) starts from.
+    let mut other = pb::dispatcher_client::DispatcherClient::new(channel(&c.slots[0].addr).await)
+        .assignments(pb::AssignmentsRequest {
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let fresh = other.message().await.unwrap().unwrap();
+    assert!(!fresh.delta);
+    let fresh_spec: ClusterSpec = serde_json::from_slice(&fresh.intent_json).unwrap();
+    if (fresh.term, fresh.index) == stamp {
+        assert_eq!(fresh_spec, spec);
+    } else {
+        assert_eq!(fresh_spec.tasks, spec.tasks, "only the tasks matter here");
+    }
     // An unknown node gets no stream.
     let e = d
         .assignments(pb::AssignmentsRequest {
