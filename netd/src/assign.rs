@@ -330,7 +330,9 @@ async fn session(
     let mut told: std::collections::BTreeMap<swarmnet_model::TaskId, TaskReport> =
         Default::default();
     let mut reporter = dispatcher.clone();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // Reports are sent only when they change, so a short tick costs little; it is on the path
+    // of a new task becoming a backend (starting -> running).
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {
             e = &mut heartbeats => return Err(e),

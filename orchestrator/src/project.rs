@@ -7,14 +7,15 @@
 //! during a rolling update, an old task's attachment to a network its service has left (its
 //! interface goes; the task itself is replaced soon). A draining task (the first phase of its
 //! removal) is sent as `desired_state: draining`: it keeps running where it is, and no node
-//! balances to it or answers for it any more.
+//! balances to it or answers for it any more. A task placed but not yet reported running by
+//! its node is sent as `starting`: its node sets it up, no node sends it connections yet.
 
 use swarmnet_model::spec::{
     ClusterSpec, DesiredState, NetworkSpec, NodeSpec, ServiceNetwork, ServiceSpec, TaskAttachment,
     TaskSpec,
 };
 
-use crate::state::ClusterState;
+use crate::state::{ClusterState, TaskState};
 
 /// The intent of the whole cluster, as every node's netd receives it.
 pub fn project(state: &ClusterState) -> ClusterSpec {
@@ -115,6 +116,8 @@ pub fn project(state: &ClusterState) -> ClusterSpec {
                 env: t.template.env.clone(),
                 desired_state: if t.draining {
                     DesiredState::Draining
+                } else if t.status.state == TaskState::Assigned {
+                    DesiredState::Starting
                 } else {
                     DesiredState::Running
                 },

@@ -350,7 +350,7 @@ async fn three_managers_replicate_forward_and_stream_assignments() {
     let running = |spec: &ClusterSpec| {
         spec.tasks
             .iter()
-            .filter(|t| t.desired_state == DesiredState::Running)
+            .filter(|t| t.desired_state != DesiredState::Draining)
             .count()
     };
     let draining = |spec: &ClusterSpec| {
