@@ -79,7 +79,7 @@ def main():
         "--", "sleep", "inf")
     cli("service", "create", "--name", "web", "--replicas", str(LOW), "--network", "app",
         "-p", "30080:80", "--", "sleep", "inf")
-    web = json.loads(cli("service", "inspect", "web", fmt="json"))
+    web = next(s for s in json.loads(cli("service", "ls", fmt="json")) if s["name"] == "web")
     vips = web.get("vips") or {}
     vip = vips.get("app") if isinstance(vips, dict) else None
     if vip is None:
@@ -118,6 +118,10 @@ def main():
         lb.append(max(v[0] for v in out.values()))
         dns.append(max(v[1] for v in out.values()))
         total.append(max(max(v) for v in out.values()))
+        if os.environ.get("VERBOSE"):
+            print(f"change {i}: web={want} " + " ".join(
+                f"{n}: lb {v[0]*1000:.0f} dns {v[1]*1000:.0f}" for n, v in sorted(out.items())),
+                file=sys.stderr)
         # Let the removed tasks finish draining before the next change, so that each change
         # is measured on its own.
         time.sleep(0.2)

@@ -2,7 +2,8 @@
 //! replication and forwarding, the leader killed in the middle of a burst of writes (a new
 //! leader within a bounded time, every acknowledged write kept), two of three stopped (writes
 //! refused with "no quorum" quickly), and a restart of all managers (state intact); the
-//! assignment stream (a snapshot, then deltas on their base; removal in two phases).
+//! assignment stream (a snapshot, then deltas on their base; removal in two phases); a fourth
+//! manager added and the leader removed while writes continue.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -666,5 +667,124 @@ async fn a_silent_node_is_marked_down_and_its_tasks_move() {
     beat.abort();
     for s in &mut c.slots {
         stop(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managers_added_and_removed_at_run_time_while_writes_continue() {
+    let mut c = cluster3().await;
+    let addrs: Vec<String> = c.slots.iter().map(|s| s.addr.clone()).collect();
+    // A fourth manager, started now; it joins below while the writes run.
+    let fourth = Slot {
+        id: 4,
+        addr: ports(1).await.remove(0),
+        dir: c.slots[0].dir.with_file_name("m4"),
+        running: None,
+    };
+    let mut write_to = addrs.clone();
+    write_to.push(fourth.addr.clone());
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..40 {
+            let name = format!("w{i}");
+            let started = Instant::now();
+            'retry: loop {
+                for addr in &write_to {
+                    match networks_client(addr)
+                        .await
+                        .create(pb::NetworkCreate {
+                            name: name.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(_) => break 'retry,
+                        Err(e) if e.code() == tonic::Code::AlreadyExists => break 'retry,
+                        Err(_) => continue,
+                    }
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "write {name} not accepted within 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            acked.push(name.clone());
+            let _ = acked_tx.send(name);
+        }
+        acked
+    });
+    for _ in 0..10 {
+        acked_rx.recv().await.expect("writer running");
+    }
+    // Add the fourth through a follower (it forwards to the leader).
+    let mut fourth = fourth;
+    start(&mut fourth).await;
+    let leader = leader_of(&c).expect("a leader");
+    let follower = c
+        .slots
+        .iter()
+        .find(|s| s.id != leader)
+        .unwrap()
+        .addr
+        .clone();
+    let info = cluster_client(&follower)
+        .await
+        .add_manager(pb::AddManagerRequest {
+            id: 4,
+            addr: fourth.addr.clone(),
+        })
+        .await
+        .expect("add the fourth manager")
+        .into_inner();
+    assert!(
+        info.managers.iter().any(|m| m.id == 4 && m.voter),
+        "{info:?}"
+    );
+    c.slots.push(fourth);
+    for _ in 0..10 {
+        acked_rx.recv().await.expect("writer running");
+    }
+    // Remove the leader itself, then stop it: the other three elect a new one and go on.
+    let idx = c.slots.iter().position(|s| s.id == leader).unwrap();
+    let info = cluster_client(&c.slots[idx].addr)
+        .await
+        .remove_manager(pb::RemoveManagerRequest { id: leader })
+        .await
+        .expect("remove the leader")
+        .into_inner();
+    assert!(!info.managers.iter().any(|m| m.id == leader), "{info:?}");
+    stop(&mut c.slots[idx]).await;
+    let acked = writer.await.unwrap();
+    assert_eq!(acked.len(), 40);
+    assert!(
+        eventually(Duration::from_secs(10), || leader_of(&c)
+            .is_some_and(|l| l != leader))
+        .await,
+        "no new leader after removing {leader}"
+    );
+    // Every acknowledged write is on every manager left, the new one included; membership is
+    // the three of them.
+    for s in c.slots.iter().filter(|s| s.running.is_some()) {
+        let ok = eventually(Duration::from_secs(10), || {
+            let have = networks_on(s);
+            acked.iter().all(|n| have.contains(n))
+        })
+        .await;
+        assert!(ok, "manager {} lacks acknowledged writes", s.id);
+        let voters = s.running.as_ref().unwrap().manager.voters();
+        let want: BTreeSet<u64> = c
+            .slots
+            .iter()
+            .filter(|x| x.running.is_some())
+            .map(|x| x.id)
+            .collect();
+        assert_eq!(voters, want, "membership on manager {}", s.id);
+    }
+    for s in &mut c.slots {
+        if s.running.is_some() {
+            stop(s).await;
+        }
     }
 }
