@@ -320,13 +320,14 @@ fn service_msg(st: &ClusterState, s: &state::Service) -> pb::Service {
             .as_ref()
             .map(|u| u.message.clone())
             .unwrap_or_default(),
+        // Draining tasks are leaving: they count neither as running nor as desired.
         tasks_running: tasks
             .iter()
-            .filter(|t| t.status.state == TaskState::Running)
+            .filter(|t| t.is_active() && t.status.state == TaskState::Running)
             .count() as u32,
         tasks_desired: match d.mode {
             ServiceMode::Replicated { replicas } => replicas,
-            ServiceMode::Global => tasks.len() as u32,
+            ServiceMode::Global => tasks.iter().filter(|t| t.is_active()).count() as u32,
         },
     }
 }
