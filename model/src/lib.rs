@@ -3,11 +3,13 @@
 //! Layout:
 //! - [`types`]: validated newtypes (`Vni`, `IfName`, `MacAddr`, `Name`, ...).
 //! - [`spec`]: the serde form of the intent file (JSON, unknown fields refused).
+//! - [`delta`]: per-object differences between two intents (the assignment stream's deltas).
 //! - [`intent`]: [`Intent`], a [`spec::ClusterSpec`] that passed every cross-object check.
 //!
 //! Invariants: this crate does no I/O and knows nothing of the kernel; the orchestrator, netd
 //! and the CLI all depend on it, and it depends on none of them.
 
+pub mod delta;
 pub mod intent;
 pub mod spec;
 pub mod types;

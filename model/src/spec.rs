@@ -383,7 +383,24 @@ pub struct TaskSpec {
 pub enum DesiredState {
     #[default]
     Running,
+    /// Placed and being set up: its node creates the sandbox and starts the task, but no node
+    /// balances to it or answers for it yet. The orchestrator makes it `running` once its node
+    /// reports it running, so a new task never gets connections before its process exists.
+    Starting,
+    /// Leaving (the first phase of a two-phase removal): the task keeps running on its node so
+    /// connections already open to it finish, but it is no longer a load-balancer backend, a
+    /// DNS answer or a published-port target on any node. The orchestrator stops it (removes
+    /// it from the intent) after a grace period.
+    Draining,
     Shutdown,
+}
+
+impl DesiredState {
+    /// Whether the task's sandbox and process exist on its node (starting, running or
+    /// draining). Only a running task is an endpoint (LB backend, DNS answer).
+    pub fn keeps_sandbox(self) -> bool {
+        matches!(self, Self::Starting | Self::Running | Self::Draining)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,14 +1,22 @@
 //! Intent from the orchestrator: netd joins the cluster through any manager it is given, then
-//! follows that manager's assignment stream (the cluster intent in the intent-file format,
-//! stamped with the Raft (term, index) it was read at) and sends heartbeats.
+//! follows that manager's assignment stream (a snapshot of the cluster intent in the
+//! intent-file format, then deltas; each stamped with the Raft (term, index) it was read at)
+//! and sends heartbeats.
 //!
+//! - The session keeps the stream's own copy of the intent (its base): a delta is applied only
+//!   on top of the exact base it names ([`swarmnet_model::delta`]); a delta on any other base
+//!   ends the session, and the next one (to any manager) starts with a snapshot.
 //! - Only an assignment newer than the one in force is taken ([`newer`]): a lagging follower or
-//!   a deposed leader cannot roll the node back.
+//!   a deposed leader cannot roll the node back. A stale snapshot still becomes the stream's
+//!   base, so that manager's following deltas chain on it.
 //! - When a manager stops answering, the next one in the list is tried, round robin, with a
 //!   bounded backoff. Meanwhile the data plane stays as it is: nothing is removed because the
 //!   managers are unreachable.
 //! - The last assignment taken is kept in `<run_dir>/assignment.json` and loaded at start, so a
 //!   netd restarted while no manager answers still serves its intent.
+//! - The gossip keyring the managers send is written into the gossip key file
+//!   ([`FeedConfig::gossip_key_file`]) whenever the one in force changes (a rotation included):
+//!   gossip reads that file as it reads an operator's, and re-reads it when it changes.
 //!
 //! - Every connection is mTLS. The first time, netd trades its join token for a node
 //!   certificate (`swarmnet_pki::join`: the manager must present the CA the token pins) and
@@ -25,6 +33,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use swarmnet_api as pb;
+use swarmnet_model::delta::{self, SpecDelta, Stamp};
+use swarmnet_model::spec::ClusterSpec;
 use swarmnet_model::{Intent, NodeId};
 use tracing::{info, warn};
 
@@ -38,6 +48,8 @@ pub struct FeedConfig {
     pub join_token: String,
     /// `<run_dir>/assignment.json`.
     pub state_file: PathBuf,
+    /// Where the managers' gossip keyring is written (the gossip key file), if gossip is on.
+    pub gossip_key_file: Option<PathBuf>,
 }
 
 /// A taken assignment, as kept on disk.
@@ -48,6 +60,9 @@ struct Stored {
     intent: serde_json::Value,
     /// Gossip keys (hex), oldest first.
     keyring: Vec<String>,
+    /// Their ids, in the same order.
+    #[serde(default)]
+    key_ids: Vec<u64>,
 }
 
 /// A task's state as this node reports it: (`running` | `failed` | `complete`, message,
@@ -61,8 +76,11 @@ struct Shared {
     stamp: Option<(u64, u64)>,
     intent: Option<Intent>,
     keyring: Vec<Vec<u8>>,
+    key_ids: Vec<u64>,
     generation: u64,
     error: Option<String>,
+    /// The current session's stream: its last stamp and intent (the base of its next delta).
+    stream: Option<(Stamp, ClusterSpec)>,
 }
 
 /// Whether an assignment stamped `incoming` replaces the one stamped `current`.
@@ -93,7 +111,9 @@ impl AssignmentFeed {
                     s.stamp = Some((stored.term, stored.index));
                     s.intent = Some(intent);
                     s.keyring = stored.keyring.iter().map(|k| unhex(k)).collect();
+                    s.key_ids = stored.key_ids.clone();
                     s.generation = 1;
+                    write_key_file(&cfg, &s.key_ids, &s.keyring);
                     info!(
                         term = stored.term,
                         index = stored.index,
@@ -148,6 +168,66 @@ impl AssignmentFeed {
     /// The gossip keys of the assignment in force, oldest first.
     pub fn keyring(&self) -> Vec<Vec<u8>> {
         self.shared.lock().expect("lock").keyring.clone()
+    }
+}
+
+/// The gossip key id for a manager's key id: the key file's ids are 32-bit.
+pub fn gossip_key_id(id: u64) -> u32 {
+    (id ^ (id >> 32)) as u32
+}
+
+/// The gossip key file for the managers' keyring (oldest first; the last one seals), or why
+/// there is none.
+pub fn render_key_file(ids: &[u64], keys: &[Vec<u8>]) -> Result<String, String> {
+    use crate::gossip::crypto::KEY_LEN;
+    let mut out: Vec<(u32, [u8; KEY_LEN])> = Vec::new();
+    for (id, key) in ids.iter().zip(keys) {
+        let key: [u8; KEY_LEN] = key
+            .as_slice()
+            .try_into()
+            .map_err(|e| format!("gossip key {id} is {} bytes, not {KEY_LEN}: {e}", key.len()))?;
+        let short = gossip_key_id(*id);
+        if out.iter().any(|(i, _)| *i == short) {
+            return Err(format!("two gossip keys share the id {short}"));
+        }
+        out.push((short, key));
+    }
+    let Some((current, _)) = out.last() else {
+        return Err("the managers sent no gossip key".into());
+    };
+    Ok(crate::gossip::keyfile::render(*current, &out))
+}
+
+/// Writes the keyring into the gossip key file (atomically, owner-only), if gossip is on.
+fn write_key_file(cfg: &FeedConfig, ids: &[u64], keys: &[Vec<u8>]) {
+    let Some(path) = &cfg.gossip_key_file else {
+        return;
+    };
+    if keys.is_empty() {
+        return;
+    }
+    let result = render_key_file(ids, keys).and_then(|text| {
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            f.write_all(text.as_bytes())
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        }
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    });
+    match result {
+        Ok(()) => {
+            info!(path = %path.display(), keys = keys.len(), "gossip keyring from the managers written")
+        }
+        Err(e) => warn!(error = %e, "cannot write the managers' gossip keyring"),
     }
 }
 
@@ -315,6 +395,8 @@ async fn session(
         .map_err(|s| format!("assignments refused ({:?}): {}", s.code(), s.message()))?
         .into_inner();
     info!(manager = %addr, "following the manager's assignments");
+    // A new stream starts from its snapshot.
+    shared.lock().expect("lock").stream = None;
     *backoff = Duration::from_millis(100);
     let mut hb = dispatcher.clone();
     let node = cfg.node.to_string();
@@ -337,10 +419,12 @@ async fn session(
     let mut told: std::collections::BTreeMap<swarmnet_model::TaskId, TaskReport> =
         Default::default();
     let mut reporter = dispatcher.clone();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // Reports are sent only when they change, so a short tick costs little; it is on the path
+    // of a new task becoming a backend (starting -> running).
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     let renewal_channel = channel.clone();
     // When the certificate is next due for renewal (half its life); a deadline, not a sleep
-    // per turn, since the other branches wake the loop every 200 ms.
+    // per turn, since the other branches wake the loop every 50 ms.
     let next_renewal = |min: Duration| {
         let info = creds.info();
         let wait = swarmnet_pki::ca::renew_at(info.not_before, info.not_after)
@@ -383,7 +467,7 @@ async fn session(
                 }
             }
             msg = stream.message() => match msg {
-                Ok(Some(a)) => take(cfg, shared, a),
+                Ok(Some(a)) => take(cfg, shared, a)?,
                 Ok(None) => return Err("the stream ended".into()),
                 Err(s) => return Err(format!("stream broke ({:?}): {}", s.code(), s.message())),
             },
@@ -418,26 +502,61 @@ async fn renew(
     }
 }
 
-/// Takes an assignment if it is newer and valid; keeps it on disk.
-fn take(cfg: &FeedConfig, shared: &Arc<Mutex<Shared>>, a: pb::Assignment) {
+/// Takes one message of the stream: a snapshot, or a delta on top of the stream's base. The
+/// result goes into force if it is newer than what is in force and valid, and is kept on disk.
+/// An error means the stream cannot continue (a delta on a base this node does not hold, or
+/// one that does not decode): the session ends and the next one starts with a snapshot.
+fn take(cfg: &FeedConfig, shared: &Arc<Mutex<Shared>>, a: pb::Assignment) -> Result<(), String> {
     let stamp = (a.term, a.index);
     let mut s = shared.lock().expect("lock");
     s.error = None;
+    let spec = if a.delta {
+        let base = (a.base_term, a.base_index);
+        let d: SpecDelta = serde_json::from_slice(&a.delta_json)
+            .map_err(|e| format!("delta ({}, {}) does not decode: {e}", a.term, a.index))?;
+        let Some((held, mut spec)) = s.stream.take() else {
+            return Err("a delta before any snapshot; resynchronizing".into());
+        };
+        if held != base {
+            return Err(format!(
+                "a delta on base {base:?} while this node holds {held:?}; resynchronizing"
+            ));
+        }
+        delta::apply(&mut spec, &d);
+        spec
+    } else {
+        match serde_json::from_slice::<ClusterSpec>(&a.intent_json) {
+            Ok(spec) => spec,
+            Err(e) => {
+                s.stream = None;
+                warn!(term = a.term, index = a.index, error = %e, "assignment refused; the previous intent stays in force");
+                s.error = Some(format!("assignment ({}, {}) refused: {e}", a.term, a.index));
+                return Ok(());
+            }
+        }
+    };
+    s.stream = Some((stamp, spec.clone()));
     if !newer(s.stamp, stamp) {
-        return;
+        return Ok(());
     }
-    let text = String::from_utf8_lossy(&a.intent_json);
-    match Intent::from_json(&text) {
+    match Intent::new(spec.clone()) {
         Ok(intent) => {
             s.stamp = Some(stamp);
             s.intent = Some(intent);
-            s.keyring = a.keyring.iter().map(|k| k.key.clone()).collect();
+            let keyring: Vec<Vec<u8>> = a.keyring.iter().map(|k| k.key.clone()).collect();
+            let key_ids: Vec<u64> = a.keyring.iter().map(|k| k.id).collect();
+            if keyring != s.keyring || key_ids != s.key_ids {
+                write_key_file(cfg, &key_ids, &keyring);
+            }
+            s.keyring = keyring;
+            s.key_ids = key_ids;
             s.generation += 1;
             let stored = Stored {
                 term: a.term,
                 index: a.index,
-                intent: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                intent: serde_json::to_value(&spec).unwrap_or(serde_json::Value::Null),
                 keyring: s.keyring.iter().map(|k| hex(k)).collect(),
+                key_ids: s.key_ids.clone(),
             };
             if let Err(e) = crate::reconcile::persist_json(&cfg.state_file, &stored) {
                 warn!(error = %e, "cannot keep the assignment on disk");
@@ -448,6 +567,7 @@ fn take(cfg: &FeedConfig, shared: &Arc<Mutex<Shared>>, a: pb::Assignment) {
             s.error = Some(format!("assignment ({}, {}) refused: {e}", a.term, a.index));
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -473,6 +593,7 @@ mod tests {
             managers: vec!["127.0.0.1:1".into()],
             join_token: "t".into(),
             state_file: dir.join("assignment.json"),
+            gossip_key_file: Some(dir.join("gossip-keys.toml")),
         }
     }
 
@@ -489,6 +610,7 @@ mod tests {
                 id: 1,
                 key: vec![7; 32],
             }],
+            ..Default::default()
         }
     }
 
@@ -498,30 +620,107 @@ mod tests {
         let c = cfg(dir.path());
         let mut feed = AssignmentFeed::start(c.clone());
         assert!(feed.poll().is_none());
-        take(&c, &feed.shared, assignment(2, 10, &["n1", "n2"]));
+        take(&c, &feed.shared, assignment(2, 10, &["n1", "n2"])).unwrap();
         assert_eq!(feed.poll().unwrap().nodes().count(), 2);
         assert!(feed.poll().is_none(), "delivered once");
         // Older: ignored.
-        take(&c, &feed.shared, assignment(1, 20, &["n1"]));
-        take(&c, &feed.shared, assignment(2, 9, &["n1"]));
+        take(&c, &feed.shared, assignment(1, 20, &["n1"])).unwrap();
+        take(&c, &feed.shared, assignment(2, 9, &["n1"])).unwrap();
         assert!(feed.poll().is_none());
         // Newer but invalid: refused with the reason, the previous intent stays.
         let mut bad = assignment(2, 11, &["n1"]);
         bad.intent_json = br#"{"version": 7}"#.to_vec();
-        take(&c, &feed.shared, bad);
+        take(&c, &feed.shared, bad).unwrap();
         assert!(feed.poll().is_none());
         assert!(
             feed.error()
                 .unwrap()
                 .contains("unsupported format version 7")
         );
-        take(&c, &feed.shared, assignment(3, 12, &["n1", "n2", "n3"]));
+        take(&c, &feed.shared, assignment(3, 12, &["n1", "n2", "n3"])).unwrap();
         assert_eq!(feed.poll().unwrap().nodes().count(), 3);
         assert_eq!(feed.keyring(), vec![vec![7u8; 32]]);
+        // The keyring is in the gossip key file, as gossip reads it.
+        let file = std::fs::read_to_string(dir.path().join("gossip-keys.toml")).unwrap();
+        let keys = crate::gossip::keyfile::KeyFile::parse(&file).unwrap();
+        assert_eq!(keys.ids(), vec![gossip_key_id(1)]);
+        assert_eq!(keys.current, gossip_key_id(1));
         // A new netd with no reachable manager starts from what was kept.
         let mut again = AssignmentFeed::start(c.clone());
         assert_eq!(again.poll().unwrap().nodes().count(), 3);
-        take(&c, &again.shared, assignment(3, 12, &["n1"]));
+        take(&c, &again.shared, assignment(3, 12, &["n1"])).unwrap();
         assert!(again.poll().is_none(), "the stored stamp is in force");
+    }
+
+    fn delta(base: (u64, u64), stamp: (u64, u64), old: &[&str], new: &[&str]) -> pb::Assignment {
+        let spec = |nodes: &[&str]| -> ClusterSpec {
+            serde_json::from_slice(&assignment(0, 0, nodes).intent_json).unwrap()
+        };
+        let d = delta::diff(&spec(old), &spec(new));
+        pb::Assignment {
+            term: stamp.0,
+            index: stamp.1,
+            keyring: vec![],
+            delta: true,
+            base_term: base.0,
+            base_index: base.1,
+            delta_json: serde_json::to_vec(&d).unwrap(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deltas_apply_only_on_their_base_and_a_stale_snapshot_is_still_the_streams_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let mut feed = AssignmentFeed::start(c.clone());
+        // Before any snapshot a delta cannot be applied.
+        assert!(
+            take(
+                &c,
+                &feed.shared,
+                delta((1, 1), (1, 2), &["n1"], &["n1", "n2"])
+            )
+            .is_err()
+        );
+        take(&c, &feed.shared, assignment(1, 5, &["n1"])).unwrap();
+        assert_eq!(feed.poll().unwrap().nodes().count(), 1);
+        take(
+            &c,
+            &feed.shared,
+            delta((1, 5), (1, 6), &["n1"], &["n1", "n2"]),
+        )
+        .unwrap();
+        let intent = feed.poll().unwrap();
+        assert_eq!(intent.nodes().count(), 2);
+        assert!(
+            feed.keyring().is_empty(),
+            "the delta's keyring is the one in force"
+        );
+        // A delta on another base (a message was lost): the session must resynchronize.
+        let e = take(&c, &feed.shared, delta((1, 5), (1, 7), &["n1"], &["n1"])).unwrap_err();
+        assert!(e.contains("resynchronizing"), "{e}");
+        assert!(feed.poll().is_none(), "nothing changed in force");
+        // A lagging manager's session: its snapshot is older than what is in force (ignored),
+        // but its deltas chain on it and go into force once they are newer.
+        take(&c, &feed.shared, assignment(1, 4, &["n1"])).unwrap();
+        assert!(feed.poll().is_none());
+        take(
+            &c,
+            &feed.shared,
+            delta((1, 4), (1, 6), &["n1"], &["n1", "n3"]),
+        )
+        .unwrap();
+        assert!(feed.poll().is_none(), "(1, 6) is already in force");
+        take(
+            &c,
+            &feed.shared,
+            delta((1, 6), (1, 8), &["n1", "n3"], &["n1", "n2", "n3"]),
+        )
+        .unwrap();
+        assert_eq!(feed.poll().unwrap().nodes().count(), 3);
+        // What is in force survives a restart.
+        let mut again = AssignmentFeed::start(c.clone());
+        assert_eq!(again.poll().unwrap().nodes().count(), 3);
     }
 }

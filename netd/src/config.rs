@@ -86,6 +86,8 @@ pub struct GossipSettings {
 }
 
 pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
+/// The gossip key file under the run directory when the managers provide the keyring.
+pub const MANAGED_GOSSIP_KEY_FILE: &str = "gossip-keys.toml";
 pub const DEFAULT_GOSSIP_LIVENESS_BOUND: Duration = Duration::from_secs(10);
 pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -353,7 +355,15 @@ impl RawConfig {
 
     fn gossip_settings(&self) -> Result<Option<GossipSettings>, ConfigError> {
         let err = |field: &'static str, message: String| ConfigError { field, message };
-        let Some(key_file) = self.gossip_key_file.clone() else {
+        // With managers, gossip is on by default: they distribute the keyring, and netd writes
+        // it to this file (see assign.rs).
+        let managed = self.managers.is_some().then(|| {
+            self.run_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
+                .join(MANAGED_GOSSIP_KEY_FILE)
+        });
+        let Some(key_file) = self.gossip_key_file.clone().or(managed) else {
             for (set, field) in [
                 (self.gossip_port.is_some(), "gossip_port"),
                 (

@@ -249,6 +249,7 @@ pub fn run(
                     managers: addrs.clone(),
                     join_token: join_token.clone(),
                     state_file: cfg.run_dir.join("assignment.json"),
+                    gossip_key_file: cfg.gossip.as_ref().map(|g| g.key_file.clone()),
                 },
             )),
             format!("managers {}", addrs.join(",")),
@@ -260,9 +261,13 @@ pub fn run(
     let mut tick: u64 = 0;
     let selftest = SelfTest::default();
     let mut last_checks = std::collections::BTreeMap::new();
+    // With managers, the key file appears with the first assignment: gossip starts then.
+    let managed = matches!(cfg.intent, IntentSource::Managers { .. });
     let mut gossip = match &cfg.gossip {
-        Some(g) => Some(GossipSync::new(cfg.node_id.clone(), g.clone())?),
-        None => None,
+        Some(g) if !managed || g.key_file.exists() => {
+            Some(GossipSync::new(cfg.node_id.clone(), g.clone())?)
+        }
+        _ => None,
     };
     let mut health = crate::health::HealthMonitor::start(
         Box::new(crate::linux::health_exec::LinuxCheckRunner),
@@ -274,6 +279,16 @@ pub fn run(
         let mut ran = None;
         // A change of what gossip holds live is a change of the projection's input: it gets
         // an incremental round (FDB, LB backends) and a DNS sync in this same tick.
+        if gossip.is_none()
+            && managed
+            && let Some(g) = &cfg.gossip
+            && g.key_file.exists()
+        {
+            match GossipSync::new(cfg.node_id.clone(), g.clone()) {
+                Ok(sync) => gossip = Some(sync),
+                Err(e) => warn!(error = %e, "gossip: the managers' keyring is not usable yet"),
+            }
+        }
         let gossip_changed = gossip.as_mut().is_some_and(|g| g.tick(&mut rec, now));
         // A health transition changes backends, published ports, DNS and what gossip says of
         // the task: it gets a round in this same tick.

@@ -227,7 +227,7 @@ pub fn gw_tasks(intent: &Intent, node: &NodeId) -> BTreeSet<TaskId> {
         .tasks()
         .filter(|(t, atts)| {
             &t.node == node
-                && t.desired_state == DesiredState::Running
+                && t.desired_state.keeps_sandbox()
                 && atts
                     .iter()
                     .any(|a| intent.network(&a.network).is_some_and(|n| !n.spec.internal))
@@ -309,7 +309,9 @@ pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<Projecti
 
     // Networks used by a running local task are instantiated here, and the ingress network on
     // every node (the routing mesh answers everywhere).
-    let running = |t: &swarmnet_model::spec::TaskSpec| t.desired_state == DesiredState::Running;
+    // A draining task keeps its sandbox, its networks and its FDB entries everywhere (open
+    // connections to it finish); only the LB backends and published ports below skip it.
+    let running = |t: &swarmnet_model::spec::TaskSpec| t.desired_state.keeps_sandbox();
     let ingress = intent.ingress_network().zip(me.ingress_ip);
     let mut wanted: Vec<&swarmnet_model::Network> = intent
         .tasks()
@@ -490,7 +492,7 @@ fn drop_dead_remotes(
 ) {
     for (t, atts) in intent
         .tasks()
-        .filter(|(t, _)| &t.node != me && t.desired_state == DesiredState::Running)
+        .filter(|(t, _)| &t.node != me && t.desired_state.keeps_sandbox())
     {
         for a in atts {
             if remote.allows(&t.node, &a.network, &t.id) {
@@ -832,6 +834,51 @@ mod tests {
             live_vteps: BTreeSet::new(),
         };
         assert_eq!(project_with_gossip(&intent, &c, Some(&warming)).0, plain);
+    }
+
+    #[test]
+    fn a_draining_task_keeps_its_sandbox_and_fdb_entry_but_is_no_backend() {
+        // The fixture with a VIP on web: web1 (10.10.0.3) on n1, web2 (10.10.0.4) on n2.
+        let mut v: serde_json::Value = serde_json::from_str(INTENT).unwrap();
+        v["services"][0]["endpoint_mode"] = "vip".into();
+        v["services"][0]["networks"][0]["vip"] = "10.10.0.200".into();
+        v["services"][0]["ports"] = serde_json::json!([{"name": "http", "target": 80}]);
+        let app = Name::new("app").unwrap();
+        let (web1, web2): (Ipv4Addr, Ipv4Addr) =
+            ("10.10.0.3".parse().unwrap(), "10.10.0.4".parse().unwrap());
+        let backends = |d: &DesiredNode| -> BTreeSet<Ipv4Addr> {
+            d.networks[&app]
+                .lb
+                .services
+                .values()
+                .flat_map(|s| s.backends.keys().copied())
+                .collect()
+        };
+        let tasks = v["tasks"].as_array_mut().unwrap();
+        for t in tasks.iter_mut() {
+            if t["id"] == "web1" || t["id"] == "web2" {
+                t["desired_state"] = "draining".into();
+            }
+        }
+        let intent = Intent::from_json(&v.to_string()).unwrap();
+        let mut c = ctx("n1");
+        c.gw_leases = lease_gw(c.gw_subnet, &c.gw_leases, &gw_tasks(&intent, &c.node)).0;
+        let (d, issues) = project(&intent, &c);
+        assert!(issues.is_empty(), "{issues:?}");
+        // Still running here (open connections finish), still reachable from here...
+        assert!(d.sandboxes.contains_key(&TaskId::new("web1").unwrap()));
+        assert!(d.networks[&app].peers.contains_key(&web2));
+        // ...but no new connection goes to either.
+        assert!(!backends(&d).contains(&web1));
+        assert!(!backends(&d).contains(&web2));
+        // Shut down: gone from its node.
+        v["tasks"].as_array_mut().unwrap().iter_mut().for_each(|t| {
+            if t["id"] == "web1" {
+                t["desired_state"] = "shutdown".into();
+            }
+        });
+        let (d, _) = project(&Intent::from_json(&v.to_string()).unwrap(), &c);
+        assert!(!d.sandboxes.contains_key(&TaskId::new("web1").unwrap()));
     }
 
     #[test]

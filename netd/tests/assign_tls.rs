@@ -62,6 +62,7 @@ fn the_feed_joins_over_tls_and_renews_its_certificate() {
         managers: vec![addr.clone()],
         join_token: token.to_string(),
         state_file: run.join("assignment.json"),
+        gossip_key_file: None,
     };
 
     // A token pinning another CA: no certificate, and the feed says why.

@@ -17,7 +17,6 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -25,13 +24,11 @@ use serde::de::DeserializeOwned;
 use swarmnet_model::spec::{NodeRole, ServiceMode};
 use swarmnet_model::{IfName, Mtu, Name, NodeId, TaskId};
 use tokio::net::TcpListener;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::dispatch::{AssignmentStream, Feed};
 use crate::ipam::PoolConfig;
 use crate::pb;
-use crate::project::project;
 use crate::raft::manager::{Forwarded, Manager, WriteError};
 use crate::state::{
     self, ClusterState, Command, CommandError, GossipKey, JoinTokens, NetworkConfig, NodeJoin,
@@ -64,7 +61,8 @@ pub async fn serve(
             m.clone(),
         )))
         .add_service(pb::dispatcher_server::DispatcherServer::new(DispatcherApi(
-            m,
+            m.clone(),
+            Feed::spawn(m.state.clone(), m.stopped()),
         )))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
@@ -376,13 +374,14 @@ fn service_msg(st: &ClusterState, s: &state::Service) -> pb::Service {
             .as_ref()
             .map(|u| u.message.clone())
             .unwrap_or_default(),
+        // Draining tasks are leaving: they count neither as running nor as desired.
         tasks_running: tasks
             .iter()
-            .filter(|t| t.status.state == TaskState::Running)
+            .filter(|t| t.is_active() && t.status.state == TaskState::Running)
             .count() as u32,
         tasks_desired: match d.mode {
             ServiceMode::Replicated { replicas } => replicas,
-            ServiceMode::Global => tasks.len() as u32,
+            ServiceMode::Global => tasks.iter().filter(|t| t.is_active()).count() as u32,
         },
     }
 }
@@ -400,7 +399,12 @@ fn task_msg_as(t: &state::Task, desired: &str) -> pb::Task {
         service: t.service.to_string(),
         slot: t.slot,
         node: t.node.as_ref().map(|n| n.to_string()).unwrap_or_default(),
-        state: name_of(&t.status.state),
+        // A draining task is shown as such: it is leaving (no traffic), then stops.
+        state: if t.draining {
+            "draining".into()
+        } else {
+            name_of(&t.status.state)
+        },
         message: t.status.message.clone(),
         version: t.version,
         addresses: t
@@ -459,12 +463,6 @@ fn random_bytes() -> std::result::Result<[u8; 32], Status> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
-        .collect()
 }
 
 // ------------------------------------------------------------------------------ services
@@ -898,36 +896,10 @@ impl pb::services_server::Services for ServicesApi {
     }
 }
 
+/// The node-facing API: the assignment streams (see [`crate::dispatch`]), task reports and
+/// heartbeats.
 #[derive(Debug)]
-pub struct DispatcherApi(Arc<Manager>);
-
-type AssignmentStream =
-    Pin<Box<dyn Stream<Item = std::result::Result<pb::Assignment, Status>> + Send>>;
-
-/// The assignment for the current applied state, and its intent bytes (for change detection).
-fn assignment(m: &Manager) -> pb::Assignment {
-    m.state.read(|a| {
-        let spec = project(&a.state);
-        let (term, index) = a
-            .last_applied
-            .map(|l| (l.leader_id.term, l.index))
-            .unwrap_or((0, 0));
-        pb::Assignment {
-            term,
-            index,
-            intent_json: serde_json::to_vec(&spec).expect("intent serializes"),
-            keyring: a
-                .state
-                .keyring
-                .iter()
-                .map(|k| pb::GossipKey {
-                    id: k.id,
-                    key: unhex(&k.key),
-                })
-                .collect(),
-        }
-    })
-}
+pub struct DispatcherApi(Arc<Manager>, Arc<Feed>);
 
 #[tonic::async_trait]
 impl pb::dispatcher_server::Dispatcher for DispatcherApi {
@@ -945,30 +917,7 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
                 node.as_str()
             )));
         }
-        let m = self.0.clone();
-        let mut applied = m.state.subscribe();
-        let mut stopped = m.stopped();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut last: Option<(Vec<u8>, Vec<pb::GossipKey>)> = None;
-            loop {
-                let a = assignment(&m);
-                let key = (a.intent_json.clone(), a.keyring.clone());
-                // Only changes that alter the node's intent (or keys) are sent.
-                if last.as_ref() != Some(&key) {
-                    if tx.send(Ok(a)).await.is_err() {
-                        return;
-                    }
-                    last = Some(key);
-                }
-                tokio::select! {
-                    r = applied.changed() => if r.is_err() { return },
-                    _ = stopped.changed() => return,
-                    _ = tx.closed() => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(self.1.subscribe(self.0.stopped())))
     }
 
     async fn report_task(&self, r: Request<pb::TaskReport>) -> Result<pb::Empty> {

@@ -9,6 +9,8 @@
 //! - [`ca`]: the cluster PKI on the managers: credentials, the `Ca` service, authorization by
 //!   certificate role, renewal of a manager's own certificate.
 //! - [`project`]: the state as the `model::spec::ClusterSpec` netd consumes.
+//! - [`dispatch`]: the assignment feed: that projection once per change, sent to every node as
+//!   a snapshot, then deltas stamped with Raft (term, index).
 //!
 //! Invariants: nothing here does I/O except the Raft storage and server modules; the state
 //! machine reads no clock and draws no random numbers (the leader puts both into commands).
@@ -17,6 +19,7 @@
 pub mod api;
 pub mod ca;
 pub mod constraint;
+pub mod dispatch;
 pub mod ipam;
 pub mod project;
 pub mod raft;

@@ -49,6 +49,9 @@ struct Args {
     /// A node silent this long is marked down and its tasks rescheduled.
     #[arg(long, default_value_t = 5000)]
     node_down_after_ms: u64,
+    /// A removed task leaves every load balancer and DNS first and is stopped this much later.
+    #[arg(long, default_value_t = 3000)]
+    task_stop_grace_ms: u64,
 }
 
 #[tokio::main]
@@ -86,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let tls = ca::ManagerTls::new(credentials)?;
     let client_tls = tls.client.clone();
+    config.task_stop_grace = Duration::from_millis(args.task_stop_grace_ms);
     let manager = Manager::start(config, tls).await?;
     if args.bootstrap {
         manager.bootstrap().await?;

@@ -5,14 +5,17 @@
 //! backends, DNS answers and FDB entries) and picks its own tasks by node id. What is left out:
 //! tasks still pending (no node or no address yet: nothing to run, nothing to answer for), and,
 //! during a rolling update, an old task's attachment to a network its service has left (its
-//! interface goes; the task itself is replaced soon).
+//! interface goes; the task itself is replaced soon). A draining task (the first phase of its
+//! removal) is sent as `desired_state: draining`: it keeps running where it is, and no node
+//! balances to it or answers for it any more. A task placed but not yet reported running by
+//! its node is sent as `starting`: its node sets it up, no node sends it connections yet.
 
 use swarmnet_model::spec::{
     ClusterSpec, DesiredState, NetworkSpec, NodeSpec, ServiceNetwork, ServiceSpec, TaskAttachment,
     TaskSpec,
 };
 
-use crate::state::ClusterState;
+use crate::state::{ClusterState, TaskState};
 
 /// The intent of the whole cluster, as every node's netd receives it.
 pub fn project(state: &ClusterState) -> ClusterSpec {
@@ -113,7 +116,13 @@ pub fn project(state: &ClusterState) -> ClusterSpec {
                     .collect::<Option<Vec<_>>>()?,
                 argv: t.template.argv.clone(),
                 env: t.template.env.clone(),
-                desired_state: DesiredState::Running,
+                desired_state: if t.draining {
+                    DesiredState::Draining
+                } else if t.status.state == TaskState::Assigned {
+                    DesiredState::Starting
+                } else {
+                    DesiredState::Running
+                },
                 runtime: t.template.runtime,
             })
         })

@@ -351,11 +351,22 @@ pub struct Task {
     /// As its node last reported (services with a health check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<swarmnet_model::spec::HealthStatus>,
+    /// Leaving: the first phase of a two-phase removal. The task is out of every node's load
+    /// balancers and DNS but keeps running (and keeps its addresses) until the leader reaps it
+    /// with [`Command::ReapTasks`] after the stop grace period. Its slot is free meanwhile: a
+    /// replacement starts at once (make before break).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 impl Task {
     pub fn is_pending(&self) -> bool {
         self.status.state == TaskState::Pending
+    }
+
+    /// A task that counts for its service: not draining.
+    pub fn is_active(&self) -> bool {
+        !self.draining
     }
 }
 
@@ -426,6 +437,12 @@ pub enum Command {
         version: u64,
     },
     RotateGossipKey(GossipKey),
+    /// The second phase of a two-phase removal (decided by the leader after the stop grace
+    /// period): the draining tasks among `tasks` are stopped and their addresses released.
+    /// Ids that are not draining (any more) are ignored.
+    ReapTasks {
+        tasks: Vec<TaskId>,
+    },
     /// Replaces the join token of one role (nodes that joined stay).
     RotateJoinToken {
         role: NodeRole,
@@ -434,6 +451,65 @@ pub enum Command {
     /// Installs the root CA made by the manager that created the cluster. Idempotent; a
     /// different CA is refused (root rotation is not supported).
     SetRootCa(swarmnet_pki::ca::RootCa),
+}
+
+impl Command {
+    /// Whether every refusal of this command comes before its first change to the state (so it
+    /// can be applied in place). Keep in step with `apply_inner`.
+    fn checks_before_changing(&self) -> bool {
+        match self {
+            Command::ScaleService { .. }
+            | Command::RemoveService { .. }
+            | Command::AdvanceUpdate { .. }
+            | Command::ReapTasks { .. }
+            | Command::SetNodeStatus { .. }
+            | Command::UpdateNode { .. }
+            | Command::SetNodeRole { .. }
+            | Command::RotateGossipKey(_)
+            | Command::RotateJoinToken { .. }
+            | Command::RemoveNetwork { .. } => true,
+            // A failure may roll a service back (an update that can be refused), after the
+            // task's status was set.
+            Command::ReportTask { state, .. } | Command::ReportTaskHealth { state, .. } => {
+                *state != TaskState::Failed
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Which services the reconcile step after a command must look at.
+#[derive(Debug)]
+enum Scope {
+    /// Every service: the command changed nodes, networks or the cluster.
+    All,
+    /// Only these (the command changed only them or their tasks).
+    Services(BTreeSet<Name>),
+}
+
+impl Scope {
+    /// The scope of `cmd` applied to `state` (read before the command is applied).
+    fn of(cmd: &Command, state: &ClusterState) -> Self {
+        let one = |n: &Name| Scope::Services(BTreeSet::from([n.clone()]));
+        match cmd {
+            Command::CreateService(def) | Command::UpdateService(def) => one(&def.name),
+            Command::ScaleService { name, .. } | Command::RemoveService { name } => one(name),
+            Command::AdvanceUpdate { service, .. } => one(service),
+            // A report changes one task's state, which paces its service's rolling update.
+            Command::ReportTask { task, .. } | Command::ReportTaskHealth { task, .. } => {
+                match state.tasks.get(task) {
+                    Some(t) => one(&t.service),
+                    None => Scope::Services(BTreeSet::new()),
+                }
+            }
+            // Reaping frees addresses: pending tasks (of any service) are retried below anyway.
+            Command::ReapTasks { .. } => Scope::Services(BTreeSet::new()),
+            Command::RotateGossipKey(_) | Command::RotateJoinToken { .. } => {
+                Scope::Services(BTreeSet::new())
+            }
+            _ => Scope::All,
+        }
+    }
 }
 
 /// What a successful command produced.
@@ -540,12 +616,36 @@ impl ClusterState {
         if !matches!(cmd, Command::Init { .. } | Command::SetRootCa(_)) && self.cluster.is_none() {
             return Err(CommandError::NotInitialized);
         }
-        // Work on a copy so a refusal half-way leaves nothing behind. The copy is the price of
-        // simple all-or-nothing semantics; commands are small next to the state's clone cost
-        // only at very large scale, where per-command undo logs would replace it.
+        let scope = Scope::of(cmd, self);
+        if cmd.checks_before_changing() {
+            // Every refusal of these commands happens before their first change: apply in
+            // place (no copy of the state per write). `tests/state_random.rs` checks that a
+            // refused command leaves the state exactly as it was.
+            let response = self.apply_inner(cmd)?;
+            self.reconcile(&scope);
+            return Ok(response);
+        }
+        // The others may be refused half-way (an address allocated, the next one exhausted):
+        // work on a copy so a refusal leaves nothing behind. They are the rare ones (cluster,
+        // node and network changes, service create and update, a failed task's rollback).
         let mut next = self.clone();
         let response = next.apply_inner(cmd)?;
-        next.reconcile();
+        next.reconcile(&scope);
+        *self = next;
+        Ok(response)
+    }
+
+    /// [`Self::apply`] with a copy of the state and the reconcile step over every service, as
+    /// the state machine did before scoping: the reference `tests/state_random.rs` compares
+    /// `apply` against after every random command.
+    #[doc(hidden)]
+    pub fn apply_reconciling_all(&mut self, cmd: &Command) -> Result<Response, CommandError> {
+        if !matches!(cmd, Command::Init { .. } | Command::SetRootCa(_)) && self.cluster.is_none() {
+            return Err(CommandError::NotInitialized);
+        }
+        let mut next = self.clone();
+        let response = next.apply_inner(cmd)?;
+        next.reconcile(&Scope::All);
         *self = next;
         Ok(response)
     }
@@ -682,6 +782,14 @@ impl ClusterState {
                     && u.state == UpdateState::Waiting
                 {
                     u.state = UpdateState::Updating;
+                }
+                Ok(Response::Done)
+            }
+            Command::ReapTasks { tasks } => {
+                for id in tasks {
+                    if self.tasks.get(id).is_some_and(|t| t.draining) {
+                        self.remove_task(id);
+                    }
                 }
                 Ok(Response::Done)
             }
@@ -1340,10 +1448,43 @@ impl ClusterState {
             .map(|c| format!("does not satisfy {c}"))
     }
 
-    /// Brings every service's tasks in line with its definition and the nodes. Runs after
-    /// every command; deterministic (ordered maps, no clock).
-    fn reconcile(&mut self) {
-        let names: Vec<Name> = self.services.keys().cloned().collect();
+    /// Brings the services in `scope` in line with their definitions and the nodes, then
+    /// retries every pending task (of any service: an address or a node may have been freed).
+    /// Runs after every command; deterministic (ordered maps, no clock). A command that
+    /// changed only some services reconciles only those: a service's tasks depend only on its
+    /// definition, the nodes and the addresses, and a scoped command changes no node.
+    fn reconcile(&mut self, scope: &Scope) {
+        let names: Vec<Name> = match scope {
+            Scope::All => self.services.keys().cloned().collect(),
+            // Plus every service in the middle of a rolling update: a batch may become due
+            // through another service's change (addresses freed for its pending tasks), as
+            // it would under a reconcile of every service.
+            Scope::Services(set) => self
+                .services
+                .values()
+                .filter(|s| {
+                    set.contains(&s.def.name)
+                        || s.update.as_ref().is_some_and(|u| {
+                            matches!(u.state, UpdateState::Updating | UpdateState::RollingBack)
+                        })
+                })
+                .map(|s| s.def.name.clone())
+                .collect(),
+        };
+        if matches!(scope, Scope::All) {
+            // A draining task whose node was removed has nothing left to finish.
+            let orphans: Vec<TaskId> = self
+                .tasks
+                .values()
+                .filter(|t| {
+                    t.draining && t.node.as_ref().is_none_or(|n| !self.nodes.contains_key(n))
+                })
+                .map(|t| t.id.clone())
+                .collect();
+            for id in orphans {
+                self.remove_task(&id);
+            }
+        }
         for name in &names {
             self.drop_unwanted(name);
         }
@@ -1358,9 +1499,11 @@ impl ClusterState {
             .filter(|t| t.is_pending())
             .map(|t| t.id.clone())
             .collect();
-        let mut load = self.node_load();
-        for id in pending {
-            self.progress_pending(&id, &mut load);
+        if !pending.is_empty() {
+            let mut load = self.node_load();
+            for id in pending {
+                self.progress_pending(&id, &mut load);
+            }
         }
         for name in &names {
             self.finish_update(name);
@@ -1374,7 +1517,7 @@ impl ClusterState {
             .keys()
             .map(|id| (id.clone(), (0, BTreeMap::new())))
             .collect();
-        for t in self.tasks.values() {
+        for t in self.tasks.values().filter(|t| t.is_active()) {
             if let Some(n) = &t.node
                 && let Some(l) = load.get_mut(n)
             {
@@ -1390,7 +1533,11 @@ impl ClusterState {
         let def = &svc.def;
         let mut drop: Vec<TaskId> = Vec::new();
         let mut seen_slots: BTreeSet<(u32, Option<NodeId>)> = BTreeSet::new();
-        for t in self.tasks.values().filter(|t| &t.service == name) {
+        for t in self
+            .tasks
+            .values()
+            .filter(|t| &t.service == name && t.is_active())
+        {
             let key = match def.mode {
                 ServiceMode::Replicated { .. } => (t.slot, None),
                 ServiceMode::Global => (0, t.node.clone()),
@@ -1419,6 +1566,8 @@ impl ClusterState {
                 .values()
                 .filter(|t| {
                     &t.service == name
+                        && t.is_active()
+                        && !drop.contains(&t.id)
                         && t.version == version
                         && !matches!(t.status.state, TaskState::Running | TaskState::Complete)
                 })
@@ -1430,7 +1579,12 @@ impl ClusterState {
             let outdated: Vec<TaskId> = self
                 .tasks
                 .values()
-                .filter(|t| &t.service == name && t.version < version && !drop.contains(&t.id))
+                .filter(|t| {
+                    &t.service == name
+                        && t.is_active()
+                        && t.version < version
+                        && !drop.contains(&t.id)
+                })
                 .map(|t| t.id.clone())
                 .take(budget)
                 .collect();
@@ -1447,7 +1601,23 @@ impl ClusterState {
             }
         }
         for id in drop {
-            self.remove_task(&id);
+            self.drain_task(&id);
+        }
+    }
+
+    /// Takes a task out of service. One that may still be serving (placed on a node that is
+    /// up) drains first; others (pending, or on a down or removed node) go at once.
+    fn drain_task(&mut self, id: &TaskId) {
+        let Some(t) = self.tasks.get(id) else { return };
+        let serving = !t.is_pending()
+            && t.node
+                .as_ref()
+                .and_then(|n| self.nodes.get(n))
+                .is_some_and(|n| n.status == NodeStatus::Ready);
+        if serving {
+            self.tasks.get_mut(id).expect("present").draining = true;
+        } else {
+            self.remove_task(id);
         }
     }
 
@@ -1461,7 +1631,7 @@ impl ClusterState {
                 let have: BTreeSet<u32> = self
                     .tasks
                     .values()
-                    .filter(|t| &t.service == name)
+                    .filter(|t| &t.service == name && t.is_active())
                     .map(|t| t.slot)
                     .collect();
                 want.extend(
@@ -1474,7 +1644,7 @@ impl ClusterState {
                 let have: BTreeSet<&NodeId> = self
                     .tasks
                     .values()
-                    .filter(|t| &t.service == name)
+                    .filter(|t| &t.service == name && t.is_active())
                     .filter_map(|t| t.node.as_ref())
                     .collect();
                 want.extend(
@@ -1519,6 +1689,7 @@ impl ClusterState {
                     message: "new".into(),
                 },
                 health: None,
+                draining: false,
             };
             self.tasks.insert(id, task);
         }
@@ -1621,7 +1792,7 @@ impl ClusterState {
         let outdated = self
             .tasks
             .values()
-            .any(|t| &t.service == name && t.version < svc.version);
+            .any(|t| &t.service == name && t.is_active() && t.version < svc.version);
         if !outdated {
             let svc = self.services.get_mut(name).expect("present");
             let u = svc.update.as_mut().expect("present");

@@ -1,7 +1,9 @@
 //! Three managers in one process on loopback ports, driven only through the gRPC API:
 //! replication and forwarding, the leader killed in the middle of a burst of writes (a new
 //! leader within a bounded time, every acknowledged write kept), two of three stopped (writes
-//! refused with "no quorum" quickly), and a restart of all managers (state intact).
+//! refused with "no quorum" quickly), and a restart of all managers (state intact); the
+//! assignment stream (a snapshot, then deltas on their base; removal in two phases); a fourth
+//! manager added and the leader removed while writes continue.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -9,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use swarmnet_model::Intent;
+use swarmnet_model::delta::SpecDelta;
+use swarmnet_model::spec::{ClusterSpec, DesiredState};
 use swarmnet_orchestrator::pb;
 use swarmnet_orchestrator::raft::manager::{Manager, ManagerConfig};
 use swarmnet_orchestrator::{api, ca};
@@ -349,29 +353,101 @@ async fn three_managers_replicate_forward_and_stream_assignments() {
         .into_inner();
     let first = stream.message().await.unwrap().unwrap();
     assert!(first.term >= 1 && first.index >= 1);
-    let intent = Intent::from_json(std::str::from_utf8(&first.intent_json).unwrap()).unwrap();
+    assert!(!first.delta, "a stream opens with a snapshot");
+    let mut spec: ClusterSpec = serde_json::from_slice(&first.intent_json).unwrap();
+    let mut stamp = (first.term, first.index);
+    let intent = Intent::new(spec.clone()).unwrap();
     assert_eq!(intent.tasks().count(), 3);
-    // A change arrives as a newer assignment.
-    services_client(&c.slots[0].addr)
-        .await
-        .scale(pb::ScaleRequest {
-            name: "web".into(),
-            replicas: 5,
-        })
-        .await
-        .unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
+    // Then deltas, each on top of the message before it: follow them as netd does.
+    let follow = |a: pb::Assignment, spec: &mut ClusterSpec, stamp: &mut (u64, u64)| {
+        assert!(a.delta, "after the snapshot, deltas");
+        assert_eq!(
+            (a.base_term, a.base_index),
+            *stamp,
+            "a delta names its base"
+        );
+        assert!((a.term, a.index) > *stamp);
+        let d: SpecDelta = serde_json::from_slice(&a.delta_json).unwrap();
+        assert!(!d.is_empty());
+        swarmnet_model::delta::apply(spec, &d);
+        *stamp = (a.term, a.index);
+    };
+    let scale = |replicas: u32| {
+        let addr = c.slots[0].addr.clone();
+        async move {
+            services_client(&addr)
+                .await
+                .scale(pb::ScaleRequest {
+                    name: "web".into(),
+                    replicas,
+                })
+                .await
+                .unwrap();
+        }
+    };
+    let running = |spec: &ClusterSpec| {
+        spec.tasks
+            .iter()
+            .filter(|t| t.desired_state != DesiredState::Draining)
+            .count()
+    };
+    let draining = |spec: &ClusterSpec| {
+        spec.tasks
+            .iter()
+            .filter(|t| t.desired_state == DesiredState::Draining)
+            .count()
+    };
+    scale(5).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while running(&spec) != 5 {
             let a = stream.message().await.unwrap().unwrap();
-            let i = Intent::from_json(std::str::from_utf8(&a.intent_json).unwrap()).unwrap();
-            if i.tasks().count() == 5 {
-                return a;
-            }
+            follow(a, &mut spec, &mut stamp);
         }
     })
     .await
-    .expect("the scaled intent arrives");
-    assert!((next.term, next.index) > (first.term, first.index));
+    .expect("the scaled intent arrives as deltas");
+    // Scaling down is a two-phase removal: three tasks drain (still in the intent, out of
+    // every load balancer and DNS), and are stopped (gone from the intent) after the grace.
+    scale(2).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while draining(&spec) != 3 {
+            let a = stream.message().await.unwrap().unwrap();
+            follow(a, &mut spec, &mut stamp);
+        }
+    })
+    .await
+    .expect("the removed tasks drain first");
+    assert_eq!(running(&spec), 2);
+    let drained_at = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while spec.tasks.len() != 2 {
+            let a = stream.message().await.unwrap().unwrap();
+            follow(a, &mut spec, &mut stamp);
+        }
+    })
+    .await
+    .expect("the drained tasks are stopped after the grace");
+    assert!(
+        drained_at.elapsed() >= Duration::from_secs(1),
+        "stopped only after a grace period ({:?})",
+        drained_at.elapsed()
+    );
+    // The snapshot plus every delta is what a new stream (to another manager) starts from.
+    let mut other = pb::dispatcher_client::DispatcherClient::new(channel(&c.slots[0].addr).await)
+        .assignments(pb::AssignmentsRequest {
+            node_id: "n2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let fresh = other.message().await.unwrap().unwrap();
+    assert!(!fresh.delta);
+    let fresh_spec: ClusterSpec = serde_json::from_slice(&fresh.intent_json).unwrap();
+    if (fresh.term, fresh.index) == stamp {
+        assert_eq!(fresh_spec, spec);
+    } else {
+        assert_eq!(fresh_spec.tasks, spec.tasks, "only the tasks matter here");
+    }
     // An unknown node gets no stream.
     let e = d
         .assignments(pb::AssignmentsRequest {
@@ -628,5 +704,124 @@ async fn a_silent_node_is_marked_down_and_its_tasks_move() {
     beat.abort();
     for s in &mut c.slots {
         stop(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managers_added_and_removed_at_run_time_while_writes_continue() {
+    let mut c = cluster3().await;
+    let addrs: Vec<String> = c.slots.iter().map(|s| s.addr.clone()).collect();
+    // A fourth manager, started now; it joins below while the writes run.
+    let fourth = Slot {
+        id: 4,
+        addr: ports(1).await.remove(0),
+        dir: c.slots[0].dir.with_file_name("m4"),
+        running: None,
+    };
+    let mut write_to = addrs.clone();
+    write_to.push(fourth.addr.clone());
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..40 {
+            let name = format!("w{i}");
+            let started = Instant::now();
+            'retry: loop {
+                for addr in &write_to {
+                    match networks_client(addr)
+                        .await
+                        .create(pb::NetworkCreate {
+                            name: name.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(_) => break 'retry,
+                        Err(e) if e.code() == tonic::Code::AlreadyExists => break 'retry,
+                        Err(_) => continue,
+                    }
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "write {name} not accepted within 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            acked.push(name.clone());
+            let _ = acked_tx.send(name);
+        }
+        acked
+    });
+    for _ in 0..10 {
+        acked_rx.recv().await.expect("writer running");
+    }
+    // Add the fourth through a follower (it forwards to the leader).
+    let mut fourth = fourth;
+    start(&mut fourth).await;
+    let leader = leader_of(&c).expect("a leader");
+    let follower = c
+        .slots
+        .iter()
+        .find(|s| s.id != leader)
+        .unwrap()
+        .addr
+        .clone();
+    let info = cluster_client(&follower)
+        .await
+        .add_manager(pb::AddManagerRequest {
+            id: 4,
+            addr: fourth.addr.clone(),
+        })
+        .await
+        .expect("add the fourth manager")
+        .into_inner();
+    assert!(
+        info.managers.iter().any(|m| m.id == 4 && m.voter),
+        "{info:?}"
+    );
+    c.slots.push(fourth);
+    for _ in 0..10 {
+        acked_rx.recv().await.expect("writer running");
+    }
+    // Remove the leader itself, then stop it: the other three elect a new one and go on.
+    let idx = c.slots.iter().position(|s| s.id == leader).unwrap();
+    let info = cluster_client(&c.slots[idx].addr)
+        .await
+        .remove_manager(pb::RemoveManagerRequest { id: leader })
+        .await
+        .expect("remove the leader")
+        .into_inner();
+    assert!(!info.managers.iter().any(|m| m.id == leader), "{info:?}");
+    stop(&mut c.slots[idx]).await;
+    let acked = writer.await.unwrap();
+    assert_eq!(acked.len(), 40);
+    assert!(
+        eventually(Duration::from_secs(10), || leader_of(&c)
+            .is_some_and(|l| l != leader))
+        .await,
+        "no new leader after removing {leader}"
+    );
+    // Every acknowledged write is on every manager left, the new one included; membership is
+    // the three of them.
+    for s in c.slots.iter().filter(|s| s.running.is_some()) {
+        let ok = eventually(Duration::from_secs(10), || {
+            let have = networks_on(s);
+            acked.iter().all(|n| have.contains(n))
+        })
+        .await;
+        assert!(ok, "manager {} lacks acknowledged writes", s.id);
+        let voters = s.running.as_ref().unwrap().manager.voters();
+        let want: BTreeSet<u64> = c
+            .slots
+            .iter()
+            .filter(|x| x.running.is_some())
+            .map(|x| x.id)
+            .collect();
+        assert_eq!(voters, want, "membership on manager {}", s.id);
+    }
+    for s in &mut c.slots {
+        if s.running.is_some() {
+            stop(s).await;
+        }
     }
 }

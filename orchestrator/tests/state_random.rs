@@ -12,6 +12,7 @@ use common::*;
 use swarmnet_model::spec::{
     Availability, EndpointMode, NodeRole, Protocol, PublishMode, ServiceMode,
 };
+use swarmnet_orchestrator::project::project;
 use swarmnet_orchestrator::state::{
     ClusterState, Command, FailureAction, GossipKey, NetworkConfig, NodeStatus, PortConfig,
     Publish, TaskState,
@@ -184,6 +185,16 @@ fn random_command(r: &mut Rng, s: &ClusterState) -> Command {
                 message: "reported".into(),
             }
         }
+        _ if r.chance(40) => {
+            // The leader's reaping of draining tasks (sometimes naming one that is not).
+            let tasks: Vec<_> = s
+                .tasks
+                .values()
+                .filter(|t| t.draining || r.chance(10))
+                .map(|t| t.id.clone())
+                .collect();
+            Command::ReapTasks { tasks }
+        }
         _ => {
             if r.chance(50) {
                 let svc = name(r.word(SERVICES));
@@ -226,11 +237,43 @@ fn run(seed: u64, steps: usize) -> Coverage {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let res = s.apply(&cmd);
             check_invariants(&s);
+            // Applying in place with a reconcile scoped to the touched services gives what a
+            // copy and a reconcile over every service give.
+            let mut reference = before.clone();
+            let reference_res = reference.apply_reconciling_all(&cmd);
+            assert_eq!(
+                res, reference_res,
+                "scoped and full apply answer differently"
+            );
+            if s != reference {
+                for (id, t) in &reference.tasks {
+                    if s.tasks.get(id) != Some(t) {
+                        eprintln!("full: {t:?}\nscoped: {:?}", s.tasks.get(id));
+                    }
+                }
+                for (id, t) in &s.tasks {
+                    if !reference.tasks.contains_key(id) {
+                        eprintln!("only scoped: {t:?}");
+                    }
+                }
+                for (n, v) in &reference.services {
+                    if s.services.get(n) != Some(v) {
+                        eprintln!("svc full: {v:?}\nscoped: {:?}", s.services.get(n));
+                    }
+                }
+            }
+            assert_eq!(s, reference, "scoped and full apply differ");
+            // The assignment stream: the delta between the two projections, applied to the
+            // one before, is the one after (snapshot + deltas == final snapshot).
+            let (old, new) = (project(&before), project(&s));
+            let mut got = old.clone();
+            swarmnet_model::delta::apply(&mut got, &swarmnet_model::delta::diff(&old, &new));
+            assert_eq!(got, new, "snapshot + delta differs from the new snapshot");
             res
         }));
         match result {
             Err(p) => {
-                eprintln!("seed {seed} step {step}: {cmd:?}");
+                eprintln!("seed {seed} step {step}: {cmd:?} (after {:?})", log.last());
                 std::panic::resume_unwind(p);
             }
             Ok(Ok(_)) => {

@@ -34,7 +34,7 @@ impl IntentCheck for IntentChecker<'_> {
         let Some((t, atts)) = self.intent.task(&rec.task) else {
             return false;
         };
-        if t.node.as_str() != node || t.desired_state != DesiredState::Running {
+        if t.node.as_str() != node || !t.desired_state.keeps_sandbox() {
             return false;
         }
         if rec

@@ -41,6 +41,12 @@ pub struct ManagerConfig {
     pub node_down_after: Duration,
     /// Lifetime of the node certificates this manager issues (renewed at half of it).
     pub cert_lifetime: Duration,
+    /// How long a removed task drains (out of every node's load balancers and DNS, still
+    /// running) before the leader stops it. It must cover the time every node needs to apply
+    /// an assignment (a few hundred ms; see bench/intent.sh), with a wide margin for loaded
+    /// nodes: a timer rather than per-node acks, so a silent node can never hold a task (and
+    /// its addresses) forever, and the removal time is bounded and known.
+    pub task_stop_grace: Duration,
 }
 
 impl ManagerConfig {
@@ -55,6 +61,7 @@ impl ManagerConfig {
             node_heartbeat_period: Duration::from_secs(1),
             node_down_after: Duration::from_secs(5),
             cert_lifetime: swarmnet_pki::ca::DEFAULT_NODE_LIFETIME,
+            task_stop_grace: Duration::from_secs(3),
         }
     }
 }
@@ -518,10 +525,12 @@ enum ForwardFailure {
 
 /// What only the leader does, checked a few times a second: mark silent nodes down (after a
 /// grace period from when it became leader, so a new leader does not condemn every node it
-/// has not heard from yet), and fire rolling-update timers.
+/// has not heard from yet), fire rolling-update timers, and reap draining tasks once their
+/// stop grace is over (a new leader starts their grace again: later, never earlier).
 async fn leader_duties(m: Arc<Manager>) {
     let mut stop = m.stop.subscribe();
     let mut timers: HashMap<(String, u64), Instant> = HashMap::new();
+    let mut draining: HashMap<swarmnet_model::TaskId, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -530,6 +539,7 @@ async fn leader_duties(m: Arc<Manager>) {
         if !m.is_leader() {
             *m.leader_since.lock().expect("lock") = None;
             timers.clear();
+            draining.clear();
             continue;
         }
         let since = *m
@@ -538,7 +548,7 @@ async fn leader_duties(m: Arc<Manager>) {
             .expect("lock")
             .get_or_insert_with(Instant::now);
         let now = Instant::now();
-        let (nodes, waiting) = m.state.read(|a| {
+        let (nodes, waiting, leaving) = m.state.read(|a| {
             let nodes: Vec<(NodeId, NodeStatus)> = a
                 .state
                 .nodes
@@ -556,8 +566,27 @@ async fn leader_duties(m: Arc<Manager>) {
                 })
                 .map(|s| (s.def.name.to_string(), s.version, s.def.update.delay_ms))
                 .collect();
-            (nodes, waiting)
+            let leaving: Vec<swarmnet_model::TaskId> = a
+                .state
+                .tasks
+                .values()
+                .filter(|t| t.draining)
+                .map(|t| t.id.clone())
+                .collect();
+            (nodes, waiting, leaving)
         });
+        draining.retain(|id, _| leaving.contains(id));
+        let due: Vec<swarmnet_model::TaskId> = leaving
+            .into_iter()
+            .filter(|id| {
+                let since = *draining.entry(id.clone()).or_insert(now);
+                now.duration_since(since) >= m.config.task_stop_grace
+            })
+            .collect();
+        if !due.is_empty() {
+            tracing::info!(tasks = due.len(), "stop grace over; stopping drained tasks");
+            let _ = m.write(Command::ReapTasks { tasks: due }).await;
+        }
         if now.duration_since(since) >= m.config.node_down_after {
             let silent: Vec<NodeId> = {
                 let hb = m.heartbeats.lock().expect("lock");

@@ -7,8 +7,17 @@
 //! saves the committed log id, so that replay happens before the manager serves anything).
 //! Writing the whole state on every apply would cost O(state) per write.
 //!
-//! Every write is one redb transaction committed with immediate durability (fsync) before
-//! openraft is told it is done, so an acknowledged entry survives a crash.
+//! Durability, deliberately as etcd's WAL: an entry is reported flushed to openraft (which
+//! only then counts it towards a quorum or answers a leader) after the redb transaction
+//! holding it committed with immediate durability (fdatasync), so an acknowledged write
+//! survives a crash of a majority. Appends are group-committed: [`LogStore`]'s `append` keeps
+//! the entries in memory (readable at once, as openraft requires) and hands them to one
+//! writer thread, which commits everything queued while the previous fsync ran in one
+//! transaction, then completes each append's callback. Under load one fsync covers many
+//! writes (etcd batches its WAL the same way); a lone write pays one fsync, as before.
+//! Truncation and purging go through the same queue, in order. The vote is written and synced
+//! before `save_vote` returns. The committed log id rides along with the next group (it is a
+//! hint: losing it only lengthens the replay at start).
 //!
 //! Tables: `log` (index → JSON entry), `meta` (`vote`, `committed`, `purged` → JSON),
 //! `snapshot` (`meta` → JSON snapshot meta, `data` → the JSON state).
@@ -18,12 +27,13 @@
     reason = "openraft's StorageError is the error type of the storage traits"
 )]
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -124,7 +134,7 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine, SharedState), OpenEr
         applied: tx,
     };
     Ok((
-        LogStore { db: db.clone() },
+        LogStore::new(db.clone()),
         StateMachine {
             db,
             shared: shared.clone(),
@@ -166,13 +176,82 @@ impl SharedState {
     }
 }
 
-/// The Raft log, vote and committed id in redb.
+/// The Raft log, vote and committed id in redb, with appends group-committed by a writer
+/// thread (see the module docs).
 #[derive(Debug, Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Entries appended but not yet committed to redb, by index: what readers see first.
+    pending: Arc<Mutex<BTreeMap<u64, Entry<TypeConfig>>>>,
+    /// The latest committed log id given by openraft, written with the next group.
+    committed: Arc<Mutex<Option<Option<LogId<ManagerId>>>>>,
+    writer: Arc<Writer>,
 }
 
+/// The writer thread's queue; dropping the last handle stops the thread and waits for it, so
+/// the database is closed (and can be opened again) once the store is gone.
+#[derive(Debug)]
+struct Writer {
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Writer {
+    fn send(&self, job: Job) -> StoreResult<()> {
+        self.queue
+            .lock()
+            .expect("writer lock")
+            .as_ref()
+            .and_then(|q| q.send(job).ok())
+            .ok_or_else(|| io_write(std::io::Error::other("the raft log writer stopped")))
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.queue.lock().expect("writer lock").take());
+        if let Some(t) = self.thread.lock().expect("writer lock").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Work for the writer thread, done in order.
+enum Job {
+    Append(Vec<Entry<TypeConfig>>, LogFlushed<TypeConfig>),
+    /// Deletes the entries with index at or after this one, then answers.
+    Truncate(u64, tokio::sync::oneshot::Sender<Result<(), redb::Error>>),
+    /// Records the purge point, deletes the entries up to it, then answers.
+    Purge(
+        LogId<ManagerId>,
+        tokio::sync::oneshot::Sender<Result<(), redb::Error>>,
+    ),
+}
+
+/// Largest group committed in one transaction.
+const MAX_GROUP: usize = 1024;
+
 impl LogStore {
+    fn new(db: Arc<Database>) -> Self {
+        let (writer, jobs) = mpsc::channel();
+        let pending = Arc::new(Mutex::new(BTreeMap::new()));
+        let committed = Arc::new(Mutex::new(None));
+        let (d, p, c) = (db.clone(), pending.clone(), committed.clone());
+        let thread = std::thread::Builder::new()
+            .name("raft-log".into())
+            .spawn(move || write_loop(&d, &p, &c, &jobs))
+            .expect("spawning the raft log writer");
+        Self {
+            db,
+            pending,
+            committed,
+            writer: Arc::new(Writer {
+                queue: Mutex::new(Some(writer)),
+                thread: Mutex::new(Some(thread)),
+            }),
+        }
+    }
+
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> StoreResult<Option<T>> {
         let tx = self.db.begin_read().map_err(io_read)?;
         let t = tx.open_table(META).map_err(io_read)?;
@@ -182,11 +261,8 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: Serialize>(&self, key: &str, v: &T, durable: bool) -> StoreResult<()> {
-        let mut tx = self.db.begin_write().map_err(io_write)?;
-        if !durable {
-            tx.set_durability(redb::Durability::None);
-        }
+    fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> StoreResult<()> {
+        let tx = self.db.begin_write().map_err(io_write)?;
         {
             let mut t = tx.open_table(META).map_err(io_write)?;
             t.insert(key, encode(v).as_slice()).map_err(io_write)?;
@@ -194,22 +270,129 @@ impl LogStore {
         tx.commit().map_err(io_write)
     }
 
-    /// Deletes the log entries with index in `range`.
-    fn delete_range(&self, range: impl RangeBounds<u64>) -> Result<(), redb::Error> {
-        let tx = self.db.begin_write()?;
+    /// Runs a truncate or purge on the writer thread (after every append queued before it).
+    async fn ordered(
+        &self,
+        job: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), redb::Error>>) -> Job,
+    ) -> StoreResult<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.writer.send(job(tx))?;
+        rx.await
+            .map_err(|e| {
+                io_write(std::io::Error::other(format!(
+                    "the raft log writer stopped: {e}"
+                )))
+            })?
+            .map_err(io_write)
+    }
+}
+
+/// The writer thread: takes every queued job, commits consecutive appends in one durable
+/// transaction, then completes their callbacks; runs truncations and purges in order between.
+fn write_loop(
+    db: &Database,
+    pending: &Mutex<BTreeMap<u64, Entry<TypeConfig>>>,
+    committed: &Mutex<Option<Option<LogId<ManagerId>>>>,
+    jobs: &mpsc::Receiver<Job>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_GROUP
+            && let Ok(j) = jobs.try_recv()
+        {
+            batch.push(j);
+        }
+        let mut group: Vec<(Vec<Entry<TypeConfig>>, LogFlushed<TypeConfig>)> = Vec::new();
+        for job in batch {
+            match job {
+                Job::Append(entries, cb) => group.push((entries, cb)),
+                Job::Truncate(index, reply) => {
+                    flush_group(db, pending, committed, std::mem::take(&mut group));
+                    let _ = reply.send(delete_range(db, index..));
+                }
+                Job::Purge(log_id, reply) => {
+                    flush_group(db, pending, committed, std::mem::take(&mut group));
+                    let r = (|| {
+                        let tx = db.begin_write()?;
+                        {
+                            let mut t = tx.open_table(META)?;
+                            t.insert("purged", encode(&Some(log_id)).as_slice())?;
+                        }
+                        tx.commit()?;
+                        delete_range(db, ..=log_id.index)
+                    })();
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        flush_group(db, pending, committed, group);
+    }
+}
+
+/// Commits a group of appends (and the latest committed id) in one durable transaction, then
+/// reports each append flushed (or failed).
+fn flush_group(
+    db: &Database,
+    pending: &Mutex<BTreeMap<u64, Entry<TypeConfig>>>,
+    committed: &Mutex<Option<Option<LogId<ManagerId>>>>,
+    group: Vec<(Vec<Entry<TypeConfig>>, LogFlushed<TypeConfig>)>,
+) {
+    if group.is_empty() {
+        return;
+    }
+    let hint = committed.lock().expect("committed lock").take();
+    let result = (|| -> Result<(), redb::Error> {
+        let tx = db.begin_write()?;
         {
             let mut t = tx.open_table(LOG)?;
-            let keys: Vec<u64> = t
-                .range(range)?
-                .map(|r| r.map(|(k, _)| k.value()))
-                .collect::<Result<_, _>>()?;
-            for k in keys {
-                t.remove(k)?;
+            for (entries, _) in &group {
+                for e in entries {
+                    t.insert(e.log_id.index, encode(e).as_slice())?;
+                }
+            }
+            if let Some(c) = &hint {
+                let mut m = tx.open_table(META)?;
+                m.insert("committed", encode(c).as_slice())?;
             }
         }
         tx.commit()?;
         Ok(())
+    })();
+    if result.is_ok() {
+        // Written: readers find them in redb now. An entry replaced in memory meanwhile (a
+        // truncation and a new append at the same index) stays.
+        let mut p = pending.lock().expect("pending lock");
+        for (entries, _) in &group {
+            for e in entries {
+                if p.get(&e.log_id.index).is_some_and(|q| q.log_id == e.log_id) {
+                    p.remove(&e.log_id.index);
+                }
+            }
+        }
     }
+    for (_, cb) in group {
+        cb.log_io_completed(match &result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        });
+    }
+}
+
+/// Deletes the log entries with index in `range`.
+fn delete_range(db: &Database, range: impl RangeBounds<u64>) -> Result<(), redb::Error> {
+    let tx = db.begin_write()?;
+    {
+        let mut t = tx.open_table(LOG)?;
+        let keys: Vec<u64> = t
+            .range(range)?
+            .map(|r| r.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for k in keys {
+            t.remove(k)?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -217,6 +400,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StoreResult<Vec<Entry<TypeConfig>>> {
+        // Pending entries first: one written meanwhile is then found in redb (read after).
+        let mut out: BTreeMap<u64, Entry<TypeConfig>> = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .range(range.clone())
+            .map(|(k, e)| (*k, e.clone()))
+            .collect();
         let tx = self.db.begin_read().map_err(io_read)?;
         let t = tx.open_table(LOG).map_err(io_read)?;
         let start = match range.start_bound() {
@@ -224,15 +415,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(s) => s + 1,
             Bound::Unbounded => 0,
         };
-        let mut out = Vec::new();
         for r in t.range(start..).map_err(io_read)? {
             let (k, v) = r.map_err(io_read)?;
             if !range.contains(&k.value()) {
                 break;
             }
-            out.push(decode(v.value())?);
+            if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(k.value()) {
+                slot.insert(decode(v.value())?);
+            }
         }
-        Ok(out)
+        Ok(out.into_values().collect())
     }
 }
 
@@ -241,7 +433,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
         let purged: Option<LogId<ManagerId>> = self.get_meta("purged")?;
-        let last = {
+        let in_memory = self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .last_key_value()
+            .map(|(_, e)| e.log_id);
+        let on_disk = {
             let tx = self.db.begin_read().map_err(io_read)?;
             let t = tx.open_table(LOG).map_err(io_read)?;
             match t.last().map_err(io_read)? {
@@ -249,6 +447,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 None => None,
             }
         };
+        let last = in_memory.max(on_disk);
         Ok(LogState {
             last_purged_log_id: purged,
             last_log_id: last.or(purged),
@@ -260,7 +459,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<ManagerId>) -> StoreResult<()> {
-        self.put_meta("vote", vote, true)
+        self.put_meta("vote", vote)
     }
 
     async fn read_vote(&mut self) -> StoreResult<Option<Vote<ManagerId>>> {
@@ -268,12 +467,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<ManagerId>>) -> StoreResult<()> {
-        // Not fsynced: it only shortens the replay at start, and the next durable commit (the
-        // log's, every entry) persists it. A lost one means replaying from the snapshot.
-        self.put_meta("committed", &committed, false)
+        // Written with the next group of appends: it only shortens the replay at start, so a
+        // lost one means replaying from the snapshot, never a lost write.
+        *self.committed.lock().expect("committed lock") = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StoreResult<Option<LogId<ManagerId>>> {
+        if let Some(c) = *self.committed.lock().expect("committed lock") {
+            return Ok(c);
+        }
         Ok(self
             .get_meta::<Option<LogId<ManagerId>>>("committed")?
             .flatten())
@@ -284,38 +487,33 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let result = (|| -> Result<(), redb::Error> {
-            let tx = self.db.begin_write()?;
-            {
-                let mut t = tx.open_table(LOG)?;
-                for e in entries {
-                    t.insert(e.log_id.index, encode(&e).as_slice())?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })();
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(io_write(e))
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        {
+            let mut p = self.pending.lock().expect("pending lock");
+            for e in &entries {
+                p.insert(e.log_id.index, e.clone());
             }
         }
+        self.writer.send(Job::Append(entries, callback))
     }
 
     async fn truncate(&mut self, log_id: LogId<ManagerId>) -> StoreResult<()> {
-        self.delete_range(log_id.index..).map_err(io_write)
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .retain(|i, _| *i < log_id.index);
+        self.ordered(|reply| Job::Truncate(log_id.index, reply))
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId<ManagerId>) -> StoreResult<()> {
-        // Record the purge point first: a crash between the two writes leaves entries that
-        // are merely unused, never a gap that the state claims is present.
-        self.put_meta("purged", &Some(log_id), true)?;
-        self.delete_range(..=log_id.index).map_err(io_write)
+        // The purge point is recorded first: a crash between the two writes leaves entries
+        // that are merely unused, never a gap that the state claims is present.
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .retain(|i, _| *i > log_id.index);
+        self.ordered(|reply| Job::Purge(log_id, reply)).await
     }
 }
 

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use swarmnet_model::spec::{NodeRole, ServiceMode, TaskRuntime};
-use swarmnet_model::{Intent, Name, NodeId};
+use swarmnet_model::spec::{DesiredState, NodeRole, ServiceMode, TaskRuntime};
+use swarmnet_model::{Intent, Name, NodeId, TaskId};
 use swarmnet_orchestrator::ipam::PoolConfig;
 use swarmnet_orchestrator::project::project;
 use swarmnet_orchestrator::state::{
@@ -51,12 +51,40 @@ pub fn cluster(nodes: u8) -> ClusterState {
     s
 }
 
-/// Applies a command that must succeed, then checks every invariant.
+/// Applies a command that must succeed, then checks every invariant. Tasks the command took
+/// out of service are then reaped at once (the leader's second phase, after checking the first:
+/// each is in netd's intent as draining), so tests see where tasks end up.
 pub fn apply(s: &mut ClusterState, cmd: Command) {
     if let Err(e) = s.apply(&cmd) {
         panic!("{cmd:?} refused: {e}");
     }
     check_invariants(s);
+    reap(s);
+}
+
+/// The leader's second phase of removal, at once: checks that every draining task is in netd's
+/// intent as draining, then reaps them all.
+pub fn reap(s: &mut ClusterState) {
+    let draining: Vec<TaskId> = s
+        .tasks
+        .values()
+        .filter(|t| t.draining)
+        .map(|t| t.id.clone())
+        .collect();
+    if !draining.is_empty() {
+        let spec = project(s);
+        for id in &draining {
+            let t = spec.tasks.iter().find(|t| &t.id == id);
+            assert_eq!(
+                t.map(|t| t.desired_state),
+                Some(DesiredState::Draining),
+                "draining task {id} in the intent"
+            );
+        }
+        s.apply(&Command::ReapTasks { tasks: draining })
+            .expect("reaping is never refused");
+        check_invariants(s);
+    }
 }
 
 pub fn network(n: &str) -> Command {
@@ -131,6 +159,7 @@ pub fn report_all_running(s: &mut ClusterState) {
             message: String::new(),
         });
         check_invariants(s);
+        reap(s);
     }
 }
 
@@ -246,13 +275,17 @@ pub fn check_invariants(s: &ClusterState) {
                 .nodes
                 .get(node)
                 .unwrap_or_else(|| panic!("task {} on missing node {node}", t.id));
-            assert_eq!(n.status, NodeStatus::Ready, "task {} on a down node", t.id);
-            assert_ne!(
-                n.availability,
-                swarmnet_model::spec::Availability::Drain,
-                "task {} on a drained node",
-                t.id
-            );
+            // A draining task stays where it is until the leader reaps it (its node may be
+            // drained, or have gone down since).
+            if !t.draining {
+                assert_eq!(n.status, NodeStatus::Ready, "task {} on a down node", t.id);
+                assert_ne!(
+                    n.availability,
+                    swarmnet_model::spec::Availability::Drain,
+                    "task {} on a drained node",
+                    t.id
+                );
+            }
             for a in &t.networks {
                 let ip =
                     a.ip.unwrap_or_else(|| panic!("task {} has no address on {}", t.id, a.network));
@@ -260,13 +293,13 @@ pub fn check_invariants(s: &ClusterState) {
             }
         }
     }
-    // 3. Replicated services have exactly one task per slot.
+    // 3. Replicated services have exactly one active (not draining) task per slot.
     for svc in s.services.values() {
         if let Some(r) = svc.def.replicas() {
             let slots: Vec<u32> = s
                 .tasks
                 .values()
-                .filter(|t| t.service == svc.def.name)
+                .filter(|t| t.service == svc.def.name && t.is_active())
                 .map(|t| t.slot)
                 .collect();
             let set: BTreeSet<u32> = slots.iter().copied().collect();
