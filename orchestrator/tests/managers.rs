@@ -718,6 +718,19 @@ async fn managers_added_and_removed_at_run_time_while_writes_continue() {
         dir: c.slots[0].dir.with_file_name("m4"),
         running: None,
     };
+    // It joins as a real manager would: the manager token buys it a certificate (the token
+    // pins the CA), and the administrator's certificate reaches it like the others.
+    let tokens = cluster_client(&addrs[1])
+        .await
+        .join_tokens(pb::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    ca::join(&fourth.dir, &addrs[1], &tokens.manager, "manager-4")
+        .await
+        .expect("the fourth manager gets its certificate");
+    let admin = ADMIN.lock().unwrap().get(&addrs[0]).cloned().unwrap();
+    ADMIN.lock().unwrap().insert(fourth.addr.clone(), admin);
     let mut write_to = addrs.clone();
     write_to.push(fourth.addr.clone());
     let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
