@@ -157,9 +157,91 @@ pub struct DesiredSandbox {
     pub ifaces: Vec<DesiredIface>,
     pub gw: Option<DesiredGwIface>,
     pub process: Option<DesiredProcess>,
-    /// Set on the ingress sandbox: it forwards published traffic into the ingress network out
-    /// of this interface, masquerading as its own address there (so replies come back to it).
-    pub router: Option<IfName>,
+    /// Set on the ingress sandbox: the routing mesh's load balancer and its way into the
+    /// ingress network.
+    pub router: Option<DesiredRouter>,
+}
+
+/// The ingress sandbox's part of the routing mesh: the load-balancing point of the ingress
+/// network on this node (as Docker's `ingress-sbox`). A published port's traffic arrives from
+/// the node (DNATed to a service's ingress VIP), is balanced here over the service's tasks on
+/// every node and leaves into the ingress network out of `out_if`, masqueraded as the
+/// sandbox's own address there, so the replies of a task on any node come back through this
+/// node. The ingress network's own namespace then only bridges: one NAT point fewer and no
+/// netfilter on its bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredRouter {
+    /// The interface on the ingress network.
+    pub out_if: IfName,
+    /// The ingress network.
+    pub network: Name,
+    /// The ingress VIPs, /32s on `out_if`: local addresses here, which IPVS needs (it
+    /// schedules at `LOCAL_IN`); nftables DNATs them before routing either way.
+    pub vips: BTreeSet<Ipv4Addr>,
+    /// The ingress network's services, balanced here.
+    pub lb: LbSpec,
+}
+
+/// One load-balancing point of a node, borrowed mutably: a network's services balanced in the
+/// namespace `ns` (the network's own, or for the ingress network the ingress sandbox's), and
+/// that network's remote endpoints (a remote backend that drains keeps its FDB/neighbour
+/// entries).
+#[derive(Debug)]
+pub struct LbPointMut<'a> {
+    pub ns: &'a NsName,
+    pub network: &'a Name,
+    pub lb: &'a mut LbSpec,
+    pub peers: &'a mut BTreeMap<Ipv4Addr, (MacAddr, Ipv4Addr)>,
+}
+
+impl DesiredNode {
+    /// Every load-balancing point: each network's, in its own namespace, except the ingress
+    /// network's, which is in the ingress sandbox.
+    pub fn lb_points_mut(&mut self) -> Vec<LbPointMut<'_>> {
+        let mut routers: BTreeMap<&Name, (&NsName, &mut LbSpec)> = self
+            .sandboxes
+            .values_mut()
+            .filter_map(|DesiredSandbox { ns, router, .. }| {
+                let ns: &NsName = ns;
+                router.as_mut().map(|DesiredRouter { network, lb, .. }| {
+                    let network: &Name = network;
+                    (network, (ns, lb))
+                })
+            })
+            .collect();
+        self.networks
+            .values_mut()
+            .map(
+                |DesiredNetwork {
+                     id, ns, lb, peers, ..
+                 }| {
+                    let (id, ns): (&Name, &NsName) = (id, ns);
+                    let (ns, lb) = routers.remove(id).unwrap_or((ns, lb));
+                    LbPointMut {
+                        ns,
+                        network: id,
+                        lb,
+                        peers,
+                    }
+                },
+            )
+            .collect()
+    }
+
+    /// The load balancer wanted in namespace `ns`, if one is balanced there.
+    pub fn lb_in(&self, ns: &NsName) -> Option<&LbSpec> {
+        self.networks
+            .values()
+            .find(|n| &n.ns == ns)
+            .map(|n| &n.lb)
+            .or_else(|| {
+                self.sandboxes
+                    .values()
+                    .find(|s| &s.ns == ns)
+                    .and_then(|s| s.router.as_ref())
+                    .map(|r| &r.lb)
+            })
+    }
 }
 
 /// A port published on this node: `proto/port` on the node's addresses goes to `target`.
@@ -484,6 +566,7 @@ fn drop_dead_remotes(
     remote: &crate::gossip::view::RemoteLive,
     out: &mut DesiredNode,
 ) {
+    let mut dead: BTreeSet<(&Name, Ipv4Addr)> = BTreeSet::new();
     for (t, atts) in intent
         .tasks()
         .filter(|(t, _)| &t.node != me && t.desired_state == DesiredState::Running)
@@ -492,15 +575,21 @@ fn drop_dead_remotes(
             if remote.allows(&t.node, &a.network, &t.id) {
                 continue;
             }
-            let Some(net) = intent
-                .network(&a.network)
-                .and_then(|n| out.networks.get_mut(&n.id))
-            else {
-                continue;
-            };
-            net.peers.remove(&a.ip);
-            for svc in net.lb.services.values_mut() {
-                svc.backends.remove(&a.ip);
+            if let Some(n) = intent.network(&a.network) {
+                dead.insert((&n.id, a.ip));
+            }
+        }
+    }
+    if dead.is_empty() {
+        return;
+    }
+    for p in out.lb_points_mut() {
+        for (_, ip) in
+            dead.range((p.network, Ipv4Addr::UNSPECIFIED)..=(p.network, Ipv4Addr::BROADCAST))
+        {
+            p.peers.remove(ip);
+            for svc in p.lb.services.values_mut() {
+                svc.backends.remove(ip);
             }
         }
     }
@@ -544,6 +633,13 @@ fn project_ingress(
         mtu: ctx.underlay_mtu,
     };
     out.ingress_route = Some((ing.spec.subnet, *lease));
+    // The ingress network's VIPs and services are balanced here, not in the network's
+    // namespace (which then only bridges).
+    let (vips, lb) = out
+        .networks
+        .get_mut(&ing.id)
+        .map(|n| (std::mem::take(&mut n.vips), std::mem::take(&mut n.lb)))
+        .unwrap_or_default();
     out.sandboxes.insert(
         task.clone(),
         DesiredSandbox {
@@ -553,7 +649,12 @@ fn project_ingress(
             ifaces: vec![iface],
             gw: Some(gw),
             process: None,
-            router: Some(eth0),
+            router: Some(DesiredRouter {
+                out_if: eth0,
+                network: ing.id.clone(),
+                vips,
+                lb,
+            }),
         },
     );
 }

@@ -17,7 +17,8 @@
 //! - throughput: `iperf3 -c <target> -t <secs> -J` (one TCP stream), receiver bits/s.
 //!
 //! Knobs: `SWARMNET_BENCH_SECS` (per measurement, default 4), `SWARMNET_BENCH_ROUNDS` (default 3;
-//! the median is reported).
+//! the median is reported), `SWARMNET_BENCH_PATHS` (comma-separated path names: measure only
+//! those, e.g. one path at a time under `perf record`; `bench/datapath.sh` always runs all).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -209,9 +210,17 @@ struct Path_ {
 
 /// Measures every path `rounds()` times, alternating; returns a JSON object per path.
 fn measure(client_ns: &Path, paths: &[Path_]) -> Result<Value> {
+    let only = std::env::var("SWARMNET_BENCH_PATHS").ok();
+    let paths: Vec<&Path_> = paths
+        .iter()
+        .filter(|p| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n.trim() == p.name))
+        })
+        .collect();
     let dur = Duration::from_secs(secs());
     // Warm-up: ARP, conntrack, caches.
-    for p in paths {
+    for p in &paths {
         conn_rate(client_ns, p.conn, Duration::from_millis(500))?;
     }
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
