@@ -257,8 +257,9 @@ pub struct PublishedPort {
 /// Where a published port's connections go.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PublishTarget {
-    /// The routing mesh: the service's VIP on the ingress network, through the ingress sandbox
-    /// (every healthy task on every node; the task sees the ingress sandbox's address).
+    /// The routing mesh: the service's VIP on the ingress network, routed to the ingress
+    /// sandbox, which balances it (every healthy task on every node; the task sees the
+    /// ingress sandbox's address).
     Mesh(std::net::SocketAddrV4),
     /// Tasks on this node, straight through their gateway-bridge addresses, spread at random;
     /// the task sees the client's own address. Empty: refuse at once (TCP reset, ICMP
@@ -922,6 +923,89 @@ mod tests {
             live_vteps: BTreeSet::new(),
         };
         assert_eq!(project_with_gossip(&intent, &c, Some(&warming)).0, plain);
+    }
+
+    /// Two nodes, an ingress network and a service published on it with a task on each node.
+    const MESH: &str = r#"{
+      "version": 1,
+      "nodes": [{"id": "n1", "addr": "198.18.0.1", "ingress_ip": "10.255.0.101"},
+                {"id": "n2", "addr": "198.18.0.2", "ingress_ip": "10.255.0.102"}],
+      "networks": [{"name": "ingress", "subnet": "10.255.0.0/24", "vni": 4096, "ingress": true}],
+      "services": [{"name": "web", "networks": [{"network": "ingress", "vip": "10.255.0.2"}],
+                    "ports": [{"target": 80, "published": 8080}]}],
+      "tasks": [{"id": "web1", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
+                 "networks": [{"network": "ingress", "ip": "10.255.0.11"}]},
+                {"id": "web2", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
+                 "networks": [{"network": "ingress", "ip": "10.255.0.12"}]}]
+    }"#;
+
+    #[test]
+    fn the_ingress_network_is_balanced_in_the_ingress_sandbox() {
+        use crate::gossip::view::RemoteLive;
+        let intent = Intent::from_json(MESH).unwrap();
+        let mut c = ctx("n1");
+        c.gw_leases = lease_gw(c.gw_subnet, &c.gw_leases, &gw_tasks(&intent, &c.node)).0;
+        let (mut d, issues) = project(&intent, &c);
+        assert!(issues.is_empty(), "{issues:?}");
+        let ing = Name::new("ingress").unwrap();
+        let net = &d.networks[&ing];
+        assert!(
+            net.vips.is_empty() && net.lb.services.is_empty(),
+            "the ingress network's namespace only bridges"
+        );
+        let r = d.sandboxes[&ingress_task()]
+            .router
+            .clone()
+            .expect("the ingress sandbox routes");
+        let vip: Ipv4Addr = "10.255.0.2".parse().unwrap();
+        assert_eq!(r.out_if.as_str(), "eth0");
+        assert_eq!(r.network, ing);
+        assert_eq!(r.vips, BTreeSet::from([vip]));
+        let key = ServiceKey {
+            vip,
+            proto: Proto::Tcp,
+            port: 80,
+        };
+        assert_eq!(
+            r.lb.services[&key].healthy(),
+            ["10.255.0.11", "10.255.0.12"]
+                .map(|a| a.parse::<Ipv4Addr>().unwrap())
+                .to_vec(),
+            "tasks on every node"
+        );
+        // One load-balancing point per network, the ingress one in the sandbox.
+        let points: Vec<(NsName, Name)> = d
+            .lb_points_mut()
+            .into_iter()
+            .map(|p| (p.ns.clone(), p.network.clone()))
+            .collect();
+        assert_eq!(points, vec![(sandbox_ns(&ingress_task()), ing.clone())]);
+        assert_eq!(d.lb_in(&sandbox_ns(&ingress_task())), Some(&r.lb));
+        assert_eq!(d.lb_in(&network_ns(&ing)), Some(&LbSpec::default()));
+
+        // Gossip without web2: it leaves the sandbox's load balancer and the FDB/neighbours.
+        let dead = RemoteLive {
+            endpoints: BTreeSet::new(),
+            warming: None,
+            live_vteps: BTreeSet::new(),
+        };
+        let (g, _) = project_with_gossip(&intent, &c, Some(&dead));
+        let web2: Ipv4Addr = "10.255.0.12".parse().unwrap();
+        let lb = &g.sandboxes[&ingress_task()].router.as_ref().unwrap().lb;
+        assert!(!lb.services[&key].backends.contains_key(&web2));
+        assert!(!g.networks[&ing].peers.contains_key(&web2));
+        // The other node's ingress sandbox stays a peer (it is no task).
+        assert!(
+            g.networks[&ing]
+                .peers
+                .contains_key(&"10.255.0.102".parse().unwrap())
+        );
+        d.sandboxes.clear();
+        assert_eq!(
+            d.lb_points_mut()[0].ns,
+            &network_ns(&ing),
+            "without its sandbox a network is its own point"
+        );
     }
 
     #[test]
