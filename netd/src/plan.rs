@@ -773,10 +773,14 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
         &br_addrs,
         &mut ops,
     );
-    let (sysctls, needed) = if n.lb.services.is_empty() {
-        (BRIDGE_ONLY_SYSCTLS, false)
-    } else {
+    // A table this process applied stays (emptied) when the last service leaves: its nat hooks
+    // keep translating the connections still open, and they need bridge netfilter too.
+    let balances =
+        !n.lb.services.is_empty() || observed.lb.get(&n.ns).is_some_and(|l| l.applied.is_some());
+    let (sysctls, needed) = if balances {
         (LB_SYSCTLS, true)
+    } else {
+        (BRIDGE_ONLY_SYSCTLS, false)
     };
     for (k, v) in sysctls {
         let differs = match obs.sysctls.get(*k) {
@@ -923,13 +927,16 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
 }
 
 /// The load balancer of namespace `ns` to serve `spec`: programmed when it differs from what
-/// was applied or the kernel drifted; removed (table and all, so the namespace keeps no NAT
-/// hooks) when nothing is to be served and something of ours is there, applied by this
-/// process or left by an earlier one.
+/// was applied or the kernel drifted. When nothing is to be served, what this process applied
+/// is emptied but stays (the nat hooks of its table keep translating established
+/// connections: a table deleted under them would cut them), while a table of ours that this
+/// process never applied (left by an earlier netd, e.g. the ingress network balanced in its
+/// own namespace before the ingress sandbox took it over) is removed, so that namespace keeps
+/// no NAT hooks and no conntrack.
 fn plan_lb(ns: &NsName, spec: &LbSpec, observed: &Observed) -> Option<Op> {
     let lb = observed.lb.get(ns).cloned().unwrap_or_default();
-    if spec.services.is_empty() {
-        return (lb.applied.is_some() || lb.present).then(|| Op::FlushLb(ns.clone()));
+    if spec.services.is_empty() && lb.applied.is_none() {
+        return lb.present.then(|| Op::FlushLb(ns.clone()));
     }
     let up_to_date = lb.in_sync && lb.applied.as_ref() == Some(spec);
     (!up_to_date).then(|| Op::ApplyLb {
