@@ -27,23 +27,36 @@ mkdir -p bench-out
 echo "== building (release)" >&2
 cargo build --release -q -p swarmnet-netd -p swarmnet-cli >&2
 cargo test --release -q -p swarmnet-tests-netns --test datapath_bench --no-run >&2
+# The machine may be shared: the load around the run is printed with the results.
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 OUT="$(SWARMNET_BENCH_SECS=$SECS SWARMNET_BENCH_ROUNDS=$ROUNDS timeout 1200 \
   cargo test --release -q -p swarmnet-tests-netns --test datapath_bench -- --ignored --nocapture \
   --test-threads 1 2>&1 | tee /dev/stderr | sed -n 's/^DATAPATH //p')"
 [ "$(printf '%s\n' "$OUT" | grep -c .)" = 2 ] || { echo "the benchmark did not print both results" >&2; exit 1; }
-printf '%s\n' "$OUT" | python3 -c '
-import json, sys
+LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%s\n' "$OUT" | LOAD_BEFORE="$LOAD_BEFORE" LOAD_AFTER="$LOAD_AFTER" NPROC="$(nproc)" python3 -c '
+import json, os, sys
 runs = [json.loads(l) for l in sys.stdin if l.strip()]
+for r in runs:
+    r["loadavg_before"] = os.environ["LOAD_BEFORE"]
+    r["loadavg_after"] = os.environ["LOAD_AFTER"]
 json.dump(runs, open("bench-out/datapath.json", "w"), indent=1)
 print()
-print("%-6s %-24s %9s %9s %8s %9s %s" % ("bench", "path", "conn/s", "x direct", "Gbit/s", "x direct", "failed"))
+print("%-6s %-24s %8s %6s %8s %6s | %9s %6s %9s %6s | %s" % ("bench", "path", "conn/s", "x dir",
+      "Gbit/s", "x dir", "us CPU/c", "dir/x", "ms CPU/GB", "dir/x", "failed"))
 for r in runs:
     d = r["paths"]["direct"]
     for name, p in r["paths"].items():
-        print("%-6s %-24s %9.0f %9.2f %8.2f %9.2f %d" % (r["bench"], name, p["conn_per_s"],
-              p["conn_per_s"] / d["conn_per_s"], p["gbit_per_s"], p["gbit_per_s"] / d["gbit_per_s"],
-              p["conn_failed"]))
+        print("%-6s %-24s %8.0f %6.2f %8.2f %6.2f | %9.1f %6.2f %9.0f %6.2f | %d" % (r["bench"], name,
+              p["conn_per_s"], p["conn_per_s"] / d["conn_per_s"], p["gbit_per_s"],
+              p["gbit_per_s"] / d["gbit_per_s"], p["cpu_us_per_conn"],
+              d["cpu_us_per_conn"] / p["cpu_us_per_conn"], p["cpu_ms_per_gb"],
+              d["cpu_ms_per_gb"] / p["cpu_ms_per_gb"], p["conn_failed"]))
 print()
+print("x dir: the rate as a fraction of direct (wall clock: on a loaded machine it also measures")
+print("waiting for a core); dir/x: the CPU cost of direct as a fraction of this path, per connection")
+print("(client + server threads, the softirq work of every hop included) and per GB (iperf3 CPU figures)")
+print("load average (1, 5, 15 min) before: %s, after: %s, on %s cores" % (os.environ["LOAD_BEFORE"], os.environ["LOAD_AFTER"], os.environ["NPROC"]))
 print("targets: vip >= 0.95 of direct throughput and >= 0.9 of direct connection rate;")
 print("         mesh on the node with the task >= 0.9 of direct; the node without it pays one VXLAN hop")
 '

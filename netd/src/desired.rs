@@ -161,9 +161,91 @@ pub struct DesiredSandbox {
     pub ifaces: Vec<DesiredIface>,
     pub gw: Option<DesiredGwIface>,
     pub process: Option<DesiredProcess>,
-    /// Set on the ingress sandbox: it forwards published traffic into the ingress network out
-    /// of this interface, masquerading as its own address there (so replies come back to it).
-    pub router: Option<IfName>,
+    /// Set on the ingress sandbox: the routing mesh's load balancer and its way into the
+    /// ingress network.
+    pub router: Option<DesiredRouter>,
+}
+
+/// The ingress sandbox's part of the routing mesh: the load-balancing point of the ingress
+/// network on this node (as Docker's `ingress-sbox`). A published port's traffic arrives from
+/// the node (DNATed to a service's ingress VIP), is balanced here over the service's tasks on
+/// every node and leaves into the ingress network out of `out_if`, masqueraded as the
+/// sandbox's own address there, so the replies of a task on any node come back through this
+/// node. The ingress network's own namespace then only bridges: one NAT point fewer and no
+/// netfilter on its bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredRouter {
+    /// The interface on the ingress network.
+    pub out_if: IfName,
+    /// The ingress network.
+    pub network: Name,
+    /// The ingress VIPs, /32s on `out_if`: local addresses here, which IPVS needs (it
+    /// schedules at `LOCAL_IN`); nftables DNATs them before routing either way.
+    pub vips: BTreeSet<Ipv4Addr>,
+    /// The ingress network's services, balanced here.
+    pub lb: LbSpec,
+}
+
+/// One load-balancing point of a node, borrowed mutably: a network's services balanced in the
+/// namespace `ns` (the network's own, or for the ingress network the ingress sandbox's), and
+/// that network's remote endpoints (a remote backend that drains keeps its FDB/neighbour
+/// entries).
+#[derive(Debug)]
+pub struct LbPointMut<'a> {
+    pub ns: &'a NsName,
+    pub network: &'a Name,
+    pub lb: &'a mut LbSpec,
+    pub peers: &'a mut BTreeMap<Ipv4Addr, (MacAddr, Ipv4Addr)>,
+}
+
+impl DesiredNode {
+    /// Every load-balancing point: each network's, in its own namespace, except the ingress
+    /// network's, which is in the ingress sandbox.
+    pub fn lb_points_mut(&mut self) -> Vec<LbPointMut<'_>> {
+        let mut routers: BTreeMap<&Name, (&NsName, &mut LbSpec)> = self
+            .sandboxes
+            .values_mut()
+            .filter_map(|DesiredSandbox { ns, router, .. }| {
+                let ns: &NsName = ns;
+                router.as_mut().map(|DesiredRouter { network, lb, .. }| {
+                    let network: &Name = network;
+                    (network, (ns, lb))
+                })
+            })
+            .collect();
+        self.networks
+            .values_mut()
+            .map(
+                |DesiredNetwork {
+                     id, ns, lb, peers, ..
+                 }| {
+                    let (id, ns): (&Name, &NsName) = (id, ns);
+                    let (ns, lb) = routers.remove(id).unwrap_or((ns, lb));
+                    LbPointMut {
+                        ns,
+                        network: id,
+                        lb,
+                        peers,
+                    }
+                },
+            )
+            .collect()
+    }
+
+    /// The load balancer wanted in namespace `ns`, if one is balanced there.
+    pub fn lb_in(&self, ns: &NsName) -> Option<&LbSpec> {
+        self.networks
+            .values()
+            .find(|n| &n.ns == ns)
+            .map(|n| &n.lb)
+            .or_else(|| {
+                self.sandboxes
+                    .values()
+                    .find(|s| &s.ns == ns)
+                    .and_then(|s| s.router.as_ref())
+                    .map(|r| &r.lb)
+            })
+    }
 }
 
 /// A port published on this node: `proto/port` on the node's addresses goes to `target`.
@@ -179,8 +261,9 @@ pub struct PublishedPort {
 /// Where a published port's connections go.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PublishTarget {
-    /// The routing mesh: the service's VIP on the ingress network, through the ingress sandbox
-    /// (every healthy task on every node; the task sees the ingress sandbox's address).
+    /// The routing mesh: the service's VIP on the ingress network, routed to the ingress
+    /// sandbox, which balances it (every healthy task on every node; the task sees the
+    /// ingress sandbox's address).
     Mesh(std::net::SocketAddrV4),
     /// Tasks on this node, straight through their gateway-bridge addresses, spread at random;
     /// the task sees the client's own address. Empty: refuse at once (TCP reset, ICMP
@@ -490,6 +573,7 @@ fn drop_dead_remotes(
     remote: &crate::gossip::view::RemoteLive,
     out: &mut DesiredNode,
 ) {
+    let mut dead: BTreeSet<(&Name, Ipv4Addr)> = BTreeSet::new();
     for (t, atts) in intent
         .tasks()
         .filter(|(t, _)| &t.node != me && t.desired_state.keeps_sandbox())
@@ -498,15 +582,21 @@ fn drop_dead_remotes(
             if remote.allows(&t.node, &a.network, &t.id) {
                 continue;
             }
-            let Some(net) = intent
-                .network(&a.network)
-                .and_then(|n| out.networks.get_mut(&n.id))
-            else {
-                continue;
-            };
-            net.peers.remove(&a.ip);
-            for svc in net.lb.services.values_mut() {
-                svc.backends.remove(&a.ip);
+            if let Some(n) = intent.network(&a.network) {
+                dead.insert((&n.id, a.ip));
+            }
+        }
+    }
+    if dead.is_empty() {
+        return;
+    }
+    for p in out.lb_points_mut() {
+        for (_, ip) in
+            dead.range((p.network, Ipv4Addr::UNSPECIFIED)..=(p.network, Ipv4Addr::BROADCAST))
+        {
+            p.peers.remove(ip);
+            for svc in p.lb.services.values_mut() {
+                svc.backends.remove(ip);
             }
         }
     }
@@ -550,6 +640,13 @@ fn project_ingress(
         mtu: ctx.underlay_mtu,
     };
     out.ingress_route = Some((ing.spec.subnet, *lease));
+    // The ingress network's VIPs and services are balanced here, not in the network's
+    // namespace (which then only bridges).
+    let (vips, lb) = out
+        .networks
+        .get_mut(&ing.id)
+        .map(|n| (std::mem::take(&mut n.vips), std::mem::take(&mut n.lb)))
+        .unwrap_or_default();
     out.sandboxes.insert(
         task.clone(),
         DesiredSandbox {
@@ -559,7 +656,12 @@ fn project_ingress(
             ifaces: vec![iface],
             gw: Some(gw),
             process: None,
-            router: Some(eth0),
+            router: Some(DesiredRouter {
+                out_if: eth0,
+                network: ing.id.clone(),
+                vips,
+                lb,
+            }),
         },
     );
 }
@@ -834,6 +936,89 @@ mod tests {
             live_vteps: BTreeSet::new(),
         };
         assert_eq!(project_with_gossip(&intent, &c, Some(&warming)).0, plain);
+    }
+
+    /// Two nodes, an ingress network and a service published on it with a task on each node.
+    const MESH: &str = r#"{
+      "version": 1,
+      "nodes": [{"id": "n1", "addr": "198.18.0.1", "ingress_ip": "10.255.0.101"},
+                {"id": "n2", "addr": "198.18.0.2", "ingress_ip": "10.255.0.102"}],
+      "networks": [{"name": "ingress", "subnet": "10.255.0.0/24", "vni": 4096, "ingress": true}],
+      "services": [{"name": "web", "networks": [{"network": "ingress", "vip": "10.255.0.2"}],
+                    "ports": [{"target": 80, "published": 8080}]}],
+      "tasks": [{"id": "web1", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
+                 "networks": [{"network": "ingress", "ip": "10.255.0.11"}]},
+                {"id": "web2", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
+                 "networks": [{"network": "ingress", "ip": "10.255.0.12"}]}]
+    }"#;
+
+    #[test]
+    fn the_ingress_network_is_balanced_in_the_ingress_sandbox() {
+        use crate::gossip::view::RemoteLive;
+        let intent = Intent::from_json(MESH).unwrap();
+        let mut c = ctx("n1");
+        c.gw_leases = lease_gw(c.gw_subnet, &c.gw_leases, &gw_tasks(&intent, &c.node)).0;
+        let (mut d, issues) = project(&intent, &c);
+        assert!(issues.is_empty(), "{issues:?}");
+        let ing = Name::new("ingress").unwrap();
+        let net = &d.networks[&ing];
+        assert!(
+            net.vips.is_empty() && net.lb.services.is_empty(),
+            "the ingress network's namespace only bridges"
+        );
+        let r = d.sandboxes[&ingress_task()]
+            .router
+            .clone()
+            .expect("the ingress sandbox routes");
+        let vip: Ipv4Addr = "10.255.0.2".parse().unwrap();
+        assert_eq!(r.out_if.as_str(), "eth0");
+        assert_eq!(r.network, ing);
+        assert_eq!(r.vips, BTreeSet::from([vip]));
+        let key = ServiceKey {
+            vip,
+            proto: Proto::Tcp,
+            port: 80,
+        };
+        assert_eq!(
+            r.lb.services[&key].healthy(),
+            ["10.255.0.11", "10.255.0.12"]
+                .map(|a| a.parse::<Ipv4Addr>().unwrap())
+                .to_vec(),
+            "tasks on every node"
+        );
+        // One load-balancing point per network, the ingress one in the sandbox.
+        let points: Vec<(NsName, Name)> = d
+            .lb_points_mut()
+            .into_iter()
+            .map(|p| (p.ns.clone(), p.network.clone()))
+            .collect();
+        assert_eq!(points, vec![(sandbox_ns(&ingress_task()), ing.clone())]);
+        assert_eq!(d.lb_in(&sandbox_ns(&ingress_task())), Some(&r.lb));
+        assert_eq!(d.lb_in(&network_ns(&ing)), Some(&LbSpec::default()));
+
+        // Gossip without web2: it leaves the sandbox's load balancer and the FDB/neighbours.
+        let dead = RemoteLive {
+            endpoints: BTreeSet::new(),
+            warming: None,
+            live_vteps: BTreeSet::new(),
+        };
+        let (g, _) = project_with_gossip(&intent, &c, Some(&dead));
+        let web2: Ipv4Addr = "10.255.0.12".parse().unwrap();
+        let lb = &g.sandboxes[&ingress_task()].router.as_ref().unwrap().lb;
+        assert!(!lb.services[&key].backends.contains_key(&web2));
+        assert!(!g.networks[&ing].peers.contains_key(&web2));
+        // The other node's ingress sandbox stays a peer (it is no task).
+        assert!(
+            g.networks[&ing]
+                .peers
+                .contains_key(&"10.255.0.102".parse().unwrap())
+        );
+        d.sandboxes.clear();
+        assert_eq!(
+            d.lb_points_mut()[0].ns,
+            &network_ns(&ing),
+            "without its sandbox a network is its own point"
+        );
     }
 
     #[test]

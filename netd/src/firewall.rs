@@ -8,9 +8,10 @@
 //! - sandboxes reach the world through the gateway bridge with masquerade;
 //! - published ports are DNATed to the routing mesh (a service's ingress VIP) or a local task.
 
-/// The ingress sandbox's own table: forwarded published traffic leaves into the ingress network
-/// masqueraded as the sandbox's address there, so the replies of a task on any node come back
-/// through this node (and its conntrack undoes the node's DNAT).
+/// The ingress sandbox's own table: forwarded published traffic, balanced by the ingress
+/// network's load balancer in the same namespace (table `ip swarmnet-lb`), leaves into the
+/// ingress network masqueraded as the sandbox's address there, so the replies of a task on any
+/// node come back through this node (and its conntrack undoes the DNATs).
 pub const INGRESS_TABLE: &str = "swarmnet-ingress";
 
 /// Renders the ingress sandbox's table (replaced whole, like the node's).

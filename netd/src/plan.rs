@@ -75,13 +75,16 @@ pub struct Observed {
     pub lb: BTreeMap<NsName, LbObservedState>,
 }
 
-/// What is known of a network namespace's load balancer.
+/// What is known of a namespace's load balancer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LbObservedState {
     /// The kernel holds what was applied last (no drift).
     pub in_sync: bool,
     /// What this netd applied last; `None` after a restart (the next apply reprograms whole).
     pub applied: Option<LbSpec>,
+    /// Something of ours is in the kernel there (in sync or not): a namespace that should
+    /// balance nothing has it removed.
+    pub present: bool,
 }
 
 /// Sysctls of a network namespace that load-balances: forwarding (without it every VIP
@@ -90,6 +93,17 @@ pub const LB_SYSCTLS: &[(&str, &str)] = &[
     ("net/ipv4/ip_forward", "1"),
     ("net/bridge/bridge-nf-call-iptables", "1"),
 ];
+
+/// Sysctls of a network namespace that balances nothing (the ingress network, whose services
+/// the ingress sandbox balances): its bridge only switches frames, so bridge netfilter is
+/// turned off. With it on (the kernel's default in a new namespace once `br_netfilter` is
+/// loaded), every bridged IPv4 frame is passed through the IPv4 hooks: a header check, an
+/// skb extension allocation and a fake route per frame, for nothing. Where `br_netfilter` is
+/// not loaded the key does not exist and nothing needs turning off.
+pub const BRIDGE_ONLY_SYSCTLS: &[(&str, &str)] = &[("net/bridge/bridge-nf-call-iptables", "0")];
+
+/// Sysctls of the ingress sandbox: it forwards between the node and the ingress network.
+pub const ROUTER_SYSCTLS: &[(&str, &str)] = &[("net/ipv4/ip_forward", "1")];
 
 /// A table netd replaces whole: what it applied last and how the kernel listed it right
 /// after. Applied again when the desired ruleset differs, or the listing changed (drift).
@@ -759,15 +773,28 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
         &br_addrs,
         &mut ops,
     );
-    if !n.lb.services.is_empty() {
-        for (k, v) in LB_SYSCTLS {
-            if obs.sysctls.get(*k).map(String::as_str) != Some(*v) {
-                ops.push(Op::SetSysctl {
-                    ns: ns.clone(),
-                    key: (*k).into(),
-                    value: (*v).into(),
-                });
-            }
+    // A table this process applied stays (emptied) when the last service leaves: its nat hooks
+    // keep translating the connections still open, and they need bridge netfilter too.
+    let balances =
+        !n.lb.services.is_empty() || observed.lb.get(&n.ns).is_some_and(|l| l.applied.is_some());
+    let (sysctls, needed) = if balances {
+        (LB_SYSCTLS, true)
+    } else {
+        (BRIDGE_ONLY_SYSCTLS, false)
+    };
+    for (k, v) in sysctls {
+        let differs = match obs.sysctls.get(*k) {
+            Some(now) => now != v,
+            // Unreadable: missing in this kernel. Only a setting we depend on is an error;
+            // one that turns something off is tried once, in a new namespace.
+            None => needed || !present,
+        };
+        if differs {
+            ops.push(Op::SetSysctl {
+                ns: ns.clone(),
+                key: (*k).into(),
+                value: (*v).into(),
+            });
         }
     }
 
@@ -866,15 +893,7 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
             entry: e.clone(),
         });
     }
-    let lb = observed.lb.get(&n.ns).cloned().unwrap_or_default();
-    let nothing_to_serve = n.lb.services.is_empty() && lb.applied.is_none();
-    let up_to_date = lb.in_sync && lb.applied.as_ref() == Some(&n.lb);
-    if !(nothing_to_serve || up_to_date) {
-        ops.push(Op::ApplyLb {
-            ns: n.ns.clone(),
-            spec: n.lb.clone(),
-        });
-    }
+    ops.extend(plan_lb(&n.ns, &n.lb, observed));
     // Host ends of sandboxes that stay but are no longer on this network (a detach), or whose
     // sandbox is gone. A sandbox being removed keeps its interface until its namespace goes
     // (after its process has stopped): a stopping task finishes what it was serving.
@@ -907,6 +926,25 @@ fn plan_network(n: &DesiredNetwork, observed: &Observed, desired: &DesiredNode) 
     ops
 }
 
+/// The load balancer of namespace `ns` to serve `spec`: programmed when it differs from what
+/// was applied or the kernel drifted. When nothing is to be served, what this process applied
+/// is emptied but stays (the nat hooks of its table keep translating established
+/// connections: a table deleted under them would cut them), while a table of ours that this
+/// process never applied (left by an earlier netd, e.g. the ingress network balanced in its
+/// own namespace before the ingress sandbox took it over) is removed, so that namespace keeps
+/// no NAT hooks and no conntrack.
+fn plan_lb(ns: &NsName, spec: &LbSpec, observed: &Observed) -> Option<Op> {
+    let lb = observed.lb.get(ns).cloned().unwrap_or_default();
+    if spec.services.is_empty() && lb.applied.is_none() {
+        return lb.present.then(|| Op::FlushLb(ns.clone()));
+    }
+    let up_to_date = lb.in_sync && lb.applied.as_ref() == Some(spec);
+    (!up_to_date).then(|| Op::ApplyLb {
+        ns: ns.clone(),
+        spec: spec.clone(),
+    })
+}
+
 fn plan_network_removal(ns: &NsName, observed: &Observed) -> Vec<Op> {
     // Our load balancer holds a socket in the namespace: let it go with the namespace.
     let mut ops = vec![Op::FlushLb(ns.clone())];
@@ -930,6 +968,11 @@ fn plan_network_removal(ns: &NsName, observed: &Observed) -> Vec<Op> {
 
 fn plan_sandbox_removal(ns: &NsName, task: Option<&TaskId>, observed: &Observed) -> Vec<Op> {
     let mut ops = Vec::new();
+    if task == Some(&crate::desired::ingress_task()) {
+        // The routing mesh's load balancer holds a socket in the ingress sandbox: let it go
+        // with the namespace.
+        ops.push(Op::FlushLb(ns.clone()));
+    }
     if let Some(t) = task
         && let Some(p) = observed.processes.get(t)
     {
@@ -1007,22 +1050,29 @@ fn plan_sandbox(
     let owner = s.ns.as_str();
     for i in &s.ifaces {
         let net_obs = observed.ns.get(&i.net_ns).unwrap_or(&empty);
-        plan_veth(s, i, obs, net_obs, owner, &mut ops);
+        // The ingress sandbox holds the ingress VIPs on its interface into the network.
+        let mut addrs = vec![i.addr];
+        if let Some(r) = s.router.as_ref().filter(|r| r.out_if == i.ifname) {
+            addrs.extend(r.vips.iter().map(|v| Ipv4Net::from(*v)));
+        }
+        plan_veth(s, i, &addrs, obs, net_obs, owner, &mut ops);
     }
     if let Some(g) = &s.gw {
         plan_gw(s, g, obs, &observed.node, owner, &mut ops);
     }
-    if let Some(out_if) = &s.router {
+    if let Some(r) = &s.router {
         // The ingress sandbox forwards published traffic from the node into the ingress
-        // network, masquerading as its own address there.
-        if obs.sysctls.get("net/ipv4/ip_forward").map(String::as_str) != Some("1") {
-            ops.push(Op::SetSysctl {
-                ns: sb.clone(),
-                key: "net/ipv4/ip_forward".into(),
-                value: "1".into(),
-            });
+        // network, balanced over the services' tasks and masqueraded as its own address there.
+        for (k, v) in ROUTER_SYSCTLS {
+            if obs.sysctls.get(*k).map(String::as_str) != Some(*v) {
+                ops.push(Op::SetSysctl {
+                    ns: sb.clone(),
+                    key: (*k).into(),
+                    value: (*v).into(),
+                });
+            }
         }
-        let ruleset = crate::firewall::render_ingress(out_if.as_str());
+        let ruleset = crate::firewall::render_ingress(r.out_if.as_str());
         let current = if present {
             observed.ingress_firewall.as_deref()
         } else {
@@ -1031,6 +1081,12 @@ fn plan_sandbox(
         if table_needs_apply(&ruleset, current, ingress_table) {
             ops.push(Op::ApplyIngressFirewall(ruleset));
         }
+        let lb_obs = if present {
+            observed
+        } else {
+            &Observed::default()
+        };
+        ops.extend(plan_lb(&s.ns, &r.lb, lb_obs));
     }
     if let Some(p) = &s.process {
         match observed.processes.get(&s.task) {
@@ -1060,6 +1116,7 @@ fn plan_sandbox(
 fn plan_veth(
     s: &DesiredSandbox,
     i: &DesiredIface,
+    addrs: &[Ipv4Net],
     obs: &NsObserved,
     net_obs: &NsObserved,
     owner: &str,
@@ -1104,7 +1161,7 @@ fn plan_veth(
                     change,
                 });
             }
-            converge_addrs(&sb, &i.ifname, obs, &[i.addr], ops);
+            converge_addrs(&sb, &i.ifname, obs, addrs, ops);
         }
         (host, inner) => {
             if host.is_some() {
@@ -1147,11 +1204,13 @@ fn plan_veth(
                 name: i.ifname.clone(),
                 change: up_change(None),
             });
-            ops.push(Op::AddAddr {
-                ns: sb,
-                link: i.ifname.clone(),
-                addr: i.addr,
-            });
+            for a in addrs {
+                ops.push(Op::AddAddr {
+                    ns: sb.clone(),
+                    link: i.ifname.clone(),
+                    addr: *a,
+                });
+            }
         }
     }
 }

@@ -497,12 +497,10 @@ impl Reconciler {
         let ctx = self.context();
         let (mut desired, issues) =
             desired::project_with_gossip(&self.intent, &ctx, self.remote.as_ref());
-        for n in desired
-            .networks
-            .values_mut()
-            .filter(|n| !n.lb.services.is_empty())
-        {
-            n.lb.timeouts = self.cfg.lb_timeouts;
+        for p in desired.lb_points_mut() {
+            if !p.lb.services.is_empty() {
+                p.lb.timeouts = self.cfg.lb_timeouts;
+            }
         }
         self.keep_draining(&mut desired, now);
         self.projection_issues = issues
@@ -686,8 +684,8 @@ impl Reconciler {
         let grace = self.cfg.stop_grace;
         let last = self.last_desired.as_ref();
         let remote = self.remote.as_ref();
-        for net in desired.networks.values_mut() {
-            let Some(prev) = self.lb_applied.get(&net.ns) else {
+        for net in desired.lb_points_mut() {
+            let Some(prev) = self.lb_applied.get(net.ns) else {
                 continue;
             };
             for (key, prev_svc) in &prev.services {
@@ -709,7 +707,7 @@ impl Reconciler {
                         // the liveness bound.
                         if !net.peers.contains_key(ip)
                             && let Some(peer) = last
-                                .and_then(|l| l.networks.get(&net.id))
+                                .and_then(|l| l.networks.get(net.network))
                                 .and_then(|l| l.peers.get(ip))
                             && !remote.is_some_and(|r| r.vtep_dead(peer.1))
                         {
@@ -721,12 +719,10 @@ impl Reconciler {
         }
         self.drains.retain(|(ns, key, ip), deadline| {
             *deadline > now
-                && desired.networks.values().any(|n| {
-                    &n.ns == ns
-                        && n.lb
-                            .services
-                            .get(key)
-                            .is_some_and(|s| s.backends.get(ip) == Some(&BackendState::Draining))
+                && desired.lb_in(ns).is_some_and(|lb| {
+                    lb.services
+                        .get(key)
+                        .is_some_and(|s| s.backends.get(ip) == Some(&BackendState::Draining))
                 })
         });
     }
@@ -841,41 +837,53 @@ impl Reconciler {
                 }
             }
         }
+        let ingress_sb = desired::sandbox_ns(&desired::ingress_task());
         for ns in wanted.into_iter().filter(|n| o.netns.contains(n)) {
             let net = ns.as_str().starts_with("net-");
             let at = NsRef::Owned(ns.clone());
             let mut obs = observe_ns(links.as_mut(), &at, net);
-            if net {
-                for (key, _) in plan::LB_SYSCTLS {
-                    if let Ok(v) = links.get_sysctl(&at, key) {
-                        obs.sysctls.insert((*key).to_owned(), v.trim().to_owned());
-                    }
-                }
-                let applied = self.lb_applied.get(&ns).cloned();
-                let serves = desired
-                    .networks
-                    .values()
-                    .any(|n| n.ns == ns && !n.lb.services.is_empty());
-                if applied.is_some() || serves {
-                    let in_sync = match self.ports.lb.observe(&at) {
-                        Ok(LbObserved::InSync) => true,
-                        Ok(LbObserved::Absent) => {
-                            applied.as_ref().is_none_or(|a| a.services.is_empty())
-                        }
-                        Ok(LbObserved::Drifted) => false,
-                        Err(e) => {
-                            warn!(%ns, error = %e, "cannot observe the load balancer");
-                            false
-                        }
-                    };
-                    o.lb.insert(ns.clone(), plan::LbObservedState { in_sync, applied });
+            let sysctls = if net {
+                plan::LB_SYSCTLS
+            } else if ns == ingress_sb {
+                plan::ROUTER_SYSCTLS
+            } else {
+                &[]
+            };
+            for (key, _) in sysctls {
+                if let Ok(v) = links.get_sysctl(&at, key) {
+                    obs.sysctls.insert((*key).to_owned(), v.trim().to_owned());
                 }
             }
-            if ns == desired::sandbox_ns(&desired::ingress_task()) {
-                if let Ok(v) = links.get_sysctl(&at, "net/ipv4/ip_forward") {
-                    obs.sysctls
-                        .insert("net/ipv4/ip_forward".into(), v.trim().to_owned());
+            if net || ns == ingress_sb {
+                let applied = self.lb_applied.get(&ns).cloned();
+                let serves = desired.lb_in(&ns).is_some_and(|lb| !lb.services.is_empty());
+                // A full round also looks where nothing is applied or wanted: a table left by
+                // an earlier netd (the ingress network balanced in its own namespace before
+                // the ingress sandbox took it over) is removed.
+                if applied.is_some() || serves || matches!(scope, Scope::Full) {
+                    let (in_sync, present) = match self.ports.lb.observe(&at) {
+                        Ok(LbObserved::InSync) => (true, true),
+                        Ok(LbObserved::Absent) => (
+                            applied.as_ref().is_none_or(|a| a.services.is_empty()),
+                            false,
+                        ),
+                        Ok(LbObserved::Drifted) => (false, true),
+                        Err(e) => {
+                            warn!(%ns, error = %e, "cannot observe the load balancer");
+                            (false, applied.is_some())
+                        }
+                    };
+                    o.lb.insert(
+                        ns.clone(),
+                        plan::LbObservedState {
+                            in_sync,
+                            applied,
+                            present,
+                        },
+                    );
                 }
+            }
+            if ns == ingress_sb {
                 match self.ports.ingress_firewall.list_table() {
                     Ok(l) => o.ingress_firewall = l.map(|l| plan::normalize_listing(&l)),
                     Err(e) => warn!(error = %e, "cannot list the ingress sandbox's table"),
@@ -916,6 +924,10 @@ impl Reconciler {
             Op::SetSysctl { ns, key, value } => match l.set_sysctl(ns, key, value) {
                 // IPv6 compiled out or disabled: there is no accept_ra to turn off.
                 Err(e) if e.is_not_found() && key.starts_with("net/ipv6/") => Ok(()),
+                // br_netfilter not loaded: bridged frames skip netfilter anyway.
+                Err(e) if e.is_not_found() && key.starts_with("net/bridge/") && value == "0" => {
+                    Ok(())
+                }
                 r => r,
             },
             Op::ApplyFirewall(ruleset) => {

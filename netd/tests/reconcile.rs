@@ -929,3 +929,118 @@ fn an_exited_task_kept_down_stops_serving_and_is_reported_with_its_exit() {
         );
     }
 }
+
+const MESH_INTENT: &str = r#"{
+  "version": 1,
+  "nodes": [{"id": "n1", "addr": "198.18.0.1", "ingress_ip": "10.255.0.101"},
+            {"id": "n2", "addr": "198.18.0.2", "ingress_ip": "10.255.0.102"}],
+  "networks": [{"name": "ingress", "subnet": "10.255.0.0/24", "vni": 4096, "ingress": true}],
+  "services": [{"name": "web", "networks": [{"network": "ingress", "vip": "10.255.0.2"}],
+                "ports": [{"target": 80, "published": 8080}]}],
+  "tasks": [
+    {"id": "web1", "service": "web", "node": "n1", "argv": ["sleep", "inf"],
+     "networks": [{"network": "ingress", "ip": "10.255.0.11"}]},
+    {"id": "web2", "service": "web", "node": "n2", "argv": ["sleep", "inf"],
+     "networks": [{"network": "ingress", "ip": "10.255.0.12"}]}
+  ]
+}"#;
+
+/// The routing mesh balances in the ingress sandbox: the ingress VIP is an address there and
+/// its load balancer spreads over the tasks of every node; the ingress network's namespace
+/// holds no VIP and no load balancer. A load balancer an earlier netd left in the network's
+/// namespace (the previous layout) is removed by a full round, and a leaving remote task
+/// drains in the sandbox's load balancer like in any network's.
+#[test]
+fn the_routing_mesh_balances_in_the_ingress_sandbox_and_an_old_layout_is_cleaned_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lb = SharedLb::default();
+    let net = ns("net-ingress");
+    let sbox = ns("sb-ingress-sbox");
+    let vip: Ipv4Addr = "10.255.0.2".parse().unwrap();
+    let tcp = ServiceKey {
+        vip,
+        proto: Proto::Tcp,
+        port: 80,
+    };
+    // What an earlier netd left: the ingress network balanced in its own namespace.
+    let old = LbSpec {
+        services: [(
+            tcp,
+            swarmnet_netd::lb::ServiceSpec::new(tcp, 80, ["10.255.0.11".parse().unwrap()]),
+        )]
+        .into(),
+        ..LbSpec::default()
+    };
+    let ports = Ports {
+        links: Box::new(node_with_underlay()),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(SharedProcs::default()),
+        lb: Box::new(lb.clone()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
+    };
+    let mut r = Reconciler::new(ports, config(tmp.path()));
+    r.set_intent(intent(MESH_INTENT));
+    r.round(true, Instant::now());
+    settle(&mut r);
+    // The leftover appears in the network's namespace (as after an upgrade, when the new netd
+    // starts): the next full round removes it.
+    lb.0.lock().unwrap().apply(&net, &old).unwrap();
+    assert!(r.round(true, Instant::now()).ops_applied > 0);
+    settle(&mut r);
+    let sb_addrs = r.ports_mut().links.list_addrs(&sbox).unwrap();
+    assert!(
+        sb_addrs
+            .iter()
+            .any(|a| a.addr.to_string() == "10.255.0.2/32"),
+        "the VIP is in the ingress sandbox: {sb_addrs:?}"
+    );
+    let net_addrs = r.ports_mut().links.list_addrs(&net).unwrap();
+    assert!(
+        !net_addrs.iter().any(|a| a.addr.addr() == vip),
+        "not on the network's bridge: {net_addrs:?}"
+    );
+    let client: Ipv4Addr = "198.18.0.250".parse().unwrap();
+    assert_eq!(
+        lb.0.lock().unwrap().observe(&net).unwrap(),
+        LbObserved::Absent,
+        "the old layout's load balancer is gone"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let c = lb.0.lock().unwrap().connect(&sbox, client, tcp).unwrap();
+        seen.insert(c.backend.to_string());
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["10.255.0.11", "10.255.0.12"],
+        "tasks on both nodes, balanced in the sandbox"
+    );
+    let open = lb.0.lock().unwrap().connect(&sbox, client, tcp).unwrap();
+    assert!(r.converged(), "{:?}", r.status());
+    assert_eq!(
+        r.round(true, Instant::now()).ops_applied,
+        0,
+        "a full round finds no drift"
+    );
+
+    // web2 (on n2) leaves: it drains in the sandbox's load balancer, then is gone.
+    let mut spec = intent(MESH_INTENT).spec().clone();
+    spec.tasks.retain(|t| t.id.as_str() != "web2");
+    r.set_intent(Intent::new(spec).unwrap());
+    let t0 = Instant::now();
+    r.round(false, t0);
+    for _ in 0..20 {
+        let c = lb.0.lock().unwrap().connect(&sbox, client, tcp).unwrap();
+        assert_eq!(
+            c.backend.to_string(),
+            "10.255.0.11",
+            "no new connection to a draining task"
+        );
+    }
+    assert!(lb.0.lock().unwrap().established(open.id).is_some());
+    let before = lb.0.lock().unwrap().commits(&sbox);
+    let later = t0 + Duration::from_secs(2);
+    assert!(r.wants_round(later), "the drain deadline wakes a round");
+    r.round(false, later);
+    assert!(lb.0.lock().unwrap().commits(&sbox) > before, "then removed");
+}

@@ -16,8 +16,17 @@
 //!   not an HTTP server, is what is measured;
 //! - throughput: `iperf3 -c <target> -t <secs> -J` (one TCP stream), receiver bits/s.
 //!
+//! Beside each rate, the CPU it cost: for connections, the CPU time of the client and server
+//! threads per connection (`/proc/.../schedstat`: their run time, which includes the softirq
+//! work done in their context, i.e. every hop of the path, as veth transmits are processed on
+//! the sending CPU; this kernel has no IRQ time accounting to take it out); for throughput,
+//! iperf3's own CPU figures (client and server) per GB received. On a shared machine, where a
+//! ping-pong rate also measures how long the threads wait for a core, these are the stable
+//! figures: the ratio of CPU per connection is the ratio the rate would have on idle cores.
+//!
 //! Knobs: `SWARMNET_BENCH_SECS` (per measurement, default 4), `SWARMNET_BENCH_ROUNDS` (default 3;
-//! the median is reported).
+//! the median is reported), `SWARMNET_BENCH_PATHS` (comma-separated path names: measure only
+//! those, e.g. one path at a time under `perf record`; `bench/datapath.sh` always runs all).
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -69,6 +78,8 @@ fn in_netns<T: Send + 'static>(
 /// An accept-and-close server in `netns` on `0.0.0.0:port`: one byte, then close. Stops when
 /// `stop` is set (checked between accepts; a last connection wakes it).
 struct ConnServer {
+    /// The server thread's id, for its CPU time.
+    tid: i32,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<u64>>>,
     wake: SocketAddrV4,
@@ -84,7 +95,7 @@ impl ConnServer {
             let l = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)));
             let l = match l {
                 Ok(l) => {
-                    let _ = tx.send(Ok(()));
+                    let _ = tx.send(Ok(nix::unistd::gettid().as_raw()));
                     l
                 }
                 Err(e) => {
@@ -109,10 +120,12 @@ impl ConnServer {
             }
             Ok(served)
         });
-        rx.recv_timeout(Duration::from_secs(10))
+        let tid = rx
+            .recv_timeout(Duration::from_secs(10))
             .context("the connection server did not start")?
             .map_err(|e| anyhow::anyhow!("bind :{port}: {e}"))?;
         Ok(Self {
+            tid,
             stop,
             thread: Some(thread),
             wake,
@@ -136,13 +149,37 @@ impl Drop for ConnServer {
     }
 }
 
+/// CPU time (ns) a thread of this process has run, softirq work done in its context included:
+/// the first field of `/proc/self/task/<tid>/schedstat`.
+fn thread_cpu_ns(tid: Option<i32>) -> Result<u64> {
+    let path = match tid {
+        Some(t) => format!("/proc/self/task/{t}/schedstat"),
+        None => "/proc/thread-self/schedstat".into(),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|w| w.parse().ok())
+        .with_context(|| format!("no run time in {path}: {text:?}"))
+}
+
+/// What one connection-rate measurement gave.
+struct ConnRun {
+    rate: f64,
+    ok: u64,
+    failed: u64,
+    /// CPU time of the client thread over the run, ns.
+    client_cpu_ns: u64,
+}
+
 /// New connections per second from `netns` to `to` for `dur`: connect, read the server's byte,
 /// close with a reset (`SO_LINGER` 0). Why the reset: ~10k connections a second between the
 /// same two addresses cycle through the ephemeral ports within seconds, and a 4-tuple still in
 /// TIME_WAIT makes the next SYN on it wait for a retransmit: the measurement would be of
 /// TIME_WAIT collisions, not of the path.
-fn conn_rate(netns: &Path, to: SocketAddrV4, dur: Duration) -> Result<(f64, u64)> {
+fn conn_rate(netns: &Path, to: SocketAddrV4, dur: Duration) -> Result<ConnRun> {
     in_netns(netns, move || {
+        let cpu0 = thread_cpu_ns(None)?;
         let start = Instant::now();
         let (mut ok, mut failed) = (0u64, 0u64);
         let mut buf = [0u8; 16];
@@ -164,14 +201,20 @@ fn conn_rate(netns: &Path, to: SocketAddrV4, dur: Duration) -> Result<(f64, u64)
                 Err(_) => failed += 1,
             }
         }
-        Ok((ok as f64 / start.elapsed().as_secs_f64(), failed))
+        Ok(ConnRun {
+            rate: ok as f64 / start.elapsed().as_secs_f64(),
+            ok,
+            failed,
+            client_cpu_ns: thread_cpu_ns(None)?.saturating_sub(cpu0),
+        })
     })
     .join()
     .map_err(|_panic| anyhow::anyhow!("the client thread panicked"))?
 }
 
-/// One iperf3 run from `netns` to `to`: receiver bits per second.
-fn iperf(netns: &Path, to: SocketAddrV4, secs: u64) -> Result<f64> {
+/// One iperf3 run from `netns` to `to`: receiver bits per second, and CPU ms (client and
+/// server, from iperf3's own utilization figures) per GB received.
+fn iperf(netns: &Path, to: SocketAddrV4, secs: u64) -> Result<(f64, f64)> {
     let out = topo::run(
         topo::nsenter_cmd(
             netns,
@@ -191,9 +234,20 @@ fn iperf(netns: &Path, to: SocketAddrV4, secs: u64) -> Result<f64> {
     )?;
     ensure!(out.success(), "iperf3 to {to}: {out}");
     let v: Value = serde_json::from_str(&out.stdout).context("iperf3 -J output")?;
-    v["end"]["sum_received"]["bits_per_second"]
+    let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .with_context(|| format!("no receiver rate in iperf3 output: {}", out.stdout))
+        .with_context(|| format!("no receiver rate in iperf3 output: {}", out.stdout))?;
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let wall = v["end"]["sum_received"]["seconds"].as_f64().unwrap_or(0.0);
+    let cpu = &v["end"]["cpu_utilization_percent"];
+    let pct =
+        cpu["host_total"].as_f64().unwrap_or(0.0) + cpu["remote_total"].as_f64().unwrap_or(0.0);
+    let ms_per_gb = if bytes > 0.0 {
+        pct / 100.0 * wall * 1e3 / (bytes / 1e9)
+    } else {
+        0.0
+    };
+    Ok((bps, ms_per_gb))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -208,26 +262,48 @@ struct Path_ {
 }
 
 /// Measures every path `rounds()` times, alternating; returns a JSON object per path.
-fn measure(client_ns: &Path, paths: &[Path_]) -> Result<Value> {
+fn measure(client_ns: &Path, paths: &[Path_], server_tid: i32) -> Result<Value> {
+    let only = std::env::var("SWARMNET_BENCH_PATHS").ok();
+    let paths: Vec<&Path_> = paths
+        .iter()
+        .filter(|p| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n.trim() == p.name))
+        })
+        .collect();
     let dur = Duration::from_secs(secs());
     // Warm-up: ARP, conntrack, caches.
-    for p in paths {
+    for p in &paths {
         conn_rate(client_ns, p.conn, Duration::from_millis(500))?;
     }
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     let mut failures = vec![0u64; paths.len()];
     let mut bps: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut conn_cpu: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut gb_cpu: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for r in 0..rounds() {
         for (i, p) in paths.iter().enumerate() {
-            let (rate, failed) = conn_rate(client_ns, p.conn, dur)?;
-            eprintln!("round {r} {}: {rate:.0} conn/s ({failed} failed)", p.name);
-            rates[i].push(rate);
-            failures[i] += failed;
+            let server0 = thread_cpu_ns(Some(server_tid))?;
+            let run = conn_rate(client_ns, p.conn, dur)?;
+            let server = thread_cpu_ns(Some(server_tid))?.saturating_sub(server0);
+            let us = (run.client_cpu_ns + server) as f64 / 1e3 / run.ok.max(1) as f64;
+            eprintln!(
+                "round {r} {}: {:.0} conn/s ({} failed), {us:.1} us CPU per connection",
+                p.name, run.rate, run.failed
+            );
+            rates[i].push(run.rate);
+            failures[i] += run.failed;
+            conn_cpu[i].push(us);
         }
         for (i, p) in paths.iter().enumerate() {
-            let b = iperf(client_ns, p.iperf, secs())?;
-            eprintln!("round {r} {}: {:.2} Gbit/s", p.name, b / 1e9);
+            let (b, ms) = iperf(client_ns, p.iperf, secs())?;
+            eprintln!(
+                "round {r} {}: {:.2} Gbit/s, {ms:.0} ms CPU per GB",
+                p.name,
+                b / 1e9
+            );
             bps[i].push(b);
+            gb_cpu[i].push(ms);
         }
     }
     let mut out = serde_json::Map::new();
@@ -238,7 +314,11 @@ fn measure(client_ns: &Path, paths: &[Path_]) -> Result<Value> {
                 "conn_per_s": median(rates[i].clone()),
                 "conn_failed": failures[i],
                 "gbit_per_s": median(bps[i].clone()) / 1e9,
+                "cpu_us_per_conn": median(conn_cpu[i].clone()),
+                "cpu_ms_per_gb": median(gb_cpu[i].clone()),
                 "conn_samples": rates[i],
+                "cpu_us_per_conn_samples": conn_cpu[i],
+                "cpu_ms_per_gb_samples": gb_cpu[i],
                 "gbit_samples": bps[i].iter().map(|b| b / 1e9).collect::<Vec<_>>(),
             }),
         );
@@ -307,7 +387,7 @@ fn bench_vip_datapath() {
         topo.wait_converged(CONVERGE_TIMEOUT)?;
         let client = topo.node("n1").sandbox_netns("client1");
         let server_ns = topo.node("n2").sandbox_netns("conn1");
-        let _server = ConnServer::start(&server_ns, CONN_PORT, sa(conn_backend, CONN_PORT))?;
+        let server = ConnServer::start(&server_ns, CONN_PORT, sa(conn_backend, CONN_PORT))?;
         for to in [
             sa(vip, CONN_PORT),
             sa(conn_backend, CONN_PORT),
@@ -328,7 +408,7 @@ fn bench_vip_datapath() {
                 iperf: sa("10.30.0.3", IPERF_PORT),
             },
         ];
-        let m = measure(&client, &paths)?;
+        let m = measure(&client, &paths, server.tid)?;
         println!(
             "DATAPATH {}",
             json!({"bench": "vip", "secs": secs(), "rounds": rounds(), "paths": m})
@@ -423,7 +503,7 @@ fn bench_mesh_datapath() {
         .check()?;
         let client = PathBuf::from(topo::NETNS_DIR).join(&topo.underlay_ns);
         let server_ns = topo.node("n1").sandbox_netns("conn1");
-        let _server = ConnServer::start(&server_ns, CONN_PORT, sa(conn_task, CONN_PORT))?;
+        let server = ConnServer::start(&server_ns, CONN_PORT, sa(conn_task, CONN_PORT))?;
         let paths = [
             Path_ {
                 name: "direct",
@@ -450,7 +530,7 @@ fn bench_mesh_datapath() {
             wait_accepting(&client, p.conn)?;
             wait_accepting(&client, p.iperf)?;
         }
-        let m = measure(&client, &paths)?;
+        let m = measure(&client, &paths, server.tid)?;
         println!(
             "DATAPATH {}",
             json!({"bench": "mesh", "secs": secs(), "rounds": rounds(), "paths": m})

@@ -3,8 +3,10 @@
 //!
 //! One load-balancing point per node per network: the port acts on the overlay network's
 //! namespace (`NsRef::Owned(net-<id>)`), where every local sandbox of that network reaches the
-//! VIPs through the bridge; nothing is installed in sandboxes, so state grows with services +
-//! backends, never with services × containers.
+//! VIPs through the bridge; nothing is installed in task sandboxes, so state grows with
+//! services + backends, never with services × containers. The ingress network is balanced in
+//! the node's ingress sandbox instead (`NsRef::Owned(sb-ingress-sbox)`, where published ports
+//! arrive; see `crate::desired::DesiredRouter`), so its own namespace only bridges.
 //!
 //! Backends:
 //! - nftables (`crate::linux::nft::NftLoadBalancer`): one owned table per namespace, changed by

@@ -147,6 +147,12 @@ fn desired_summary(d: &DesiredNode) -> serde_json::Value {
                     "gateway": s.gw.as_ref().map(|g| format!("{} {} via {}", g.ifname, g.addr, g.gateway)),
                     "process": s.process.as_ref().map(|p| p.argv.join(" ")),
                     "external": s.external.as_ref().map(|p| p.display().to_string()),
+                    "router": s.router.as_ref().map(|r| serde_json::json!({
+                        "network": r.network.to_string(),
+                        "out": r.out_if.to_string(),
+                        "vips": r.vips.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "lb_services": r.lb.services.len(),
+                    })),
                 }),
             )
         })
