@@ -38,8 +38,7 @@ const APP: &str = "app";
 // Helpers
 
 /// A UDP echo on `0.0.0.0:<argv[1]>`: answers every datagram with
-/// `task: <id> client: <ip:port> got: <data>`. (Not port 53: netd's resolver holds
-/// 127.0.0.11:53 in every sandbox, so a wildcard bind of 53 fails.)
+/// `task: <id> client: <ip:port> got: <data>`.
 const UDP_ECHO_PY: &str = r#"
 import os, socket, sys
 me = os.environ.get("SWARMNET_TASK_ID", "-")
