@@ -49,13 +49,20 @@ fn in_netns<T: Send + 'static>(
     .map_err(|panic| anyhow!("API thread panicked: {panic:?}"))?
 }
 
+/// The administrator certificate written by the bootstrap manager (`<data>/tls/admin`).
+static ADMIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// An mTLS channel to the manager with the administrator certificate.
 async fn channel(addr: String) -> Result<tonic::transport::Channel> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect()
-            .await?,
-    )
+    let dir = ADMIN_DIR.get().context("no admin certificate yet")?;
+    let material = swarmnet_pki::store::load(dir)?
+        .with_context(|| format!("no admin certificate in {}", dir.display()))?;
+    let tls = swarmnet_pki::tls::client_config(swarmnet_pki::tls::Credentials::new(material)?)?;
+    Ok(swarmnet_pki::net::channel(
+        &addr,
+        tls,
+        Duration::from_secs(1),
+    )?)
 }
 
 fn ps(n1: &Path, addr: &str, service: &str) -> Result<Vec<pb::Task>> {
@@ -101,6 +108,7 @@ fn unhealthy_and_exited_tasks_are_replaced_and_ps_says_why() -> Result<()> {
     let n1 = topo.node("n1").netns_path();
     let addr = format!("{}:{PORT}", topo.node("n1").addr);
     let data = topo.dir.join("manager");
+    let _ = ADMIN_DIR.set(data.join("tls").join("admin"));
     let bin = orchestrator_binary()?;
     let argv = [
         bin.to_str().context("utf-8 path")?,
