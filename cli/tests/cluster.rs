@@ -17,6 +17,11 @@ fn commands_against_three_managers_with_failover() {
     let _guard = Guard(name.clone());
     let config = tempfile::tempdir().unwrap();
     let c = config.path();
+    // The demo server beside the CLI (tasks get no PATH of ours).
+    let whoami = std::path::Path::new(env!("CARGO_BIN_EXE_swarmnet"))
+        .with_file_name("swarmnet-whoami")
+        .display()
+        .to_string();
     ok(
         c,
         &[
@@ -89,7 +94,7 @@ fn commands_against_three_managers_with_failover() {
             "8080:80",
             "--detach",
             "--",
-            "swarmnet-whoami",
+            &whoami,
             "--port",
             "80",
         ],
@@ -138,13 +143,14 @@ fn commands_against_three_managers_with_failover() {
     );
     let nodes = ok(c, &["node", "ls", "--format", "json"]).json();
     assert_eq!(nodes[leader]["manager_status"], "unreachable", "{nodes}");
-    // Scaled-away tasks drain first (shown as such, stopped after the grace period).
+    // Scaled-away tasks drain first (shown as such, stopped after the grace period), and
+    // replaced ones stay listed with desired state shutdown: one is meant to run.
     let tasks = ok(c, &["service", "ps", "web", "--format", "json"]).json();
     let staying = tasks
         .as_array()
         .unwrap()
         .iter()
-        .filter(|t| t["state"] != "draining")
+        .filter(|t| t["desired_state"] == "running" && t["state"] != "draining")
         .count();
     assert_eq!(staying, 1, "{tasks}");
 

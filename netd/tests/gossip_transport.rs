@@ -281,9 +281,18 @@ async fn socket_errors_do_not_stop_the_socket() {
     }
     p.a.send(p.b_addr, syn("ok")).await.unwrap();
     assert_eq!(recv_within(&mut p.b, 2000).await, Some(syn("ok")));
+    // The receiver may already wait in a recv when the failures are armed: then "ok" arrives
+    // first and the 5 failures (10 ms apart) come right after it. Wait for them, generously.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while p.tb.counters().snapshot().recv_errors < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (ca, cb) = (p.ta.counters().snapshot(), p.tb.counters().snapshot());
     assert_eq!(ca.send_errors, 3);
     assert_eq!(cb.recv_errors, 5);
+    // And the socket still works after them.
+    p.a.send(p.b_addr, syn("after")).await.unwrap();
+    assert_eq!(recv_within(&mut p.b, 2000).await, Some(syn("after")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
