@@ -8,8 +8,7 @@
 //! API calls run on a thread that entered node n1's namespace (the managers listen on the
 //! underlay addresses, which exist only there).
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,54 +17,10 @@ use swarmnet_api as pb;
 use swarmnet_tests_netns::gate;
 use swarmnet_tests_netns::topo::{self, Bg, Topology, parse_answer, retry};
 
+mod common;
+use common::{channel, in_netns, orchestrator_binary};
+
 const PORT: u16 = 4242;
-
-fn orchestrator_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SWARMNET_ORCHESTRATOR_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let beside = topo::netd_binary()?.with_file_name("swarmnet-orchestrator");
-    ensure!(
-        beside.is_file(),
-        "{} not found: build it with `cargo build -p swarmnet-orchestrator` (or set SWARMNET_ORCHESTRATOR_BIN)",
-        beside.display()
-    );
-    Ok(beside)
-}
-
-/// Runs `f` (async) on a thread inside `netns`, with its own runtime.
-fn in_netns<T: Send + 'static>(
-    netns: &Path,
-    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>>>> + Send + 'static,
-) -> Result<T> {
-    let netns = netns.to_path_buf();
-    std::thread::spawn(move || -> Result<T> {
-        let fd = File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
-        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(f())
-    })
-    .join()
-    .map_err(|panic| anyhow!("API thread panicked: {panic:?}"))?
-}
-
-/// The administrator certificate written by the bootstrap manager (`<data>/tls/admin`).
-static ADMIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-/// An mTLS channel to a manager with the administrator certificate.
-async fn channel(addr: String) -> Result<tonic::transport::Channel> {
-    let dir = ADMIN_DIR.get().context("no admin certificate yet")?;
-    let material = swarmnet_pki::store::load(dir)?
-        .with_context(|| format!("no admin certificate in {}", dir.display()))?;
-    let tls = swarmnet_pki::tls::client_config(swarmnet_pki::tls::Credentials::new(material)?)?;
-    Ok(swarmnet_pki::net::channel(
-        &addr,
-        tls,
-        Duration::from_secs(1),
-    )?)
-}
 
 struct Managers {
     procs: Vec<Option<Bg>>,
@@ -80,7 +35,7 @@ fn start_managers(topo: &Topology) -> Result<Managers> {
         .map(|n| format!("{}:{PORT}", n.addr))
         .collect();
     let mut procs = Vec::new();
-    let _ = ADMIN_DIR.set(topo.dir.join("manager-1").join("tls").join("admin"));
+    common::use_admin_of(&topo.dir.join("manager-1"))?;
     for (i, n) in topo.nodes.iter().enumerate() {
         let data = topo.dir.join(format!("manager-{}", i + 1));
         let mut args = vec![

@@ -6,64 +6,19 @@
 //! The checks and exits are driven by files the test creates, named after the task id the
 //! manager gave, so only that one task turns sick or exits and its replacement does not.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, ensure};
 use swarmnet_api as pb;
 use swarmnet_tests_netns::gate;
 use swarmnet_tests_netns::topo::{self, Bg, Topology, retry};
 
+mod common;
+use common::{channel, in_netns, orchestrator_binary};
+
 const PORT: u16 = 4243;
-
-fn orchestrator_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SWARMNET_ORCHESTRATOR_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let beside = topo::netd_binary()?.with_file_name("swarmnet-orchestrator");
-    ensure!(
-        beside.is_file(),
-        "{} not found: build it with `cargo build -p swarmnet-orchestrator`",
-        beside.display()
-    );
-    Ok(beside)
-}
-
-/// Runs `f` (async) on a thread inside `netns` (the manager listens on n1's underlay address).
-fn in_netns<T: Send + 'static>(
-    netns: &Path,
-    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T>>>> + Send + 'static,
-) -> Result<T> {
-    let netns = netns.to_path_buf();
-    std::thread::spawn(move || -> Result<T> {
-        let fd = File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
-        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(f())
-    })
-    .join()
-    .map_err(|panic| anyhow!("API thread panicked: {panic:?}"))?
-}
-
-/// The administrator certificate written by the bootstrap manager (`<data>/tls/admin`).
-static ADMIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-
-/// An mTLS channel to the manager with the administrator certificate.
-async fn channel(addr: String) -> Result<tonic::transport::Channel> {
-    let dir = ADMIN_DIR.get().context("no admin certificate yet")?;
-    let material = swarmnet_pki::store::load(dir)?
-        .with_context(|| format!("no admin certificate in {}", dir.display()))?;
-    let tls = swarmnet_pki::tls::client_config(swarmnet_pki::tls::Credentials::new(material)?)?;
-    Ok(swarmnet_pki::net::channel(
-        &addr,
-        tls,
-        Duration::from_secs(1),
-    )?)
-}
 
 fn ps(n1: &Path, addr: &str, service: &str) -> Result<Vec<pb::Task>> {
     let (addr, service) = (addr.to_string(), service.to_string());
@@ -108,7 +63,7 @@ fn unhealthy_and_exited_tasks_are_replaced_and_ps_says_why() -> Result<()> {
     let n1 = topo.node("n1").netns_path();
     let addr = format!("{}:{PORT}", topo.node("n1").addr);
     let data = topo.dir.join("manager");
-    let _ = ADMIN_DIR.set(data.join("tls").join("admin"));
+    common::use_admin_of(&data)?;
     let bin = orchestrator_binary()?;
     let argv = [
         bin.to_str().context("utf-8 path")?,
