@@ -20,9 +20,12 @@ use std::os::fd::AsFd;
 
 use super::NfSocket;
 use super::encode::{
-    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4, NFT_MSG_DELTABLE,
-    NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE, NFTA_TABLE_NAME,
-    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, Writer,
+    Exprs, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4,
+    NFPROTO_UNSPEC, NFT_MSG_DELTABLE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_NEWRULE,
+    NFT_MSG_NEWTABLE, NFTA_CHAIN_HOOK, NFTA_CHAIN_NAME, NFTA_CHAIN_POLICY, NFTA_CHAIN_TABLE,
+    NFTA_CHAIN_TYPE, NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS,
+    NFTA_RULE_TABLE, NFTA_TABLE_FLAGS, NFTA_TABLE_NAME, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE,
+    NLM_F_REQUEST, Writer,
 };
 use crate::linux::netns;
 
@@ -30,25 +33,9 @@ use crate::linux::netns;
 pub const TABLE: &str = "swarmnet-dns";
 const CHAIN: &str = "output";
 
-// nf_tables.h attribute numbers used here.
-const NFTA_TABLE_FLAGS: u16 = 2;
-const NFTA_CHAIN_TABLE: u16 = 1;
-const NFTA_CHAIN_NAME: u16 = 3;
-const NFTA_CHAIN_HOOK: u16 = 4;
-const NFTA_CHAIN_POLICY: u16 = 5;
-const NFTA_CHAIN_TYPE: u16 = 7;
-const NFTA_HOOK_HOOKNUM: u16 = 1;
-const NFTA_HOOK_PRIORITY: u16 = 2;
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_LIST_ELEM: u16 = 1;
-const NFTA_EXPR_NAME: u16 = 1;
-const NFTA_EXPR_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
+// nf_tables.h numbers only this table uses.
 const NF_INET_LOCAL_OUT: u32 = 3;
 const NF_ACCEPT: u32 = 1;
-const NFPROTO_UNSPEC: u8 = 0;
 // Registers: NFT_REG_1 and NFT_REG_2 (16 bytes each).
 const REG_1: u32 = 1;
 const REG_2: u32 = 2;
@@ -74,63 +61,33 @@ impl DnsNat {
     }
 }
 
-fn expr(w: &mut Writer, name: &str, data: impl FnOnce(&mut Writer)) {
-    let e = w.nest(NFTA_LIST_ELEM);
-    w.str(NFTA_EXPR_NAME, name);
-    let d = w.nest(NFTA_EXPR_DATA);
-    data(w);
-    w.end_nest(d);
-    w.end_nest(e);
-}
-
-fn value(w: &mut Writer, ty: u16, bytes: &[u8]) {
-    let n = w.nest(ty);
-    w.attr(NFTA_DATA_VALUE, bytes);
-    w.end_nest(n);
-}
-
 /// `payload load len @ base + offset => reg 1; cmp eq reg 1 want`
-fn match_payload(w: &mut Writer, base: u32, offset: u32, want: &[u8]) {
+fn match_payload(x: &mut Exprs<'_>, base: u32, offset: u32, want: &[u8]) {
     let len = u32::try_from(want.len()).unwrap_or(0);
-    expr(w, "payload", |w| {
-        w.be32(1, REG_1);
-        w.be32(2, base);
-        w.be32(3, offset);
-        w.be32(4, len);
-    });
-    cmp_eq(w, want);
-}
-
-fn cmp_eq(w: &mut Writer, want: &[u8]) {
-    expr(w, "cmp", |w| {
-        w.be32(1, REG_1);
-        w.be32(2, 0); // NFT_CMP_EQ
-        value(w, 3, want);
-    });
+    x.payload(REG_1, base, offset, len);
+    x.cmp_eq(REG_1, want);
 }
 
 /// `ip daddr A <proto> dport 53 dnat ip to A:port`, encoded as nft encodes it.
-fn rule(w: &mut Writer, seq: u32, addr: Ipv4Addr, proto: u8, port: u16) {
-    let m = msg(w, NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, seq);
+fn rule(w: &mut Writer, seq: u32, flags: u16, addr: Ipv4Addr, proto: u8, port: u16) {
+    let m = msg(w, NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND | flags, seq);
     w.str(NFTA_RULE_TABLE, TABLE);
     w.str(NFTA_RULE_CHAIN, CHAIN);
     let exprs = w.nest(NFTA_RULE_EXPRESSIONS);
-    match_payload(w, 1, 16, &addr.octets());
-    expr(w, "meta", |w| {
-        w.be32(2, 16); // NFT_META_L4PROTO
+    let mut x = Exprs::new(w);
+    match_payload(&mut x, 1, 16, &addr.octets());
+    x.meta_l4proto(REG_1);
+    x.cmp_eq(REG_1, &[proto]);
+    match_payload(&mut x, 2, 2, &53u16.to_be_bytes());
+    x.expr("immediate", |w| {
         w.be32(1, REG_1);
+        w.data_value(2, &addr.octets());
     });
-    cmp_eq(w, &[proto]);
-    match_payload(w, 2, 2, &53u16.to_be_bytes());
-    expr(w, "immediate", |w| {
-        w.be32(1, REG_1);
-        value(w, 2, &addr.octets());
-    });
-    expr(w, "immediate", |w| {
+    x.expr("immediate", |w| {
         w.be32(1, REG_2);
-        value(w, 2, &port.to_be_bytes());
+        w.data_value(2, &port.to_be_bytes());
     });
-    expr(w, "nat", |w| {
+    x.expr("nat", |w| {
         w.be32(1, 1); // NFT_NAT_DNAT
         w.be32(2, u32::from(NFPROTO_IPV4));
         w.be32(3, REG_1); // REG_ADDR_MIN
@@ -197,14 +154,13 @@ fn encode(nat: Option<&DnsNat>, seq: u32) -> (Vec<u8>, u32) {
             w.be32(NFTA_CHAIN_POLICY, NF_ACCEPT);
             w.str(NFTA_CHAIN_TYPE, "nat");
             w.end_msg(m);
-            rule(&mut w, next(), nat.addr, 17, nat.udp_port);
+            rule(&mut w, next(), 0, nat.addr, 17, nat.udp_port);
+            // The last message asks for the ACK that ends the replies.
             let l = next();
-            rule(&mut w, l, nat.addr, 6, nat.tcp_port);
+            rule(&mut w, l, NLM_F_ACK, nat.addr, 6, nat.tcp_port);
             l
         }
     };
-    // The last message asks for the ACK that ends the replies.
-    set_ack_on_last(&mut w.buf, last);
     let e = w.begin_msg(
         NFNL_MSG_BATCH_END,
         NLM_F_REQUEST,
@@ -214,27 +170,6 @@ fn encode(nat: Option<&DnsNat>, seq: u32) -> (Vec<u8>, u32) {
     );
     w.end_msg(e);
     (w.buf, last)
-}
-
-/// Sets NLM_F_ACK on the message with sequence number `seq`.
-fn set_ack_on_last(buf: &mut [u8], seq: u32) {
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]);
-        let s = u32::from_ne_bytes([buf[off + 8], buf[off + 9], buf[off + 10], buf[off + 11]]);
-        if s == seq {
-            let f = u16::from_ne_bytes([buf[off + 6], buf[off + 7]]) | NLM_F_ACK;
-            buf[off + 6..off + 8].copy_from_slice(&f.to_ne_bytes());
-            return;
-        }
-        let Ok(len) = usize::try_from(len) else {
-            return;
-        };
-        if len < 16 {
-            return;
-        }
-        off += (len + 3) & !3;
-    }
 }
 
 fn transact(sock: &mut NfSocket, nat: Option<&DnsNat>) -> io::Result<()> {

@@ -40,22 +40,22 @@ pub const NLM_F_APPEND: u16 = 0x800;
 
 const NLA_F_NESTED: u16 = 0x8000;
 pub const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_UNSPEC: u8 = 0;
+pub const NFPROTO_UNSPEC: u8 = 0;
 
 // nf_tables.h attribute numbers.
 pub const NFTA_TABLE_NAME: u16 = 1;
-const NFTA_TABLE_FLAGS: u16 = 2;
+pub const NFTA_TABLE_FLAGS: u16 = 2;
 pub const NFTA_TABLE_HANDLE: u16 = 4;
-const NFTA_CHAIN_TABLE: u16 = 1;
-const NFTA_CHAIN_NAME: u16 = 3;
-const NFTA_CHAIN_HOOK: u16 = 4;
-const NFTA_CHAIN_POLICY: u16 = 5;
-const NFTA_CHAIN_TYPE: u16 = 7;
-const NFTA_HOOK_HOOKNUM: u16 = 1;
-const NFTA_HOOK_PRIORITY: u16 = 2;
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_RULE_CHAIN: u16 = 2;
-const NFTA_RULE_EXPRESSIONS: u16 = 4;
+pub const NFTA_CHAIN_TABLE: u16 = 1;
+pub const NFTA_CHAIN_NAME: u16 = 3;
+pub const NFTA_CHAIN_HOOK: u16 = 4;
+pub const NFTA_CHAIN_POLICY: u16 = 5;
+pub const NFTA_CHAIN_TYPE: u16 = 7;
+pub const NFTA_HOOK_HOOKNUM: u16 = 1;
+pub const NFTA_HOOK_PRIORITY: u16 = 2;
+pub const NFTA_RULE_TABLE: u16 = 1;
+pub const NFTA_RULE_CHAIN: u16 = 2;
+pub const NFTA_RULE_EXPRESSIONS: u16 = 4;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
@@ -190,7 +190,7 @@ impl Writer {
     }
 
     /// `NFTA_*_DATA { NFTA_DATA_VALUE bytes }`
-    fn data_value(&mut self, ty: u16, value: &[u8]) {
+    pub fn data_value(&mut self, ty: u16, value: &[u8]) {
         let n = self.nest(ty);
         self.attr(NFTA_DATA_VALUE, value);
         self.end_nest(n);
@@ -438,13 +438,17 @@ fn service_key(key: &crate::lb::ServiceKey) -> [u8; 12] {
     k
 }
 
-/// Expression writer inside `NFTA_RULE_EXPRESSIONS`.
-struct Exprs<'a> {
+/// Expression writer inside `NFTA_RULE_EXPRESSIONS` (also the DNS redirect's, `dns_nat.rs`).
+pub struct Exprs<'a> {
     w: &'a mut Writer,
 }
 
-impl Exprs<'_> {
-    fn expr(&mut self, name: &str, data: impl FnOnce(&mut Writer)) {
+impl<'a> Exprs<'a> {
+    pub fn new(w: &'a mut Writer) -> Self {
+        Self { w }
+    }
+
+    pub fn expr(&mut self, name: &str, data: impl FnOnce(&mut Writer)) {
         let e = self.w.nest(NFTA_LIST_ELEM);
         self.w.str(NFTA_EXPR_NAME, name);
         let d = self.w.nest(NFTA_EXPR_DATA);
@@ -454,7 +458,7 @@ impl Exprs<'_> {
     }
 
     /// `payload load len @ base + offset => dreg` (base 1: network, 2: transport).
-    fn payload(&mut self, dreg: u32, base: u32, offset: u32, len: u32) {
+    pub fn payload(&mut self, dreg: u32, base: u32, offset: u32, len: u32) {
         self.expr("payload", |w| {
             w.be32(1, dreg);
             w.be32(2, base);
@@ -463,14 +467,14 @@ impl Exprs<'_> {
         });
     }
 
-    fn meta_l4proto(&mut self, dreg: u32) {
+    pub fn meta_l4proto(&mut self, dreg: u32) {
         self.expr("meta", |w| {
             w.be32(2, 16); // KEY: NFT_META_L4PROTO
             w.be32(1, dreg);
         });
     }
 
-    fn cmp_eq(&mut self, sreg: u32, value: &[u8]) {
+    pub fn cmp_eq(&mut self, sreg: u32, value: &[u8]) {
         self.expr("cmp", |w| {
             w.be32(1, sreg);
             w.be32(2, 0); // NFT_CMP_EQ
