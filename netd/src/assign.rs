@@ -207,21 +207,7 @@ fn write_key_file(cfg: &FeedConfig, ids: &[u64], keys: &[Vec<u8>]) {
         return;
     }
     let result = render_key_file(ids, keys).and_then(|text| {
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| format!("{}: {e}", tmp.display()))?;
-            f.write_all(text.as_bytes())
-                .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        }
-        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+        swarmnet_pki::store::write_private(path, &text).map_err(|e| e.to_string())
     });
     match result {
         Ok(()) => {
