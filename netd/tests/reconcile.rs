@@ -110,6 +110,18 @@ fn reconciler(links: FakeLinkPort, procs: SharedProcs, dir: &tempfile::TempDir) 
     Reconciler::new(ports, config(dir.path()))
 }
 
+/// A reconciler on a node with an underlay whose load balancer the test keeps a handle to.
+fn reconciler_with_lb(procs: SharedProcs, lb: &SharedLb, dir: &std::path::Path) -> Reconciler {
+    let ports = Ports {
+        links: Box::new(node_with_underlay()),
+        firewall: Box::new(FakeFirewall::new()),
+        processes: Box::new(procs),
+        lb: Box::new(lb.clone()),
+        ingress_firewall: Box::new(FakeFirewall::new()),
+    };
+    Reconciler::new(ports, config(dir))
+}
+
 /// Runs incremental rounds until converged (bounded), returning the rounds' reports.
 fn settle(r: &mut Reconciler) -> Vec<RoundReport> {
     let mut reports = Vec::new();
@@ -554,14 +566,7 @@ const VIP_INTENT: &str = r#"{
 fn vips_load_balance_over_every_node_and_leaving_backends_drain() {
     let tmp = tempfile::tempdir().unwrap();
     let lb = SharedLb::default();
-    let ports = Ports {
-        links: Box::new(node_with_underlay()),
-        firewall: Box::new(FakeFirewall::new()),
-        processes: Box::new(SharedProcs::default()),
-        lb: Box::new(lb.clone()),
-        ingress_firewall: Box::new(FakeFirewall::new()),
-    };
-    let mut r = Reconciler::new(ports, config(tmp.path()));
+    let mut r = reconciler_with_lb(SharedProcs::default(), &lb, tmp.path());
     r.set_intent(intent(VIP_INTENT));
     r.round(true, Instant::now());
     settle(&mut r);
@@ -645,14 +650,7 @@ fn gossip_liveness_drives_remote_backends_fdb_and_neighbours() {
     use swarmnet_netd::gossip::view::RemoteLive;
     let tmp = tempfile::tempdir().unwrap();
     let lb = SharedLb::default();
-    let ports = Ports {
-        links: Box::new(node_with_underlay()),
-        firewall: Box::new(FakeFirewall::new()),
-        processes: Box::new(SharedProcs::default()),
-        lb: Box::new(lb.clone()),
-        ingress_firewall: Box::new(FakeFirewall::new()),
-    };
-    let mut r = Reconciler::new(ports, config(tmp.path()));
+    let mut r = reconciler_with_lb(SharedProcs::default(), &lb, tmp.path());
     r.set_intent(intent(VIP_INTENT));
     r.round(true, Instant::now());
     settle(&mut r);
@@ -763,14 +761,7 @@ fn health_verdicts_decide_local_backends_and_gossip_health() {
     let tmp = tempfile::tempdir().unwrap();
     let lb = SharedLb::default();
     let procs = SharedProcs::default();
-    let ports = Ports {
-        links: Box::new(node_with_underlay()),
-        firewall: Box::new(FakeFirewall::new()),
-        processes: Box::new(procs.clone()),
-        lb: Box::new(lb.clone()),
-        ingress_firewall: Box::new(FakeFirewall::new()),
-    };
-    let mut r = Reconciler::new(ports, config(tmp.path()));
+    let mut r = reconciler_with_lb(procs.clone(), &lb, tmp.path());
     let text = VIP_INTENT.replace(
         r#""ports": [{"target": 80}, {"target": 53, "protocol": "udp"}]}"#,
         r#""ports": [{"target": 80}], "health": {"cmd": ["true"], "interval": "1s"}}"#,
@@ -874,14 +865,7 @@ fn an_exited_task_kept_down_stops_serving_and_is_reported_with_its_exit() {
     let tmp = tempfile::tempdir().unwrap();
     let lb = SharedLb::default();
     let procs = SharedProcs::default();
-    let ports = Ports {
-        links: Box::new(node_with_underlay()),
-        firewall: Box::new(FakeFirewall::new()),
-        processes: Box::new(procs.clone()),
-        lb: Box::new(lb.clone()),
-        ingress_firewall: Box::new(FakeFirewall::new()),
-    };
-    let mut r = Reconciler::new(ports, config(tmp.path()));
+    let mut r = reconciler_with_lb(procs.clone(), &lb, tmp.path());
     let text = VIP_INTENT.replace(
         r#""ports": [{"target": 80}, {"target": 53, "protocol": "udp"}]}"#,
         r#""ports": [{"target": 80}], "restart": "never"}"#,
@@ -971,14 +955,7 @@ fn the_routing_mesh_balances_in_the_ingress_sandbox_and_an_old_layout_is_cleaned
         .into(),
         ..LbSpec::default()
     };
-    let ports = Ports {
-        links: Box::new(node_with_underlay()),
-        firewall: Box::new(FakeFirewall::new()),
-        processes: Box::new(SharedProcs::default()),
-        lb: Box::new(lb.clone()),
-        ingress_firewall: Box::new(FakeFirewall::new()),
-    };
-    let mut r = Reconciler::new(ports, config(tmp.path()));
+    let mut r = reconciler_with_lb(SharedProcs::default(), &lb, tmp.path());
     r.set_intent(intent(MESH_INTENT));
     r.round(true, Instant::now());
     settle(&mut r);
