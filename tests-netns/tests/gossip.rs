@@ -21,7 +21,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use swarmnet_tests_netns::gate;
-use swarmnet_tests_netns::topo::{self, CONVERGE_TIMEOUT, Topology, parse_answer, retry};
+use swarmnet_tests_netns::topo::{self, CONVERGE_TIMEOUT, Topology, retry};
 
 /// The liveness bound the tests configure (the default is 10 s; a shorter one keeps the tests
 /// short, the mechanism is the same).
@@ -147,9 +147,7 @@ fn counter(g: &Value, name: &str) -> u64 {
 
 /// `n` new HTTP connections to the VIP from c1 on n1: the tasks that answered, and failures.
 fn curl_vip(topo: &Topology, n: usize) -> Result<(Vec<String>, Vec<String>)> {
-    let script = format!(
-        "i=0; while [ $i -lt {n} ]; do i=$((i+1)); curl -sS -m 3 http://{VIP}/ 2>&1; echo \"== rc=$?\"; done"
-    );
+    let script = topo::many_script(n, "curl -sS -m 3 http://$T/", VIP);
     let out = topo.sandbox_exec_timeout(
         "n1",
         "c1",
@@ -157,20 +155,8 @@ fn curl_vip(topo: &Topology, n: usize) -> Result<(Vec<String>, Vec<String>)> {
         Duration::from_secs(10 + 3 * n as u64),
     )?;
     ensure!(out.success(), "the client loop failed: {out}");
-    let (mut ok, mut failed, mut cur) = (Vec::new(), Vec::new(), String::new());
-    for line in out.stdout.lines() {
-        if let Some(rc) = line.strip_prefix("== rc=") {
-            match parse_answer(&cur) {
-                Some(a) if rc == "0" => ok.push(a.task),
-                _ => failed.push(format!("rc={rc}: {}", cur.trim())),
-            }
-            cur.clear();
-        } else {
-            cur.push_str(line);
-            cur.push('\n');
-        }
-    }
-    Ok((ok, failed))
+    let (answers, failed) = topo::parse_many(&out.stdout);
+    Ok((answers.into_iter().map(|a| a.task).collect(), failed))
 }
 
 /// Starts netd with gossip on every node of `topo` except `skip`, writes `intent`, and waits

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::{Value, json};
 use swarmnet_tests_netns::gate;
-use swarmnet_tests_netns::topo::{self, CONVERGE_TIMEOUT, Topology, parse_answer, retry};
+use swarmnet_tests_netns::topo::{self, CONVERGE_TIMEOUT, Topology, retry};
 
 const NET: &str = "app";
 const VIP: &str = "10.61.0.2";
@@ -81,9 +81,7 @@ fn curl_vip(
     task: &str,
     n: usize,
 ) -> Result<(Vec<String>, Vec<String>)> {
-    let script = format!(
-        "i=0; while [ $i -lt {n} ]; do i=$((i+1)); curl -sS -m 3 http://{VIP}/ 2>&1; echo \"== rc=$?\"; done"
-    );
+    let script = topo::many_script(n, "curl -sS -m 3 http://$T/", VIP);
     let out = topo.sandbox_exec_timeout(
         node,
         task,
@@ -91,20 +89,8 @@ fn curl_vip(
         Duration::from_secs(10 + 3 * n as u64),
     )?;
     ensure!(out.success(), "the client loop failed: {out}");
-    let (mut ok, mut failed, mut cur) = (Vec::new(), Vec::new(), String::new());
-    for line in out.stdout.lines() {
-        if let Some(rc) = line.strip_prefix("== rc=") {
-            match parse_answer(&cur) {
-                Some(a) if rc == "0" => ok.push(a.task),
-                _ => failed.push(format!("rc={rc}: {}", cur.trim())),
-            }
-            cur.clear();
-        } else {
-            cur.push_str(line);
-            cur.push('\n');
-        }
-    }
-    Ok((ok, failed))
+    let (answers, failed) = topo::parse_many(&out.stdout);
+    Ok((answers.into_iter().map(|a| a.task).collect(), failed))
 }
 
 /// `task`'s health in `node`'s status.json.
