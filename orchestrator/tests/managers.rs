@@ -218,6 +218,53 @@ async fn services_client(addr: &str) -> pb::services_client::ServicesClient<Chan
     pb::services_client::ServicesClient::new(channel(addr).await)
 }
 
+/// A client writing `count` networks `<prefix><i>` one after another, each to any manager that
+/// answers (retrying for up to 30 s). Each acknowledged name is sent on the channel as it comes;
+/// the task returns them all.
+fn spawn_writer(
+    prefix: &'static str,
+    count: usize,
+    addrs: Vec<String>,
+) -> (
+    tokio::task::JoinHandle<Vec<String>>,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (acked_tx, acked_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..count {
+            let name = format!("{prefix}{i}");
+            let started = Instant::now();
+            'retry: loop {
+                for addr in &addrs {
+                    match networks_client(addr)
+                        .await
+                        .create(pb::NetworkCreate {
+                            name: name.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(_) => break 'retry,
+                        // A retried write that had been committed before the failover.
+                        Err(e) if e.code() == tonic::Code::AlreadyExists => break 'retry,
+                        Err(_) => continue,
+                    }
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "write {name} not accepted within 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            acked.push(name.clone());
+            let _ = acked_tx.send(name);
+        }
+        acked
+    });
+    (writer, acked_rx)
+}
+
 /// Polls until `f` holds or the deadline passes; returns whether it held.
 async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -468,39 +515,7 @@ async fn leader_killed_mid_burst_keeps_every_acknowledged_write() {
     let old = leader_of(&c).expect("a leader");
     let addrs: Vec<String> = c.slots.iter().map(|s| s.addr.clone()).collect();
     // A client writing networks one after another, to any manager that answers.
-    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let writer = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        for i in 0..60 {
-            let name = format!("b{i}");
-            let started = Instant::now();
-            'retry: loop {
-                for addr in &addrs {
-                    let mut n = networks_client(addr).await;
-                    match n
-                        .create(pb::NetworkCreate {
-                            name: name.clone(),
-                            ..Default::default()
-                        })
-                        .await
-                    {
-                        Ok(_) => break 'retry,
-                        // A retried write that had been committed before the failover.
-                        Err(e) if e.code() == tonic::Code::AlreadyExists => break 'retry,
-                        Err(_) => continue,
-                    }
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "write {name} not accepted within 30 s"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            acked.push(name.clone());
-            let _ = acked_tx.send(name);
-        }
-        acked
-    });
+    let (writer, mut acked_rx) = spawn_writer("b", 60, addrs);
     // Kill the leader once a third of the burst is acknowledged.
     for _ in 0..20 {
         acked_rx.recv().await.expect("writer running");
@@ -733,38 +748,7 @@ async fn managers_added_and_removed_at_run_time_while_writes_continue() {
     ADMIN.lock().unwrap().insert(fourth.addr.clone(), admin);
     let mut write_to = addrs.clone();
     write_to.push(fourth.addr.clone());
-    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel();
-    let writer = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        for i in 0..40 {
-            let name = format!("w{i}");
-            let started = Instant::now();
-            'retry: loop {
-                for addr in &write_to {
-                    match networks_client(addr)
-                        .await
-                        .create(pb::NetworkCreate {
-                            name: name.clone(),
-                            ..Default::default()
-                        })
-                        .await
-                    {
-                        Ok(_) => break 'retry,
-                        Err(e) if e.code() == tonic::Code::AlreadyExists => break 'retry,
-                        Err(_) => continue,
-                    }
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "write {name} not accepted within 30 s"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            acked.push(name.clone());
-            let _ = acked_tx.send(name);
-        }
-        acked
-    });
+    let (writer, mut acked_rx) = spawn_writer("w", 40, write_to);
     for _ in 0..10 {
         acked_rx.recv().await.expect("writer running");
     }
