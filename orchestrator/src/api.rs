@@ -926,23 +926,20 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
         let state: TaskState = word("state", &r.state)?.ok_or_else(|| bad("state", "required"))?;
         let node = parse("node_id", &r.node_id)?;
         let task = parse::<TaskId>("task_id", &r.task_id)?;
-        let cmd = if r.health.is_empty() {
-            Command::ReportTask {
-                node,
-                task,
-                state,
-                message: r.message,
-            }
+        let health = if r.health.is_empty() {
+            None
         } else {
-            let health = swarmnet_model::spec::HealthStatus::parse(&r.health)
-                .ok_or_else(|| bad("health", "expected starting, healthy or unhealthy"))?;
-            Command::ReportTaskHealth {
-                node,
-                task,
-                state,
-                message: r.message,
-                health: Some(health),
-            }
+            Some(
+                swarmnet_model::spec::HealthStatus::parse(&r.health)
+                    .ok_or_else(|| bad("health", "expected starting, healthy or unhealthy"))?,
+            )
+        };
+        let cmd = Command::ReportTask {
+            node,
+            task,
+            state,
+            message: r.message,
+            health,
         };
         self.0.write(cmd).await.map_err(status_of)?;
         Ok(Response::new(pb::Empty {}))

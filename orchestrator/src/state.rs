@@ -416,19 +416,14 @@ pub enum Command {
     RemoveService {
         name: Name,
     },
-    /// A node reports what became of one of its tasks.
+    /// A node reports what became of one of its tasks, with its health when its service has a
+    /// check (`None` leaves the recorded health as it is).
     ReportTask {
         node: NodeId,
         task: TaskId,
         state: TaskState,
         message: String,
-    },
-    /// [`Command::ReportTask`] with the task's health (services with a health check).
-    ReportTaskHealth {
-        node: NodeId,
-        task: TaskId,
-        state: TaskState,
-        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         health: Option<swarmnet_model::spec::HealthStatus>,
     },
     /// The leader's update timer fired: replace the next batch of a rolling update.
@@ -470,9 +465,7 @@ impl Command {
             | Command::RemoveNetwork { .. } => true,
             // A failure may roll a service back (an update that can be refused), after the
             // task's status was set.
-            Command::ReportTask { state, .. } | Command::ReportTaskHealth { state, .. } => {
-                *state != TaskState::Failed
-            }
+            Command::ReportTask { state, .. } => *state != TaskState::Failed,
             _ => false,
         }
     }
@@ -496,12 +489,10 @@ impl Scope {
             Command::ScaleService { name, .. } | Command::RemoveService { name } => one(name),
             Command::AdvanceUpdate { service, .. } => one(service),
             // A report changes one task's state, which paces its service's rolling update.
-            Command::ReportTask { task, .. } | Command::ReportTaskHealth { task, .. } => {
-                match state.tasks.get(task) {
-                    Some(t) => one(&t.service),
-                    None => Scope::Services(BTreeSet::new()),
-                }
-            }
+            Command::ReportTask { task, .. } => match state.tasks.get(task) {
+                Some(t) => one(&t.service),
+                None => Scope::Services(BTreeSet::new()),
+            },
             // Reaping frees addresses: pending tasks (of any service) are retried below anyway.
             Command::ReapTasks { .. } => Scope::Services(BTreeSet::new()),
             Command::RotateGossipKey(_) | Command::RotateJoinToken { .. } => {
@@ -763,16 +754,12 @@ impl ClusterState {
                 task,
                 state,
                 message,
-            } => self.report_task(node, task, *state, message),
-            Command::ReportTaskHealth {
-                node,
-                task,
-                state,
-                message,
                 health,
             } => {
                 let r = self.report_task(node, task, *state, message)?;
-                self.note_health(task, *health);
+                if health.is_some() {
+                    self.note_health(task, *health);
+                }
                 Ok(r)
             }
             Command::AdvanceUpdate { service, version } => {

@@ -33,7 +33,7 @@ fn setup(def: swarmnet_orchestrator::state::ServiceDef) -> ClusterState {
 fn report(s: &mut ClusterState, t: &Task, state: TaskState, msg: &str, h: Option<HealthStatus>) {
     apply(
         s,
-        Command::ReportTaskHealth {
+        Command::ReportTask {
             node: t.node.clone().unwrap(),
             task: t.id.clone(),
             state,

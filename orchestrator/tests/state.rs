@@ -479,6 +479,7 @@ fn fail_new_task(s: &mut ClusterState) {
             task: t.id,
             state: TaskState::Failed,
             message: "exit status 1".into(),
+            health: None,
         },
     );
 }
@@ -533,6 +534,7 @@ fn reports_from_the_wrong_node_are_stale() {
             task: t.id.clone(),
             state: TaskState::Running,
             message: String::new(),
+            health: None,
         })
         .unwrap_err();
     assert!(matches!(e, CommandError::StaleReport { .. }));

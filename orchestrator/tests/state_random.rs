@@ -183,6 +183,7 @@ fn random_command(r: &mut Rng, s: &ClusterState) -> Command {
                     TaskState::Complete,
                 ]),
                 message: "reported".into(),
+                health: None,
             }
         }
         _ if r.chance(40) => {

@@ -157,6 +157,7 @@ pub fn report_all_running(s: &mut ClusterState) {
             task,
             state: TaskState::Running,
             message: String::new(),
+            health: None,
         });
         check_invariants(s);
         reap(s);
