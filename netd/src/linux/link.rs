@@ -133,8 +133,20 @@ impl Netlink {
         self.request(msg, flags).map(drop)
     }
 
+    /// A dump the kernel marks interrupted (the table changed while it was read: NLM_F_DUMP_INTR,
+    /// as [`Self::request`] reports it with EAGAIN) is inconsistent; it is read again, a few
+    /// times, as libnl does, before the caller sees Busy. Concurrent changes are normal on a busy
+    /// node, so an interrupted dump must not fail a round by itself.
     fn dump(&mut self, msg: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
-        self.request(msg, NLM_F_DUMP)
+        const ATTEMPTS: usize = 5;
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            match self.request(msg.clone(), NLM_F_DUMP) {
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => last = Some(e),
+                r => return r,
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EAGAIN)))
     }
 }
 
