@@ -2,7 +2,7 @@
 # Installs the system packages swarmnet's lab, tests and benchmarks use (Debian 12, as root).
 # Idempotent: skips apt when everything is there already.
 set -euo pipefail
-pkgs=(protobuf-compiler iproute2 nftables iputils-ping netcat-openbsd socat util-linux procps dnsutils knot-dnsutils iperf3 curl python3 ca-certificates)
+pkgs=(protobuf-compiler iproute2 nftables conntrack iputils-ping netcat-openbsd socat util-linux procps dnsutils knot-dnsutils iperf3 curl python3 ca-certificates)
 # The kernel VM lane (scripts/vm-lane.sh): qemu, Debian's stock kernel with its modules (IPVS),
 # a static busybox for the VM's init, and modprobe to order the modules.
 pkgs+=(qemu-system-x86 linux-image-amd64 busybox-static kmod)

@@ -200,6 +200,7 @@ fn answer(
         Request::Inspect {} => {
             let mut report = rec.inspect(Instant::now());
             report.dns = dns.inspect();
+            report.drift.extend(dns.drift());
             return Response {
                 inspect: Some(serde_json::to_value(&report).expect("inspection serializes")),
                 status: Some(status_json(cfg, rec, watcher, false, selftest, gossip)),
@@ -358,9 +359,9 @@ pub fn run(
             answered = true;
         }
         if ran.as_ref().is_some_and(|r| r.full) {
-            // The resolver's DNAT tables in the sandboxes are ours too: restored after a
+            // The resolver's redirect tables in the sandboxes are ours too: restored after a
             // foreign flush like every other object (ANCHORS: our rules, reconciled).
-            dns.repair_nat();
+            dns.repair_redirect();
         }
         if ran.as_ref().is_some_and(|r| r.full)
             && let (Some(addr), Some(d)) = (

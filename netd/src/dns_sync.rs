@@ -17,7 +17,7 @@ use swarmnet_model::{Name, TaskId};
 use tracing::{debug, warn};
 
 use crate::dns::{DenyAnswer, DnsServer, DnsView, ForwardPolicy, SandboxDns, ViewOptions};
-use crate::reconcile::Reconciler;
+use crate::reconcile::{Drift, Reconciler};
 
 /// DNS settings from netd's config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,9 +59,23 @@ impl DnsSync {
         !self.failing.is_empty()
     }
 
-    /// Restores DNAT tables removed or changed behind netd's back (called on full rounds).
-    pub fn repair_nat(&mut self) -> Vec<TaskId> {
-        self.server.repair_nat()
+    /// Restores redirect tables removed or changed behind netd's back (called on full rounds);
+    /// returns the sandboxes that had drifted and what differed.
+    pub fn repair_redirect(&mut self) -> Vec<(TaskId, String)> {
+        self.server.repair_redirect()
+    }
+
+    /// Sandboxes whose DNAT table differs from what was applied, read fresh: `inspect` drift
+    /// entries `dns/<task>` beside the reconciler's own.
+    pub fn drift(&self) -> Vec<Drift> {
+        self.server
+            .drift()
+            .into_iter()
+            .map(|(task, what)| Drift {
+                object: format!("dns/{task}"),
+                ops: vec![what],
+            })
+            .collect()
     }
 
     /// Per sandbox (task id): what its resolver answers now, or why it is not serving.

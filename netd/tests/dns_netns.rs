@@ -610,14 +610,16 @@ fn one_sandbox_flooding_does_not_starve_another() {
     );
 }
 
-/// Docker's layout: the resolver's sockets on random ports of 127.0.0.11, DNAT from port 53 in
-/// the sandbox. A task runs its own DNS server on 0.0.0.0:53 (UDP and TCP) beside it: the
-/// task's `dig @127.0.0.11` still gets cluster answers, a peer asking the task's address gets
-/// the task's server. A foreign flush of the table is restored by `repair_nat`; removing the
-/// sandbox from the resolver removes the table from a namespace that lives on.
+/// Docker's layout, stateless: the resolver's sockets on random ports of 127.0.0.11, the
+/// ports rewritten from and to 53 in the sandbox without conntrack. A task runs its own DNS
+/// server on 0.0.0.0:53 (UDP and TCP) beside it: the task's `dig @127.0.0.11` still gets
+/// cluster answers, a peer asking the task's address gets the task's server, and the queries
+/// leave no conntrack entry. A foreign delete or edit of the table is restored by
+/// `repair_redirect` and shown by `drift`; removing the sandbox from the resolver removes the
+/// table from a namespace that lives on.
 #[test]
-fn dnat_leaves_port_53_to_the_task() {
-    if !swarmnet_tests_netns::gate::privileged("dnat_leaves_port_53_to_the_task") {
+fn redirect_leaves_port_53_to_the_task() {
+    if !swarmnet_tests_netns::gate::privileged("redirect_leaves_port_53_to_the_task") {
         return;
     }
     let mut lab = Lab::new();
@@ -665,14 +667,21 @@ fn dnat_leaves_port_53_to_the_task() {
     assert!(task_dns.seen.load(Ordering::Relaxed) >= 2);
 
     let table = sh(&sb, &["nft", "list", "table", "ip", "swarmnet-dns"]);
-    assert!(
-        table.contains("ip daddr 127.0.0.11 udp dport 53 dnat to 127.0.0.11:")
-            && table.contains("ip daddr 127.0.0.11 tcp dport 53 dnat to 127.0.0.11:"),
-        "{table}"
-    );
-    // Unchanged: nothing to repair.
-    assert_eq!(srv.repair_nat(), vec![]);
-    // A foreign flush: 127.0.0.11:53 no longer reaches the resolver (it reaches the task's
+    for proto in ["udp", "tcp"] {
+        assert!(
+            table.contains(&format!(
+                "ip daddr 127.0.0.11 {proto} dport 53 notrack {proto} dport set "
+            )) && table.contains(&format!("notrack {proto} sport set 53")),
+            "{table}"
+        );
+    }
+    // Stateless: the queries above left no conntrack entry in the sandbox.
+    let ct = sh(&sb, &["conntrack", "-L", "-d", "127.0.0.11"]);
+    assert!(!ct.contains("127.0.0.11"), "conntrack entries: {ct}");
+    // Unchanged: nothing to repair, no drift.
+    assert_eq!(srv.repair_redirect(), vec![]);
+    assert_eq!(srv.drift(), vec![]);
+    // A foreign delete: 127.0.0.11:53 no longer reaches the resolver (it reaches the task's
     // 0.0.0.0:53 server, whose unconnected reply leaves from 127.0.0.1 and dig drops it).
     sh(&sb, &["nft", "delete", "table", "ip", "swarmnet-dns"]);
     let out = nsenter(
@@ -681,14 +690,56 @@ fn dnat_leaves_port_53_to_the_task() {
     );
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("10.10.0.2"),
-        "the resolver answered without its DNAT"
+        "the resolver answered without its redirect"
     );
-    assert_eq!(srv.repair_nat(), vec![tid("w1")]);
+    let drift = srv.drift();
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert!(drift[0].1.contains("missing"), "{drift:?}");
+    let repaired = srv.repair_redirect();
+    assert_eq!(repaired.len(), 1, "{repaired:?}");
+    assert_eq!(repaired[0].0, tid("w1"));
+    assert_eq!(dig(&sb, &["+short", "web"]).trim(), "10.10.0.2");
+    // A hand edit that keeps the table: the reply rewrite of UDP deleted. Queries now go
+    // unanswered from the client's view (the reply leaves from the random port); seen as drift
+    // naming the missing rule, and restored.
+    let listing = sh(
+        &sb,
+        &["nft", "-a", "list", "chain", "ip", "swarmnet-dns", "output"],
+    );
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("udp sport set 53"))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .expect("reply rule with a handle")
+        .trim()
+        .to_string();
+    sh(
+        &sb,
+        &[
+            "nft",
+            "delete",
+            "rule",
+            "ip",
+            "swarmnet-dns",
+            "output",
+            "handle",
+            &handle,
+        ],
+    );
+    let drift = srv.drift();
+    assert_eq!(drift.len(), 1, "{drift:?}");
+    assert!(drift[0].1.contains("add udp from 127.0.0.11:"), "{drift:?}");
+    assert_eq!(srv.repair_redirect().len(), 1);
+    assert_eq!(srv.drift(), vec![]);
     assert_eq!(dig(&sb, &["+short", "web"]).trim(), "10.10.0.2");
     let inspect = srv.inspect();
-    let d = inspect[&tid("w1")].dnat.clone().expect("dnat in inspect");
+    let d = inspect[&tid("w1")]
+        .redirect
+        .clone()
+        .expect("redirect in inspect");
     assert_eq!(d.in_kernel, Some(true));
-    assert_eq!(d.rules.len(), 2);
+    assert_eq!(d.rules.len(), 4);
+    assert_eq!(d.drift, None);
 
     // Removed from the resolver while the namespace lives on: the table goes too.
     srv.set_sandboxes(BTreeMap::new());

@@ -2,7 +2,8 @@
 //! shows what its kernel holds (the remote endpoint's FDB and neighbour entries, the VIP's load
 //! balancer); an FDB entry deleted by hand is reported as drift under the network that owns
 //! it, and is gone from the report once a full round has repaired it. The DNS records each
-//! sandbox's resolver serves are shown too.
+//! sandbox's resolver serves are shown too, and a hand edit of a sandbox's resolver redirect
+//! is drift of `dns/<task>` until the same round restores it.
 
 use std::time::Duration;
 
@@ -134,6 +135,55 @@ fn inspect_shows_the_kernel_and_flags_a_deleted_fdb_entry_as_drift() {
         );
         // The other node is untouched.
         ensure!(drift(&inspect(topo, "n2")?).is_empty(), "n2 has no drift");
+
+        // The resolver's redirect in web1's sandbox, edited by hand (its UDP reply rewrite
+        // deleted): drift of dns/web1 that names the missing rule, beside the FDB entry.
+        let listing = topo
+            .sandbox_exec(
+                "n1",
+                "web1",
+                &["nft", "-a", "list", "chain", "ip", "swarmnet-dns", "output"],
+            )?
+            .check()?
+            .stdout;
+        let handle = listing
+            .lines()
+            .find(|l| l.contains("udp sport set 53"))
+            .and_then(|l| l.rsplit("# handle ").next())
+            .with_context(|| format!("the UDP reply rewrite in web1's sandbox: {listing}"))?
+            .trim()
+            .to_string();
+        topo.sandbox_exec(
+            "n1",
+            "web1",
+            &[
+                "nft",
+                "delete",
+                "rule",
+                "ip",
+                "swarmnet-dns",
+                "output",
+                "handle",
+                &handle,
+            ],
+        )?
+        .check()?;
+        let v = inspect(topo, "n1")?;
+        let d = drift(&v);
+        ensure!(
+            d.len() == 2
+                && d.iter().any(|e| e["object"] == json!("dns/web1")
+                    && e["ops"].to_string().contains("add udp from 127.0.0.11:")),
+            "the edited redirect is drift of dns/web1: {:#}",
+            v["drift"]
+        );
+        ensure!(
+            v["dns"]["web1"]["redirect"]["drift"]
+                .as_str()
+                .is_some_and(|s| s.contains("sport -> 53")),
+            "web1's resolver shows its redirect drift: {:#}",
+            v["dns"]["web1"]
+        );
 
         // A full round (a netd restart runs one) repairs it; inspect shows no drift again.
         topo.node_mut("n1").restart_netd()?;

@@ -63,7 +63,7 @@ while True:
 /// A UDP echo on `<argv[1]>:53`: answers every datagram with
 /// `task: <id> client: <ip:port> got: <data>`. It binds the task's own address. (A wildcard
 /// bind of port 53 works too since the resolver moved behind a redirect of 127.0.0.11:53 to its
-/// own port; `dns_netns::dnat_leaves_port_53_to_the_task` tests that.)
+/// own port; `dns_netns::redirect_leaves_port_53_to_the_task` tests that.)
 const UDP_ECHO_PY: &str = r#"
 import os, socket, sys
 me = os.environ.get("SWARMNET_TASK_ID", "-")

@@ -16,6 +16,7 @@
 pub mod fast;
 pub mod forward;
 pub mod full;
+pub mod redirect;
 pub mod server;
 pub mod view;
 pub mod wire;

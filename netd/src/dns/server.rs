@@ -31,10 +31,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::forward::{self, DenyAnswer, ForwardConfig, ForwardPolicy};
+use super::redirect::{self, DnsRedirect, DnsRedirectPort};
 use super::view::{DnsView, ViewOptions};
 use super::{Outcome, RESOLVER_ADDR, Responder, Transport, full, wire};
 use crate::linux::dns_socket::{self, NetnsSockets, SocketFactory};
-use crate::linux::nft::dns_nat::{self, DnsNat};
+use crate::linux::nft::dns_redirect::LinuxDnsRedirect;
 use crate::linux::udp_batch::UdpBatch;
 
 /// Datagrams handled before the UDP loop yields to other sandboxes' loops.
@@ -58,9 +59,9 @@ pub struct DnsServerConfig {
     pub max_tcp_connections: usize,
     /// A TCP connection idle (or sending a message slowly) this long is closed.
     pub tcp_idle_timeout: Duration,
-    /// Bind the sockets to random ports of `listen`'s address and DNAT `listen` to them in
+    /// Bind the sockets to random ports of `listen`'s address and redirect `listen` to them in
     /// the sandbox (Docker's way), so a task may bind port 53 itself. Off: bind `listen`.
-    pub dnat: bool,
+    pub redirect: bool,
     /// CPUs the runtime's threads are pinned to (bit i = CPU i); 0: not pinned. Only the
     /// resolver runs on these threads (sockets' loops, forwards, TCP connections): netd's
     /// reconcile loop, API and gossip have threads of their own, so with netd itself pinned
@@ -77,7 +78,7 @@ impl Default for DnsServerConfig {
             max_inflight_forwards: 256,
             max_tcp_connections: 32,
             tcp_idle_timeout: Duration::from_secs(10),
-            dnat: true,
+            redirect: true,
             cpu_mask: 0,
         }
     }
@@ -115,9 +116,9 @@ impl SandboxDns {
 pub struct SandboxDnsInspect {
     /// The sockets' addresses inside the sandbox (`udp 127.0.0.11:53`, `tcp ...`).
     pub listen: Vec<String>,
-    /// The DNAT of 127.0.0.11:53 to the sockets, when on.
+    /// The redirect of 127.0.0.11:53 to the sockets, when on.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub dnat: Option<DnatInspect>,
+    pub redirect: Option<RedirectInspect>,
     pub ttl: u32,
     /// What names outside the cluster get.
     pub other_names: String,
@@ -126,13 +127,16 @@ pub struct SandboxDnsInspect {
     pub stats: SandboxStatsSnapshot,
 }
 
-/// A sandbox's DNAT table as `inspect` shows it.
+/// A sandbox's redirect table as `inspect` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DnatInspect {
+pub struct RedirectInspect {
     pub rules: Vec<String>,
-    /// Whether the table is in the kernel now (`None`: could not be read); a missing one is
-    /// drift, restored by the next full round.
+    /// Whether the table is in the kernel now (`None`: could not be read).
     pub in_kernel: Option<bool>,
+    /// What differs from `rules` in the kernel (a missing table, a changed, missing or foreign
+    /// rule), restored by the next full round; absent when the kernel holds exactly `rules`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<String>,
 }
 
 /// A sandbox whose resolver could not be started (it is retried on the next call).
@@ -234,10 +238,10 @@ struct Running {
     netns: PathBuf,
     /// `udp <addr>` and `tcp <addr>` of the sockets, for `inspect`.
     listen: Vec<String>,
-    /// The DNAT of the listen address to the sockets, in the sandbox (`dnat` on).
-    nat: Option<DnsNat>,
-    /// The namespace's ruleset generation when the DNAT was last checked.
-    nat_genid: Option<u32>,
+    /// The redirect of the listen address to the sockets, in the sandbox (`redirect` on).
+    redirect: Option<DnsRedirect>,
+    /// The namespace's ruleset generation when the redirect was last checked.
+    redirect_genid: Option<u32>,
     shared: Arc<Shared>,
     loops: Vec<JoinHandle<()>>,
 }
@@ -257,6 +261,8 @@ pub struct DnsServer {
     factory: SocketFactory,
     cfg: DnsServerConfig,
     running: BTreeMap<TaskId, Running>,
+    /// The redirect of 127.0.0.11:53 in each sandbox (`redirect` on).
+    redirects: Box<dyn DnsRedirectPort>,
 }
 
 impl DnsServer {
@@ -282,6 +288,7 @@ impl DnsServer {
             factory,
             cfg,
             running: BTreeMap::new(),
+            redirects: Box::new(LinuxDnsRedirect),
         })
     }
 
@@ -296,13 +303,11 @@ impl DnsServer {
     pub fn set_sandboxes(&mut self, want: BTreeMap<TaskId, SandboxDns>) -> Vec<SandboxDnsError> {
         self.running.retain(|task, r| {
             let keep = want.get(task).is_some_and(|w| w.netns == r.netns);
-            if !keep && r.nat.is_some() {
+            if !keep && r.redirect.is_some() {
                 // The namespace usually goes with the sandbox (and the table with it); an
                 // attached container's namespace outlives it: leave nothing behind there.
-                if let Ok(ns) = crate::linux::netns::open(&r.netns)
-                    && let Err(e) = dns_nat::delete(&ns)
-                {
-                    tracing::warn!(task = %task, error = %e, "dns: cannot remove the DNAT table");
+                if let Err(e) = self.redirects.delete(&r.netns) {
+                    tracing::warn!(task = %task, error = %e, "dns: cannot remove the redirect table");
                 }
             }
             keep
@@ -348,40 +353,67 @@ impl DnsServer {
         })
     }
 
-    /// Checks every served sandbox's DNAT table and restores it where the namespace's ruleset
-    /// changed since the last check (a foreign flush or edit; also our other tables' commits,
-    /// for which the replacement is a no-op). Returns the sandboxes whose table was missing.
-    pub fn repair_nat(&mut self) -> Vec<TaskId> {
+    /// Checks every served sandbox's redirect table and restores it where its rules differ from
+    /// what was applied (a foreign flush, delete or edit). The rules are read back only when the
+    /// namespace's ruleset generation moved since the last check (our other tables' commits move
+    /// it too; then the read finds nothing to do). Returns the sandboxes that had drifted, with
+    /// what differed.
+    pub fn repair_redirect(&mut self) -> Vec<(TaskId, String)> {
         let mut repaired = Vec::new();
         for (task, r) in &mut self.running {
-            let Some(nat) = r.nat else { continue };
-            let Ok(ns) = crate::linux::netns::open(&r.netns) else {
-                continue;
-            };
-            match dns_nat::observe(&ns) {
-                Ok((true, generation)) if r.nat_genid == Some(generation) => continue,
-                Ok((present, _)) => {
-                    if !present {
-                        repaired.push(task.clone());
-                    }
-                }
+            let Some(want) = r.redirect else { continue };
+            let generation = match self.redirects.generation(&r.netns) {
+                Ok(g) => g,
                 Err(e) => {
-                    tracing::warn!(task = %task, error = %e, "dns: cannot read the DNAT table");
+                    tracing::warn!(task = %task, error = %e, "dns: cannot read the redirect table");
                     continue;
                 }
+            };
+            if r.redirect_genid == Some(generation) {
+                continue;
             }
-            match dns_nat::ensure(&ns, &nat).and_then(|()| dns_nat::observe(&ns)) {
-                Ok((_, generation)) => r.nat_genid = Some(generation),
+            let drift = match self.redirects.read(&r.netns) {
+                Ok(seen) => redirect::drift(&want, seen.as_deref()),
                 Err(e) => {
-                    r.nat_genid = None;
-                    tracing::warn!(task = %task, error = %e, "dns: cannot restore the DNAT table");
+                    tracing::warn!(task = %task, error = %e, "dns: cannot read the redirect table");
+                    continue;
+                }
+            };
+            let Some(drift) = drift else {
+                r.redirect_genid = Some(generation);
+                continue;
+            };
+            tracing::warn!(task = %task, drift = %drift, "dns: redirect table drifted; restoring");
+            match self
+                .redirects
+                .ensure(&r.netns, &want)
+                .and_then(|()| self.redirects.generation(&r.netns))
+            {
+                Ok(generation) => r.redirect_genid = Some(generation),
+                Err(e) => {
+                    r.redirect_genid = None;
+                    tracing::warn!(task = %task, error = %e, "dns: cannot restore the redirect table");
                 }
             }
-        }
-        if !repaired.is_empty() {
-            tracing::warn!(sandboxes = ?repaired, "dns: DNAT table was missing; restored");
+            repaired.push((task.clone(), drift));
         }
         repaired
+    }
+
+    /// Sandboxes whose redirect table differs from what was applied now, read fresh (nothing is
+    /// changed), with what differs: `inspect`'s drift.
+    pub fn drift(&self) -> Vec<(TaskId, String)> {
+        self.running
+            .iter()
+            .filter_map(|(task, r)| {
+                let want = r.redirect?;
+                let d = match self.redirects.read(&r.netns) {
+                    Ok(seen) => redirect::drift(&want, seen.as_deref())?,
+                    Err(e) => format!("cannot read the redirect table: {e}"),
+                };
+                Some((task.clone(), d))
+            })
+            .collect()
     }
 
     /// What every served sandbox's resolver answers, for `inspect`.
@@ -406,16 +438,15 @@ impl DnsServer {
                     task.clone(),
                     SandboxDnsInspect {
                         listen: r.listen.iter().map(ToString::to_string).collect(),
-                        dnat: r.nat.map(|n| {
-                            let present = crate::linux::netns::open(&r.netns)
-                                .and_then(|ns| dns_nat::observe(&ns))
-                                .map(|(p, _)| p);
-                            DnatInspect {
-                                rules: vec![
-                                    format!("udp {}:53 -> {}:{}", n.addr, n.addr, n.udp_port),
-                                    format!("tcp {}:53 -> {}:{}", n.addr, n.addr, n.tcp_port),
-                                ],
-                                in_kernel: present.ok(),
+                        redirect: r.redirect.map(|n| {
+                            let seen = self.redirects.read(&r.netns);
+                            RedirectInspect {
+                                rules: n.rules().iter().map(ToString::to_string).collect(),
+                                in_kernel: seen.as_ref().ok().map(Option::is_some),
+                                drift: match &seen {
+                                    Ok(seen) => redirect::drift(&n, seen.as_deref()),
+                                    Err(e) => Some(format!("cannot read: {e}")),
+                                },
                             }
                         }),
                         ttl: view.ttl(),
@@ -434,22 +465,23 @@ impl DnsServer {
             netns: sb.netns.clone(),
             source,
         };
-        let bind = if self.cfg.dnat {
+        let bind = if self.cfg.redirect {
             SocketAddrV4::new(*self.cfg.listen.ip(), 0)
         } else {
             self.cfg.listen
         };
         let (udp, tcp) = dns_socket::open_listeners(&sb.netns, bind).map_err(err)?;
-        let nat = if self.cfg.dnat {
+        let redirect = if self.cfg.redirect {
             let port = |a: std::io::Result<SocketAddr>| a.map(|a| a.port()).map_err(err);
-            let nat = DnsNat {
+            let want = DnsRedirect {
                 addr: *self.cfg.listen.ip(),
                 udp_port: port(udp.local_addr())?,
                 tcp_port: port(tcp.local_addr())?,
             };
-            let ns = crate::linux::netns::open(&sb.netns).map_err(err)?;
-            dns_nat::ensure(&ns, &nat).map_err(err)?;
-            Some(nat)
+            self.redirects
+                .ensure(&sb.netns, &want)
+                .map_err(|e| err(std::io::Error::other(e)))?;
+            Some(want)
         } else {
             None
         };
@@ -480,8 +512,8 @@ impl DnsServer {
         Ok(Running {
             netns: sb.netns,
             listen,
-            nat,
-            nat_genid: None,
+            redirect,
+            redirect_genid: None,
             shared,
             loops,
         })

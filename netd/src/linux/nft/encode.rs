@@ -25,6 +25,7 @@ pub const NFT_MSG_GETTABLE: u16 = 1;
 pub const NFT_MSG_DELTABLE: u16 = 2;
 pub const NFT_MSG_NEWCHAIN: u16 = 3;
 pub const NFT_MSG_NEWRULE: u16 = 6;
+pub const NFT_MSG_GETRULE: u16 = 7;
 pub const NFT_MSG_DELRULE: u16 = 8;
 pub const NFT_MSG_NEWSET: u16 = 9;
 pub const NFT_MSG_DELSET: u16 = 11;
@@ -56,9 +57,9 @@ pub const NFTA_HOOK_PRIORITY: u16 = 2;
 pub const NFTA_RULE_TABLE: u16 = 1;
 pub const NFTA_RULE_CHAIN: u16 = 2;
 pub const NFTA_RULE_EXPRESSIONS: u16 = 4;
-const NFTA_LIST_ELEM: u16 = 1;
-const NFTA_EXPR_NAME: u16 = 1;
-const NFTA_EXPR_DATA: u16 = 2;
+pub const NFTA_LIST_ELEM: u16 = 1;
+pub const NFTA_EXPR_NAME: u16 = 1;
+pub const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_SET_TABLE: u16 = 1;
 const NFTA_SET_NAME: u16 = 2;
 const NFTA_SET_FLAGS: u16 = 3;
@@ -73,7 +74,7 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
+pub const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
@@ -647,8 +648,15 @@ pub fn encode_get_gen(seq: u32) -> Vec<u8> {
 
 /// Attributes of an nfnetlink message payload (after the 4-byte nfgenmsg): `(type, data)`.
 pub fn parse_attrs(payload: &[u8]) -> Vec<(u16, &[u8])> {
+    parse_nested(payload.get(4..).unwrap_or_default())
+}
+
+/// The attributes inside a nested attribute's data: `(type, data)`. Stops at the first
+/// malformed one (a length that does not fit), so a garbled reply yields fewer attributes,
+/// never a panic.
+pub fn parse_nested(data: &[u8]) -> Vec<(u16, &[u8])> {
     let mut out = Vec::new();
-    let mut rest = payload.get(4..).unwrap_or_default();
+    let mut rest = data;
     while rest.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
         let ty = u16::from_ne_bytes([rest[2], rest[3]]) & !NLA_F_NESTED;

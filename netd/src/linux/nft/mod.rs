@@ -18,7 +18,7 @@
 //! nothing) and nothing in memory; after a failed batch the namespace is reprogrammed whole on
 //! the next apply, in case the failure was a drift we did not see.
 
-pub mod dns_nat;
+pub mod dns_redirect;
 mod encode;
 
 pub use encode::{Batch, encode_batch};
