@@ -270,6 +270,24 @@ pub fn netd_call(socket: &Path, request: &serde_json::Value) -> anyhow::Result<s
 
 // ------------------------------------------------------------------------------- commands
 
+/// `PATH` of the lab's tasks: the directories of the project's binaries first, so a service
+/// runs `swarmnet-whoami` (the demo server) by name, then the usual one.
+fn task_path(bins: &Binaries) -> String {
+    let mut dirs: Vec<String> = Vec::new();
+    let whoami = sibling_binary("swarmnet-whoami").ok();
+    for bin in [Some(&bins.netd), whoami.as_ref()].into_iter().flatten() {
+        if let Some(d) = bin.parent().and_then(|d| d.to_str())
+            && d.starts_with('/')
+            && !d.contains(':')
+            && !dirs.iter().any(|x| x == d)
+        {
+            dirs.push(d.to_string());
+        }
+    }
+    dirs.push(swarmnet_model::DEFAULT_TASK_PATH.to_string());
+    dirs.join(":")
+}
+
 /// A program of the project: beside the running CLI, or on PATH.
 pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     // Beside the running CLI first (cargo puts every binary of the workspace there), then PATH.
@@ -591,7 +609,9 @@ fn build(lab: &mut LabState, bins: &Binaries, progress: &mut Progress) -> anyhow
             .arg("--run-dir")
             .arg(&node.run_dir)
             .arg("--cgroup-dir")
-            .arg(lab.cgroup.join(&node.id));
+            .arg(lab.cgroup.join(&node.id))
+            .arg("--task-path")
+            .arg(task_path(bins));
         cmd.env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -16,3 +16,8 @@ pub mod types;
 
 pub use intent::{Attachment, Intent, IntentError, IntentIssue, Network};
 pub use types::{HumanDuration, IfName, MacAddr, Mtu, Name, NodeId, TaskId, ValueError, Vni};
+
+/// `PATH` of task processes and health checks unless their environment sets one or netd is
+/// configured with another (`swarmnet-netd --task-path`; the lab puts the project's binaries
+/// first, so `swarmnet-whoami` is found).
+pub const DEFAULT_TASK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -55,6 +55,8 @@ pub struct NetdConfig {
     /// cgroup2 directory for this node's tasks; found from the cgroup2 mount when unset.
     pub cgroup_dir: Option<PathBuf>,
     pub stop_grace: Duration,
+    /// `PATH` of task processes and health checks unless their environment sets one.
+    pub task_path: String,
     pub log_format: LogFormat,
     /// Upstream resolvers for names outside the cluster; `None`: the node's /etc/resolv.conf.
     pub dns_upstreams: Option<Vec<std::net::SocketAddr>>,
@@ -142,6 +144,8 @@ pub struct RawConfig {
     pub gw_subnet: Option<String>,
     pub cgroup_dir: Option<PathBuf>,
     pub stop_grace: Option<String>,
+    /// Colon-separated absolute directories.
+    pub task_path: Option<String>,
     pub log_format: Option<LogFormat>,
     /// Comma-separated `ip[:port]` list, or `none` to forward nothing.
     pub dns_upstreams: Option<String>,
@@ -181,6 +185,7 @@ impl RawConfig {
             gw_subnet: over.gw_subnet.or(self.gw_subnet),
             cgroup_dir: over.cgroup_dir.or(self.cgroup_dir),
             stop_grace: over.stop_grace.or(self.stop_grace),
+            task_path: over.task_path.or(self.task_path),
             log_format: over.log_format.or(self.log_format),
             dns_upstreams: over.dns_upstreams.or(self.dns_upstreams),
             dns_ttl: over.dns_ttl.or(self.dns_ttl),
@@ -280,6 +285,21 @@ impl RawConfig {
                 format!("{gw_subnet} is too small; use a /29 or larger"),
             ));
         }
+        let task_path = match self.task_path {
+            None => crate::linux::process::DEFAULT_TASK_PATH.to_string(),
+            Some(p) => {
+                if let Some(bad) = p.split(':').find(|d| !d.starts_with('/')) {
+                    return Err(err(
+                        "task_path",
+                        format!(
+                            "{bad:?} is not an absolute directory: give colon-separated absolute \
+                             directories, e.g. /opt/app/bin:/usr/bin:/bin"
+                        ),
+                    ));
+                }
+                p
+            }
+        };
         let stop_grace = match self.stop_grace {
             Some(s) => parse_duration(&s).map_err(|m| err("stop_grace", m))?,
             None => DEFAULT_STOP_GRACE,
@@ -342,6 +362,7 @@ impl RawConfig {
             gw_subnet: gw_subnet.trunc(),
             cgroup_dir: self.cgroup_dir,
             stop_grace,
+            task_path,
             log_format: self.log_format.unwrap_or(LogFormat::Text),
             dns_upstreams,
             dns_ttl: self.dns_ttl.unwrap_or(DEFAULT_DNS_TTL),
@@ -475,6 +496,19 @@ mod tests {
         assert_eq!(c.run_dir, PathBuf::from("/run/swarmnet"));
         assert_eq!(c.gw_subnet.to_string(), "172.30.0.0/16");
         assert_eq!(c.gossip, None, "gossip is off without a key file");
+        assert_eq!(
+            c.task_path,
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        );
+        for bad in ["", "bin:/usr/bin", "/usr/bin::/bin"] {
+            let e = RawConfig {
+                task_path: Some(bad.into()),
+                ..base()
+            }
+            .validate()
+            .unwrap_err();
+            assert_eq!(e.field, "task_path", "{bad:?}");
+        }
         let g = RawConfig {
             gossip_key_file: Some("/k.toml".into()),
             ..base()

@@ -271,7 +271,9 @@ pub fn run(
         _ => None,
     };
     let mut health = crate::health::HealthMonitor::start(
-        Box::new(crate::linux::health_exec::LinuxCheckRunner),
+        Box::new(crate::linux::health_exec::LinuxCheckRunner::new(
+            cfg.task_path.as_str(),
+        )),
         MAX_CONCURRENT_CHECKS,
     );
     info!(node = %cfg.node_id, intent = %source, "netd running");

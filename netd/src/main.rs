@@ -54,6 +54,10 @@ struct Args {
     /// Time between SIGTERM and SIGKILL when a task stops, e.g. 10s.
     #[arg(long)]
     stop_grace: Option<String>,
+    /// PATH that task processes and health checks get unless their environment sets one,
+    /// colon-separated absolute directories [default: /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin].
+    #[arg(long, env = "SWARMNET_TASK_PATH")]
+    task_path: Option<String>,
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
     /// Upstream resolvers for names outside the cluster: `ip[:port],...` or `none`
@@ -167,6 +171,7 @@ fn main() -> anyhow::Result<()> {
         gw_subnet: args.gw_subnet,
         cgroup_dir: args.cgroup_dir,
         stop_grace: args.stop_grace,
+        task_path: args.task_path,
         log_format: args.log_format,
         dns_upstreams: args.dns_upstreams,
         dns_ttl: args.dns_ttl,
@@ -204,7 +209,9 @@ fn main() -> anyhow::Result<()> {
     let ports = Ports {
         links: Box::new(LinuxLinkPort::new(cfg.run_dir.clone())?),
         firewall: Box::new(NftFirewall::new(firewall::FAMILY, firewall::TABLE)),
-        processes: Box::new(LinuxProcessPort::new(task_dir.clone(), cgroup_dir)?),
+        processes: Box::new(
+            LinuxProcessPort::new(task_dir.clone(), cgroup_dir)?.with_task_path(&cfg.task_path),
+        ),
         lb: load_balancer(cfg.lb, &cfg.run_dir)?,
         ingress_firewall: Box::new(NftFirewall::in_netns(
             &cfg.run_dir.join("netns").join(

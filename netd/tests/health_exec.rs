@@ -29,7 +29,7 @@ fn target(cmd: &[&str]) -> HealthTarget {
 }
 
 fn run(cmd: &[&str]) -> swarmnet_netd::health::CheckOutcome {
-    let c = LinuxCheckRunner.spawn(&target(cmd)).unwrap();
+    let c = LinuxCheckRunner::default().spawn(&target(cmd)).unwrap();
     c.wait()
 }
 
@@ -44,11 +44,11 @@ fn linux_checks_give_verdicts_are_killed_and_leave_nothing_behind() {
     let bad = run(&["/bin/sh", "-c", "echo nope >&2; exit 2"]);
     assert!(!bad.passed);
     assert_eq!(bad.detail, "exit 2: nope");
-    let missing = LinuxCheckRunner.spawn(&target(&["/nonexistent/check"]));
+    let missing = LinuxCheckRunner::default().spawn(&target(&["/nonexistent/check"]));
     assert!(missing.is_err(), "a missing program is an error at spawn");
 
     // A hanging check is killed with its group.
-    let c = LinuxCheckRunner
+    let c = LinuxCheckRunner::default()
         .spawn(&target(&["/bin/sh", "-c", "sleep 30; true"]))
         .unwrap();
     let c: std::sync::Arc<dyn RunningCheck> = std::sync::Arc::from(c);

@@ -628,6 +628,43 @@ fn linux_start_errors_name_the_cause() {
     );
 }
 
+/// A program named without a path is found on the configured task PATH (`--task-path`, the
+/// lab puts the project's binaries there), and a spec's own PATH still wins.
+#[test]
+fn linux_task_path_finds_programs_by_name() {
+    if !swarmnet_tests_netns::gate::privileged("process_runtime::linux_task_path") {
+        return;
+    }
+    let mut h = LinuxHarness::new();
+    let bin = h.dir.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let tool = bin.join("snt-tool");
+    fs::write(&tool, "#!/bin/sh\necho found-by-name\n").unwrap();
+    fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), swarmnet_model::DEFAULT_TASK_PATH);
+    let port = h.port.take().unwrap().with_task_path(&path);
+    h.port = Some(port);
+
+    let t = tid("byname");
+    let mut spec = h.spec(&t, Script::Sleep);
+    spec.argv = vec!["snt-tool".into()];
+    h.port_mut().start(&spec).unwrap();
+    assert_eq!(wait_exit(h.port(), &t), Exit::Code(0));
+    assert!(
+        h.read_log(&t).contains("found-by-name"),
+        "{}",
+        h.read_log(&t)
+    );
+
+    // The spec's PATH replaces the configured one: the tool is not found any more.
+    let t2 = tid("ownpath");
+    let mut spec = h.spec(&t2, Script::Sleep);
+    spec.argv = vec!["snt-tool".into()];
+    spec.env.insert("PATH".into(), "/usr/bin:/bin".into());
+    let err = h.port_mut().start(&spec).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
+}
+
 #[test]
 fn linux_leftover_processes_keep_the_cgroup_busy_until_stopped() {
     if !swarmnet_tests_netns::gate::privileged("process_runtime::linux_leftovers") {

@@ -28,15 +28,29 @@ use nix::unistd::Pid;
 
 use crate::health::{CheckOutcome, CheckRunner, HealthTarget, OUTPUT_LIMIT, RunningCheck};
 
-/// `PATH` of every check unless the task's environment sets one (as for the task itself).
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// How long the verdict waits for the output pipe to close after the check ended.
 const OUTPUT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Starts checks with fork/exec into the task's namespaces.
-#[derive(Debug, Default)]
-pub struct LinuxCheckRunner;
+#[derive(Debug)]
+pub struct LinuxCheckRunner {
+    /// `PATH` of every check unless the task's environment sets one (as for the task itself).
+    task_path: String,
+}
+
+impl LinuxCheckRunner {
+    pub fn new(task_path: impl Into<String>) -> Self {
+        Self {
+            task_path: task_path.into(),
+        }
+    }
+}
+
+impl Default for LinuxCheckRunner {
+    fn default() -> Self {
+        Self::new(crate::linux::process::DEFAULT_TASK_PATH)
+    }
+}
 
 impl CheckRunner for LinuxCheckRunner {
     fn spawn(&mut self, t: &HealthTarget) -> Result<Box<dyn RunningCheck>, String> {
@@ -64,7 +78,7 @@ impl CheckRunner for LinuxCheckRunner {
             .map_err(|e| format!("duplicate a pipe: {e}"))?;
         let mut env: BTreeMap<String, String> = t.env.clone();
         env.entry("PATH".into())
-            .or_insert_with(|| DEFAULT_PATH.into());
+            .or_insert_with(|| self.task_path.clone());
         let mut cmd = Command::new(&t.check.cmd[0]);
         cmd.args(&t.check.cmd[1..])
             .env_clear()

@@ -50,8 +50,7 @@ use swarmnet_model::TaskId;
 
 use crate::port::{ErrorKind, Exit, PortError, PortResult, ProcessPort, ProcessSpec, ProcessState};
 
-/// `PATH` of every task unless its spec sets one.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use swarmnet_model::DEFAULT_TASK_PATH;
 
 /// What a record file holds. Unknown fields are tolerated so that a downgraded netd can still
 /// adopt what a newer one started.
@@ -91,6 +90,8 @@ pub struct LinuxProcessPort {
     state_dir: PathBuf,
     cgroup_dir: PathBuf,
     tasks: BTreeMap<TaskId, Task>,
+    /// `PATH` of a task whose spec sets none.
+    task_path: String,
 }
 
 /// `<cgroup2 mount>/swarmnet/<node_id>`, the mount found in `/proc/self/mountinfo`.
@@ -177,9 +178,17 @@ impl LinuxProcessPort {
             state_dir,
             cgroup_dir,
             tasks: BTreeMap::new(),
+            task_path: DEFAULT_TASK_PATH.to_string(),
         };
         port.adopt()?;
         Ok(port)
+    }
+
+    /// `PATH` for tasks whose spec sets none (netd's `--task-path`).
+    #[must_use]
+    pub fn with_task_path(mut self, path: &str) -> Self {
+        self.task_path = path.to_string();
+        self
     }
 
     fn adopt(&mut self) -> PortResult<()> {
@@ -279,7 +288,7 @@ impl LinuxProcessPort {
         let mut cmd = Command::new(&spec.argv[0]);
         cmd.args(&spec.argv[1..])
             .env_clear()
-            .env("PATH", DEFAULT_PATH)
+            .env("PATH", &self.task_path)
             .envs(&spec.env)
             .current_dir("/")
             .stdin(Stdio::null())
