@@ -236,6 +236,8 @@ pub struct ServiceUpdate {
     pub update_parallelism: Option<u32>,
     #[command(flatten)]
     pub health: Box<HealthFlags>,
+    #[command(flatten)]
+    pub restart: RestartFlags,
     /// Remove the service's health check.
     #[arg(long = "no-healthcheck", conflicts_with = "health_cmd")]
     pub no_healthcheck: bool,
@@ -271,11 +273,35 @@ pub struct ServiceCreate {
     pub env: Vec<(String, String)>,
     #[command(flatten)]
     pub health: Box<HealthFlags>,
+    #[command(flatten)]
+    pub restart: RestartFlags,
     /// Return once the manager accepted the service, without waiting for tasks.
     #[arg(long)]
     pub detach: bool,
     #[arg(last = true, required = true)]
     pub cmd: Vec<String>,
+}
+
+/// What happens when a task's process ends (Docker's flags and words).
+#[derive(Debug, Clone, Default, Args)]
+pub struct RestartFlags {
+    /// Replace a task that ended: any (also after a clean exit), on-failure, none [default: any].
+    #[arg(long = "restart-condition", value_parser = ["any", "on-failure", "none"])]
+    pub restart_condition: Option<String>,
+    /// Time between a task ending and its replacement, e.g. 0s, 5s, 1m [default: 5s].
+    #[arg(long = "restart-delay", value_parser = parse_duration)]
+    pub restart_delay: Option<String>,
+}
+
+impl RestartFlags {
+    /// The restart policy word the managers take.
+    pub fn policy(&self) -> Option<&'static str> {
+        self.restart_condition.as_deref().map(|c| match c {
+            "on-failure" => "on_failure",
+            "none" => "never",
+            _ => "always",
+        })
+    }
 }
 
 /// A health check run in each task's network and mount namespaces; a task is a backend and a

@@ -232,7 +232,8 @@ pub fn service_spec(c: &ServiceCreate) -> pb::ServiceSpec {
                 aliases: n.aliases.clone(),
             })
             .collect(),
-        restart: String::new(),
+        restart: c.restart.policy().unwrap_or_default().into(),
+        restart_delay: c.restart.restart_delay.clone().unwrap_or_default(),
         affinity: String::new(),
         argv: c.cmd.clone(),
         env: c.env.iter().cloned().collect(),
@@ -312,6 +313,12 @@ pub fn updated_spec(mut spec: pb::ServiceSpec, u: &ServiceUpdate) -> Option<pb::
     } else {
         health_config(&u.health, spec.health.take())
     };
+    if let Some(p) = u.restart.policy() {
+        spec.restart = p.into();
+    }
+    if let Some(d) = &u.restart.restart_delay {
+        spec.restart_delay = d.clone();
+    }
     if !u.cmd.is_empty() {
         spec.argv = u.cmd.clone();
     }
@@ -738,6 +745,59 @@ mod tests {
             .unwrap_err();
             assert_eq!(e.exit_code(), 2, "{flag} {value}");
             assert!(e.to_string().contains(says), "{flag} {value}: {e}");
+        }
+    }
+
+    #[test]
+    fn restart_flags_reach_the_spec_in_the_managers_words() {
+        let s = service_spec(&create(&[
+            "--name",
+            "web",
+            "--restart-condition",
+            "on-failure",
+            "--restart-delay",
+            "1m30s",
+            "--",
+            "true",
+        ]));
+        assert_eq!(
+            (s.restart.as_str(), s.restart_delay.as_str()),
+            ("on_failure", "1m30s")
+        );
+        let d = service_spec(&create(&["--name", "d", "--", "true"]));
+        assert_eq!(
+            (d.restart.as_str(), d.restart_delay.as_str()),
+            ("", ""),
+            "unset: the managers' defaults (any, 5s)"
+        );
+        let update = |args: &[&str]| -> Option<pb::ServiceSpec> {
+            let cli = Cli::try_parse_from(
+                ["swarmnet", "service", "update", "web"]
+                    .iter()
+                    .chain(args)
+                    .copied(),
+            )
+            .unwrap();
+            match cli.cmd {
+                Cmd::Service(ServiceCmd::Update(u)) => updated_spec(s.clone(), &u),
+                other => panic!("{other:?}"),
+            }
+        };
+        let u = update(&["--restart-condition", "none", "--restart-delay", "0s"]).unwrap();
+        assert_eq!(
+            (u.restart.as_str(), u.restart_delay.as_str()),
+            ("never", "0s")
+        );
+        assert!(update(&["--restart-delay", "90s"]).is_none(), "no change");
+        for (flag, value) in [
+            ("--restart-delay", "5"),
+            ("--restart-condition", "sometimes"),
+        ] {
+            let e = Cli::try_parse_from([
+                "swarmnet", "service", "create", "--name", "x", flag, value, "--", "true",
+            ])
+            .unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{flag} {value}");
         }
     }
 

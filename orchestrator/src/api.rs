@@ -241,6 +241,12 @@ fn def_of(s: &pb::ServiceSpec) -> std::result::Result<ServiceDef, Status> {
         ports,
         networks,
         restart: word_or_default("restart", &s.restart)?,
+        restart_delay_ms: if s.restart_delay.is_empty() {
+            state::DEFAULT_RESTART_DELAY_MS
+        } else {
+            let d: swarmnet_model::HumanDuration = parse("restart_delay", &s.restart_delay)?;
+            u64::try_from(d.get().as_millis()).unwrap_or(u64::MAX)
+        },
         affinity: word_or_default("affinity", &s.affinity)?,
         task: state::TaskTemplate {
             argv: s.argv.clone(),
@@ -346,6 +352,8 @@ fn service_msg(st: &ClusterState, s: &state::Service) -> pb::Service {
                 })
                 .collect(),
             restart: name_of(&d.restart),
+            restart_delay: swarmnet_model::HumanDuration::from_millis(d.restart_delay_ms)
+                .to_string(),
             affinity: name_of(&d.affinity),
             argv: d.task.argv.clone(),
             env: d.task.env.clone().into_iter().collect(),
@@ -878,7 +886,19 @@ impl pb::services_server::Services for ServicesApi {
                     .tasks
                     .values()
                     .filter(|t| name.is_empty() || t.service.as_str() == name)
-                    .map(task_msg)
+                    .map(|t| {
+                        let mut m = task_msg(t);
+                        // An ended task waiting for its replacement says so.
+                        if let Some(delay) = a.state.restart_due(&t.id) {
+                            let d = swarmnet_model::HumanDuration::from_millis(delay);
+                            m.message = if m.message.is_empty() {
+                                format!("replaced after the {d} restart delay")
+                            } else {
+                                format!("{}; replaced after the {d} restart delay", m.message)
+                            };
+                        }
+                        m
+                    })
                     .chain(
                         a.state
                             .history

@@ -3,7 +3,9 @@
 //!
 //! Every node receives the whole cluster's intent (it needs remote tasks as load-balancer
 //! backends, DNS answers and FDB entries) and picks its own tasks by node id. What is left out:
-//! tasks still pending (no node or no address yet: nothing to run, nothing to answer for), and,
+//! tasks still pending (no node or no address yet: nothing to run, nothing to answer for),
+//! tasks that ended (failed or complete: waiting for their restart delay, or kept as they are
+//! by a `never` policy; their node removes what is left of them), and,
 //! during a rolling update, an old task's attachment to a network its service has left (its
 //! interface goes; the task itself is replaced soon). A draining task (the first phase of its
 //! removal) is sent as `desired_state: draining`: it keeps running where it is, and no node
@@ -89,7 +91,9 @@ pub fn project(state: &ClusterState) -> ClusterSpec {
     let tasks = state
         .tasks
         .values()
-        .filter(|t| !t.is_pending())
+        .filter(|t| {
+            !t.is_pending() && !matches!(t.status.state, TaskState::Failed | TaskState::Complete)
+        })
         .filter_map(|t| {
             let svc = state.services.get(&t.service)?;
             let on = |net: &swarmnet_model::Name| {

@@ -225,6 +225,13 @@ pub struct UpdateConfig {
     pub failure_action: FailureAction,
 }
 
+/// Swarm's default restart delay.
+pub const DEFAULT_RESTART_DELAY_MS: u64 = 5_000;
+
+fn default_restart_delay_ms() -> u64 {
+    DEFAULT_RESTART_DELAY_MS
+}
+
 /// A service as the user defines it (create and update take the whole definition).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceDef {
@@ -238,6 +245,12 @@ pub struct ServiceDef {
     pub networks: Vec<ServiceNetworkConfig>,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Time between a task ending and its replacement (Swarm's `--restart-delay`, default
+    /// [`DEFAULT_RESTART_DELAY_MS`]): a crash-looping task is replaced at this pace, not as
+    /// fast as its node reports. The ended task keeps its slot meanwhile; the leader sends
+    /// [`Command::RestartTasks`] when the delay is over. 0 replaces at once.
+    #[serde(default = "default_restart_delay_ms")]
+    pub restart_delay_ms: u64,
     #[serde(default)]
     pub affinity: Affinity,
     pub task: TaskTemplate,
@@ -438,6 +451,12 @@ pub enum Command {
     ReapTasks {
         tasks: Vec<TaskId>,
     },
+    /// The restart delay of these ended tasks is over (decided by the leader): each is
+    /// replaced per its service's restart policy. Ids that are not ended tasks whose policy
+    /// replaces them (any more) are ignored.
+    RestartTasks {
+        tasks: Vec<TaskId>,
+    },
     /// Replaces the join token of one role (nodes that joined stay).
     RotateJoinToken {
         role: NodeRole,
@@ -457,6 +476,7 @@ impl Command {
             | Command::RemoveService { .. }
             | Command::AdvanceUpdate { .. }
             | Command::ReapTasks { .. }
+            | Command::RestartTasks { .. }
             | Command::SetNodeStatus { .. }
             | Command::UpdateNode { .. }
             | Command::SetNodeRole { .. }
@@ -495,6 +515,13 @@ impl Scope {
             },
             // Reaping frees addresses: pending tasks (of any service) are retried below anyway.
             Command::ReapTasks { .. } => Scope::Services(BTreeSet::new()),
+            // The replaced tasks' services get their replacements.
+            Command::RestartTasks { tasks } => Scope::Services(
+                tasks
+                    .iter()
+                    .filter_map(|id| state.tasks.get(id).map(|t| t.service.clone()))
+                    .collect(),
+            ),
             Command::RotateGossipKey(_) | Command::RotateJoinToken { .. } => {
                 Scope::Services(BTreeSet::new())
             }
@@ -776,6 +803,14 @@ impl ClusterState {
                 for id in tasks {
                     if self.tasks.get(id).is_some_and(|t| t.draining) {
                         self.remove_task(id);
+                    }
+                }
+                Ok(Response::Done)
+            }
+            Command::RestartTasks { tasks } => {
+                for id in tasks {
+                    if self.restart_due(id).is_some() {
+                        self.replace_ended(id);
                     }
                 }
                 Ok(Response::Done)

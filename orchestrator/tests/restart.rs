@@ -126,6 +126,70 @@ fn exits_follow_the_restart_policy() {
     assert_eq!(slot(&s, 1).status.message, "killed by signal 9");
 }
 
+/// With a restart delay, an ended task keeps its slot (and addresses) until the leader's
+/// `RestartTasks`; meanwhile nothing of it is in the nodes' intent and no replacement exists.
+#[test]
+fn an_ended_task_waits_for_its_restart_delay() {
+    let mut def = service("web", 2, &["app"]);
+    def.restart_delay_ms = 5_000;
+    let mut s = setup(def);
+    let t = slot(&s, 1);
+    let ip = t.networks[0].ip;
+    report(&mut s, &t, TaskState::Failed, "exit code 3", None);
+    assert_eq!(slot(&s, 1).id, t.id, "no replacement before the delay");
+    assert_eq!(s.tasks[&t.id].status.state, TaskState::Failed);
+    assert_eq!(s.tasks[&t.id].networks[0].ip, ip, "it keeps its address");
+    assert_eq!(s.tasks.len(), 2);
+    assert_eq!(s.awaiting_restart(), vec![(t.id.clone(), 5_000)]);
+    let spec = project(&s);
+    assert!(
+        spec.tasks.iter().all(|x| x.id != t.id),
+        "an ended task is not in the nodes' intent"
+    );
+    Intent::new(spec).expect("the projection validates");
+
+    // A RestartTasks for a task that runs is ignored.
+    let other = slot(&s, 2);
+    apply(
+        &mut s,
+        Command::RestartTasks {
+            tasks: vec![other.id.clone()],
+        },
+    );
+    assert_eq!(slot(&s, 2).id, other.id);
+
+    // The delay is over: replaced in its slot, the ended one in the history.
+    apply(
+        &mut s,
+        Command::RestartTasks {
+            tasks: vec![t.id.clone()],
+        },
+    );
+    let new = slot(&s, 1);
+    assert_ne!(new.id, t.id);
+    assert_eq!(new.status.state, TaskState::Assigned);
+    assert!(s.awaiting_restart().is_empty());
+    assert_eq!(s.history[&name("web")][0].id, t.id);
+    // Sent twice (a new leader): nothing more happens.
+    apply(
+        &mut s,
+        Command::RestartTasks {
+            tasks: vec![t.id.clone()],
+        },
+    );
+    assert_eq!(slot(&s, 1).id, new.id);
+
+    // never: an ended task does not wait for anything.
+    let mut def = service("web", 1, &["app"]);
+    def.restart = RestartPolicy::Never;
+    def.restart_delay_ms = 5_000;
+    let mut s = setup(def);
+    let t = slot(&s, 1);
+    report(&mut s, &t, TaskState::Failed, "exit code 3", None);
+    assert!(s.awaiting_restart().is_empty());
+    assert!(project(&s).tasks.iter().all(|x| x.id != t.id));
+}
+
 #[test]
 fn the_history_is_bounded_and_leaves_with_the_service() {
     let mut s = setup(service("web", 1, &["app"]));

@@ -189,6 +189,16 @@ fn unhealthy_and_exited_tasks_are_replaced_and_ps_says_why() -> Result<()> {
                 name: "job".into(),
                 replicas: 1,
                 argv: vec!["/bin/sh".into(), "-c".into(), job],
+                networks: net.clone(),
+                restart_delay: "6s".into(),
+                ..Default::default()
+            })
+            .await?;
+            // Crashes at once, every time: replaced at the pace of the default restart delay.
+            s.create(pb::ServiceSpec {
+                name: "crash".into(),
+                replicas: 1,
+                argv: vec!["/bin/sh".into(), "-c".into(), "exit 4".into()],
                 networks: net,
                 ..Default::default()
             })
@@ -259,6 +269,24 @@ fn unhealthy_and_exited_tasks_are_replaced_and_ps_says_why() -> Result<()> {
         .context("job slot 1")?
         .clone();
     std::fs::write(flags.join(format!("exit-{}", ended.id)), "")?;
+    // First it waits out its 6 s restart delay, keeping its slot, and ps says so.
+    retry(
+        "the exited task to wait for its restart delay",
+        settle,
+        || {
+            let job = ps(&n1, &addr, "job")?;
+            ensure!(
+                job.iter().any(|t| t.id == ended.id
+                    && t.desired_state == "running"
+                    && t.state == "failed"
+                    && t.message == "exit code 3; replaced after the 6s restart delay"),
+                "the ended task, waiting:\n{}",
+                show(&job)
+            );
+            ensure!(job.len() == 1, "no replacement yet:\n{}", show(&job));
+            Ok(())
+        },
+    )?;
     retry("the exited task to be replaced", settle, || {
         let job = ps(&n1, &addr, "job")?;
         let old = job
@@ -280,6 +308,28 @@ fn unhealthy_and_exited_tasks_are_replaced_and_ps_says_why() -> Result<()> {
         );
         Ok(())
     })?;
+    // A task that crashes on start is replaced at the pace of the restart delay (5 s by
+    // default), not as fast as its node reports (about three a second before the delay).
+    let ended_count = || -> Result<usize> {
+        Ok(ps(&n1, &addr, "crash")?
+            .iter()
+            .filter(|t| t.state == "failed")
+            .count())
+    };
+    retry("the crashing task to end once", settle, || {
+        ensure!(ended_count()? >= 1, "{}", show(&ps(&n1, &addr, "crash")?));
+        Ok(())
+    })?;
+    let before = ended_count()?;
+    let window = Duration::from_secs(6);
+    std::thread::sleep(window);
+    let after = ended_count()?;
+    ensure!(
+        after - before <= 2,
+        "{} crashed tasks ended within {window:?} with a 5 s restart delay:\n{}",
+        after - before,
+        show(&ps(&n1, &addr, "crash")?)
+    );
     // The replaced tasks are gone from their nodes (their sandboxes removed).
     retry("the replaced sandboxes to go", settle, || {
         for id in [&sick.id, &ended.id] {

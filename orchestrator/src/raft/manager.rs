@@ -525,12 +525,14 @@ enum ForwardFailure {
 
 /// What only the leader does, checked a few times a second: mark silent nodes down (after a
 /// grace period from when it became leader, so a new leader does not condemn every node it
-/// has not heard from yet), fire rolling-update timers, and reap draining tasks once their
-/// stop grace is over (a new leader starts their grace again: later, never earlier).
+/// has not heard from yet), fire rolling-update timers, reap draining tasks once their stop
+/// grace is over, and replace ended tasks once their service's restart delay is over (a new
+/// leader starts the grace and the delay again: later, never earlier).
 async fn leader_duties(m: Arc<Manager>) {
     let mut stop = m.stop.subscribe();
     let mut timers: HashMap<(String, u64), Instant> = HashMap::new();
     let mut draining: HashMap<swarmnet_model::TaskId, Instant> = HashMap::new();
+    let mut ended: HashMap<swarmnet_model::TaskId, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -540,6 +542,7 @@ async fn leader_duties(m: Arc<Manager>) {
             *m.leader_since.lock().expect("lock") = None;
             timers.clear();
             draining.clear();
+            ended.clear();
             continue;
         }
         let since = *m
@@ -548,7 +551,7 @@ async fn leader_duties(m: Arc<Manager>) {
             .expect("lock")
             .get_or_insert_with(Instant::now);
         let now = Instant::now();
-        let (nodes, waiting, leaving) = m.state.read(|a| {
+        let (nodes, waiting, leaving, restarting) = m.state.read(|a| {
             let nodes: Vec<(NodeId, NodeStatus)> = a
                 .state
                 .nodes
@@ -573,8 +576,24 @@ async fn leader_duties(m: Arc<Manager>) {
                 .filter(|t| t.draining)
                 .map(|t| t.id.clone())
                 .collect();
-            (nodes, waiting, leaving)
+            (nodes, waiting, leaving, a.state.awaiting_restart())
         });
+        ended.retain(|id, _| restarting.iter().any(|(t, _)| t == id));
+        let restart: Vec<swarmnet_model::TaskId> = restarting
+            .into_iter()
+            .filter(|(id, delay_ms)| {
+                let since = *ended.entry(id.clone()).or_insert(now);
+                now.duration_since(since) >= Duration::from_millis(*delay_ms)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        if !restart.is_empty() {
+            tracing::info!(
+                tasks = restart.len(),
+                "restart delay over; replacing ended tasks"
+            );
+            let _ = m.write(Command::RestartTasks { tasks: restart }).await;
+        }
         draining.retain(|id, _| leaving.contains(id));
         let due: Vec<swarmnet_model::TaskId> = leaving
             .into_iter()

@@ -36,12 +36,11 @@ impl ClusterState {
         }
     }
 
-    /// Replaces the task per its service's restart policy, if it failed or completed.
-    pub(super) fn apply_restart_policy(&mut self, id: &TaskId) {
-        let Some(t) = self.tasks.get(id) else { return };
-        let Some(svc) = self.services.get(&t.service) else {
-            return;
-        };
+    /// The restart delay of `id` if it ended (failed or completed) and its service's policy
+    /// replaces it; `None` otherwise.
+    pub fn restart_due(&self, id: &TaskId) -> Option<u64> {
+        let t = self.tasks.get(id)?;
+        let svc = self.services.get(&t.service)?;
         let replace = matches!(
             (t.status.state, svc.def.restart),
             (
@@ -49,10 +48,31 @@ impl ClusterState {
                 RestartPolicy::Always | RestartPolicy::OnFailure
             ) | (TaskState::Complete, RestartPolicy::Always)
         );
-        if !replace {
-            return;
+        (replace && !t.draining).then_some(svc.def.restart_delay_ms)
+    }
+
+    /// Ended tasks waiting for their restart delay, with the delay (ms), for the leader.
+    pub fn awaiting_restart(&self) -> Vec<(TaskId, u64)> {
+        self.tasks
+            .keys()
+            .filter_map(|id| self.restart_due(id).map(|d| (id.clone(), d)))
+            .collect()
+    }
+
+    /// Applies the restart policy to a task its node just reported: replaced at once when the
+    /// service's delay is 0, else left for the leader's [`Command::RestartTasks`].
+    pub(super) fn apply_restart_policy(&mut self, id: &TaskId) {
+        if self.restart_due(id) == Some(0) {
+            self.replace_ended(id);
         }
-        let task = t.clone();
+    }
+
+    /// Moves an ended task to its service's history; the reconcile step that follows fills
+    /// its slot.
+    pub(super) fn replace_ended(&mut self, id: &TaskId) {
+        let Some(task) = self.tasks.get(id).cloned() else {
+            return;
+        };
         let history = self.history.entry(task.service.clone()).or_default();
         history.push(task);
         let excess = history.len().saturating_sub(HISTORY_LEN);

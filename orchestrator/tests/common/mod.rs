@@ -108,6 +108,8 @@ pub fn service(n: &str, replicas: u32, nets: &[&str]) -> ServiceDef {
             })
             .collect(),
         restart: Default::default(),
+        // Replaced at once: the state tests check what replaces; the delay has its own.
+        restart_delay_ms: 0,
         affinity: Default::default(),
         task: TaskTemplate {
             argv: vec!["sleep".into(), "inf".into()],
