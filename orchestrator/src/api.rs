@@ -47,7 +47,7 @@ pub async fn serve(
     let incoming = swarmnet_pki::net::incoming(listener, m.tls.server.clone());
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .layer(crate::ca::AuthLayer)
+        .layer(crate::ca::AuthLayer(m.clone()))
         .add_service(pb::ca_server::CaServer::new(crate::ca::CaApi(m.clone())))
         .add_service(pb::raft_server::RaftServer::new(RaftApi(m.clone())))
         .add_service(pb::cluster_server::ClusterServer::new(ClusterApi(

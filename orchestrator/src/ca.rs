@@ -263,19 +263,20 @@ pub fn identity<T>(req: &Request<T>) -> Option<Identity> {
     peer(req).and_then(|p| p.identity.clone())
 }
 
-/// The tower layer applying [`authorize`] to every call before it reaches a service.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AuthLayer;
+/// The tower layer applying [`authorize`] to every call before it reaches a service, and
+/// refusing certificates revoked by a node's removal (read from `manager`'s state per call).
+#[derive(Debug, Clone)]
+pub struct AuthLayer(pub Arc<Manager>);
 
 impl<S> tower::Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth(inner)
+        Auth(inner, self.0.clone())
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct Auth<S>(S);
+pub struct Auth<S>(S, Arc<Manager>);
 
 type BoxFuture<T, E> = Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
 
@@ -298,7 +299,13 @@ where
             .extensions()
             .get::<Peer>()
             .and_then(|p| p.identity.as_ref());
-        match authorize(req.uri().path(), who) {
+        let revoked = who.filter(|w| w.role != Role::Admin).and_then(|w| {
+            self.1
+                .state
+                .read(|a| a.state.revoked(&w.id, w.epoch))
+                .map(Status::unauthenticated)
+        });
+        match revoked.map_or_else(|| authorize(req.uri().path(), who), Err) {
             Ok(()) => Box::pin(self.0.call(req)),
             Err(status) => {
                 tracing::info!(
@@ -328,8 +335,14 @@ impl CaApi {
     fn sign(&self, csr: &[u8], id: &str, role: Role) -> Result<pb::IssuedCertificate, Status> {
         let ca = signing_ca(&self.0)
             .ok_or_else(|| Status::failed_precondition("the cluster is not initialized yet"))?;
+        // Admin certificates are not node certificates: no node removal revokes them.
+        let epoch = if role == Role::Admin {
+            0
+        } else {
+            self.0.state.read(|a| a.state.cert_epoch)
+        };
         let cert_pem = ca
-            .issue(csr, id, role, self.0.config.cert_lifetime)
+            .issue_at_epoch(csr, id, role, self.0.config.cert_lifetime, epoch)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(pb::IssuedCertificate {
             cert_pem,
@@ -456,6 +469,7 @@ mod tests {
         Identity {
             role,
             id: "n1".into(),
+            epoch: 0,
         }
     }
 

@@ -61,6 +61,30 @@ pub struct ClusterState {
     /// (newest last, at most [`HISTORY_LEN`]): `service ps` shows them and why.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub history: BTreeMap<Name, Vec<Task>>,
+    /// The certificate epoch node certificates are issued at now ([`swarmnet_pki::Identity::epoch`]);
+    /// each node removal moves it on.
+    #[serde(default)]
+    pub cert_epoch: u64,
+    /// Per removed node, the first epoch whose certificates are valid again: its certificates
+    /// from before its removal are revoked (a removed node cannot come back with them; it
+    /// joins again with a token, which gets it a certificate of the current epoch).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub revoked_before: BTreeMap<NodeId, u64>,
+}
+
+impl ClusterState {
+    /// Why a certificate naming `id` at `epoch` no longer counts, if it does not: its node
+    /// was removed after the certificate was issued.
+    pub fn revoked(&self, id: &str, epoch: u64) -> Option<String> {
+        let id: NodeId = id.parse().ok()?;
+        let first_valid = *self.revoked_before.get(&id)?;
+        (epoch < first_valid).then(|| {
+            format!(
+                "the certificate of node {id} is revoked: the node was removed from the cluster \
+                 after it was issued; join it again with a token (swarmnet cluster join-token)"
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -924,15 +948,24 @@ impl ClusterState {
         if let (Some(ip), Some(net)) = (node.ingress_ip, self.ingress_name()) {
             self.release(&net, ip);
         }
+        // Revokes every certificate issued to it so far.
+        self.cert_epoch += 1;
+        self.revoked_before.insert(id.clone(), self.cert_epoch);
         // Its tasks are dropped by the reconcile step that follows.
         Ok(Response::Done)
     }
 
+    /// Whether `id` is a manager and no other node is (a worker never is: with no manager
+    /// node at all, removing a worker must not be refused as "the last manager").
     fn is_last_manager(&self, id: &NodeId) -> bool {
         self.nodes
-            .values()
-            .filter(|n| n.role == NodeRole::Manager)
-            .all(|n| &n.id == id)
+            .get(id)
+            .is_some_and(|n| n.role == NodeRole::Manager)
+            && self
+                .nodes
+                .values()
+                .filter(|n| n.role == NodeRole::Manager)
+                .all(|n| &n.id == id)
     }
 
     fn node_mut(&mut self, id: &NodeId) -> Result<&mut Node, CommandError> {

@@ -364,3 +364,75 @@ async fn short_lived_certificates_are_renewed_and_expired_ones_refused() {
         .expect("renewed credentials keep working");
     one.shutdown().await;
 }
+
+/// `node rm` revokes the node's certificates: with the one it held, a removed node can neither
+/// call the dispatcher, nor join itself again, nor renew. A certificate from a new join with a
+/// token works; the administrator and other nodes are not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_nodes_certificate_is_revoked_until_it_joins_again_with_a_token() {
+    let one = one_manager().await;
+    let tokens = one.tokens().await;
+    let mut channels = Vec::new();
+    for (id, addr) in [("n2", "198.18.0.2"), ("n3", "198.18.0.3")] {
+        let (m, _) = request_certificate(&one.addr, &tokens.worker, id, TIMEOUT)
+            .await
+            .unwrap();
+        let ch = one.channel(&mtls(&m));
+        join_node(ch.clone(), id, addr).await.unwrap();
+        heartbeat(ch.clone(), id).await.unwrap();
+        channels.push(ch);
+    }
+    let (n2, n3) = (channels[0].clone(), channels[1].clone());
+
+    pb::nodes_client::NodesClient::new(one.channel(&one.admin))
+        .remove(pb::RemoveNodeRequest {
+            id: "n2".into(),
+            force: true,
+        })
+        .await
+        .expect("forced removal");
+
+    let revoked = |what: &str, e: tonic::Status| {
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{what}: {e}");
+        assert!(
+            e.message().contains("revoked") && e.message().contains("join it again"),
+            "{what}: {e}"
+        );
+    };
+    // The connection made before the removal: every call is checked.
+    revoked("heartbeat", heartbeat(n2.clone(), "n2").await.unwrap_err());
+    revoked(
+        "join itself again",
+        join_node(n2.clone(), "n2", "198.18.0.2").await.unwrap_err(),
+    );
+    let csr = swarmnet_pki::ca::Csr::generate("n2").unwrap();
+    revoked(
+        "renew",
+        pb::ca_client::CaClient::new(n2.clone())
+            .renew_node_certificate(pb::RenewRequest { csr: csr.der })
+            .await
+            .unwrap_err(),
+    );
+    let listed = pb::nodes_client::NodesClient::new(one.channel(&one.admin))
+        .list(pb::Empty {})
+        .await
+        .expect("the administrator is not touched")
+        .into_inner();
+    assert!(
+        listed.nodes.iter().all(|n| n.id != "n2"),
+        "n2 stays removed"
+    );
+    heartbeat(n3, "n3")
+        .await
+        .expect("another node is not touched");
+
+    // A new join with the token: a certificate of the current epoch, which works.
+    let (again, _) = request_certificate(&one.addr, &tokens.worker, "n2", TIMEOUT)
+        .await
+        .unwrap();
+    assert!(identity_of_pem(&again.cert_pem).unwrap().identity.epoch >= 1);
+    let ch = one.channel(&mtls(&again));
+    join_node(ch.clone(), "n2", "198.18.0.2").await.unwrap();
+    heartbeat(ch, "n2").await.unwrap();
+    one.shutdown().await;
+}

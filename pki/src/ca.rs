@@ -174,10 +174,23 @@ impl RootCa {
         role: Role,
         lifetime: Duration,
     ) -> Result<String, PkiError> {
+        self.issue_at_epoch(csr_der, id, role, lifetime, 0)
+    }
+
+    /// [`RootCa::issue`] of a certificate that carries the cluster's certificate `epoch` (see
+    /// [`Identity::epoch`]): node certificates, which a node's removal revokes.
+    pub fn issue_at_epoch(
+        &self,
+        csr_der: &[u8],
+        id: &str,
+        role: Role,
+        lifetime: Duration,
+        epoch: u64,
+    ) -> Result<String, PkiError> {
         let csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
                 .map_err(rc("reading the certificate signing request"))?;
-        let params = node_params(id, role, lifetime)?;
+        let params = node_params(id, role, lifetime, epoch)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer()?)
             .map_err(rc("signing the node certificate"))?;
@@ -202,7 +215,15 @@ impl RootCa {
     }
 }
 
-fn node_params(id: &str, role: Role, lifetime: Duration) -> Result<CertificateParams, PkiError> {
+/// The SAN URI prefix that carries [`Identity::epoch`].
+const EPOCH_URI: &str = "urn:swarmnet:cert-epoch:";
+
+fn node_params(
+    id: &str,
+    role: Role,
+    lifetime: Duration,
+    epoch: u64,
+) -> Result<CertificateParams, PkiError> {
     if id.is_empty() || id.len() > 64 {
         return Err(PkiError::BadId { id: id.to_string() });
     }
@@ -233,6 +254,13 @@ fn node_params(id: &str, role: Role, lifetime: Duration) -> Result<CertificatePa
         ));
     }
     sans.dedup();
+    if epoch > 0 {
+        sans.push(SanType::URI(
+            format!("{EPOCH_URI}{epoch}")
+                .try_into()
+                .map_err(rc("naming the certificate"))?,
+        ));
+    }
     params.subject_alt_names = sans;
     let now = SystemTime::now();
     params.not_before = to_offset(now - backdate(lifetime));
@@ -295,9 +323,22 @@ pub fn identity_of_der(der: &[u8]) -> Result<CertInfo, PkiError> {
     let id = first(&mut subject.iter_common_name()).unwrap_or_default();
     let ou = first(&mut subject.iter_organizational_unit()).unwrap_or_default();
     let role = Role::from_ou(&ou).ok_or_else(|| PkiError::NoRole { ou: ou.clone() })?;
+    let epoch = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .into_iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => {
+                u.strip_prefix(EPOCH_URI).and_then(|e| e.parse().ok())
+            }
+            _ => None,
+        })
+        .unwrap_or(0);
     let at = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
     Ok(CertInfo {
-        identity: Identity { role, id },
+        identity: Identity { role, id, epoch },
         not_before: at(cert.validity().not_before.timestamp()),
         not_after: at(cert.validity().not_after.timestamp()),
     })
@@ -334,9 +375,15 @@ mod tests {
             info.identity,
             Identity {
                 role: Role::Worker,
-                id: "n7".into()
+                id: "n7".into(),
+                epoch: 0,
             }
         );
+        let csr = Csr::generate("n7").unwrap();
+        let pem = ca
+            .issue_at_epoch(&csr.der, "n7", Role::Worker, Duration::from_secs(3600), 42)
+            .unwrap();
+        assert_eq!(identity_of_pem(&pem).unwrap().identity.epoch, 42);
         let life = info.not_after.duration_since(info.not_before).unwrap();
         assert_eq!(life, Duration::from_secs(3600) + BACKDATE);
         // The CA's digest is stable and 64 hex digits.

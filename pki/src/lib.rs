@@ -71,6 +71,10 @@ pub struct Identity {
     pub role: Role,
     /// The node id (CN).
     pub id: String,
+    /// The cluster's certificate epoch when it was issued (a SAN URI
+    /// `urn:swarmnet:cert-epoch:<n>`; 0 when absent). Removing a node from the cluster moves
+    /// the epoch on and revokes that node's certificates of earlier epochs.
+    pub epoch: u64,
 }
 
 /// Why a PKI operation failed.
