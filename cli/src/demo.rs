@@ -66,7 +66,10 @@ pub fn text(r: &DemoReport) -> String {
         } else {
             ""
         };
-        out.push_str(&format!("  {node}:8080       -> answered by {who}{note}\n"));
+        out.push_str(&format!(
+            "  {:<14} -> answered by {who}{note}\n",
+            format!("{node}:8080")
+        ));
     }
     if r.removed {
         out.push_str("lab removed\n");
