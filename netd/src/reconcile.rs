@@ -1104,10 +1104,13 @@ pub fn changed_objects(old: Option<&DesiredNode>, new: &DesiredNode) -> BTreeSet
             .filter_map(|s| s.gw.as_ref().map(|g| g.host_if.clone()))
             .collect::<BTreeSet<_>>()
     };
+    // The node object owns the node firewall (VTEPs, published ports) and the ingress route.
     if old.vteps != new.vteps
         || old.gw_bridge != new.gw_bridge
         || old.vxlan_port != new.vxlan_port
         || gw_ifs(old) != gw_ifs(new)
+        || old.published != new.published
+        || old.ingress_route != new.ingress_route
     {
         out.insert(ObjectKey::Node);
     }

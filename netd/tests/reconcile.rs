@@ -1021,3 +1021,67 @@ fn the_routing_mesh_balances_in_the_ingress_sandbox_and_an_old_layout_is_cleaned
     r.round(false, later);
     assert!(lb.0.lock().unwrap().commits(&sbox) > before, "then removed");
 }
+
+/// A port served by local tasks only (local traffic policy; host mode is the same path) is
+/// refused while its task starts and forwarded to it from the first incremental round after
+/// the task runs: the node firewall follows its published ports without waiting for a full
+/// round (it waited up to one full-reconcile interval, 30 s by default).
+#[test]
+fn a_local_policy_port_follows_its_task_without_a_full_round() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lb = SharedLb::default();
+    let mut r = reconciler_with_lb(SharedProcs::default(), &lb, tmp.path());
+    let text = MESH_INTENT.replace(
+        r#""published": 8080}"#,
+        r#""published": 8080, "traffic_policy": "local"}"#,
+    );
+    // Placed, not yet running (the orchestrator's `starting`): refused.
+    let starting = text.replace(
+        r#""node": "n1", "argv""#,
+        r#""node": "n1", "desired_state": "starting", "argv""#,
+    );
+    assert_ne!(starting, text);
+    r.set_intent(intent(&starting));
+    r.round(false, Instant::now());
+    settle(&mut r);
+    let fw = r.ports_mut().firewall.list_table().unwrap().unwrap();
+    assert!(
+        fw.lines()
+            .any(|l| l.contains("dport 8080") && l.contains("no local task")),
+        "{fw}"
+    );
+    // Running: only the task's desired state changes, its sandbox does not.
+    r.set_intent(intent(&text));
+    r.round(false, Instant::now());
+    settle(&mut r);
+    let fw = r.ports_mut().firewall.list_table().unwrap().unwrap();
+    let rule = fw
+        .lines()
+        .find(|l| l.contains("dport 8080"))
+        .unwrap_or_else(|| panic!("no rule for 8080:\n{fw}"));
+    assert!(
+        rule.contains("dnat ip to 172.30.") && rule.contains(":80"),
+        "forwarded to web1 on this node's gateway bridge: {rule}"
+    );
+    // web1 leaves this node: refused again once it has drained (its stop grace, 1 s here),
+    // by incremental rounds alone.
+    let mut spec = intent(&text).spec().clone();
+    spec.tasks.retain(|t| t.id.as_str() != "web1");
+    r.set_intent(Intent::new(spec).unwrap());
+    let t0 = Instant::now();
+    loop {
+        r.round(false, Instant::now());
+        let fw = r.ports_mut().firewall.list_table().unwrap().unwrap();
+        if fw
+            .lines()
+            .any(|l| l.contains("dport 8080") && l.contains("no local task"))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "still not refused after web1 left:\n{fw}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
