@@ -352,6 +352,11 @@ pub fn service_view(s: pb::Service) -> ServiceView {
                 } else {
                     p.publish_mode
                 },
+                traffic_policy: if p.traffic_policy == "local" {
+                    p.traffic_policy
+                } else {
+                    String::new()
+                },
             })
             .collect(),
         vips: s.vips.into_iter().collect(),

@@ -385,7 +385,7 @@ pub struct NetworkAttach {
     pub aliases: Vec<String>,
 }
 
-/// `--publish [mode=host,]PUBLISHED:TARGET[/udp]`.
+/// `--publish [mode=host|ingress,][policy=local|cluster,]PUBLISHED:TARGET[/udp]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publish {
     pub published: u16,
@@ -394,6 +394,9 @@ pub struct Publish {
     pub protocol: String,
     /// "ingress" | "host".
     pub mode: String,
+    /// "cluster" | "local" (ingress mode only: only the tasks on the node the client reached
+    /// serve, and they see the client's own address).
+    pub policy: String,
 }
 
 pub fn parse_lab_name(s: &str) -> Result<String, String> {
@@ -450,14 +453,24 @@ pub fn parse_network(s: &str) -> Result<NetworkAttach, String> {
 }
 
 pub fn parse_publish(s: &str) -> Result<Publish, String> {
-    let syntax = "expected [mode=host,]PUBLISHED:TARGET[/udp], e.g. 8080:80";
-    let (mode, rest) = match s.split_once(',') {
-        Some((opt, rest)) => match opt.split_once('=') {
-            Some(("mode", m @ ("host" | "ingress"))) => (m, rest),
+    let syntax = "expected [mode=host|ingress,][policy=local|cluster,]PUBLISHED:TARGET[/udp], \
+                  e.g. 8080:80";
+    let (mut mode, mut policy) = ("ingress", "cluster");
+    let mut rest = s;
+    while let Some((opt, tail)) = rest.split_once(',') {
+        match opt.split_once('=') {
+            Some(("mode", m @ ("host" | "ingress"))) => mode = m,
+            Some(("policy", p @ ("local" | "cluster"))) => policy = p,
             _ => return Err(format!("{s:?}: unknown option {opt:?}; {syntax}")),
-        },
-        None => ("ingress", s),
-    };
+        }
+        rest = tail;
+    }
+    if mode == "host" && policy == "local" {
+        return Err(format!(
+            "{s:?}: policy=local applies to ingress mode (mode=host always serves from the \
+             local task only)"
+        ));
+    }
     let (ports, protocol) = match rest.split_once('/') {
         Some((p, proto @ ("tcp" | "udp"))) => (p, proto),
         Some((_, other)) => return Err(format!("{s:?}: protocol {other:?} is not tcp or udp")),
@@ -477,6 +490,7 @@ pub fn parse_publish(s: &str) -> Result<Publish, String> {
         target: port(target)?,
         protocol: protocol.to_owned(),
         mode: mode.to_owned(),
+        policy: policy.to_owned(),
     })
 }
 

@@ -14,6 +14,14 @@ fn publish_forms() {
         (p.published, p.target, p.protocol.as_str(), p.mode.as_str()),
         (53, 5353, "udp", "host")
     );
+    let p = parse_publish("policy=local,8080:80").unwrap();
+    assert_eq!((p.mode.as_str(), p.policy.as_str()), ("ingress", "local"));
+    let p = parse_publish("mode=ingress,policy=local,8080:80/udp").unwrap();
+    assert_eq!(
+        (p.mode.as_str(), p.policy.as_str(), p.protocol.as_str()),
+        ("ingress", "local", "udp")
+    );
+    assert_eq!(parse_publish("8080:80").unwrap().policy, "cluster");
     for bad in [
         "8080",
         "0:80",
@@ -21,6 +29,8 @@ fn publish_forms() {
         "8080:80/sctp",
         "mode=bridge,1:2",
         "x:80",
+        "policy=nearest,1:2",
+        "mode=host,policy=local,1:2",
     ] {
         let e = parse_publish(bad).unwrap_err();
         assert!(e.contains(bad), "{bad}: {e}");

@@ -212,18 +212,7 @@ pub fn service_spec(c: &ServiceCreate) -> pb::ServiceSpec {
             (_, None) => 1,
         },
         endpoint_mode: c.endpoint_mode.clone().unwrap_or_default(),
-        ports: c
-            .publish
-            .iter()
-            .map(|p| pb::Port {
-                name: String::new(),
-                protocol: p.protocol.clone(),
-                target: u32::from(p.target),
-                publish: p.published.to_string(),
-                publish_mode: p.mode.clone(),
-                published: 0,
-            })
-            .collect(),
+        ports: c.publish.iter().map(port_msg).collect(),
         networks: c
             .networks
             .iter()
@@ -241,6 +230,19 @@ pub fn service_spec(c: &ServiceCreate) -> pb::ServiceSpec {
         constraints: c.constraints.clone(),
         update: None,
         health: health_config(&c.health, None),
+    }
+}
+
+/// A `--publish` as the managers take it.
+fn port_msg(p: &crate::args::Publish) -> pb::Port {
+    pb::Port {
+        name: String::new(),
+        protocol: p.protocol.clone(),
+        target: u32::from(p.target),
+        publish: p.published.to_string(),
+        publish_mode: p.mode.clone(),
+        published: 0,
+        traffic_policy: p.policy.clone(),
     }
 }
 
@@ -297,14 +299,7 @@ pub fn updated_spec(mut spec: pb::ServiceSpec, u: &ServiceUpdate) -> Option<pb::
             .or(u16::try_from(p.published).ok());
         !published.is_some_and(|n| u.publish_rm.contains(&n))
     });
-    spec.ports.extend(u.publish_add.iter().map(|p| pb::Port {
-        name: String::new(),
-        protocol: p.protocol.clone(),
-        target: u32::from(p.target),
-        publish: p.published.to_string(),
-        publish_mode: p.mode.clone(),
-        published: 0,
-    }));
+    spec.ports.extend(u.publish_add.iter().map(port_msg));
     if let Some(n) = u.update_parallelism {
         spec.update.get_or_insert_with(Default::default).parallelism = n;
     }

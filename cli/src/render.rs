@@ -168,6 +168,9 @@ pub struct PortView {
     pub protocol: String,
     /// "ingress" | "host".
     pub mode: String,
+    /// "local" for an ingress port served by the local tasks only; absent: "cluster".
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub traffic_policy: String,
 }
 
 impl PortView {
@@ -176,8 +179,13 @@ impl PortView {
         if self.published == 0 {
             format!("{}/{}", self.target, self.protocol)
         } else {
+            let local = if self.traffic_policy == "local" {
+                " (local)"
+            } else {
+                ""
+            };
             format!(
-                "{host}{}->{}/{}",
+                "{host}{}->{}/{}{local}",
                 self.published, self.target, self.protocol
             )
         }

@@ -120,12 +120,21 @@ fn service_ls() {
                     published: 8080,
                     protocol: "tcp".into(),
                     mode: "ingress".into(),
+                    traffic_policy: String::new(),
+                },
+                PortView {
+                    target: 9000,
+                    published: 9000,
+                    protocol: "tcp".into(),
+                    mode: "ingress".into(),
+                    traffic_policy: "local".into(),
                 },
                 PortView {
                     target: 53,
                     published: 5353,
                     protocol: "udp".into(),
                     mode: "host".into(),
+                    traffic_policy: String::new(),
                 },
             ],
             vips: BTreeMap::from([

@@ -214,6 +214,7 @@ fn def_of(s: &pb::ServiceSpec) -> std::result::Result<ServiceDef, Status> {
                 target: u16::try_from(p.target).map_err(|e| bad(&f("target"), e))?,
                 publish,
                 publish_mode: word_or_default(&f("publish_mode"), &p.publish_mode)?,
+                traffic_policy: word_or_default(&f("traffic_policy"), &p.traffic_policy)?,
             })
         })
         .collect::<std::result::Result<Vec<_>, Status>>()?;
@@ -341,6 +342,7 @@ fn service_msg(st: &ClusterState, s: &state::Service) -> pb::Service {
                     },
                     publish_mode: name_of(&p.publish_mode),
                     published: r.published.map(u32::from).unwrap_or(0),
+                    traffic_policy: name_of(&p.traffic_policy),
                 })
                 .collect(),
             networks: d

@@ -209,6 +209,9 @@ pub struct PortConfig {
     pub target: u16,
     pub publish: Publish,
     pub publish_mode: PublishMode,
+    /// Which tasks serve an ingress-published port.
+    #[serde(default)]
+    pub traffic_policy: swarmnet_model::spec::TrafficPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1212,6 +1215,17 @@ impl ClusterState {
         }
         let mut out = Vec::new();
         let mut mine: BTreeSet<(u16, Protocol)> = BTreeSet::new();
+        for (i, p) in def.ports.iter().enumerate() {
+            if p.traffic_policy == swarmnet_model::spec::TrafficPolicy::Local
+                && (p.publish == Publish::No || p.publish_mode == PublishMode::Host)
+            {
+                return Err(invalid(
+                    format!("ports[{i}].traffic_policy"),
+                    "\"local\" applies to ports published in ingress mode (host mode always \
+                     serves from the local task only)",
+                ));
+            }
+        }
         for p in &def.ports {
             if let Publish::Port(n) = p.publish {
                 if let Some(other) = used.get(&(n, p.protocol)) {
@@ -1266,9 +1280,7 @@ impl ClusterState {
                 target: p.target,
                 published,
                 publish_mode: p.publish_mode,
-                // main grew per-port traffic policies after the orch branch forked; the API
-                // does not carry one yet, so the default (cluster) applies.
-                traffic_policy: Default::default(),
+                traffic_policy: p.traffic_policy,
             });
         }
         Ok(out)

@@ -184,6 +184,7 @@ fn published_ports_auto_allocated_kept_on_update_and_conflicts_refused() {
         target: 80,
         publish: Publish::Auto,
         publish_mode: PublishMode::Ingress,
+        traffic_policy: Default::default(),
     }];
     apply(&mut s, Command::CreateService(web.clone()));
     let svc = &s.services[&name("web")];
@@ -218,8 +219,51 @@ fn published_ports_auto_allocated_kept_on_update_and_conflicts_refused() {
         target: 53,
         publish: Publish::Port(30000),
         publish_mode: PublishMode::Ingress,
+        traffic_policy: Default::default(),
     }];
     apply(&mut s, Command::CreateService(dns));
+}
+
+/// A local traffic policy reaches the nodes' intent; on a port that is not published in
+/// ingress mode it is refused, naming the port.
+#[test]
+fn local_traffic_policy_reaches_the_intent_and_needs_an_ingress_port() {
+    use swarmnet_model::spec::TrafficPolicy;
+    let mut s = cluster(2);
+    let mut web = service("web", 2, &[]);
+    web.ports = vec![PortConfig {
+        name: None,
+        protocol: Protocol::Tcp,
+        target: 80,
+        publish: Publish::Port(8080),
+        publish_mode: PublishMode::Ingress,
+        traffic_policy: TrafficPolicy::Local,
+    }];
+    apply(&mut s, Command::CreateService(web.clone()));
+    let spec = swarmnet_orchestrator::project::project(&s);
+    let port = &spec
+        .services
+        .iter()
+        .find(|x| x.name.as_str() == "web")
+        .unwrap()
+        .ports[0];
+    assert_eq!(port.traffic_policy, TrafficPolicy::Local);
+    swarmnet_model::Intent::new(spec).expect("the projection validates");
+    for (publish, mode) in [
+        (Publish::Port(8080), PublishMode::Host),
+        (Publish::No, PublishMode::Ingress),
+    ] {
+        let mut bad = web.clone();
+        bad.ports[0].publish = publish;
+        bad.ports[0].publish_mode = mode;
+        let e = s.apply(&Command::UpdateService(bad)).unwrap_err();
+        assert!(e.to_string().contains("ports[0].traffic_policy"), "{e}");
+    }
+    assert_eq!(
+        s.services[&name("web")].ports[0].traffic_policy,
+        TrafficPolicy::Local,
+        "a refused update changes nothing"
+    );
 }
 
 #[test]
@@ -574,6 +618,7 @@ fn dnsrr_cannot_publish_through_the_mesh() {
         target: 80,
         publish: Publish::Port(8080),
         publish_mode: PublishMode::Ingress,
+        traffic_policy: Default::default(),
     }];
     let e = s.apply(&Command::CreateService(web.clone())).unwrap_err();
     assert!(e.to_string().contains("publish in host mode"), "{e}");

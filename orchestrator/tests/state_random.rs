@@ -79,6 +79,7 @@ fn random_service(r: &mut Rng, s: &ClusterState) -> swarmnet_orchestrator::state
                 Publish::Port(30001),
             ]),
             publish_mode: *r.pick(&[PublishMode::Ingress, PublishMode::Host]),
+            traffic_policy: Default::default(),
         });
     }
     if r.chance(30) {
