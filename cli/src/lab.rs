@@ -611,7 +611,12 @@ fn build(lab: &mut LabState, bins: &Binaries, progress: &mut Progress) -> anyhow
             .arg("--cgroup-dir")
             .arg(lab.cgroup.join(&node.id))
             .arg("--task-path")
-            .arg(task_path(bins));
+            .arg(task_path(bins))
+            // The lab's nodes have no way out of their namespaces (by design: nothing is
+            // routed through the root namespace), so the host's resolvers are unreachable
+            // from them: names outside the cluster get SERVFAIL at once, not after timeouts.
+            .arg("--dns-upstreams")
+            .arg("none");
         cmd.env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
