@@ -8,8 +8,9 @@
 //! (answers with its task id and the client address it saw) or small Python servers (a UDP echo,
 //! a slow stream of a file).
 //!
-//! Not covered yet, because netd does not implement them: the "local" traffic policy and the
-//! per-node self-test of published ports (issue 5).
+//! Through a node with a task of the service, that task's share is reached straight from the
+//! node namespace and the rest through the ingress sandbox (`netd/src/mesh.rs`): the last two
+//! tests check the spread and that the direct path follows health and drain.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -779,4 +780,147 @@ fn a_published_port_on_the_node_loopback_refuses() {
         ensure!(took < REFUSAL, "the loopback refusal took {took:?}");
         Ok(())
     });
+}
+
+/// Through a node that runs a task of the service, new connections are spread over the local
+/// task (reached straight from the node namespace, so it sees the client's own address) and
+/// the remote ones (through the ingress sandbox, seen as that sandbox's address): every
+/// healthy task keeps its share, wherever it runs.
+#[test]
+fn a_node_with_a_local_task_spreads_over_local_and_remote_tasks() {
+    if !gate::privileged("a_node_with_a_local_task_spreads_over_local_and_remote_tasks") {
+        return;
+    }
+    topo::with_topology(3, |topo| {
+        let argv = topo::whoami_argv()?;
+        let svc = published_service(
+            "web",
+            "10.255.0.2",
+            json!([{"target": 80, "published": 8080}]),
+        );
+        let tasks = [
+            task("web1", "web", 1, "n1", INGRESS, "10.255.0.11", &argv),
+            task("web2", "web", 2, "n2", INGRESS, "10.255.0.12", &argv),
+            task("web3", "web", 3, "n3", INGRESS, "10.255.0.13", &argv),
+        ];
+        start(topo, &mesh_intent(topo, &[svc], &tasks))?;
+        let client = add_outside_client(topo)?;
+        let n1 = node_addr(topo, "n1");
+        wait_http(topo, &n1, 8080)?;
+        let (answers, failed) = curl_many(topo, &n1, 8080, 60)?;
+        ensure!(
+            failed.is_empty(),
+            "{} of 60 connections through n1 failed: {failed:#?}\n{}",
+            failed.len(),
+            mesh_state(topo, "n1")
+        );
+        let counts = by_task(&answers);
+        eprintln!("60 connections through n1 (runs web1): {counts:?}");
+        ensure!(
+            counts.keys().map(String::as_str).collect::<BTreeSet<_>>()
+                == BTreeSet::from(["web1", "web2", "web3"]),
+            "the local task and both remote ones must be reached: {counts:?}"
+        );
+        // A third each on average (binomial, sd ≈ 3.7): far outside this band only if the local
+        // task got no share of its own or every share.
+        let local = counts["web1"];
+        ensure!(
+            (6..=40).contains(&local),
+            "the local task's share of 60 is about 20: {counts:?}"
+        );
+        for a in &answers {
+            let want = if a.task == "web1" {
+                client.clone()
+            } else {
+                ingress_ip(1)
+            };
+            ensure!(
+                a.client_ip == want,
+                "{} must see {want} (local: the client; remote: n1's ingress sandbox): {a:?}",
+                a.task
+            );
+        }
+        Ok(())
+    });
+}
+
+/// The local task's direct path follows health and drain: a local task whose check fails, and
+/// one that drains, gets no new connection through its node (the remote one takes them all);
+/// a passing check brings it back.
+#[test]
+fn an_unhealthy_or_draining_local_task_gets_no_new_connections_through_its_node() {
+    if !gate::privileged(
+        "an_unhealthy_or_draining_local_task_gets_no_new_connections_through_its_node",
+    ) {
+        return;
+    }
+    topo::with_topology(2, |topo| {
+        let flags = topo.dir.join("health-flags");
+        fs::create_dir_all(&flags)?;
+        fs::write(flags.join("ok-web1"), "")?;
+        fs::write(flags.join("ok-web2"), "")?;
+        let argv = topo::whoami_argv()?;
+        let check = format!("test -f {}/ok-$SWARMNET_TASK_ID", flags.display());
+        let mut svc = published_service(
+            "web",
+            "10.255.0.2",
+            json!([{"target": 80, "published": 8080}]),
+        );
+        svc["health"] = json!({"cmd": ["/bin/sh", "-c", check], "interval": "300ms",
+                               "timeout": "2s", "retries": 2});
+        let tasks = vec![
+            task("web1", "web", 1, "n1", INGRESS, "10.255.0.11", &argv),
+            task("web2", "web", 2, "n2", INGRESS, "10.255.0.12", &argv),
+        ];
+        start(topo, &mesh_intent(topo, &[svc.clone()], &tasks))?;
+        add_outside_client(topo)?;
+        let n1 = node_addr(topo, "n1");
+        // Both serve through n1 once both checks passed.
+        retry("web1 and web2 through n1", READY, || {
+            let (a, f) = curl_many(topo, &n1, 8080, 20)?;
+            ensure!(f.is_empty(), "{f:?}");
+            let counts = by_task(&a);
+            ensure!(counts.len() == 2, "{counts:?}");
+            Ok(())
+        })?;
+        // web1's check fails: its node stops sending it new connections.
+        fs::remove_file(flags.join("ok-web1"))?;
+        only_web2(topo, &n1, "web1 unhealthy")?;
+        // It passes again: back.
+        fs::write(flags.join("ok-web1"), "")?;
+        retry("web1 back through n1", READY, || {
+            let (a, f) = curl_many(topo, &n1, 8080, 20)?;
+            ensure!(f.is_empty(), "{f:?}");
+            ensure!(by_task(&a).contains_key("web1"), "{:?}", by_task(&a));
+            Ok(())
+        })?;
+
+        // web1 drains (the first phase of its removal): no new connection through n1.
+        let mut draining = tasks.clone();
+        draining[0]["desired_state"] = json!("draining");
+        topo.write_intent(mesh_intent(topo, &[svc], &draining))?;
+        only_web2(topo, &n1, "web1 draining")?;
+        Ok(())
+    });
+}
+
+/// Only web2 serves through `n1`: every connection of a batch of 20 (each a new one), waited
+/// for, then once more (not a lucky batch).
+fn only_web2(topo: &Topology, n1: &str, what: &str) -> Result<()> {
+    let took = retry(&format!("{what}: only web2 through n1"), READY, || {
+        let (a, f) = curl_many(topo, n1, 8080, 20)?;
+        ensure!(f.is_empty(), "{f:?}");
+        let counts = by_task(&a);
+        ensure!(counts.keys().all(|t| t == "web2"), "{counts:?}");
+        Ok(())
+    })?;
+    eprintln!("{what}: only web2 through n1 after {took:?}");
+    let (a, f) = curl_many(topo, n1, 8080, 20)?;
+    ensure!(f.is_empty(), "{what}: {f:?}");
+    let counts = by_task(&a);
+    ensure!(
+        counts.keys().all(|t| t == "web2"),
+        "{what}: web1 must get no new connection: {counts:?}"
+    );
+    Ok(())
 }
