@@ -680,8 +680,25 @@ fn a_download_through_a_published_port_survives_a_netd_restart_on_the_entry_node
     ) {
         return;
     }
+    // Through n3 (no task): the ingress sandbox path.
+    download_survives_a_netd_restart_on("n3");
+}
+
+#[test]
+fn a_download_through_the_node_with_the_task_survives_a_netd_restart_there() {
+    if !gate::privileged("a_download_through_the_node_with_the_task_survives_a_netd_restart_there")
+    {
+        return;
+    }
+    // Through n1, which runs the task: the direct path from the node namespace.
+    download_survives_a_netd_restart_on("n1");
+}
+
+/// A long download from outside through `entry`'s published port to the task on n1, with
+/// netd on `entry` restarted in the middle: it completes, byte for byte.
+fn download_survives_a_netd_restart_on(entry_node: &str) {
     topo::with_topology(3, |topo| {
-        // 8 MiB in 64 KiB steps every 60 ms: about 8 s, through n3 (no task) to the task on n1.
+        // 8 MiB in 64 KiB steps every 60 ms: about 8 s, through `entry_node` to the task on n1.
         let big = topo.dir.join("big");
         fs::write(&big, noise(8 << 20, 0x5eed))?;
         let want = sha256(&big)?;
@@ -694,7 +711,7 @@ fn a_download_through_a_published_port_survives_a_netd_restart_on_the_entry_node
         let t = task("files1", "files", 1, "n1", INGRESS, "10.255.0.51", &argv);
         start(topo, &mesh_intent(topo, &[svc], &[t]))?;
         add_outside_client(topo)?;
-        let entry = node_addr(topo, "n3");
+        let entry = node_addr(topo, entry_node);
         retry(&format!("{entry}:9000 to accept outside"), READY, || {
             outside_sh(
                 topo,
@@ -727,11 +744,11 @@ fn a_download_through_a_published_port_survives_a_netd_restart_on_the_entry_node
             "the download ended before the restart: make it longer"
         );
         let at_restart = fs::metadata(&got)?.len();
-        topo.node_mut("n3").restart_netd()?;
+        topo.node_mut(entry_node).restart_netd()?;
         topo.wait_converged(CONVERGE_TIMEOUT)?;
         let after_converged = fs::metadata(&got)?.len();
         eprintln!(
-            "netd on n3 restarted with {at_restart} bytes received; converged again at {after_converged}"
+            "netd on {entry_node} restarted with {at_restart} bytes received; converged again at {after_converged}"
         );
         let out = download.wait(Duration::from_secs(60))?;
         ensure!(out.success(), "the download failed: {out}");
