@@ -857,8 +857,62 @@ fn a_node_with_a_local_task_spreads_over_local_and_remote_tasks() {
                 a.task
             );
         }
-        Ok(())
+        check_ipvs_in_the_ingress_sandbox(topo)
     });
+}
+
+/// Where the kernel has IPVS (the VM lane: `--lb auto` picks it), n1's ingress sandbox
+/// balances the web VIP (10.255.0.2:80) with IPVS: web2 and web3 (remote) take new
+/// connections, web1 (local, reached straight from the node) is a weight-0 destination.
+/// Without IPVS (this host) the sandbox balances with nftables and there is nothing to read,
+/// unless the lane requires IPVS.
+fn check_ipvs_in_the_ingress_sandbox(topo: &Topology) -> Result<()> {
+    let sbox = topo.node("n1").sandbox_netns("ingress-sbox");
+    let out = topo::run(
+        topo::nsenter_cmd(&sbox, &["cat", "/proc/net/ip_vs"]),
+        None,
+        Duration::from_secs(10),
+    )?;
+    if !out.success() {
+        ensure!(
+            !swarmnet_tests_netns::vm::ipvs_required(),
+            "IPVS is required here, but n1's ingress sandbox has no /proc/net/ip_vs: {out}"
+        );
+        eprintln!("no IPVS in this kernel: the ingress sandbox balances with nftables");
+        return Ok(());
+    }
+    // /proc/net/ip_vs: a service line `TCP  0AFF0002:0050 rr`, then its destinations
+    // `  -> 0AFF000B:0050      Masq    0      0          0` (address, forward, weight, ...).
+    let mut weights = BTreeMap::new();
+    let mut in_web = false;
+    for line in out.stdout.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["->", dest, _fwd, weight, ..] if in_web => {
+                weights.insert(dest.to_string(), weight.to_string());
+            }
+            [proto, addr, ..] if *proto == "TCP" || *proto == "UDP" => {
+                in_web = *proto == "TCP" && *addr == "0AFF0002:0050";
+            }
+            _ => {}
+        }
+    }
+    eprintln!("IPVS in n1's ingress sandbox, 10.255.0.2:80 destinations: {weights:?}");
+    let want: BTreeMap<String, String> = [
+        ("0AFF000B:0050", "0"),
+        ("0AFF000C:0050", "1"),
+        ("0AFF000D:0050", "1"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    ensure!(
+        weights == want,
+        "IPVS in n1's ingress sandbox must hold web2 and web3 at weight 1 and the local web1 at \
+         weight 0: {weights:?}\n{}",
+        out.stdout
+    );
+    Ok(())
 }
 
 /// The local task's direct path follows health and drain: a local task whose check fails, and
