@@ -47,11 +47,14 @@ print("%-6s %-24s %8s %6s %8s %6s | %9s %6s %9s %6s | %s" % ("bench", "path", "c
 for r in runs:
     d = r["paths"]["direct"]
     for name, p in r["paths"].items():
+        # A path without a throughput figure (no iperf3 run) prints nan there.
+        gb = p["gbit_per_s"] or float("nan")
+        ms = p["cpu_ms_per_gb"] or float("nan")
         print("%-6s %-24s %8.0f %6.2f %8.2f %6.2f | %9.1f %6.2f %9.0f %6.2f | %d" % (r["bench"], name,
-              p["conn_per_s"], p["conn_per_s"] / d["conn_per_s"], p["gbit_per_s"],
-              p["gbit_per_s"] / d["gbit_per_s"], p["cpu_us_per_conn"],
-              d["cpu_us_per_conn"] / p["cpu_us_per_conn"], p["cpu_ms_per_gb"],
-              d["cpu_ms_per_gb"] / p["cpu_ms_per_gb"], p["conn_failed"]))
+              p["conn_per_s"], p["conn_per_s"] / d["conn_per_s"], gb,
+              gb / d["gbit_per_s"], p["cpu_us_per_conn"],
+              d["cpu_us_per_conn"] / p["cpu_us_per_conn"], ms,
+              d["cpu_ms_per_gb"] / ms, p["conn_failed"]))
 print()
 print("x dir: the rate as a fraction of direct (wall clock: on a loaded machine it also measures")
 print("waiting for a core); dir/x: the CPU cost of direct as a fraction of this path, per connection")

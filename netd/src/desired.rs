@@ -261,10 +261,20 @@ pub struct PublishedPort {
 /// Where a published port's connections go.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PublishTarget {
-    /// The routing mesh: the service's VIP on the ingress network, routed to the ingress
-    /// sandbox, which balances it (every healthy task on every node; the task sees the
-    /// ingress sandbox's address).
-    Mesh(std::net::SocketAddrV4),
+    /// The routing mesh: every healthy task of the service on every node gets an equal share
+    /// of new connections. `direct` are this node's healthy tasks, reached straight through
+    /// their gateway-bridge addresses (the host-mode path: no ingress sandbox hop, the task
+    /// sees the client's address); the other `via_sandbox` tasks are reached through the
+    /// service's VIP on the ingress network, routed to the ingress sandbox, which balances
+    /// them (the task sees the ingress sandbox's address). The node picks among
+    /// `direct.len() + via_sandbox` slots at random, so each task's share is the same. With
+    /// `direct` empty everything goes to the VIP (also when no task is healthy: the sandbox
+    /// refuses). See [`crate::mesh`].
+    Mesh {
+        vip: std::net::SocketAddrV4,
+        direct: Vec<std::net::SocketAddrV4>,
+        via_sandbox: usize,
+    },
     /// Tasks on this node, straight through their gateway-bridge addresses, spread at random;
     /// the task sees the client's own address. Empty: refuse at once (TCP reset, ICMP
     /// port-unreachable), as the local traffic policy demands on a node without a task.
@@ -359,6 +369,14 @@ pub fn lease_gw(
 
 /// Projects `intent` onto the node in `ctx`.
 pub fn project(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<ProjectionIssue>) {
+    let (mut out, issues) = project_intent(intent, ctx);
+    crate::mesh::route_local_tasks(&mut out);
+    (out, issues)
+}
+
+/// [`project`] without the routing mesh's local shortcut, which must come last (it reads the
+/// ingress balancer's final backends).
+fn project_intent(intent: &Intent, ctx: &NodeContext) -> (DesiredNode, Vec<ProjectionIssue>) {
     let mut issues = Vec::new();
     let me = intent.node(&ctx.node);
     let vteps = intent
@@ -560,10 +578,11 @@ pub fn project_with_gossip(
     ctx: &NodeContext,
     remote: Option<&crate::gossip::view::RemoteLive>,
 ) -> (DesiredNode, Vec<ProjectionIssue>) {
-    let (mut out, issues) = project(intent, ctx);
+    let (mut out, issues) = project_intent(intent, ctx);
     if let Some(remote) = remote {
         drop_dead_remotes(intent, &ctx.node, remote, &mut out);
     }
+    crate::mesh::route_local_tasks(&mut out);
     (out, issues)
 }
 
@@ -707,7 +726,13 @@ fn project_published(
                     }) else {
                         continue;
                     };
-                    PublishTarget::Mesh(std::net::SocketAddrV4::new(vip, p.target))
+                    // All through the ingress sandbox until `crate::mesh` has seen the
+                    // balancer's backends (after gossip dropped the dead ones).
+                    PublishTarget::Mesh {
+                        vip: std::net::SocketAddrV4::new(vip, p.target),
+                        direct: Vec::new(),
+                        via_sandbox: 0,
+                    }
                 }
                 (PublishMode::Ingress, TrafficPolicy::Local) => PublishTarget::Local(at(local())),
                 (PublishMode::Host, _) => {
@@ -817,6 +842,7 @@ fn next_ifname(ifaces: &[DesiredIface]) -> IfName {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lb::BackendState;
 
     /// Shared with the golden tests: 3 nodes, an app network and an internal db network
     /// (MTU override), two services, tasks on n1, n2 and n3.
@@ -979,12 +1005,18 @@ mod tests {
             proto: Proto::Tcp,
             port: 80,
         };
+        let (web1, web2): (Ipv4Addr, Ipv4Addr) = (
+            "10.255.0.11".parse().unwrap(),
+            "10.255.0.12".parse().unwrap(),
+        );
+        // Tasks on every node; the local one's share goes straight from the node
+        // (crate::mesh), so here it takes no new connection.
         assert_eq!(
-            r.lb.services[&key].healthy(),
-            ["10.255.0.11", "10.255.0.12"]
-                .map(|a| a.parse::<Ipv4Addr>().unwrap())
-                .to_vec(),
-            "tasks on every node"
+            r.lb.services[&key].backends,
+            BTreeMap::from([
+                (web1, BackendState::Draining),
+                (web2, BackendState::Healthy)
+            ]),
         );
         // One load-balancing point per network, the ingress one in the sandbox.
         let points: Vec<(NsName, Name)> = d
@@ -1003,7 +1035,6 @@ mod tests {
             live_vteps: BTreeSet::new(),
         };
         let (g, _) = project_with_gossip(&intent, &c, Some(&dead));
-        let web2: Ipv4Addr = "10.255.0.12".parse().unwrap();
         let lb = &g.sandboxes[&ingress_task()].router.as_ref().unwrap().lb;
         assert!(!lb.services[&key].backends.contains_key(&web2));
         assert!(!g.networks[&ing].peers.contains_key(&web2));

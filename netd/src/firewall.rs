@@ -6,7 +6,8 @@
 //! - VXLAN (our UDP port) is accepted only from the underlay addresses of known nodes;
 //! - VXLAN is never forwarded out of a sandbox;
 //! - sandboxes reach the world through the gateway bridge with masquerade;
-//! - published ports are DNATed to the routing mesh (a service's ingress VIP) or a local task.
+//! - published ports are DNATed to the routing mesh (a service's ingress VIP, or a local task's
+//!   share of it straight: [`crate::mesh`]) or a local task.
 
 /// The ingress sandbox's own table: forwarded published traffic, balanced by the ingress
 /// network's load balancer in the same namespace (table `ip swarmnet-lb`), leaves into the
@@ -22,32 +23,57 @@ pub fn render_ingress(out_if: &str) -> String {
 }
 
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 
 use swarmnet_model::spec::Protocol;
 
 use crate::desired::{DesiredNode, PublishTarget, PublishedPort};
 
-/// The `dnat ip to` argument: one address and port, or a random pick among the local tasks
-/// (`numgen random mod N map { 0 : a, 1 : b }:port`; every task listens on the same target port).
+/// The `dnat ip to` argument: one address and port, or a random pick among slots
+/// (`numgen random mod N map { 0 : a, 1 : b }:port`; every slot has the same port: a local
+/// task's gateway address or the service's ingress VIP, both at the target port).
 fn dnat_target(t: &PublishTarget) -> String {
     match t {
-        PublishTarget::Mesh(to) => to.to_string(),
-        PublishTarget::Local(to) => match to.as_slice() {
-            [one] => one.to_string(),
-            many => {
-                let elems: Vec<String> = many
-                    .iter()
-                    .enumerate()
-                    .map(|(i, a)| format!("{i} : {}", a.ip()))
-                    .collect();
-                let port = many.first().map_or(0, |a| a.port());
-                format!(
-                    "numgen random mod {} map {{ {} }}:{port}",
-                    many.len(),
-                    elems.join(", ")
-                )
+        PublishTarget::Mesh {
+            vip,
+            direct,
+            via_sandbox,
+        } => {
+            if direct.is_empty() {
+                return vip.to_string();
             }
-        },
+            // One slot per healthy task: the local ones straight, the rest through the ingress
+            // sandbox (crate::mesh), so every task gets the same share.
+            let slots: Vec<Ipv4Addr> = direct
+                .iter()
+                .map(|a| *a.ip())
+                .chain(std::iter::repeat_n(*vip.ip(), *via_sandbox))
+                .collect();
+            pick(&slots, vip.port())
+        }
+        PublishTarget::Local(to) => {
+            let ips: Vec<Ipv4Addr> = to.iter().map(|a| *a.ip()).collect();
+            pick(&ips, to.first().map_or(0, |a| a.port()))
+        }
+    }
+}
+
+/// `ip:port` for one slot, a `numgen` map for several.
+fn pick(slots: &[Ipv4Addr], port: u16) -> String {
+    match slots {
+        [one] => format!("{one}:{port}"),
+        many => {
+            let elems: Vec<String> = many
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("{i} : {a}"))
+                .collect();
+            format!(
+                "numgen random mod {} map {{ {} }}:{port}",
+                many.len(),
+                elems.join(", ")
+            )
+        }
     }
 }
 

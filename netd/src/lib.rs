@@ -9,6 +9,8 @@
 //!   the per-sandbox server runtime).
 //! - [`fake`]: in-memory implementations that model kernel semantics, for tests.
 //! - [`assign`]: intent from the orchestrator (join, assignment stream, heartbeats).
+//! - [`mesh`]: the routing mesh's local shortcut (a published port's share of local tasks goes
+//!   straight from the node namespace, the rest through the ingress sandbox).
 //! - [`gossip`]: endpoint tables over authenticated chitchat (pure core + transport);
 //!   [`gossip_sync`] runs it for the daemon and feeds the projection and DNS.
 //!
@@ -29,6 +31,7 @@ pub mod gossip_sync;
 pub mod health;
 pub mod lb;
 pub mod linux;
+pub mod mesh;
 pub mod plan;
 pub mod port;
 pub mod reconcile;

@@ -7,7 +7,10 @@
 //! - `bench_mesh_datapath`: an outside client on the underlay, one task on n1; the service
 //!   published on 8080 (routing mesh) reached through n1 (the node with the task) and through n2
 //!   (no task: one more hop across VXLAN), beside the task's own address reached straight
-//!   through n1 (a route to the gateway-bridge subnet via n1, no NAT), and a host-mode port.
+//!   through n1 (a route to the gateway-bridge subnet via n1, no NAT), and a host-mode port;
+//!   and a second service with a task on n1 and one on n2 through n1
+//!   (`mesh_n1_of_local+remote`: half the connections straight to the local task, half
+//!   through the ingress sandbox and VXLAN to n2; connection rate only).
 //!
 //! Measures per path, alternating paths so drift on a shared machine hits all of them:
 //! - short-connection rate: new TCP connection per request (connect, read the server's one-byte
@@ -258,11 +261,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct Path_ {
     name: &'static str,
     conn: SocketAddrV4,
-    iperf: SocketAddrV4,
+    /// `None`: no throughput figure for this path.
+    iperf: Option<SocketAddrV4>,
 }
 
 /// Measures every path `rounds()` times, alternating; returns a JSON object per path.
-fn measure(client_ns: &Path, paths: &[Path_], server_tid: i32) -> Result<Value> {
+fn measure(client_ns: &Path, paths: &[Path_], server_tids: &[i32]) -> Result<Value> {
     let only = std::env::var("SWARMNET_BENCH_PATHS").ok();
     let paths: Vec<&Path_> = paths
         .iter()
@@ -283,9 +287,15 @@ fn measure(client_ns: &Path, paths: &[Path_], server_tid: i32) -> Result<Value> 
     let mut gb_cpu: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for r in 0..rounds() {
         for (i, p) in paths.iter().enumerate() {
-            let server0 = thread_cpu_ns(Some(server_tid))?;
+            let servers_cpu = || -> Result<u64> {
+                server_tids
+                    .iter()
+                    .map(|t| thread_cpu_ns(Some(*t)))
+                    .sum::<Result<u64>>()
+            };
+            let server0 = servers_cpu()?;
             let run = conn_rate(client_ns, p.conn, dur)?;
-            let server = thread_cpu_ns(Some(server_tid))?.saturating_sub(server0);
+            let server = servers_cpu()?.saturating_sub(server0);
             let us = (run.client_cpu_ns + server) as f64 / 1e3 / run.ok.max(1) as f64;
             eprintln!(
                 "round {r} {}: {:.0} conn/s ({} failed), {us:.1} us CPU per connection",
@@ -296,7 +306,8 @@ fn measure(client_ns: &Path, paths: &[Path_], server_tid: i32) -> Result<Value> 
             conn_cpu[i].push(us);
         }
         for (i, p) in paths.iter().enumerate() {
-            let (b, ms) = iperf(client_ns, p.iperf, secs())?;
+            let Some(to) = p.iperf else { continue };
+            let (b, ms) = iperf(client_ns, to, secs())?;
             eprintln!(
                 "round {r} {}: {:.2} Gbit/s, {ms:.0} ms CPU per GB",
                 p.name,
@@ -329,6 +340,15 @@ fn measure(client_ns: &Path, paths: &[Path_], server_tid: i32) -> Result<Value> 
 fn sleeping_task(id: &str, svc: &str, node: &str, net: &str, ip: &str) -> Value {
     json!({"id": id, "service": svc, "slot": 1, "node": node, "argv": ["sleep", "infinity"],
            "networks": [{"network": net, "ip": ip}]})
+}
+
+/// The mixed service's task addresses on the ingress network: mix1 (n1), mix2 (n2).
+const MIX: [&str; 2] = ["10.255.0.13", "10.255.0.14"];
+
+/// The task as its service's second replica.
+fn slot2(mut t: Value) -> Value {
+    t["slot"] = json!(2);
+    t
 }
 
 fn iperf_task(id: &str, svc: &str, node: &str, net: &str, ip: &str) -> Value {
@@ -400,15 +420,15 @@ fn bench_vip_datapath() {
             Path_ {
                 name: "direct",
                 conn: sa(conn_backend, CONN_PORT),
-                iperf: sa(iperf_backend, IPERF_PORT),
+                iperf: Some(sa(iperf_backend, IPERF_PORT)),
             },
             Path_ {
                 name: "vip",
                 conn: sa(vip, CONN_PORT),
-                iperf: sa("10.30.0.3", IPERF_PORT),
+                iperf: Some(sa("10.30.0.3", IPERF_PORT)),
             },
         ];
-        let m = measure(&client, &paths, server.tid)?;
+        let m = measure(&client, &paths, &[server.tid])?;
         println!(
             "DATAPATH {}",
             json!({"bench": "vip", "secs": secs(), "rounds": rounds(), "paths": m})
@@ -439,8 +459,17 @@ fn bench_mesh_datapath() {
                                            {"name": "host", "target": IPERF_PORT, "published": 5202,
                                             "publish_mode": "host"}]}),
             )
+            // The same servers for a service with a task on n1 and one on n2: through n1 half
+            // the connections go to the local task straight, half through the ingress sandbox
+            // and VXLAN to n2 (netd/src/mesh.rs).
+            .service_json(
+                json!({"name": "mix", "networks": [{"network": INGRESS, "vip": "10.255.0.4"}],
+                       "ports": [{"target": CONN_PORT, "published": 8090}]}),
+            )
             .task_json(sleeping_task("conn1", "conn", "n1", INGRESS, conn_task))
             .task_json(iperf_task("perf1", "perf", "n1", INGRESS, iperf_task_ip))
+            .task_json(sleeping_task("mix1", "mix", "n1", INGRESS, MIX[0]))
+            .task_json(slot2(sleeping_task("mix2", "mix", "n2", INGRESS, MIX[1])))
             .build();
         for (i, n) in intent["nodes"]
             .as_array_mut()
@@ -504,33 +533,56 @@ fn bench_mesh_datapath() {
         let client = PathBuf::from(topo::NETNS_DIR).join(&topo.underlay_ns);
         let server_ns = topo.node("n1").sandbox_netns("conn1");
         let server = ConnServer::start(&server_ns, CONN_PORT, sa(conn_task, CONN_PORT))?;
+        let mix_local = ConnServer::start(
+            &topo.node("n1").sandbox_netns("mix1"),
+            CONN_PORT,
+            sa(MIX[0], CONN_PORT),
+        )?;
+        let mix_remote = ConnServer::start(
+            &topo.node("n2").sandbox_netns("mix2"),
+            CONN_PORT,
+            sa(MIX[1], CONN_PORT),
+        )?;
         let paths = [
             Path_ {
                 name: "direct",
                 conn: sa(&conn_gw, CONN_PORT),
-                iperf: sa(&perf_gw, IPERF_PORT),
+                iperf: Some(sa(&perf_gw, IPERF_PORT)),
             },
             Path_ {
                 name: "host_mode",
                 conn: sa(&n1, 8081),
-                iperf: sa(&n1, 5202),
+                iperf: Some(sa(&n1, 5202)),
             },
             Path_ {
                 name: "mesh_node_with_task",
                 conn: sa(&n1, 8080),
-                iperf: sa(&n1, 5201),
+                iperf: Some(sa(&n1, 5201)),
             },
             Path_ {
                 name: "mesh_node_without_task",
                 conn: sa(&n2, 8080),
-                iperf: sa(&n2, 5201),
+                iperf: Some(sa(&n2, 5201)),
+            },
+            // No throughput: iperf3's control and data connections are two connections, and a
+            // per-connection random pick sends them to different tasks.
+            Path_ {
+                name: "mesh_n1_of_local+remote",
+                conn: sa(&n1, 8090),
+                iperf: None,
             },
         ];
         for p in &paths {
             wait_accepting(&client, p.conn)?;
-            wait_accepting(&client, p.iperf)?;
+            if let Some(to) = p.iperf {
+                wait_accepting(&client, to)?;
+            }
         }
-        let m = measure(&client, &paths, server.tid)?;
+        let m = measure(
+            &client,
+            &paths,
+            &[server.tid, mix_local.tid, mix_remote.tid],
+        )?;
         println!(
             "DATAPATH {}",
             json!({"bench": "mesh", "secs": secs(), "rounds": rounds(), "paths": m})

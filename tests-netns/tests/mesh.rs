@@ -8,8 +8,9 @@
 //! (answers with its task id and the client address it saw) or small Python servers (a UDP echo,
 //! a slow stream of a file).
 //!
-//! Not covered yet, because netd does not implement them: the "local" traffic policy and the
-//! per-node self-test of published ports (issue 5).
+//! Through a node with a task of the service, that task's share is reached straight from the
+//! node namespace and the rest through the ingress sandbox (`netd/src/mesh.rs`): the last two
+//! tests check the spread and that the direct path follows health and drain.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -679,8 +680,25 @@ fn a_download_through_a_published_port_survives_a_netd_restart_on_the_entry_node
     ) {
         return;
     }
+    // Through n3 (no task): the ingress sandbox path.
+    download_survives_a_netd_restart_on("n3");
+}
+
+#[test]
+fn a_download_through_the_node_with_the_task_survives_a_netd_restart_there() {
+    if !gate::privileged("a_download_through_the_node_with_the_task_survives_a_netd_restart_there")
+    {
+        return;
+    }
+    // Through n1, which runs the task: the direct path from the node namespace.
+    download_survives_a_netd_restart_on("n1");
+}
+
+/// A long download from outside through `entry`'s published port to the task on n1, with
+/// netd on `entry` restarted in the middle: it completes, byte for byte.
+fn download_survives_a_netd_restart_on(entry_node: &str) {
     topo::with_topology(3, |topo| {
-        // 8 MiB in 64 KiB steps every 60 ms: about 8 s, through n3 (no task) to the task on n1.
+        // 8 MiB in 64 KiB steps every 60 ms: about 8 s, through `entry_node` to the task on n1.
         let big = topo.dir.join("big");
         fs::write(&big, noise(8 << 20, 0x5eed))?;
         let want = sha256(&big)?;
@@ -693,7 +711,7 @@ fn a_download_through_a_published_port_survives_a_netd_restart_on_the_entry_node
         let t = task("files1", "files", 1, "n1", INGRESS, "10.255.0.51", &argv);
         start(topo, &mesh_intent(topo, &[svc], &[t]))?;
         add_outside_client(topo)?;
-        let entry = node_addr(topo, "n3");
+        let entry = node_addr(topo, entry_node);
         retry(&format!("{entry}:9000 to accept outside"), READY, || {
             outside_sh(
                 topo,
@@ -726,11 +744,11 @@ fn a_download_through_a_published_port_survives_a_netd_restart_on_the_entry_node
             "the download ended before the restart: make it longer"
         );
         let at_restart = fs::metadata(&got)?.len();
-        topo.node_mut("n3").restart_netd()?;
+        topo.node_mut(entry_node).restart_netd()?;
         topo.wait_converged(CONVERGE_TIMEOUT)?;
         let after_converged = fs::metadata(&got)?.len();
         eprintln!(
-            "netd on n3 restarted with {at_restart} bytes received; converged again at {after_converged}"
+            "netd on {entry_node} restarted with {at_restart} bytes received; converged again at {after_converged}"
         );
         let out = download.wait(Duration::from_secs(60))?;
         ensure!(out.success(), "the download failed: {out}");
@@ -779,4 +797,201 @@ fn a_published_port_on_the_node_loopback_refuses() {
         ensure!(took < REFUSAL, "the loopback refusal took {took:?}");
         Ok(())
     });
+}
+
+/// Through a node that runs a task of the service, new connections are spread over the local
+/// task (reached straight from the node namespace, so it sees the client's own address) and
+/// the remote ones (through the ingress sandbox, seen as that sandbox's address): every
+/// healthy task keeps its share, wherever it runs.
+#[test]
+fn a_node_with_a_local_task_spreads_over_local_and_remote_tasks() {
+    if !gate::privileged("a_node_with_a_local_task_spreads_over_local_and_remote_tasks") {
+        return;
+    }
+    topo::with_topology(3, |topo| {
+        let argv = topo::whoami_argv()?;
+        let svc = published_service(
+            "web",
+            "10.255.0.2",
+            json!([{"target": 80, "published": 8080}]),
+        );
+        let tasks = [
+            task("web1", "web", 1, "n1", INGRESS, "10.255.0.11", &argv),
+            task("web2", "web", 2, "n2", INGRESS, "10.255.0.12", &argv),
+            task("web3", "web", 3, "n3", INGRESS, "10.255.0.13", &argv),
+        ];
+        start(topo, &mesh_intent(topo, &[svc], &tasks))?;
+        let client = add_outside_client(topo)?;
+        let n1 = node_addr(topo, "n1");
+        wait_http(topo, &n1, 8080)?;
+        let (answers, failed) = curl_many(topo, &n1, 8080, 60)?;
+        ensure!(
+            failed.is_empty(),
+            "{} of 60 connections through n1 failed: {failed:#?}\n{}",
+            failed.len(),
+            mesh_state(topo, "n1")
+        );
+        let counts = by_task(&answers);
+        eprintln!("60 connections through n1 (runs web1): {counts:?}");
+        ensure!(
+            counts.keys().map(String::as_str).collect::<BTreeSet<_>>()
+                == BTreeSet::from(["web1", "web2", "web3"]),
+            "the local task and both remote ones must be reached: {counts:?}"
+        );
+        // A third each on average (binomial, sd ≈ 3.7): far outside this band only if the local
+        // task got no share of its own or every share.
+        let local = counts["web1"];
+        ensure!(
+            (6..=40).contains(&local),
+            "the local task's share of 60 is about 20: {counts:?}"
+        );
+        for a in &answers {
+            let want = if a.task == "web1" {
+                client.clone()
+            } else {
+                ingress_ip(1)
+            };
+            ensure!(
+                a.client_ip == want,
+                "{} must see {want} (local: the client; remote: n1's ingress sandbox): {a:?}",
+                a.task
+            );
+        }
+        check_ipvs_in_the_ingress_sandbox(topo)
+    });
+}
+
+/// Where the kernel has IPVS (the VM lane: `--lb auto` picks it), n1's ingress sandbox
+/// balances the web VIP (10.255.0.2:80) with IPVS: web2 and web3 (remote) take new
+/// connections, web1 (local, reached straight from the node) is a weight-0 destination.
+/// Without IPVS (this host) the sandbox balances with nftables and there is nothing to read,
+/// unless the lane requires IPVS.
+fn check_ipvs_in_the_ingress_sandbox(topo: &Topology) -> Result<()> {
+    let sbox = topo.node("n1").sandbox_netns("ingress-sbox");
+    let out = topo::run(
+        topo::nsenter_cmd(&sbox, &["cat", "/proc/net/ip_vs"]),
+        None,
+        Duration::from_secs(10),
+    )?;
+    if !out.success() {
+        ensure!(
+            !swarmnet_tests_netns::vm::ipvs_required(),
+            "IPVS is required here, but n1's ingress sandbox has no /proc/net/ip_vs: {out}"
+        );
+        eprintln!("no IPVS in this kernel: the ingress sandbox balances with nftables");
+        return Ok(());
+    }
+    // /proc/net/ip_vs: a service line `TCP  0AFF0002:0050 rr`, then its destinations
+    // `  -> 0AFF000B:0050      Masq    0      0          0` (address, forward, weight, ...).
+    let mut weights = BTreeMap::new();
+    let mut in_web = false;
+    for line in out.stdout.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        match w.as_slice() {
+            ["->", dest, _fwd, weight, ..] if in_web => {
+                weights.insert(dest.to_string(), weight.to_string());
+            }
+            [proto, addr, ..] if *proto == "TCP" || *proto == "UDP" => {
+                in_web = *proto == "TCP" && *addr == "0AFF0002:0050";
+            }
+            _ => {}
+        }
+    }
+    eprintln!("IPVS in n1's ingress sandbox, 10.255.0.2:80 destinations: {weights:?}");
+    let want: BTreeMap<String, String> = [
+        ("0AFF000B:0050", "0"),
+        ("0AFF000C:0050", "1"),
+        ("0AFF000D:0050", "1"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    ensure!(
+        weights == want,
+        "IPVS in n1's ingress sandbox must hold web2 and web3 at weight 1 and the local web1 at \
+         weight 0: {weights:?}\n{}",
+        out.stdout
+    );
+    Ok(())
+}
+
+/// The local task's direct path follows health and drain: a local task whose check fails, and
+/// one that drains, gets no new connection through its node (the remote one takes them all);
+/// a passing check brings it back.
+#[test]
+fn an_unhealthy_or_draining_local_task_gets_no_new_connections_through_its_node() {
+    if !gate::privileged(
+        "an_unhealthy_or_draining_local_task_gets_no_new_connections_through_its_node",
+    ) {
+        return;
+    }
+    topo::with_topology(2, |topo| {
+        let flags = topo.dir.join("health-flags");
+        fs::create_dir_all(&flags)?;
+        fs::write(flags.join("ok-web1"), "")?;
+        fs::write(flags.join("ok-web2"), "")?;
+        let argv = topo::whoami_argv()?;
+        let check = format!("test -f {}/ok-$SWARMNET_TASK_ID", flags.display());
+        let mut svc = published_service(
+            "web",
+            "10.255.0.2",
+            json!([{"target": 80, "published": 8080}]),
+        );
+        svc["health"] = json!({"cmd": ["/bin/sh", "-c", check], "interval": "300ms",
+                               "timeout": "2s", "retries": 2});
+        let tasks = vec![
+            task("web1", "web", 1, "n1", INGRESS, "10.255.0.11", &argv),
+            task("web2", "web", 2, "n2", INGRESS, "10.255.0.12", &argv),
+        ];
+        start(topo, &mesh_intent(topo, &[svc.clone()], &tasks))?;
+        add_outside_client(topo)?;
+        let n1 = node_addr(topo, "n1");
+        // Both serve through n1 once both checks passed.
+        retry("web1 and web2 through n1", READY, || {
+            let (a, f) = curl_many(topo, &n1, 8080, 20)?;
+            ensure!(f.is_empty(), "{f:?}");
+            let counts = by_task(&a);
+            ensure!(counts.len() == 2, "{counts:?}");
+            Ok(())
+        })?;
+        // web1's check fails: its node stops sending it new connections.
+        fs::remove_file(flags.join("ok-web1"))?;
+        only_web2(topo, &n1, "web1 unhealthy")?;
+        // It passes again: back.
+        fs::write(flags.join("ok-web1"), "")?;
+        retry("web1 back through n1", READY, || {
+            let (a, f) = curl_many(topo, &n1, 8080, 20)?;
+            ensure!(f.is_empty(), "{f:?}");
+            ensure!(by_task(&a).contains_key("web1"), "{:?}", by_task(&a));
+            Ok(())
+        })?;
+
+        // web1 drains (the first phase of its removal): no new connection through n1.
+        let mut draining = tasks.clone();
+        draining[0]["desired_state"] = json!("draining");
+        topo.write_intent(mesh_intent(topo, &[svc], &draining))?;
+        only_web2(topo, &n1, "web1 draining")?;
+        Ok(())
+    });
+}
+
+/// Only web2 serves through `n1`: every connection of a batch of 20 (each a new one), waited
+/// for, then once more (not a lucky batch).
+fn only_web2(topo: &Topology, n1: &str, what: &str) -> Result<()> {
+    let took = retry(&format!("{what}: only web2 through n1"), READY, || {
+        let (a, f) = curl_many(topo, n1, 8080, 20)?;
+        ensure!(f.is_empty(), "{f:?}");
+        let counts = by_task(&a);
+        ensure!(counts.keys().all(|t| t == "web2"), "{counts:?}");
+        Ok(())
+    })?;
+    eprintln!("{what}: only web2 through n1 after {took:?}");
+    let (a, f) = curl_many(topo, n1, 8080, 20)?;
+    ensure!(f.is_empty(), "{what}: {f:?}");
+    let counts = by_task(&a);
+    ensure!(
+        counts.keys().all(|t| t == "web2"),
+        "{what}: web1 must get no new connection: {counts:?}"
+    );
+    Ok(())
 }
