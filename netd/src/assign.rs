@@ -69,6 +69,33 @@ struct Stored {
 /// health: `starting` | `healthy` | `unhealthy`, empty when its service has no check).
 pub type TaskReport = (String, String, String);
 
+/// Wakes the daemon loop when the feed took a new intent, so it applies it now instead of at
+/// its next tick (on the path of every change: a scale reaches the data plane one tick sooner
+/// on the node that runs the task and again on every node when the task turns running).
+#[derive(Debug, Default)]
+pub struct Wakeup {
+    woken: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Wakeup {
+    pub fn notify(&self) {
+        *self.woken.lock().expect("lock") = true;
+        self.cv.notify_all();
+    }
+
+    /// Sleeps until [`Wakeup::notify`] or `timeout`, whichever comes first; true if notified
+    /// (also by a notification made before the call, since the last wait).
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let g = self.woken.lock().expect("lock");
+        let (mut g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |woken| !*woken)
+            .expect("lock");
+        std::mem::take(&mut *g)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Shared {
     /// What the node wants the managers to know about its tasks (latest per task).
@@ -81,6 +108,10 @@ struct Shared {
     error: Option<String>,
     /// The current session's stream: its last stamp and intent (the base of its next delta).
     stream: Option<(Stamp, ClusterSpec)>,
+    /// Notified when a new intent is taken (the daemon loop waits on it between ticks).
+    wake: Arc<Wakeup>,
+    /// Notified when the reports change, so the feed sends them at once.
+    reported: Arc<tokio::sync::Notify>,
 }
 
 /// Whether an assignment stamped `incoming` replaces the one stamped `current`.
@@ -157,12 +188,21 @@ impl AssignmentFeed {
         self.shared.lock().expect("lock").error.clone()
     }
 
-    /// Records the state of this node's tasks; the feed thread sends what changed.
+    /// Records the state of this node's tasks; the feed thread sends what changed, at once.
     pub fn set_reports(
         &self,
         reports: std::collections::BTreeMap<swarmnet_model::TaskId, TaskReport>,
     ) {
-        self.shared.lock().expect("lock").reports = reports;
+        let mut s = self.shared.lock().expect("lock");
+        if s.reports != reports {
+            s.reports = reports;
+            s.reported.notify_one();
+        }
+    }
+
+    /// What the daemon loop waits on between ticks: notified when a new intent was taken.
+    pub fn wakeup(&self) -> Arc<Wakeup> {
+        self.shared.lock().expect("lock").wake.clone()
     }
 
     /// The gossip keys of the assignment in force, oldest first.
@@ -420,6 +460,7 @@ async fn session(
         tokio::time::Instant::now() + wait
     };
     let mut renewal = next_renewal(Duration::ZERO);
+    let reported = shared.lock().expect("lock").reported.clone();
     loop {
         tokio::select! {
             e = &mut heartbeats => return Err(e),
@@ -428,7 +469,12 @@ async fn session(
                 // After a failure, retry in a second.
                 renewal = next_renewal(Duration::from_secs(1));
             }
-            _ = tick.tick() => {
+            _ = async {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = reported.notified() => {}
+                }
+            } => {
                 let want = shared.lock().expect("lock").reports.clone();
                 for (task, report) in want {
                     if told.get(&task) == Some(&report) {
@@ -537,6 +583,7 @@ fn take(cfg: &FeedConfig, shared: &Arc<Mutex<Shared>>, a: pb::Assignment) -> Res
             s.keyring = keyring;
             s.key_ids = key_ids;
             s.generation += 1;
+            s.wake.notify();
             let stored = Stored {
                 term: a.term,
                 index: a.index,
@@ -598,6 +645,62 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_taken_assignment_wakes_the_daemon_and_a_stale_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let feed = AssignmentFeed::start(c.clone());
+        let wake = feed.wakeup();
+        // Nothing taken: the wait runs out.
+        assert!(!wake.wait(Duration::from_millis(20)));
+        // Taken from another thread while the daemon waits: the wait ends early.
+        let shared = feed.shared.clone();
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            take(&c2, &shared, assignment(2, 10, &["n1"])).unwrap();
+        });
+        let started = std::time::Instant::now();
+        assert!(
+            wake.wait(Duration::from_secs(60)),
+            "woken by the assignment"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        t.join().unwrap();
+        // A stale one (older stamp) is not news: no wakeup.
+        take(&c, &feed.shared, assignment(1, 20, &["n1"])).unwrap();
+        assert!(!wake.wait(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn changed_reports_notify_the_sender_and_unchanged_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let feed = AssignmentFeed::start(cfg(dir.path()));
+        let reported = feed.shared.lock().unwrap().reported.clone();
+        let report = std::collections::BTreeMap::from([(
+            swarmnet_model::TaskId::new("t1").unwrap(),
+            ("running".to_string(), String::new(), String::new()),
+        )]);
+        feed.set_reports(report.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let notified = |n: &Arc<tokio::sync::Notify>| {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(50), n.notified())
+                    .await
+                    .is_ok()
+            })
+        };
+        assert!(notified(&reported), "a change is sent at once");
+        feed.set_reports(report);
+        assert!(
+            !notified(&reported),
+            "the same reports again: nothing to send"
+        );
     }
 
     #[test]

@@ -100,6 +100,13 @@ impl IntentWatcher {
     }
 
     /// With the orchestrator, tells it the state of this node's tasks after a round.
+    /// What to wait on between ticks: the feed's wakeup with managers, none with a file.
+    pub fn wakeup(&self) -> Option<std::sync::Arc<crate::assign::Wakeup>> {
+        self.feed
+            .as_ref()
+            .map(crate::assign::AssignmentFeed::wakeup)
+    }
+
     pub fn report_tasks(&self, rec: &Reconciler, node: &swarmnet_model::NodeId) {
         if let Some(feed) = &self.feed {
             feed.set_reports(crate::assign::task_reports(rec, node));
@@ -260,6 +267,7 @@ pub fn run(
     let mut next_full: Option<Instant> = None;
     let mut last_err: Option<String> = None;
     let mut tick: u64 = 0;
+    let wakeup = watcher.wakeup();
     let selftest = SelfTest::default();
     let mut last_checks = std::collections::BTreeMap::new();
     // With managers, the key file appears with the first assignment: gossip starts then.
@@ -389,7 +397,14 @@ pub fn run(
                 warn!(error = %e, path = %status_path.display(), "cannot write status");
             }
         }
-        std::thread::sleep(TICK);
+        // With managers, a new assignment ends the wait at once: it is applied now, not at
+        // the next tick (which stays the pace of everything else).
+        match &wakeup {
+            Some(w) => {
+                w.wait(TICK);
+            }
+            None => std::thread::sleep(TICK),
+        }
     }
     info!("netd stopping; the data plane and tasks stay as they are");
     Ok(())
