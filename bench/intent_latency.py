@@ -100,7 +100,7 @@ def main():
         wait_node(node, LOW, vip, time.monotonic(), out)
         if None in out[node["id"]]:
             sys.exit(f"{node['id']} never showed {LOW} backends of web (vip {vip})")
-    total, lb, dns = [], [], []
+    total, lb, dns, up, down = [], [], [], [], []
     want = LOW
     for i in range(CHANGES):
         want = HIGH if want == LOW else LOW
@@ -118,6 +118,9 @@ def main():
         lb.append(max(v[0] for v in out.values()))
         dns.append(max(v[1] for v in out.values()))
         total.append(max(max(v) for v in out.values()))
+        # Scale-ups wait for the new tasks to start and be reported running; scale-downs only
+        # for the leaving tasks to be withdrawn (they drain afterwards).
+        (up if want == HIGH else down).append(total[-1])
         if os.environ.get("VERBOSE"):
             print(f"change {i}: web={want} " + " ".join(
                 f"{n}: lb {v[0]*1000:.0f} dns {v[1]*1000:.0f}" for n, v in sorted(out.items())),
@@ -128,7 +131,8 @@ def main():
     ms = lambda x: x * 1000
     print(f"{'what':<34} {'p50_ms':>8} {'p99_ms':>8} {'max_ms':>8}")
     for name, xs in [("every node LB + DNS (ours)", total), ("  LB only", lb),
-                     ("  DNS only", dns)]:
+                     ("  DNS only", dns), (f"  scale up {LOW}->{HIGH}", up),
+                     (f"  scale down {HIGH}->{LOW}", down)]:
         print(f"{name:<34} {ms(pct(xs, 0.5)):8.0f} {ms(pct(xs, 0.99)):8.0f} {ms(max(xs)):8.0f}")
     print(f"{'target p50':<34} {200:8d}")
     print(f"{'kubernetes nftables (published, 100 nodes)':<34} {1520:8d} {6800:8d}")
