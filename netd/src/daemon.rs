@@ -26,6 +26,8 @@ use crate::selftest::SelfTest;
 
 /// How often the intent file and the task processes are looked at.
 const TICK: Duration = Duration::from_millis(100);
+/// Rounds in a row without waiting for the tick while one is wanted right away.
+const EAGER_ROUNDS: u32 = 4;
 /// Health checks running at once on a node (each is a process start in a task's namespaces).
 const MAX_CONCURRENT_CHECKS: usize = 8;
 
@@ -268,6 +270,7 @@ pub fn run(
     let mut last_err: Option<String> = None;
     let mut tick: u64 = 0;
     let wakeup = watcher.wakeup();
+    let mut eager = 0;
     let selftest = SelfTest::default();
     let mut last_checks = std::collections::BTreeMap::new();
     // With managers, the key file appears with the first assignment: gossip starts then.
@@ -397,6 +400,15 @@ pub fn run(
                 warn!(error = %e, path = %status_path.display(), "cannot write status");
             }
         }
+        // A round that left objects to confirm (a sandbox just built and its process just
+        // started is confirmed by the next round, and only then reported running and made a
+        // backend) is followed by the next one at once, a few times in a row at most: every
+        // round makes progress, and the tick stays the pace otherwise.
+        if ran.is_some() && rec.wants_round(Instant::now()) && eager < EAGER_ROUNDS {
+            eager += 1;
+            continue;
+        }
+        eager = 0;
         // With managers, a new assignment ends the wait at once: it is applied now, not at
         // the next tick (which stays the pace of everything else).
         match &wakeup {
