@@ -269,7 +269,9 @@ pub fn run(
     let mut next_full: Option<Instant> = None;
     let mut last_err: Option<String> = None;
     let mut tick: u64 = 0;
-    let wakeup = watcher.wakeup();
+    // With managers, the feed wakes the loop on a new assignment; gossip wakes it on a new
+    // view of the live nodes in both modes.
+    let wakeup = watcher.wakeup().unwrap_or_default();
     let mut eager = 0;
     let selftest = SelfTest::default();
     let mut last_checks = std::collections::BTreeMap::new();
@@ -277,7 +279,9 @@ pub fn run(
     let managed = matches!(cfg.intent, IntentSource::Managers { .. });
     let mut gossip = match &cfg.gossip {
         Some(g) if !managed || g.key_file.exists() => {
-            Some(GossipSync::new(cfg.node_id.clone(), g.clone())?)
+            let mut sync = GossipSync::new(cfg.node_id.clone(), g.clone())?;
+            sync.set_wakeup(wakeup.clone());
+            Some(sync)
         }
         _ => None,
     };
@@ -299,7 +303,10 @@ pub fn run(
             && g.key_file.exists()
         {
             match GossipSync::new(cfg.node_id.clone(), g.clone()) {
-                Ok(sync) => gossip = Some(sync),
+                Ok(mut sync) => {
+                    sync.set_wakeup(wakeup.clone());
+                    gossip = Some(sync);
+                }
                 Err(e) => warn!(error = %e, "gossip: the managers' keyring is not usable yet"),
             }
         }
@@ -409,14 +416,9 @@ pub fn run(
             continue;
         }
         eager = 0;
-        // With managers, a new assignment ends the wait at once: it is applied now, not at
-        // the next tick (which stays the pace of everything else).
-        match &wakeup {
-            Some(w) => {
-                w.wait(TICK);
-            }
-            None => std::thread::sleep(TICK),
-        }
+        // A new assignment (with managers) or a new gossip view ends the wait at once: it is
+        // applied now, not at the next tick (which stays the pace of everything else).
+        wakeup.wait(TICK);
     }
     info!("netd stopping; the data plane and tasks stay as they are");
     Ok(())

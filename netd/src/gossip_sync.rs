@@ -33,6 +33,7 @@ use serde::Serialize;
 use swarmnet_model::NodeId;
 use tracing::{info, warn};
 
+use crate::assign::Wakeup;
 use crate::config::GossipSettings;
 use crate::gossip::keyfile::KeyFile;
 use crate::gossip::record::{EP_PREFIX, VTEP_KEY};
@@ -86,6 +87,8 @@ pub struct GossipStatus {
     /// Validated endpoints in the merged table (this node's included).
     pub table_endpoints: usize,
     pub published_endpoints: usize,
+    /// Exchanges opened to push changed endpoints to the live peers at once.
+    pub pushes: u64,
     /// The last merge: records accepted, and ignored by reason (forged or stale records are
     /// `rejected_by_intent`).
     pub merge: MergeStats,
@@ -112,6 +115,10 @@ pub struct GossipSync {
     stats: MergeStats,
     table_size: usize,
     published: Option<Vec<EndpointRecord>>,
+    /// Woken when gossip holds a new view, so the daemon merges it now, not at its next tick.
+    wake: Option<Arc<Wakeup>>,
+    /// Exchanges opened to push this node's changed endpoints (see `publish_endpoints`).
+    pushes: u64,
 }
 
 impl std::fmt::Debug for GossipSync {
@@ -159,7 +166,14 @@ impl GossipSync {
             stats: MergeStats::default(),
             table_size: 0,
             published: None,
+            wake: None,
+            pushes: 0,
         })
+    }
+
+    /// Wakes `wake` whenever gossip's view of the live nodes changes.
+    pub fn set_wakeup(&mut self, wake: Arc<Wakeup>) {
+        self.wake = Some(wake);
     }
 
     /// The key file this node reads.
@@ -318,6 +332,7 @@ impl GossipSync {
             shared.clone(),
             notify,
             self.settings.interval,
+            self.wake.clone(),
         ));
         info!(%listen, generation, seeds = seeds.len(), endpoints = local.len(), "gossip started");
         self.contacted.extend(seeds);
@@ -369,7 +384,8 @@ impl GossipSync {
         if self.published.as_ref() == Some(&local) {
             return;
         }
-        run.rt.block_on(run.node.publish_endpoints(&local));
+        let pushed = run.rt.block_on(run.node.publish_endpoints(&local));
+        self.pushes += pushed as u64;
         self.published = Some(local);
     }
 
@@ -389,6 +405,7 @@ impl GossipSync {
             peers_dead: run.map_or(0, |r| r.shared.dead.load(Ordering::Relaxed)),
             table_endpoints: self.table_size,
             published_endpoints: self.published.as_ref().map_or(0, Vec::len),
+            pushes: self.pushes,
             merge: self.stats,
             transport: run.map(|r| r.node.counters()).unwrap_or_default(),
         }
@@ -413,6 +430,7 @@ async fn watch_states(
     shared: Arc<Shared>,
     notify: Arc<tokio::sync::Notify>,
     interval: Duration,
+    wake: Option<Arc<Wakeup>>,
 ) {
     let mut watch = node.watcher().await;
     loop {
@@ -425,6 +443,9 @@ async fn watch_states(
             if **cur != snaps {
                 *cur = Arc::new(snaps);
                 shared.version.fetch_add(1, Ordering::Release);
+                if let Some(w) = &wake {
+                    w.notify();
+                }
             }
         }
         tokio::select! {

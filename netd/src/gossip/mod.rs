@@ -82,8 +82,17 @@ pub struct GossipConfig {
     pub liveness_bound: Duration,
     /// How long deletions (tombstones) are remembered before GC.
     pub tombstone_grace: Duration,
+    /// How many peers a changed endpoint set is pushed to at once (see
+    /// [`GossipNode::publish_endpoints`]); 0 leaves changes to the gossip rounds.
+    pub push_fanout: usize,
     pub transport: TransportConfig,
 }
+
+/// Default [`GossipConfig::push_fanout`]: every peer of a cluster of up to 17 nodes gets a
+/// change within a round trip; in a larger one, 16 random peers do and pass it on at their
+/// next rounds (each exchange carries a digest of every node, so pushing to all would cost
+/// O(nodes²) bytes per change).
+pub const PUSH_FANOUT: usize = 16;
 
 impl GossipConfig {
     /// Defaults: gossip every 500 ms, liveness bound 10 s, tombstones kept 1 h.
@@ -98,6 +107,7 @@ impl GossipConfig {
             gossip_interval: Duration::from_millis(500),
             liveness_bound: Duration::from_secs(10),
             tombstone_grace: Duration::from_secs(3600),
+            push_fanout: PUSH_FANOUT,
             transport: TransportConfig::default(),
         }
     }
@@ -167,6 +177,7 @@ pub struct GossipNode {
     /// A node whose heartbeat has not moved for this long is treated as dead (see
     /// [`GossipNode::live_snapshots`]).
     stale_after: Duration,
+    push_fanout: usize,
 }
 
 impl std::fmt::Debug for GossipNode {
@@ -216,6 +227,7 @@ impl GossipNode {
             node_id: cfg.node_id.clone(),
             heartbeats: std::sync::Mutex::default(),
             stale_after: stale_after(cfg),
+            push_fanout: cfg.push_fanout,
         })
     }
 
@@ -234,9 +246,18 @@ impl GossipNode {
     /// Makes the published endpoints exactly `local` (the node's live endpoints): new and
     /// changed records are set, absent ones deleted (tombstones). Idempotent; call it after
     /// every reconcile round.
-    pub async fn publish_endpoints(&self, local: &[EndpointRecord]) {
+    ///
+    /// A change is pushed at once: this node opens an exchange with every peer not known dead
+    /// (at most [`GossipConfig::push_fanout`], chosen at random), as
+    /// [`GossipNode::gossip_with`]; the peer's reply asks for the versions it lacks, so the new
+    /// records reach it within a round trip instead of at this node's next gossip rounds (half
+    /// an interval on average, more for peers the random choice skips). Cost: one digest per
+    /// peer per change; changes come from task starts, stops and health transitions, never
+    /// from heartbeats. Answers how many peers were contacted.
+    pub async fn publish_endpoints(&self, local: &[EndpointRecord]) -> usize {
         let want: BTreeMap<String, String> = local.iter().map(|r| (r.key(), r.value())).collect();
-        self.handle
+        let peers = self
+            .handle
             .with_chitchat(|c| {
                 let st = c.self_node_state();
                 let stale: Vec<String> = st
@@ -244,14 +265,40 @@ impl GossipNode {
                     .filter(|(k, _)| k.starts_with(record::EP_PREFIX) && !want.contains_key(*k))
                     .map(|(k, _)| k.to_string())
                     .collect();
+                let deleted = !stale.is_empty();
                 for k in stale {
                     st.delete(&k);
                 }
+                // Stale keys are gone: what differs now is a missing or changed record.
+                let changed = want.iter().any(|(k, v)| st.get(k) != Some(v.as_str()));
                 for (k, v) in &want {
                     st.set(k, v);
                 }
+                if !changed && !deleted {
+                    return std::collections::BTreeSet::new();
+                }
+                // Every known node not declared dead (one still warming up in the failure
+                // detector included: it needs the records as much).
+                let me = c.self_chitchat_id().clone();
+                let dead: Vec<&ChitchatId> = c.dead_nodes().collect();
+                c.node_states()
+                    .keys()
+                    .filter(|id| **id != me && !dead.contains(id))
+                    .map(|id| id.gossip_advertise_addr)
+                    // A restarted node's previous incarnation shares its address.
+                    .collect::<std::collections::BTreeSet<SocketAddr>>()
             })
             .await;
+        let mut peers: Vec<SocketAddr> = peers.into_iter().collect();
+        if peers.len() > self.push_fanout {
+            use rand::seq::SliceRandom as _;
+            peers.shuffle(&mut rand::rng());
+            peers.truncate(self.push_fanout);
+        }
+        for addr in &peers {
+            self.gossip_with(*addr);
+        }
+        peers.len()
     }
 
     /// Snapshots of the live nodes (this one included): those chitchat's failure detector
