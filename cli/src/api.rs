@@ -270,6 +270,16 @@ impl Managers {
             term: info.term,
             index: info.index,
             managers,
+            gossip_keys: info
+                .gossip_keys
+                .iter()
+                .map(|k| crate::render::GossipKeyView {
+                    id: format!("{:016x}", k.id),
+                    primary: k.primary,
+                    created_ms: k.created_ms,
+                })
+                .collect(),
+            gossip_rotation: info.gossip_rotation.clone(),
         })
     }
 }

@@ -132,6 +132,13 @@ pub enum ClusterCmd {
         #[arg(long)]
         rotate: bool,
     },
+    /// The gossip keyring (ids, primary, rotation step). `--rotate` starts a rotation: the new
+    /// key is sent to every node, then seals once all hold it, then the old one goes once all
+    /// seal with it (the leader also rotates every 12 h).
+    GossipKey {
+        #[arg(long)]
+        rotate: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

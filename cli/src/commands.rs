@@ -63,6 +63,20 @@ pub async fn cluster(m: &mut Managers, cmd: ClusterCmd, format: Format) -> Resul
             let v = serde_json::json!({"role": role, "token": token});
             Ok(print(format, &v, |_| format!("{token}\n")))
         }
+        ClusterCmd::GossipKey { rotate } => {
+            if rotate {
+                m.call(|ch| async move {
+                    ClusterClient::new(ch).rotate_gossip_key(pb::Empty {}).await
+                })
+                .await?;
+            }
+            let c = m.cluster().await?;
+            let v = serde_json::json!({
+                "gossip_keys": c.gossip_keys,
+                "gossip_rotation": c.gossip_rotation,
+            });
+            Ok(print(format, &v, |_| render::gossip_keys_text(&c)))
+        }
     }
 }
 

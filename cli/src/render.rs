@@ -305,6 +305,43 @@ pub struct ClusterView {
     pub term: u64,
     pub index: u64,
     pub managers: Vec<ManagerView>,
+    /// Oldest first.
+    pub gossip_keys: Vec<GossipKeyView>,
+    /// "" (none in progress), "distributing" or "retiring".
+    pub gossip_rotation: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GossipKeyView {
+    /// The key's id (hex), never the key.
+    pub id: String,
+    pub primary: bool,
+    /// Unix ms; 0 when unknown.
+    pub created_ms: u64,
+}
+
+/// `YYYY-MM-DD HH:MM UTC` for Unix milliseconds ("-" for 0).
+pub fn utc(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian; H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
 }
 
 pub fn cluster_text(c: &ClusterView) -> String {
@@ -329,5 +366,46 @@ pub fn cluster_text(c: &ClusterView) -> String {
         ]);
     }
     out.push_str(&t.render());
+    out.push('\n');
+    out.push_str(&gossip_keys_text(c));
     out
+}
+
+/// The gossip keyring part of `cluster info` (also `cluster gossip-key`).
+pub fn gossip_keys_text(c: &ClusterView) -> String {
+    let mut out = String::new();
+    out.push_str(&match c.gossip_rotation.as_str() {
+        "" => "gossip keyring: no rotation in progress\n".to_string(),
+        "distributing" => "gossip keyring: rotating, the new key is accepted and waits for every \
+                           ready node to hold it\n"
+            .to_string(),
+        "retiring" => "gossip keyring: rotating, the new key seals and the old one goes once \
+                       every ready node seals with it\n"
+            .to_string(),
+        other => format!("gossip keyring: rotation {other}\n"),
+    });
+    let mut k = Table::new(&["GOSSIP KEY", "PRIMARY", "CREATED"]);
+    for key in &c.gossip_keys {
+        k.row(vec![
+            key.id.clone(),
+            if key.primary { "yes" } else { "no" }.into(),
+            utc(key.created_ms),
+        ]);
+    }
+    out.push_str(&k.render());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "-");
+        assert_eq!(utc(1_000), "1970-01-01 00:00 UTC");
+        // A leap day, and the last minute of a leap year.
+        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00 UTC");
+        assert_eq!(utc(1_735_689_599_000), "2024-12-31 23:59 UTC");
+    }
 }

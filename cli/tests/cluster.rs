@@ -60,6 +60,38 @@ fn commands_against_three_managers_with_failover() {
         "{statuses:?}"
     );
 
+    // Gossip key rotation through the CLI: started by `--rotate`, completed by the leader as
+    // the nodes confirm (polled, generous bound), ending with one new primary key.
+    let before = ok(c, &["cluster", "gossip-key", "--format", "json"]).json();
+    assert_eq!(before["gossip_rotation"], "", "{before}");
+    let old_id = before["gossip_keys"][0]["id"].clone();
+    let started = ok(
+        c,
+        &["cluster", "gossip-key", "--rotate", "--format", "json"],
+    )
+    .json();
+    assert_eq!(
+        started["gossip_keys"].as_array().unwrap().len(),
+        2,
+        "{started}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let now = ok(c, &["cluster", "gossip-key", "--format", "json"]).json();
+        let keys = now["gossip_keys"].as_array().unwrap().clone();
+        if now["gossip_rotation"] == "" && keys.len() == 1 && keys[0]["id"] != old_id {
+            assert_eq!(keys[0]["primary"], true, "{now}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotation stuck: {now}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let text = ok(c, &["cluster", "info"]).stdout;
+    assert!(text.contains("no rotation in progress"), "{text}");
+
     // Networks: create, refuse a duplicate (exit 1 with a hint), list.
     ok(c, &["network", "create", "--subnet", "10.20.0.0/24", "app"]);
     let dup = swarmnet(c, &["network", "create", "app"]);

@@ -230,6 +230,19 @@ fn cluster_info() {
                 status: "unreachable".into(),
             },
         ],
+        gossip_keys: vec![
+            GossipKeyView {
+                id: "0c1f4a2b9d3e5f60".into(),
+                primary: false,
+                created_ms: 1_795_000_000_000,
+            },
+            GossipKeyView {
+                id: "7a6b5c4d3e2f1a0b".into(),
+                primary: true,
+                created_ms: 1_795_043_200_000,
+            },
+        ],
+        gossip_rotation: "retiring".into(),
     };
     both("cluster_info", cluster_text(&c), &c);
 }

@@ -112,6 +112,12 @@ struct Shared {
     wake: Arc<Wakeup>,
     /// Notified when the reports change, so the feed sends them at once.
     reported: Arc<tokio::sync::Notify>,
+    /// The keys this node's running gossip holds, as the managers name them (`None`: gossip
+    /// not running); sent with every heartbeat.
+    gossip_keys: Option<pb::GossipKeyState>,
+    /// Notified when `gossip_keys` changes: the next heartbeat goes at once (a key rotation
+    /// moves on as soon as every node confirms).
+    keys_changed: Arc<tokio::sync::Notify>,
 }
 
 /// Whether an assignment stamped `incoming` replaces the one stamped `current`.
@@ -197,6 +203,31 @@ impl AssignmentFeed {
         if s.reports != reports {
             s.reports = reports;
             s.reported.notify_one();
+        }
+    }
+
+    /// Records what this node's running gossip holds: `(sealing, accepted)` gossip key ids, or
+    /// `None` when gossip is not running. The managers' ids are recovered from the keyring in
+    /// force; a key the managers no longer list is left out.
+    pub fn set_gossip_keys(&self, running: Option<(u32, Vec<u32>)>) {
+        let mut s = self.shared.lock().expect("lock");
+        let state = running.map(|(sealing, accepted)| pb::GossipKeyState {
+            accepted: s
+                .key_ids
+                .iter()
+                .copied()
+                .filter(|id| accepted.contains(&gossip_key_id(*id)))
+                .collect(),
+            sealing: s
+                .key_ids
+                .iter()
+                .copied()
+                .find(|id| gossip_key_id(*id) == sealing)
+                .unwrap_or(0),
+        });
+        if s.gossip_keys != state {
+            s.gossip_keys = state;
+            s.keys_changed.notify_one();
         }
     }
 
@@ -426,18 +457,25 @@ async fn session(
     *backoff = Duration::from_millis(100);
     let mut hb = dispatcher.clone();
     let node = cfg.node.to_string();
+    let hb_shared = shared.clone();
+    let keys_changed = shared.lock().expect("lock").keys_changed.clone();
     let heartbeats = async move {
         loop {
+            let gossip = hb_shared.lock().expect("lock").gossip_keys.clone();
             let period = match hb
                 .heartbeat(pb::HeartbeatRequest {
                     node_id: node.clone(),
+                    gossip,
                 })
                 .await
             {
                 Ok(r) => Duration::from_millis(r.into_inner().period_ms.max(100)),
                 Err(s) => return format!("heartbeat failed ({:?}): {}", s.code(), s.message()),
             };
-            tokio::time::sleep(period).await;
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = keys_changed.notified() => {}
+            }
         }
     };
     tokio::pin!(heartbeats);
@@ -701,6 +739,49 @@ mod tests {
             !notified(&reported),
             "the same reports again: nothing to send"
         );
+    }
+
+    /// The keys the running gossip holds are told to the managers by their manager ids (a key
+    /// they no longer list is left out), and only a change sends a heartbeat early.
+    #[test]
+    fn running_gossip_keys_are_reported_by_manager_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path());
+        let feed = AssignmentFeed::start(c.clone());
+        let mut a = assignment(2, 10, &["n1"]);
+        // During a rotation: key 5 accepted only (first), key 1 seals (last).
+        a.keyring.insert(
+            0,
+            pb::GossipKey {
+                id: 5,
+                key: vec![9; 32],
+            },
+        );
+        take(&c, &feed.shared, a).unwrap();
+        let changed = feed.shared.lock().unwrap().keys_changed.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let notified = || {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(50), changed.notified())
+                    .await
+                    .is_ok()
+            })
+        };
+        let g = gossip_key_id;
+        // The running keyring also still holds a key the managers dropped (id 77).
+        feed.set_gossip_keys(Some((g(1), vec![g(77), g(5), g(1)])));
+        assert!(notified(), "a change sends a heartbeat at once");
+        let state = feed.shared.lock().unwrap().gossip_keys.clone().unwrap();
+        assert_eq!(state.accepted, vec![5, 1]);
+        assert_eq!(state.sealing, 1);
+        feed.set_gossip_keys(Some((g(1), vec![g(77), g(5), g(1)])));
+        assert!(!notified(), "unchanged: nothing early");
+        feed.set_gossip_keys(None);
+        assert!(notified());
+        assert!(feed.shared.lock().unwrap().gossip_keys.is_none());
     }
 
     #[test]

@@ -109,6 +109,13 @@ impl IntentWatcher {
             .map(crate::assign::AssignmentFeed::wakeup)
     }
 
+    /// With the orchestrator, tells it which gossip keys are in force here (heartbeats).
+    pub fn report_gossip_keys(&self, gossip: Option<&GossipSync>) {
+        if let Some(feed) = &self.feed {
+            feed.set_gossip_keys(gossip.and_then(GossipSync::running_keys));
+        }
+    }
+
     pub fn report_tasks(&self, rec: &Reconciler, node: &swarmnet_model::NodeId) {
         if let Some(feed) = &self.feed {
             feed.set_reports(crate::assign::task_reports(rec, node));
@@ -311,6 +318,7 @@ pub fn run(
             }
         }
         let gossip_changed = gossip.as_mut().is_some_and(|g| g.tick(&mut rec, now));
+        watcher.report_gossip_keys(gossip.as_ref());
         // A health transition changes backends, published ports, DNS and what gossip says of
         // the task: it gets a round in this same tick.
         let health_changed = health.poll().is_some_and(|h| rec.set_local_health(h));

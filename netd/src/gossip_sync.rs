@@ -389,6 +389,12 @@ impl GossipSync {
         self.published = Some(local);
     }
 
+    /// The running keyring: (sealing id, accepted ids), or `None` before gossip started.
+    pub fn running_keys(&self) -> Option<(u32, Vec<u32>)> {
+        let ring = self.running.as_ref()?.node.keyring();
+        Some((ring.sealing_id(), ring.ids()))
+    }
+
     pub fn status(&self) -> GossipStatus {
         let run = self.running.as_ref();
         let ring = run.map(|r| r.node.keyring());

@@ -434,7 +434,8 @@ fn cluster_info(m: &Manager) -> pb::ClusterInfo {
     let metrics = m.raft.metrics().borrow().clone();
     let membership = metrics.membership_config.membership();
     let voters: Vec<u64> = membership.voter_ids().collect();
-    let (cluster_id, index) = m.state.read(|a| {
+    let (cluster_id, index, gossip_keys, gossip_rotation) = m.state.read(|a| {
+        let primary = a.state.primary_gossip_key().map(|k| k.id);
         (
             a.state
                 .cluster
@@ -442,6 +443,16 @@ fn cluster_info(m: &Manager) -> pb::ClusterInfo {
                 .map(|c| c.id.clone())
                 .unwrap_or_default(),
             a.last_applied.map(|l| l.index).unwrap_or(0),
+            a.state
+                .keyring
+                .iter()
+                .map(|k| pb::GossipKeyInfo {
+                    id: k.id,
+                    primary: Some(k.id) == primary,
+                    created_ms: k.created_ms,
+                })
+                .collect(),
+            a.state.gossip_rotation().word().to_string(),
         )
     });
     pb::ClusterInfo {
@@ -458,22 +469,21 @@ fn cluster_info(m: &Manager) -> pb::ClusterInfo {
             })
             .collect(),
         self_id: m.id,
+        gossip_keys,
+        gossip_rotation,
     }
 }
 
 /// 32 random bytes from the kernel (for gossip keys and cluster ids).
 fn random_bytes() -> std::result::Result<[u8; 32], Status> {
-    use std::io::Read;
-    let mut b = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| Status::internal(format!("reading /dev/urandom: {e}")))?;
-    Ok(b)
+    crate::raft::manager::random_bytes().map_err(|e| Status::internal(e.to_string()))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+fn new_gossip_key() -> std::result::Result<GossipKey, Status> {
+    crate::raft::manager::new_gossip_key().map_err(|e| Status::internal(e.to_string()))
 }
+
+use crate::raft::manager::hex;
 
 // ------------------------------------------------------------------------------ services
 
@@ -548,12 +558,8 @@ impl pb::cluster_server::Cluster for ClusterApi {
             .await
             .map_err(status_of)?;
         // The cluster's first gossip key.
-        let bytes = random_bytes()?;
         self.0
-            .write(Command::RotateGossipKey(GossipKey {
-                id: u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
-                key: hex(&random_bytes()?),
-            }))
+            .write(Command::RotateGossipKey(new_gossip_key()?))
             .await
             .map_err(status_of)?;
         Ok(Response::new(cluster_info(&self.0)))
@@ -646,12 +652,10 @@ impl pb::cluster_server::Cluster for ClusterApi {
         tokens_reply(&self.0)
     }
 
+    /// Starts a rotation (step 1); the leader completes it as the nodes confirm.
     async fn rotate_gossip_key(&self, _: Request<pb::Empty>) -> Result<pb::ClusterInfo> {
-        let bytes = random_bytes()?;
-        let id = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        let key = hex(&random_bytes()?);
         self.0
-            .write(Command::RotateGossipKey(GossipKey { id, key }))
+            .write(Command::RotateGossipKey(new_gossip_key()?))
             .await
             .map_err(status_of)?;
         Ok(Response::new(cluster_info(&self.0)))
@@ -969,8 +973,13 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Result<pb::HeartbeatResponse> {
         crate::ca::check_node(&r, &r.get_ref().node_id)?;
-        let node: NodeId = parse("node_id", &r.into_inner().node_id)?;
-        self.0.heartbeat(node).await.map_err(status_of)?;
+        let r = r.into_inner();
+        let node: NodeId = parse("node_id", &r.node_id)?;
+        let gossip = r.gossip.map(|g| crate::state::KeyAck {
+            accepted: g.accepted,
+            sealing: g.sealing,
+        });
+        self.0.heartbeat(node, gossip).await.map_err(status_of)?;
         Ok(Response::new(pb::HeartbeatResponse {
             period_ms: self.0.config.node_heartbeat_period.as_millis() as u64,
         }))

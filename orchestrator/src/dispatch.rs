@@ -54,10 +54,11 @@ pub struct Feed {
     tx: broadcast::Sender<Arc<Update>>,
 }
 
+/// The keyring as nodes take it: the primary last (see `ClusterState::keyring_for_nodes`).
 fn keyring(state: &crate::state::ClusterState) -> Vec<pb::GossipKey> {
     state
-        .keyring
-        .iter()
+        .keyring_for_nodes()
+        .into_iter()
         .map(|k| pb::GossipKey {
             id: k.id,
             key: unhex(&k.key),

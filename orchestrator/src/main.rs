@@ -52,6 +52,10 @@ struct Args {
     /// A removed task leaves every load balancer and DNS first and is stopped this much later.
     #[arg(long, default_value_t = 3000)]
     task_stop_grace_ms: u64,
+    /// The leader rotates the gossip key when it is this old, in seconds (0: only on request,
+    /// `swarmnet cluster gossip-key --rotate`).
+    #[arg(long, default_value_t = swarmnet_orchestrator::raft::manager::GOSSIP_KEY_ROTATION.as_secs())]
+    gossip_key_rotation_secs: u64,
 }
 
 #[tokio::main]
@@ -90,6 +94,8 @@ async fn main() -> anyhow::Result<()> {
     let tls = ca::ManagerTls::new(credentials)?;
     let client_tls = tls.client.clone();
     config.task_stop_grace = Duration::from_millis(args.task_stop_grace_ms);
+    config.gossip_key_rotation = (args.gossip_key_rotation_secs > 0)
+        .then(|| Duration::from_secs(args.gossip_key_rotation_secs));
     let manager = Manager::start(config, tls).await?;
     if args.bootstrap {
         manager.bootstrap().await?;

@@ -29,7 +29,10 @@ use swarmnet_model::spec::{
 };
 use swarmnet_model::{IfName, Mtu, Name, NodeId, TaskId, Vni};
 
+mod gossip_keys;
 mod restart;
+
+pub use gossip_keys::{KeyAck, Rotation, next_step as next_rotation_step};
 
 pub use restart::HISTORY_LEN;
 
@@ -39,9 +42,6 @@ use crate::ipam::{self, AddressError, Addresses, PoolConfig};
 /// The name of the routing-mesh network created with the cluster.
 pub const INGRESS: &str = "ingress";
 
-/// Gossip keys kept: the newest encrypts, the older ones still decrypt while nodes catch up.
-pub const KEYRING_LEN: usize = 2;
-
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub cluster: Option<ClusterInfo>,
@@ -49,8 +49,12 @@ pub struct ClusterState {
     pub networks: BTreeMap<Name, Network>,
     pub services: BTreeMap<Name, Service>,
     pub tasks: BTreeMap<TaskId, Task>,
-    /// Gossip encryption keys, oldest first; the last one is primary.
+    /// Gossip encryption keys, oldest first: one, or two during a rotation (see
+    /// `gossip_keys`).
     pub keyring: Vec<GossipKey>,
+    /// The key nodes seal with; `None` in state from before it was recorded (the newest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip_primary: Option<u64>,
     /// Sequence for task ids.
     pub next_task: u64,
     /// The cluster's root CA, key included: it lives only in the managers' replicated state
@@ -128,6 +132,10 @@ pub struct GossipKey {
     pub id: u64,
     /// 32 bytes, hex.
     pub key: String,
+    /// When it was made (Unix ms, from the manager that proposed it; 0 if unknown): the
+    /// leader starts the next rotation one rotation period later.
+    #[serde(default)]
+    pub created_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -471,7 +479,18 @@ pub enum Command {
         service: Name,
         version: u64,
     },
+    /// A new gossip key joins the keyring, accepted only (step 1 of a rotation; refused while
+    /// one is in progress). The cluster's first key is primary at once.
     RotateGossipKey(GossipKey),
+    /// Step 2 (decided by the leader once every ready node holds it): the newest key seals.
+    PromoteGossipKey {
+        id: u64,
+    },
+    /// Step 3 (decided by the leader once every ready node seals with it): every key but
+    /// `keep`, the primary, is dropped.
+    RetireGossipKeys {
+        keep: u64,
+    },
     /// The second phase of a two-phase removal (decided by the leader after the stop grace
     /// period): the draining tasks among `tasks` are stopped and their addresses released.
     /// Ids that are not draining (any more) are ignored.
@@ -508,6 +527,8 @@ impl Command {
             | Command::UpdateNode { .. }
             | Command::SetNodeRole { .. }
             | Command::RotateGossipKey(_)
+            | Command::PromoteGossipKey { .. }
+            | Command::RetireGossipKeys { .. }
             | Command::RotateJoinToken { .. }
             | Command::RemoveNetwork { .. } => true,
             // A failure may roll a service back (an update that can be refused), after the
@@ -549,9 +570,10 @@ impl Scope {
                     .filter_map(|id| state.tasks.get(id).map(|t| t.service.clone()))
                     .collect(),
             ),
-            Command::RotateGossipKey(_) | Command::RotateJoinToken { .. } => {
-                Scope::Services(BTreeSet::new())
-            }
+            Command::RotateGossipKey(_)
+            | Command::PromoteGossipKey { .. }
+            | Command::RetireGossipKeys { .. }
+            | Command::RotateJoinToken { .. } => Scope::Services(BTreeSet::new()),
             _ => Scope::All,
         }
     }
@@ -639,6 +661,11 @@ pub enum CommandError {
     },
     #[error("report for task {task:?} from node {node:?} is stale: the task is not on that node")]
     StaleReport { task: String, node: String },
+    #[error(
+        "a gossip key rotation is in progress (step: {step}); it completes once every ready \
+         node confirms (see `swarmnet cluster info`), then rotate again"
+    )]
+    RotationInProgress { step: String },
 }
 
 fn not_found(kind: Kind, name: impl ToString) -> CommandError {
@@ -842,15 +869,9 @@ impl ClusterState {
                 }
                 Ok(Response::Done)
             }
-            Command::RotateGossipKey(key) => {
-                if key.key.len() != 64 || !key.key.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(invalid("gossip key", "expected 32 bytes in hex"));
-                }
-                self.keyring.push(key.clone());
-                let excess = self.keyring.len().saturating_sub(KEYRING_LEN);
-                self.keyring.drain(..excess);
-                Ok(Response::Done)
-            }
+            Command::RotateGossipKey(key) => self.add_gossip_key(key),
+            Command::PromoteGossipKey { id } => self.promote_gossip_key(*id),
+            Command::RetireGossipKeys { keep } => self.retire_gossip_keys(*keep),
         }
     }
 

@@ -650,7 +650,10 @@ async fn a_silent_node_is_marked_down_and_its_tasks_move() {
         loop {
             for n in ["n1", "n2"] {
                 let _ = d
-                    .heartbeat(pb::HeartbeatRequest { node_id: n.into() })
+                    .heartbeat(pb::HeartbeatRequest {
+                        node_id: n.into(),
+                        gossip: None,
+                    })
                     .await;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -3,15 +3,16 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use common::*;
-use swarmnet_model::Intent;
 use swarmnet_model::spec::{Availability, NodeRole, Protocol, PublishMode, ServiceMode};
+use swarmnet_model::{Intent, NodeId};
 use swarmnet_orchestrator::project::project;
 use swarmnet_orchestrator::state::{
-    ClusterState, Command, CommandError, FailureAction, GossipKey, NetworkConfig, NodeStatus,
-    PortConfig, Publish, Response, TaskState, UpdateState,
+    ClusterState, Command, CommandError, FailureAction, GossipKey, KeyAck, NetworkConfig,
+    NodeStatus, PortConfig, Publish, Response, Rotation, TaskState, UpdateState,
+    next_rotation_step,
 };
 
 #[test]
@@ -584,27 +585,120 @@ fn reports_from_the_wrong_node_are_stale() {
     assert!(matches!(e, CommandError::StaleReport { .. }));
 }
 
-#[test]
-fn gossip_keys_rotate_keeping_the_previous_one() {
-    let mut s = cluster(1);
-    for id in 1..=3u64 {
-        apply(
-            &mut s,
-            Command::RotateGossipKey(GossipKey {
-                id,
-                key: format!("{id:064x}"),
-            }),
-        );
+fn key(id: u64) -> GossipKey {
+    GossipKey {
+        id,
+        key: format!("{id:064x}"),
+        created_ms: 0,
     }
-    let ids: Vec<u64> = s.keyring.iter().map(|k| k.id).collect();
-    assert_eq!(ids, [2, 3]);
+}
+
+fn ack(accepted: &[u64], sealing: u64) -> Option<KeyAck> {
+    Some(KeyAck {
+        accepted: accepted.to_vec(),
+        sealing,
+    })
+}
+
+fn node_keys(s: &ClusterState) -> Vec<u64> {
+    s.keyring_for_nodes().iter().map(|k| k.id).collect()
+}
+
+/// A rotation goes distribute -> switch -> retire, each step only once every ready node
+/// confirms the one before; a node that is down or runs no gossip does not hold it up; a
+/// second rotation is refused while one is in progress; stale steps are refused.
+#[test]
+fn gossip_key_rotation_moves_only_as_every_ready_node_confirms() {
+    let mut s = cluster(3);
+    // Init's key: primary at once, alone.
+    apply(&mut s, Command::RotateGossipKey(key(1)));
+    assert_eq!(s.gossip_rotation(), Rotation::Idle);
+    assert_eq!(node_keys(&s), [1]);
+    let n = |i: usize| NodeId::new(format!("n{i}")).unwrap();
+    let mut acks: HashMap<NodeId, Option<KeyAck>> = HashMap::new();
+    assert_eq!(next_rotation_step(&s, &acks), None, "nothing to do");
+
+    // Step 1: key 2 is accepted only; nodes get it first, key 1 (primary) last.
+    apply(&mut s, Command::RotateGossipKey(key(2)));
+    assert_eq!(s.gossip_rotation(), Rotation::Distributing);
+    assert_eq!(node_keys(&s), [2, 1]);
+    assert_eq!(s.primary_gossip_key().unwrap().id, 1);
+    let e = s.apply(&Command::RotateGossipKey(key(3))).unwrap_err();
+    assert!(matches!(e, CommandError::RotationInProgress { .. }), "{e}");
+    // A node not heard from is waited for; one that holds only key 1 too.
+    acks.insert(n(1), ack(&[1, 2], 1));
+    acks.insert(n(2), ack(&[1], 1));
+    assert_eq!(s.rotation_waits_for(&acks), [n(2), n(3)]);
+    assert_eq!(next_rotation_step(&s, &acks), None);
+    // n3 runs no gossip (not waited for); n2 gets the key.
+    acks.insert(n(3), None);
+    acks.insert(n(2), ack(&[1, 2], 1));
+    let step = next_rotation_step(&s, &acks).expect("every node holds key 2");
+    assert!(
+        matches!(step, Command::PromoteGossipKey { id: 2 }),
+        "{step:?}"
+    );
+    // Promoting a key not in the keyring is refused; the primary again changes nothing.
+    let before = s.clone();
+    assert!(s.apply(&Command::PromoteGossipKey { id: 9 }).is_err());
+    apply(&mut s, Command::PromoteGossipKey { id: 1 });
+    assert_eq!(s, before);
+    apply(&mut s, step.clone());
+    apply(&mut s, step); // idempotent
+
+    // Step 2 done: key 2 seals (last), key 1 still accepted.
+    assert_eq!(s.gossip_rotation(), Rotation::Retiring);
+    assert_eq!(node_keys(&s), [1, 2]);
+    assert_eq!(s.rotation_waits_for(&acks), [n(1), n(2)]);
+    acks.insert(n(1), ack(&[1, 2], 2));
+    // n2 goes down: not waited for.
+    apply(
+        &mut s,
+        Command::SetNodeStatus {
+            id: n(2),
+            status: NodeStatus::Down,
+        },
+    );
+    let step = next_rotation_step(&s, &acks).expect("every ready node seals with key 2");
+    assert!(
+        matches!(step, Command::RetireGossipKeys { keep: 2 }),
+        "{step:?}"
+    );
+    // Retiring around a key that is not primary is refused, state untouched.
+    let before = s.clone();
+    assert!(s.apply(&Command::RetireGossipKeys { keep: 1 }).is_err());
+    assert_eq!(s, before);
+    apply(&mut s, step);
+    assert_eq!(s.gossip_rotation(), Rotation::Idle);
+    assert_eq!(node_keys(&s), [2]);
+    assert_eq!(next_rotation_step(&s, &acks), None);
+
+    // Malformed and duplicate keys are refused.
     assert!(
         s.apply(&Command::RotateGossipKey(GossipKey {
             id: 4,
-            key: "short".into()
+            key: "short".into(),
+            created_ms: 0,
         }))
         .is_err()
     );
+    assert!(s.apply(&Command::RotateGossipKey(key(2))).is_err());
+}
+
+/// State written before primaries were recorded (two keys, no primary): the newest seals, and
+/// the rotation it was in is finished by retiring the older.
+#[test]
+fn gossip_keyring_from_before_primaries_is_finished_by_retiring() {
+    let mut s = cluster(1);
+    s.keyring = vec![key(1), key(2)];
+    s.gossip_primary = None;
+    assert_eq!(s.gossip_rotation(), Rotation::Retiring);
+    assert_eq!(node_keys(&s), [1, 2]);
+    let acks: HashMap<NodeId, Option<KeyAck>> =
+        [(NodeId::new("n1").unwrap(), ack(&[1, 2], 2))].into();
+    let step = next_rotation_step(&s, &acks).unwrap();
+    apply(&mut s, step);
+    assert_eq!(node_keys(&s), [2]);
 }
 
 #[test]

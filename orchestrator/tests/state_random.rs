@@ -206,11 +206,25 @@ fn random_command(r: &mut Rng, s: &ClusterState) -> Command {
                     version,
                 }
             } else {
-                let id = r.next();
-                Command::RotateGossipKey(GossipKey {
-                    id,
-                    key: format!("{id:016x}").repeat(4),
-                })
+                // The rotation's three steps, with ids that are sometimes right.
+                let newest = s.keyring.last().map_or(0, |k| k.id);
+                let primary = s.primary_gossip_key().map_or(0, |k| k.id);
+                match r.below(3) {
+                    0 => {
+                        let id = r.next();
+                        Command::RotateGossipKey(GossipKey {
+                            id,
+                            key: format!("{id:016x}").repeat(4),
+                            created_ms: 0,
+                        })
+                    }
+                    1 => Command::PromoteGossipKey {
+                        id: if r.chance(70) { newest } else { r.next() },
+                    },
+                    _ => Command::RetireGossipKeys {
+                        keep: if r.chance(70) { primary } else { r.next() },
+                    },
+                }
             }
         }
     }

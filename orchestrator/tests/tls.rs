@@ -111,6 +111,7 @@ async fn heartbeat(ch: Channel, node: &str) -> Result<(), tonic::Status> {
     pb::dispatcher_client::DispatcherClient::new(ch)
         .heartbeat(pb::HeartbeatRequest {
             node_id: node.into(),
+            gossip: None,
         })
         .await
         .map(|_| ())

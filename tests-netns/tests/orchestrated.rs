@@ -314,19 +314,51 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
             Ok(())
         },
     )?;
-    // A rotation reaches every node through the assignment stream: all seal with the new key,
-    // still accept the old one, and keep hearing each other.
+    // A rotation in three steps, driven by the leader as the nodes confirm in their
+    // heartbeats: the new key is sent accepted-only, then seals, then the old one goes. No
+    // node ever gets a frame sealed with a key it lacks (no `dropped_unknown_key`), and every
+    // node keeps hearing the others.
+    let unknown_key = |g: &[serde_json::Value]| -> u64 {
+        g.iter()
+            .map(|g| g["transport"]["dropped_unknown_key"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let dropped_before = unknown_key(&gossip(&topo)?);
+    let rotation_started = Instant::now();
     let m2 = managers.addrs[1].clone();
-    in_netns(&n1, move || {
+    let started = in_netns(&n1, move || {
         Box::pin(async move {
-            pb::cluster_client::ClusterClient::new(channel(m2).await?)
+            Ok(pb::cluster_client::ClusterClient::new(channel(m2).await?)
                 .rotate_gossip_key(pb::Empty {})
-                .await?;
-            Ok(())
+                .await?
+                .into_inner())
         })
     })?;
+    ensure!(
+        started.gossip_rotation == "distributing"
+            && started.gossip_keys.len() == 2
+            // Oldest first: the old key still seals, the new one is accepted only.
+            && started.gossip_keys[0].primary
+            && !started.gossip_keys[1].primary,
+        "step 1 keeps the old key primary: {started:?}"
+    );
+    // A second rotation while one is in progress is refused, saying why.
+    let m1 = managers.addrs[0].clone();
+    let second = in_netns(&n1, move || {
+        Box::pin(async move {
+            Ok(pb::cluster_client::ClusterClient::new(channel(m1).await?)
+                .rotate_gossip_key(pb::Empty {})
+                .await)
+        })
+    })?;
+    if let Err(status) = &second {
+        ensure!(
+            status.message().contains("rotation is in progress"),
+            "{status:?}"
+        );
+    }
     retry(
-        "every node to seal with the rotated key",
+        "every node to seal with the rotated key, the old one retired",
         Duration::from_secs(60),
         || {
             let g = gossip(&topo)?;
@@ -337,7 +369,7 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
             );
             ensure!(
                 g.iter().all(
-                    |g| g["accepted_keys"].as_array().is_some_and(|a| a.len() == 2)
+                    |g| g["accepted_keys"].as_array().is_some_and(|a| a.len() == 1)
                         && g["peers_live"].as_u64() == Some(2)
                 ),
                 "{g:?}"
@@ -345,6 +377,32 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
             Ok(())
         },
     )?;
+    println!(
+        "gossip key rotation: all three steps on every node in {:?}",
+        rotation_started.elapsed()
+    );
+    let dropped_after = unknown_key(&gossip(&topo)?);
+    ensure!(
+        dropped_after == dropped_before,
+        "frames sealed with a key a node lacked during the rotation: {} before, {} after",
+        dropped_before,
+        dropped_after
+    );
+    let m3 = managers.addrs[2].clone();
+    let done = in_netns(&n1, move || {
+        Box::pin(async move {
+            Ok(pb::cluster_client::ClusterClient::new(channel(m3).await?)
+                .info(pb::Empty {})
+                .await?
+                .into_inner())
+        })
+    })?;
+    ensure!(
+        done.gossip_rotation.is_empty()
+            && done.gossip_keys.len() == 1
+            && done.gossip_keys[0].primary,
+        "rotation finished: {done:?}"
+    );
     // Drain n3 while n1's task keeps calling the service: n3's task moves, and the service
     // answers throughout.
     let (_, client_task) = tasks.iter().find(|(n, _)| n == "n1").cloned().unwrap();

@@ -21,7 +21,7 @@ use super::network::{Network, channel};
 use super::store::{self, SharedState};
 use super::{CommandResult, ManagerId, TypeConfig};
 use crate::pb;
-use crate::state::{Command, CommandError, NodeStatus, Response, UpdateState};
+use crate::state::{Command, CommandError, GossipKey, KeyAck, NodeStatus, Response, UpdateState};
 
 /// A manager's settings. Defaults in [`ManagerConfig::new`].
 #[derive(Debug, Clone)]
@@ -47,7 +47,13 @@ pub struct ManagerConfig {
     /// nodes: a timer rather than per-node acks, so a silent node can never hold a task (and
     /// its addresses) forever, and the removal time is bounded and known.
     pub task_stop_grace: Duration,
+    /// The leader starts a gossip key rotation when the primary key is this old (`None`:
+    /// only on request).
+    pub gossip_key_rotation: Option<Duration>,
 }
+
+/// Default [`ManagerConfig::gossip_key_rotation`]: Swarm's network key rotation period.
+pub const GOSSIP_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
 
 impl ManagerConfig {
     pub fn new(id: ManagerId, advertise: String, data_dir: PathBuf) -> Self {
@@ -62,6 +68,7 @@ impl ManagerConfig {
             node_down_after: Duration::from_secs(5),
             cert_lifetime: swarmnet_pki::ca::DEFAULT_NODE_LIFETIME,
             task_stop_grace: Duration::from_secs(3),
+            gossip_key_rotation: Some(GOSSIP_KEY_ROTATION),
         }
     }
 }
@@ -82,8 +89,16 @@ pub enum WriteError {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Forwarded {
     Write(Command),
-    Heartbeat(NodeId),
-    AddManager { id: ManagerId, addr: String },
+    Heartbeat {
+        node: NodeId,
+        /// What the node's running gossip holds (`None`: its gossip is not running).
+        #[serde(default)]
+        gossip: Option<KeyAck>,
+    },
+    AddManager {
+        id: ManagerId,
+        addr: String,
+    },
 }
 
 /// The answer to a forwarded request.
@@ -107,6 +122,8 @@ pub struct Manager {
     pub tls: crate::ca::ManagerTls,
     /// Last heartbeat per node, as seen by this manager while leader.
     heartbeats: Mutex<HashMap<NodeId, Instant>>,
+    /// The gossip keys each node said it holds in its last heartbeat to this leader.
+    key_acks: Mutex<HashMap<NodeId, Option<KeyAck>>>,
     /// When this manager last became leader (heartbeat grace starts then).
     leader_since: Mutex<Option<Instant>>,
     forward_clients: Mutex<HashMap<String, pb::raft_client::RaftClient<tonic::transport::Channel>>>,
@@ -209,6 +226,7 @@ impl Manager {
             config,
             tls,
             heartbeats: Mutex::default(),
+            key_acks: Mutex::default(),
             leader_since: Mutex::default(),
             forward_clients: Mutex::default(),
             stop,
@@ -375,8 +393,8 @@ impl Manager {
     /// Serves a forwarded request (this manager should be the leader).
     pub async fn handle_forward(&self, req: Forwarded) -> ForwardReply {
         match req {
-            Forwarded::Heartbeat(node) => {
-                self.record_heartbeat(node).await;
+            Forwarded::Heartbeat { node, gossip } => {
+                self.record_heartbeat(node, gossip).await;
                 ForwardReply::Done
             }
             Forwarded::AddManager { id, addr } => {
@@ -396,9 +414,9 @@ impl Manager {
     }
 
     /// A node's heartbeat: kept by the leader; a follower passes it on.
-    pub async fn heartbeat(&self, node: NodeId) -> Result<(), WriteError> {
+    pub async fn heartbeat(&self, node: NodeId, gossip: Option<KeyAck>) -> Result<(), WriteError> {
         if self.is_leader() {
-            self.record_heartbeat(node).await;
+            self.record_heartbeat(node, gossip).await;
             return Ok(());
         }
         let Some((_, addr)) = self.leader() else {
@@ -406,7 +424,7 @@ impl Manager {
         };
         self.forward(
             &addr,
-            &Forwarded::Heartbeat(node),
+            &Forwarded::Heartbeat { node, gossip },
             self.config.write_timeout,
         )
         .await
@@ -414,11 +432,15 @@ impl Manager {
         .map_err(|e| WriteError::NoQuorum(format!("the leader is unreachable: {e:?}")))
     }
 
-    async fn record_heartbeat(&self, node: NodeId) {
+    async fn record_heartbeat(&self, node: NodeId, gossip: Option<KeyAck>) {
         self.heartbeats
             .lock()
             .expect("lock")
             .insert(node.clone(), Instant::now());
+        self.key_acks
+            .lock()
+            .expect("lock")
+            .insert(node.clone(), gossip);
         let down = self.state.read(|a| {
             a.state
                 .nodes
@@ -432,6 +454,48 @@ impl Manager {
                     status: NodeStatus::Ready,
                 })
                 .await;
+        }
+    }
+
+    /// The leader's part in gossip key rotation: moves a rotation on once the nodes' heartbeats
+    /// allow it (see `state::gossip_keys`), and starts one when the primary key is older than
+    /// the rotation period. Logs whom a rotation waits for every 30 s.
+    async fn gossip_key_duty(&self, last_log: &mut Instant) {
+        let now_ms = unix_ms();
+        let (step, waiting, due) = self.state.read(|a| {
+            let acks = self.key_acks.lock().expect("lock");
+            let idle = a.state.gossip_rotation() == crate::state::Rotation::Idle;
+            let due = idle
+                && self.config.gossip_key_rotation.is_some_and(|period| {
+                    a.state.primary_gossip_key().is_some_and(|k| {
+                        now_ms.saturating_sub(k.created_ms) >= period.as_millis() as u64
+                    })
+                });
+            (
+                crate::state::next_rotation_step(&a.state, &acks),
+                a.state.rotation_waits_for(&acks),
+                due,
+            )
+        });
+        if let Some(cmd) = step {
+            tracing::info!(
+                ?cmd,
+                "gossip key rotation: every ready node confirmed; next step"
+            );
+            let _ = self.write(cmd).await;
+        } else if !waiting.is_empty() && last_log.elapsed() >= Duration::from_secs(30) {
+            *last_log = Instant::now();
+            let nodes: Vec<String> = waiting.iter().map(ToString::to_string).collect();
+            tracing::warn!(nodes = %nodes.join(","), "gossip key rotation waits for these nodes to confirm");
+        }
+        if due {
+            match new_gossip_key() {
+                Ok(key) => {
+                    tracing::info!(id = key.id, "gossip key rotation period over; rotating");
+                    let _ = self.write(Command::RotateGossipKey(key)).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot make a gossip key"),
+            }
         }
     }
 
@@ -533,6 +597,7 @@ async fn leader_duties(m: Arc<Manager>) {
     let mut timers: HashMap<(String, u64), Instant> = HashMap::new();
     let mut draining: HashMap<swarmnet_model::TaskId, Instant> = HashMap::new();
     let mut ended: HashMap<swarmnet_model::TaskId, Instant> = HashMap::new();
+    let mut rotation_log = Instant::now();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -540,6 +605,7 @@ async fn leader_duties(m: Arc<Manager>) {
         }
         if !m.is_leader() {
             *m.leader_since.lock().expect("lock") = None;
+            m.key_acks.lock().expect("lock").clear();
             timers.clear();
             draining.clear();
             ended.clear();
@@ -630,6 +696,7 @@ async fn leader_duties(m: Arc<Manager>) {
                     .await;
             }
         }
+        m.gossip_key_duty(&mut rotation_log).await;
         for (name, version, delay) in waiting {
             let due = *timers
                 .entry((name.clone(), version))
@@ -642,4 +709,36 @@ async fn leader_duties(m: Arc<Manager>) {
             }
         }
     }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// 32 random bytes from the kernel (gossip keys, cluster ids).
+pub fn random_bytes() -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("reading /dev/urandom: {e}")))?;
+    Ok(b)
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A fresh gossip key: random id and 32 random bytes, stamped now.
+pub fn new_gossip_key() -> std::io::Result<GossipKey> {
+    let id_bytes = random_bytes()?;
+    Ok(GossipKey {
+        id: u64::from_le_bytes(id_bytes[..8].try_into().expect("8 bytes")),
+        key: hex(&random_bytes()?),
+        created_ms: unix_ms(),
+    })
 }

@@ -168,6 +168,18 @@ pub fn report_all_running(s: &mut ClusterState) {
 
 /// Every invariant the state machine promises, checked from the outside.
 pub fn check_invariants(s: &ClusterState) {
+    // 0. Gossip keys: at most two (one outside a rotation), distinct ids, the primary one of
+    //    them and sent to nodes last.
+    assert!(s.keyring.len() <= 2, "keyring {:?}", s.keyring);
+    let ids: BTreeSet<u64> = s.keyring.iter().map(|k| k.id).collect();
+    assert_eq!(ids.len(), s.keyring.len(), "duplicate key ids");
+    if let Some(p) = s.gossip_primary {
+        assert!(ids.contains(&p), "primary {p} not in the keyring");
+    }
+    assert_eq!(
+        s.keyring_for_nodes().last().map(|k| k.id),
+        s.primary_gossip_key().map(|k| k.id)
+    );
     // 1. Addresses: each held once, and exactly the held ones are marked used.
     let mut held: BTreeMap<Name, Vec<(Ipv4Addr, String)>> = BTreeMap::new();
     for n in s.networks.values() {
