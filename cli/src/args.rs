@@ -96,9 +96,29 @@ pub enum LabCmd {
 
 #[derive(Debug, Args)]
 pub struct LabName {
-    /// Name of the lab (several can coexist).
-    #[arg(long, default_value = "lab", value_parser = parse_lab_name)]
-    pub name: String,
+    /// Name of the lab (several can coexist). Default for `lab up` and `lab demo`: `lab`; for
+    /// the others: the lab of the current context, else `lab`.
+    #[arg(long, value_parser = parse_lab_name)]
+    pub name: Option<String>,
+}
+
+/// The lab name used when none is given and no context names one.
+pub const DEFAULT_LAB: &str = "lab";
+
+impl LabName {
+    /// The name given, or [`DEFAULT_LAB`] (`lab up`, `lab demo`: a new lab).
+    pub fn or_default(&self) -> String {
+        self.name.clone().unwrap_or_else(|| DEFAULT_LAB.into())
+    }
+
+    /// The name given, else the lab of `context` (the current context when it is a lab's),
+    /// else [`DEFAULT_LAB`]: `lab status|down|exec` act on the lab the CLI points at.
+    pub fn or_current(&self, context: Option<&crate::context::Context>) -> String {
+        self.name
+            .clone()
+            .or_else(|| context.and_then(|c| c.lab.clone()))
+            .unwrap_or_else(|| DEFAULT_LAB.into())
+    }
 }
 
 #[derive(Debug, Args)]

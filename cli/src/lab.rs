@@ -652,6 +652,17 @@ fn build(lab: &mut LabState, bins: &Binaries, progress: &mut Progress) -> anyhow
     Ok(())
 }
 
+/// The tasks netd reports objects for (`sandbox/<task>`; the routing mesh's own sandbox is
+/// not a task).
+fn task_sandboxes(objects: &serde_json::Value) -> usize {
+    let ingress = format!("sandbox/{}", swarmnet_model::intent::RESERVED_TASK);
+    objects.as_object().map_or(0, |o| {
+        o.keys()
+            .filter(|k| k.starts_with("sandbox/") && **k != ingress)
+            .count()
+    })
+}
+
 /// `lab status`.
 pub fn status(name: &str) -> Result<LabStatusView> {
     let lab = LabState::load(name)?;
@@ -664,9 +675,8 @@ pub fn status(name: &str) -> Result<LabStatusView> {
             let answer = netd_call(&n.netd_socket(), &serde_json::json!({"op": "status"})).ok();
             let tasks = answer
                 .as_ref()
-                .and_then(|a| a.pointer("/status/tasks"))
-                .and_then(|t| t.as_object().map(|o| o.len()))
-                .unwrap_or(0);
+                .and_then(|a| a.pointer("/status/objects"))
+                .map_or(0, task_sandboxes);
             LabNodeStatus {
                 id: n.id.clone(),
                 addr: n.addr.to_string(),
@@ -765,4 +775,17 @@ pub fn exec(name: &str, node: &str, cmd: &[String]) -> Result<i32> {
     Ok(status.code().unwrap_or_else(|| {
         128 + std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)
     }))
+}
+
+#[cfg(test)]
+mod status_tests {
+    #[test]
+    fn tasks_are_the_task_sandboxes() {
+        let objects = serde_json::json!({
+            "network/ingress": {}, "node": {}, "sandbox/ingress-sbox": {},
+            "sandbox/t1": {}, "sandbox/t2": {}
+        });
+        assert_eq!(super::task_sandboxes(&objects), 2);
+        assert_eq!(super::task_sandboxes(&serde_json::json!(null)), 0);
+    }
 }

@@ -55,6 +55,8 @@ impl Outcome {
 pub fn run(cli: Cli) -> Result<Outcome> {
     let format = cli.format;
     let mut progress = Progress::new(false);
+    // The context the CLI points at (if any): `lab status|down|exec` default to its lab.
+    let current = Context::load(&cli.config_dir, cli.context.as_deref()).ok();
     match cli.cmd {
         Cmd::Completion { shell } => {
             let mut buf = Vec::new();
@@ -62,7 +64,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::ok(String::from_utf8_lossy(&buf).into_owned()))
         }
         Cmd::Lab(LabCmd::Up(up)) => {
-            let lab = lab::up(&up.lab.name, up.nodes, up.managers, &mut progress)?;
+            let lab = lab::up(&up.lab.or_default(), up.nodes, up.managers, &mut progress)?;
             let ctx = lab_context(&lab);
             ctx.save_current(&cli.config_dir)?;
             progress.step(&format!(
@@ -76,14 +78,14 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             }))
         }
         Cmd::Lab(LabCmd::Demo { lab, down }) => {
-            let r = demo::run(&lab.name, down, &cli.config_dir, &mut progress)?;
+            let r = demo::run(&lab.or_default(), down, &cli.config_dir, &mut progress)?;
             Ok(Outcome::ok(match format {
                 Format::Table => demo::text(&r),
                 Format::Json => render::json(&r),
             }))
         }
         Cmd::Lab(LabCmd::Status(l)) => {
-            let view = lab::status(&l.name)?;
+            let view = lab::status(&l.or_current(current.as_ref()))?;
             Ok(Outcome::ok(match format {
                 Format::Table => lab::status_table(&view),
                 Format::Json => render::json(&view),
@@ -93,7 +95,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             let names = if d.all {
                 labs::names()
             } else {
-                vec![d.lab.name]
+                vec![d.lab.or_current(current.as_ref())]
             };
             let mut out = String::new();
             for name in &names {
@@ -204,7 +206,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             }))
         }
         Cmd::Lab(LabCmd::Exec { lab, node, cmd }) => {
-            let code = lab::exec(&lab.name, &node, &cmd)?;
+            let code = lab::exec(&lab.or_current(current.as_ref()), &node, &cmd)?;
             Ok(Outcome {
                 stdout: String::new(),
                 code,
