@@ -42,6 +42,10 @@ pub enum Request {
     /// What the node wants beside what its kernel holds, read fresh, with the drift
     /// (`Reconciler::inspect`).
     Inspect {},
+    /// The node leaves its cluster (`swarmnet cluster leave`): netd stops its tasks and removes
+    /// everything it made (sandboxes, networks, bridges, rules), answers what, if anything,
+    /// could not be removed, and exits.
+    Leave {},
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +113,11 @@ pub fn serve(run_dir: &Path, calls: Sender<Call>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long a call waits for the daemon loop's answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(30);
+/// The same for `leave` (the daemon gives up on its objects after 60 s).
+pub const LEAVE_ANSWER_WAIT: Duration = Duration::from_secs(90);
+
 fn handle(stream: UnixStream, calls: &Sender<Call>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     let Ok(mut out) = stream.try_clone() else {
@@ -122,12 +131,19 @@ fn handle(stream: UnixStream, calls: &Sender<Call>) {
         }
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
+                // Leaving stops every task (each within its stop grace): it may take longer.
+                let wait = if req == (Request::Leave {}) {
+                    LEAVE_ANSWER_WAIT
+                } else {
+                    ANSWER_WAIT
+                };
                 let (tx, rx) = channel();
                 if calls.send((req, tx)).is_err() {
                     return;
                 }
-                rx.recv_timeout(Duration::from_secs(30))
-                    .unwrap_or_else(|_timeout| Response::error("netd did not answer within 30s"))
+                rx.recv_timeout(wait).unwrap_or_else(|_timeout| {
+                    Response::error(format!("netd did not answer within {}s", wait.as_secs()))
+                })
             }
             Err(e) => Response::error(format!("bad request: {e}")),
         };
@@ -160,7 +176,12 @@ pub fn call(run_dir: &Path, req: &Request) -> anyhow::Result<Response> {
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(35)))?;
+    let wait = if *req == (Request::Leave {}) {
+        LEAVE_ANSWER_WAIT
+    } else {
+        ANSWER_WAIT
+    };
+    s.set_read_timeout(Some(wait + Duration::from_secs(5)))?;
     let mut text = serde_json::to_string(req)?;
     text.push('\n');
     s.write_all(text.as_bytes())?;
@@ -191,6 +212,13 @@ mod tests {
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"status","extra":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn leave_is_a_request() {
+        let r: Request = serde_json::from_str(r#"{"op":"leave"}"#).unwrap();
+        assert_eq!(r, Request::Leave {});
+        assert!(serde_json::from_str::<Request>(r#"{"op":"leave","force":true}"#).is_err());
     }
 
     #[test]

@@ -210,7 +210,7 @@ fn answer(
 ) -> Response {
     let task = match &req {
         Request::Attach { task, .. } | Request::Detach { task } => Some(task.clone()),
-        Request::Status {} | Request::Inspect {} => None,
+        Request::Status {} | Request::Inspect {} | Request::Leave {} => None,
     };
     let r = match req {
         Request::Inspect {} => {
@@ -223,7 +223,7 @@ fn answer(
                 ..Response::ok()
             };
         }
-        Request::Status {} => Ok(()),
+        Request::Status {} | Request::Leave {} => Ok(()),
         Request::Attach { task, netns } => rec.attach(task, netns),
         Request::Detach { task } => rec.detach(&task),
     };
@@ -243,6 +243,80 @@ fn answer(
     Response {
         status: Some(status_json(cfg, rec, watcher, false, selftest, gossip)),
         ..Response::ok()
+    }
+}
+
+/// How long leaving waits for the node's tasks to stop and its objects to go.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The node leaves: an intent that places nothing here, full rounds until every object netd
+/// made is gone (tasks stop with their stop grace), this node's endpoints withdrawn from
+/// gossip. Answers what is left, as an error, if anything could not be removed in time.
+fn leave(
+    node: &swarmnet_model::NodeId,
+    rec: &mut Reconciler,
+    dns: &mut DnsSync,
+    gossip: Option<&mut GossipSync>,
+) -> Response {
+    info!("leaving the cluster: stopping tasks, removing every object netd made");
+    // This node alone, with nothing placed on it (a node missing from the intent would make
+    // the reconciler skip its rounds rather than empty it).
+    let nodes: Vec<swarmnet_model::spec::NodeSpec> = rec
+        .intent()
+        .node(node)
+        .cloned()
+        .map(|mut n| {
+            n.ingress_ip = None;
+            n
+        })
+        .into_iter()
+        .collect();
+    let empty = swarmnet_model::Intent::new(swarmnet_model::spec::ClusterSpec {
+        version: 1,
+        nodes,
+        networks: vec![],
+        services: vec![],
+        tasks: vec![],
+    });
+    match empty {
+        Ok(i) => rec.set_intent(i),
+        Err(e) => return Response::error(format!("cannot make the empty intent: {e}")),
+    }
+    let deadline = Instant::now() + LEAVE_TIMEOUT;
+    let left = loop {
+        rec.round(true, Instant::now());
+        dns.sync(rec);
+        // The node object stays (it is what holds the node-wide state, empty now); what it
+        // could not remove shows as its error.
+        let left: Vec<String> = rec
+            .status()
+            .iter()
+            .filter(|(k, st)| **k != ObjectKey::Node || st.error.is_some())
+            .map(|(k, st)| match &st.error {
+                Some(e) => format!("{k} ({e})"),
+                None => k.to_string(),
+            })
+            .collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            break left;
+        }
+        std::thread::sleep(TICK);
+    };
+    if let Some(g) = gossip {
+        g.publish(rec);
+    }
+    let mut left = left;
+    if let Err(e) = rec.delete_node_firewall() {
+        left.push(format!("the node firewall table ({e})"));
+    }
+    if left.is_empty() {
+        Response::ok()
+    } else {
+        Response::error(format!(
+            "left behind after {}s: {}",
+            LEAVE_TIMEOUT.as_secs(),
+            left.join(", ")
+        ))
     }
 }
 
@@ -374,6 +448,14 @@ pub fn run(
         }
         let mut answered = false;
         while let Ok((req, reply)) = calls.try_recv() {
+            if req == (Request::Leave {}) {
+                let answer = leave(&cfg.node_id, &mut rec, &mut dns, gossip.as_mut());
+                // The managers' next assignment must not bring anything back: netd exits.
+                shutdown.store(true, Ordering::Relaxed);
+                let _ = reply.send(answer);
+                info!("left the cluster; netd exits");
+                return Ok(());
+            }
             let _ = reply.send(answer(
                 cfg,
                 &mut rec,

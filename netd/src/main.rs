@@ -117,6 +117,9 @@ enum Cmd {
     /// Print what the node wants beside what its kernel holds, with every difference (drift),
     /// as JSON.
     Inspect,
+    /// Leave the cluster: stop this node's tasks, remove everything netd made, and stop netd
+    /// (`swarmnet cluster leave` does this, then ends the node's other processes).
+    Leave,
 }
 
 fn client(run_dir: &std::path::Path, cmd: Cmd) -> anyhow::Result<()> {
@@ -129,6 +132,7 @@ fn client(run_dir: &std::path::Path, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Detach { task: t } => api::Request::Detach { task: task(t)? },
         Cmd::Status => api::Request::Status {},
         Cmd::Inspect => api::Request::Inspect {},
+        Cmd::Leave => api::Request::Leave {},
     };
     let resp = api::call(run_dir, &req)?;
     if let Some(i) = &resp.inspect {

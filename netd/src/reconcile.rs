@@ -364,6 +364,16 @@ impl Reconciler {
     pub fn desired(&self) -> Option<&DesiredNode> {
         self.last_desired.as_ref()
     }
+    /// Deletes the node firewall table. For leaving the cluster only: after a round with an
+    /// intent that places nothing here, it is the one thing netd made that the node
+    /// namespace still holds (a later round would put it back).
+    pub fn delete_node_firewall(&mut self) -> Result<(), String> {
+        self.ports
+            .firewall
+            .delete_table()
+            .map_err(|e| e.to_string())
+    }
+
     pub fn node_error(&self) -> Option<&str> {
         self.node_error.as_deref()
     }
