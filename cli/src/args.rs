@@ -2,6 +2,7 @@
 //! `--network`, `--constraint`, `NAME=N`). Parse errors come back as clap usage errors (exit 2)
 //! naming the accepted syntax.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -142,6 +143,21 @@ pub struct LabUp {
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCmd {
+    /// Makes this host the first manager and node of a new cluster: starts a manager and netd
+    /// here (detached), writes a context for the CLI and prints the join commands.
+    Init(ClusterInit),
+    /// Makes this host a node of an existing cluster: the token decides whether it also
+    /// becomes a manager.
+    Join(ClusterJoin),
+    /// This host leaves its cluster: it is removed through the managers, its tasks stop, the
+    /// data plane and the daemons `init`/`join` started go. A manager needs --force.
+    Leave {
+        /// Leave although this host runs a manager (the last manager ends the cluster).
+        #[arg(long)]
+        force: bool,
+        #[arg(long, env = "SWARMNET_DATA_DIR", default_value = crate::cluster::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+    },
     /// The cluster's id, Raft term and index, and every manager's status.
     Info,
     /// The token a node joins with as a worker or a manager (`swarmnet-netd --join-token`).
@@ -159,6 +175,59 @@ pub enum ClusterCmd {
         #[arg(long)]
         rotate: bool,
     },
+}
+
+/// Where and as what this host runs its part of a cluster.
+#[derive(Debug, Clone, Args)]
+pub struct HostArgs {
+    /// The address other nodes reach this one at [default: the address of the interface of
+    /// the default route].
+    #[arg(long)]
+    pub advertise_addr: Option<Ipv4Addr>,
+    /// Where a manager here listens (host[:port]) [default: 0.0.0.0:4242].
+    #[arg(long)]
+    pub listen_addr: Option<String>,
+    /// The node's id and hostname in the cluster [default: the host's name].
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Where this host keeps its cluster state, certificates and logs.
+    #[arg(long, env = "SWARMNET_DATA_DIR", default_value = crate::cluster::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// cgroup2 directory for this node's tasks [default: netd's, <cgroup2>/swarmnet/<node>].
+    #[arg(long)]
+    pub cgroup_dir: Option<PathBuf>,
+}
+
+impl HostArgs {
+    pub fn options(&self) -> crate::cluster::HostOptions {
+        crate::cluster::HostOptions {
+            data_dir: self.data_dir.clone(),
+            advertise_addr: self.advertise_addr,
+            listen_addr: self.listen_addr.clone(),
+            hostname: self.hostname.clone(),
+            cgroup_dir: self.cgroup_dir.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterInit {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Name of the CLI context written for this cluster (made current).
+    #[arg(long, default_value = "default")]
+    pub context_name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterJoin {
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// A worker or manager join token (`swarmnet cluster join-token worker|manager`).
+    #[arg(long, env = "SWARMNET_JOIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// A manager's address, host[:port] (port 4242 when absent).
+    pub manager: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -77,6 +77,10 @@ pub async fn cluster(m: &mut Managers, cmd: ClusterCmd, format: Format) -> Resul
             });
             Ok(print(format, &v, |_| render::gossip_keys_text(&c)))
         }
+        // Run on this host, not through a context (see `crate::cluster`).
+        ClusterCmd::Init(_) | ClusterCmd::Join(_) | ClusterCmd::Leave { .. } => {
+            unreachable!("cluster init|join|leave are dispatched before a context is loaded")
+        }
     }
 }
 

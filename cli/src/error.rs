@@ -73,6 +73,14 @@ pub enum CliError {
         source: anyhow::Error,
     },
 
+    /// `cluster init|join|leave` on this host failed.
+    #[error("{source:#}\n  hint: {hint}")]
+    Host {
+        hint: String,
+        #[source]
+        source: anyhow::Error,
+    },
+
     /// Writing output or another local I/O failure.
     #[error("{what}: {source}")]
     Io {

@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod args;
+pub mod cluster;
 pub mod commands;
 pub mod context;
 pub mod demo;
@@ -32,7 +33,7 @@ pub mod task;
 
 use clap::CommandFactory;
 
-use crate::args::{Cli, Cmd, LabCmd, TaskCmd};
+use crate::args::{Cli, ClusterCmd, Cmd, LabCmd, TaskCmd};
 use crate::context::Context;
 use crate::error::Result;
 use crate::progress::Progress;
@@ -117,6 +118,32 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::ok(match format {
                 Format::Table => labs::table(&found),
                 Format::Json => render::json(&found),
+            }))
+        }
+        Cmd::Cluster(ClusterCmd::Init(i)) => {
+            let j = cluster::init(
+                &i.host.options(),
+                &cli.config_dir,
+                &i.context_name,
+                &mut progress,
+            )?;
+            Ok(Outcome::ok(match format {
+                Format::Table => cluster::joined_text(&j),
+                Format::Json => render::json(&j),
+            }))
+        }
+        Cmd::Cluster(ClusterCmd::Join(j)) => {
+            let joined = cluster::join(&j.host.options(), &j.token, &j.manager, &mut progress)?;
+            Ok(Outcome::ok(match format {
+                Format::Table => cluster::joined_text(&joined),
+                Format::Json => render::json(&joined),
+            }))
+        }
+        Cmd::Cluster(ClusterCmd::Leave { force, data_dir }) => {
+            let left = cluster::leave(&data_dir, force, &cli.config_dir, &mut progress)?;
+            Ok(Outcome::ok(match format {
+                Format::Table => cluster::left_text(&left),
+                Format::Json => render::json(&left),
             }))
         }
         Cmd::Cluster(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {

@@ -254,23 +254,35 @@ const LEAVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// gossip. Answers what is left, as an error, if anything could not be removed in time.
 fn leave(
     node: &swarmnet_model::NodeId,
+    advertise: Option<std::net::Ipv4Addr>,
     rec: &mut Reconciler,
     dns: &mut DnsSync,
     gossip: Option<&mut GossipSync>,
 ) -> Response {
     info!("leaving the cluster: stopping tasks, removing every object netd made");
     // This node alone, with nothing placed on it (a node missing from the intent would make
-    // the reconciler skip its rounds rather than empty it).
-    let nodes: Vec<swarmnet_model::spec::NodeSpec> = rec
-        .intent()
-        .node(node)
-        .cloned()
-        .map(|mut n| {
-            n.ingress_ip = None;
-            n
+    // the reconciler skip its rounds rather than empty it). The managers may already have
+    // sent an intent without it (it was removed first): then its address comes from the
+    // configuration.
+    let me = rec.intent().node(node).cloned().or_else(|| {
+        advertise.map(|addr| swarmnet_model::spec::NodeSpec {
+            id: node.clone(),
+            hostname: None,
+            addr,
+            labels: Default::default(),
+            role: Default::default(),
+            availability: Default::default(),
+            data_interface: None,
+            ingress_ip: None,
         })
-        .into_iter()
-        .collect();
+    });
+    let Some(mut me) = me else {
+        return Response::error(
+            "this node is not in the intent and netd has no --advertise-addr: nothing to leave from",
+        );
+    };
+    me.ingress_ip = None;
+    let nodes = vec![me];
     let empty = swarmnet_model::Intent::new(swarmnet_model::spec::ClusterSpec {
         version: 1,
         nodes,
@@ -449,7 +461,13 @@ pub fn run(
         let mut answered = false;
         while let Ok((req, reply)) = calls.try_recv() {
             if req == (Request::Leave {}) {
-                let answer = leave(&cfg.node_id, &mut rec, &mut dns, gossip.as_mut());
+                let answer = leave(
+                    &cfg.node_id,
+                    cfg.advertise_addr,
+                    &mut rec,
+                    &mut dns,
+                    gossip.as_mut(),
+                );
                 // The managers' next assignment must not bring anything back: netd exits.
                 shutdown.store(true, Ordering::Relaxed);
                 let _ = reply.send(answer);

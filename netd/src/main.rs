@@ -31,7 +31,7 @@ struct Args {
     #[arg(long)]
     managers: Option<String>,
     /// The join token given by `swarmnet cluster join-token` (with --managers).
-    #[arg(long)]
+    #[arg(long, env = "SWARMNET_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
     /// Expected underlay address of this node (checked against the intent).
     #[arg(long)]

@@ -971,6 +971,16 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn leave(&self, r: Request<pb::LeaveRequest>) -> Result<pb::Empty> {
+        crate::ca::check_node(&r, &r.get_ref().node_id)?;
+        let id: NodeId = parse("node_id", &r.into_inner().node_id)?;
+        self.0
+            .write(Command::RemoveNode { id, force: true })
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> Result<pb::HeartbeatResponse> {
         crate::ca::check_node(&r, &r.get_ref().node_id)?;
         let r = r.into_inner();

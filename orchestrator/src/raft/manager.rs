@@ -99,6 +99,9 @@ pub enum Forwarded {
         id: ManagerId,
         addr: String,
     },
+    RemoveManager {
+        id: ManagerId,
+    },
 }
 
 /// The answer to a forwarded request.
@@ -406,6 +409,15 @@ impl Manager {
                     Err(e) => ForwardReply::Failed(e.to_string()),
                 }
             }
+            Forwarded::RemoveManager { id } => {
+                if !self.is_leader() {
+                    return ForwardReply::NotLeader;
+                }
+                match self.remove_manager(id).await {
+                    Ok(()) => ForwardReply::Done,
+                    Err(e) => ForwardReply::Failed(e.to_string()),
+                }
+            }
             Forwarded::Write(cmd) => match self.raft.client_write(cmd).await {
                 Ok(r) => ForwardReply::Applied(r.data, r.log_id.index),
                 Err(_) => ForwardReply::NotLeader,
@@ -509,23 +521,27 @@ impl Manager {
 
     /// Adds a manager: first as a learner that catches up, then as a voter. On a follower, the
     /// request goes to the leader.
+    /// A membership change made on a follower: passed to the leader, which alone can make it.
+    async fn forward_membership(&self, req: Forwarded) -> Result<(), WriteError> {
+        let Some((_, leader)) = self.leader() else {
+            return Err(WriteError::NoQuorum("no leader is known".into()));
+        };
+        let timeout = self.config.write_timeout * 4;
+        match self.forward(&leader, &req, timeout).await {
+            Ok(ForwardReply::Done) => Ok(()),
+            Ok(ForwardReply::Failed(e)) => Err(WriteError::Raft(e)),
+            Ok(_) => Err(WriteError::NoQuorum("leadership changed; retry".into())),
+            Err(e) => Err(WriteError::NoQuorum(format!(
+                "the leader is unreachable: {e:?}"
+            ))),
+        }
+    }
+
     pub async fn add_manager(&self, id: ManagerId, addr: String) -> Result<(), WriteError> {
         if !self.is_leader() {
-            let Some((_, leader)) = self.leader() else {
-                return Err(WriteError::NoQuorum("no leader is known".into()));
-            };
-            let timeout = self.config.write_timeout * 4;
-            return match self
-                .forward(&leader, &Forwarded::AddManager { id, addr }, timeout)
-                .await
-            {
-                Ok(ForwardReply::Done) => Ok(()),
-                Ok(ForwardReply::Failed(e)) => Err(WriteError::Raft(e)),
-                Ok(_) => Err(WriteError::NoQuorum("leadership changed; retry".into())),
-                Err(e) => Err(WriteError::NoQuorum(format!(
-                    "the leader is unreachable: {e:?}"
-                ))),
-            };
+            return self
+                .forward_membership(Forwarded::AddManager { id, addr })
+                .await;
         }
         let raft_err = |e: RaftError<ManagerId, ClientWriteError<ManagerId, BasicNode>>| match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => WriteError::NoQuorum(
@@ -546,7 +562,14 @@ impl Manager {
         Ok(())
     }
 
+    /// Removes manager `id` from the Raft group (on any manager: a follower passes it to the
+    /// leader).
     pub async fn remove_manager(&self, id: ManagerId) -> Result<(), WriteError> {
+        if !self.is_leader() {
+            return self
+                .forward_membership(Forwarded::RemoveManager { id })
+                .await;
+        }
         let mut voters = self.voters();
         if !voters.remove(&id) {
             return Err(WriteError::Refused(CommandError::NotFound {
