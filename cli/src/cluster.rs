@@ -193,10 +193,17 @@ pub struct Tokens {
 }
 
 pub fn joined_text(j: &Joined) -> String {
-    let mut out = format!(
-        "node {} ({}) joined cluster {} as a {}\n",
-        j.node, j.addr, j.cluster_id, j.role
-    );
+    let mut out = if j.tokens.is_some() {
+        format!(
+            "cluster {} initialized: this node ({}, {}) is its first manager\n",
+            j.cluster_id, j.node, j.addr
+        )
+    } else {
+        format!(
+            "node {} ({}) joined cluster {} as a {}\n",
+            j.node, j.addr, j.cluster_id, j.role
+        )
+    };
     if let Some(t) = &j.tokens {
         let manager = j.managers.first().cloned().unwrap_or_default();
         out.push_str(&format!(
@@ -871,9 +878,10 @@ fn cluster_id_of(
 pub struct Left {
     pub node: String,
     pub role: String,
-    /// Removed from the cluster by the managers (false: the cluster ended with this last
-    /// manager, or no manager answered).
+    /// Removed from the cluster by the managers.
     pub removed: bool,
+    /// It ran the last manager: the cluster ended with it.
+    pub cluster_ended: bool,
     pub notes: Vec<String>,
 }
 
@@ -881,10 +889,12 @@ pub fn left_text(l: &Left) -> String {
     let mut out = format!(
         "node {} left the cluster{}\n",
         l.node,
-        if l.removed {
+        if l.cluster_ended {
+            "; it ran the last manager, so the cluster ended with it"
+        } else if l.removed {
             ""
         } else {
-            " (the managers were not told)"
+            " (no manager removed it: see the notes)"
         }
     );
     for n in &l.notes {
@@ -940,19 +950,34 @@ pub fn leave(
                 .info(pb::Empty {})
                 .await
         }));
+        // No manager answering (this one included): how many there are is unknown; it is
+        // treated as one of several (the removals are tried and noted when they fail).
         let voters = info
             .as_ref()
             .map(|i| i.managers.iter().filter(|m| m.voter).count())
-            .unwrap_or(1);
-        last_manager = voters <= 1;
+            .unwrap_or(0);
+        last_manager = voters == 1;
+        if !force && last_manager {
+            return Err(host_err(
+                "run it again with --force to end the cluster (its state is deleted here)",
+                anyhow!("this host runs the cluster's last manager: leaving ends the cluster"),
+            ));
+        }
         if !force {
             return Err(host_err(
-                "run it again with --force: the other managers go on (a majority of them must \
-                 be up), and leaving the last one ends the cluster",
-                anyhow!(
-                    "this host runs a manager (Raft id {id}, {voters} manager{} in all)",
-                    if voters == 1 { "" } else { "s" }
-                ),
+                if voters == 0 {
+                    "run it again with --force (no manager answered: the cluster may not learn \
+                     that it left; then remove it with `swarmnet node rm --force`)"
+                        .to_string()
+                } else {
+                    format!(
+                        "run it again with --force; the {} other manager{} go on, and a majority \
+                         of them must stay up",
+                        voters - 1,
+                        if voters == 2 { "" } else { "s" }
+                    )
+                },
+                anyhow!("this host runs a manager (Raft id {id})"),
             ));
         }
         if !last_manager {
@@ -965,8 +990,6 @@ pub fn leave(
                 Ok(_) => {}
                 Err(e) => notes.push(format!("the managers did not remove manager {id}: {e}")),
             }
-        } else {
-            notes.push("this was the last manager: the cluster ends".into());
         }
     }
     if !last_manager {
@@ -1029,6 +1052,7 @@ pub fn leave(
         node: host.node_id,
         role: host.role,
         removed,
+        cluster_ended: last_manager,
         notes,
     })
 }

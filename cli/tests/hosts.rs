@@ -257,6 +257,7 @@ fn init_join_and_leave_on_three_hosts() {
                 .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
         );
         assert!(swarmnet_labkit::mounts_under(&d2).is_empty());
+        assert!(!cg2.exists(), "the tasks' cgroup is removed");
         wait(
             "n2 gone and its task replaced",
             Duration::from_secs(60),

@@ -332,6 +332,15 @@ fn leave(
     }
 }
 
+/// How the daemon loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A signal: the data plane and tasks stay as they are.
+    Stopped,
+    /// The node left its cluster: everything netd made is gone.
+    Left,
+}
+
 /// Runs until `shutdown` is set, answering local-API calls from `calls`.
 pub fn run(
     cfg: &NetdConfig,
@@ -340,7 +349,7 @@ pub fn run(
     calls: Receiver<Call>,
     shutdown: Arc<AtomicBool>,
     child_exited: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let (mut watcher, source) = match &cfg.intent {
         IntentSource::File(path) => (IntentWatcher::new(path.clone()), path.display().to_string()),
         IntentSource::Managers { addrs, join_token } => (
@@ -472,7 +481,7 @@ pub fn run(
                 shutdown.store(true, Ordering::Relaxed);
                 let _ = reply.send(answer);
                 info!("left the cluster; netd exits");
-                return Ok(());
+                return Ok(Ended::Left);
             }
             let _ = reply.send(answer(
                 cfg,
@@ -529,5 +538,5 @@ pub fn run(
         wakeup.wait(TICK);
     }
     info!("netd stopping; the data plane and tasks stay as they are");
-    Ok(())
+    Ok(Ended::Stopped)
 }

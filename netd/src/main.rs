@@ -210,6 +210,7 @@ fn main() -> anyhow::Result<()> {
         Some(d) => d.clone(),
         None => default_cgroup_dir(cfg.node_id.as_str())?,
     };
+    let cgroup_for_leave = cgroup_dir.clone();
     let ports = Ports {
         links: Box::new(LinuxLinkPort::new(cfg.run_dir.clone())?),
         firewall: Box::new(NftFirewall::new(firewall::FAMILY, firewall::TABLE)),
@@ -270,7 +271,15 @@ fn main() -> anyhow::Result<()> {
     let child_exited = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGCHLD, Arc::clone(&child_exited))
         .context("installing the SIGCHLD handler")?;
-    daemon::run(&cfg, rec, dns, calls, shutdown, child_exited)
+    let ended = daemon::run(&cfg, rec, dns, calls, shutdown, child_exited)?;
+    if ended == daemon::Ended::Left {
+        // The tasks' cgroup parent goes too (it is empty now; a cgroup with processes left
+        // in it refuses, and stays).
+        if let Err(e) = std::fs::remove_dir(&cgroup_for_leave) {
+            tracing::warn!(dir = %cgroup_for_leave.display(), error = %e, "cannot remove the tasks' cgroup");
+        }
+    }
+    Ok(())
 }
 
 /// netd keeps one netlink socket per namespace it manages (a node with a thousand sandboxes
