@@ -67,6 +67,17 @@ impl Context {
         })
     }
 
+    /// Writes the context (the current one stays as it is).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let io = |what: &str| {
+            let what = format!("{what} in {}", dir.display());
+            move |e| CliError::io(what, e)
+        };
+        fs::create_dir_all(dir).map_err(io("creating the context directory"))?;
+        let text = serde_json::to_string_pretty(self).expect("contexts serialize");
+        fs::write(path_of(dir, &self.name), text).map_err(io("writing the context"))
+    }
+
     /// Writes the context and makes it current.
     pub fn save_current(&self, dir: &Path) -> Result<()> {
         let io = |what: &str| {

@@ -402,6 +402,74 @@ fn start_manager(
     lab.save()
 }
 
+/// `node promote` in a lab: starts the node's manager (Raft id = its index + 1, a fresh data
+/// directory), which joins through a running manager of the lab with the manager token.
+/// Answers its Raft id; nothing is started when one runs there already.
+pub fn start_promoted_manager(name: &str, node: &str, token: &str) -> Result<u64> {
+    let fail = |hint: &str, e: anyhow::Error| CliError::lab(name, hint, e);
+    let mut lab = LabState::load(name)?;
+    let i = lab
+        .nodes
+        .iter()
+        .position(|n| n.id == node)
+        .ok_or_else(|| fail("see `swarmnet lab status`", anyhow!("no node {node:?}")))?;
+    let id = i as u64 + 1;
+    if lab.nodes[i].manager_pid.is_some_and(kit::pid_alive) {
+        return Ok(id);
+    }
+    let seed = lab
+        .nodes
+        .iter()
+        .find(|n| n.manager && n.id != node && n.manager_pid.is_some_and(kit::pid_alive))
+        .map(LabNode::manager_addr)
+        .ok_or_else(|| {
+            fail(
+                "start the lab's managers again (`swarmnet lab down` and `lab up`)",
+                anyhow!("no running manager to join through"),
+            )
+        })?;
+    let orchestrator = sibling_binary("swarmnet-orchestrator")
+        .map_err(|e| fail("build it with `cargo build -p swarmnet-orchestrator`", e))?;
+    // A manager this node ran before it was demoted left its Raft log: it starts afresh.
+    let data = lab.nodes[i].run_dir.join("manager");
+    if data.exists() {
+        fs::remove_dir_all(&data)
+            .map_err(|e| CliError::io(format!("removing {}", data.display()), e))?;
+    }
+    start_manager(&mut lab, i, &orchestrator, Some((&seed, token)))
+        .map_err(|e| fail("see the node's manager.log", e))?;
+    lab.nodes[i].manager = true;
+    lab.save()
+        .map_err(|e| fail("check the lab's run directory", e))?;
+    Ok(id)
+}
+
+/// `node demote` in a lab, once the managers removed its manager from the Raft group: ends
+/// that manager process (ours, by pid) and removes its data. Answers its Raft id, if it ran.
+pub fn stop_demoted_manager(name: &str, node: &str) -> Result<Option<u64>> {
+    let mut lab = LabState::load(name)?;
+    let Some(i) = lab.nodes.iter().position(|n| n.id == node) else {
+        return Ok(None);
+    };
+    let Some(pid) = lab.nodes[i].manager_pid.take() else {
+        return Ok(None);
+    };
+    if kit::pid_alive(pid) {
+        use nix::sys::signal::{Signal, kill};
+        let p = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = kill(p, Signal::SIGTERM);
+        if !kit::wait_until(Duration::from_secs(10), || !kit::pid_alive(pid)) {
+            let _ = kill(p, Signal::SIGKILL);
+            kit::wait_until(Duration::from_secs(5), || !kit::pid_alive(pid));
+        }
+    }
+    drop(fs::remove_dir_all(lab.nodes[i].run_dir.join("manager")));
+    lab.nodes[i].manager = false;
+    lab.save()
+        .map_err(|e| CliError::lab(name, "check the lab's run directory", e))?;
+    Ok(Some(i as u64 + 1))
+}
+
 /// Retries `f` every 200 ms for up to `timeout`, returning its last error.
 async fn retry<T, Fut>(timeout: Duration, mut f: impl FnMut() -> Fut) -> anyhow::Result<T>
 where

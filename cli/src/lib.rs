@@ -33,7 +33,7 @@ pub mod task;
 
 use clap::CommandFactory;
 
-use crate::args::{Cli, ClusterCmd, Cmd, LabCmd, TaskCmd};
+use crate::args::{Cli, ClusterCmd, Cmd, LabCmd, NodeCmd, TaskCmd};
 use crate::context::Context;
 use crate::error::Result;
 use crate::progress::Progress;
@@ -149,6 +149,31 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Cmd::Cluster(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
             Box::pin(commands::cluster(m, c, format))
         }),
+        // In a lab, a promoted node gets a running manager and a demoted one loses it (the
+        // lab knows how to start one there); elsewhere the role changes in the managers'
+        // record (see `node_role_note`).
+        Cmd::Node(NodeCmd::Promote { node }) => {
+            let lab = current.as_ref().and_then(|c| c.lab.clone());
+            let out = with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+                Box::pin(promote(m, node, lab.clone(), format))
+            })?;
+            // The CLI fails over to the lab's managers as they are now.
+            if let Some(l) = &lab {
+                refresh_lab_context(&cli.config_dir, l)?;
+            }
+            Ok(out)
+        }
+        Cmd::Node(NodeCmd::Demote { node }) => {
+            let lab = current.as_ref().and_then(|c| c.lab.clone());
+            let out = with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+                Box::pin(demote(m, node, lab.clone(), format))
+            })?;
+            // The CLI fails over to the lab's managers as they are now.
+            if let Some(l) = &lab {
+                refresh_lab_context(&cli.config_dir, l)?;
+            }
+            Ok(out)
+        }
         Cmd::Node(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
             Box::pin(commands::node(m, c, format))
         }),
@@ -253,6 +278,115 @@ pub fn lab_context(lab: &lab::LabState) -> Context {
             .map(lab::LabNode::manager_endpoint)
             .collect(),
         lab: Some(lab.name.clone()),
+    }
+}
+
+/// The lab context's managers after a promotion or demotion, written back (not made current).
+fn refresh_lab_context(config_dir: &std::path::Path, lab: &str) -> Result<()> {
+    let state = lab::LabState::load(lab)?;
+    lab_context(&state).save(config_dir)
+}
+
+/// Waits (bounded) until the Raft group lists manager `id` as a voter, or no longer lists it.
+async fn wait_voter(m: &mut api::Managers, id: u64, present: bool) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let info = m
+            .call(|ch| async move {
+                swarmnet_api::cluster_client::ClusterClient::new(ch)
+                    .info(swarmnet_api::Empty {})
+                    .await
+            })
+            .await?;
+        if info.managers.iter().any(|x| x.id == id && x.voter) == present {
+            return Ok(());
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            return Err(error::CliError::Unavailable {
+                tried: format!("manager {id}"),
+                last: format!(
+                    "the Raft group {} it after 30 s",
+                    if present {
+                        "did not add"
+                    } else {
+                        "still lists"
+                    }
+                ),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn promote(
+    m: &mut api::Managers,
+    node: String,
+    lab: Option<String>,
+    format: Format,
+) -> Result<String> {
+    let text = commands::node(m, NodeCmd::Promote { node: node.clone() }, format).await?;
+    let Some(lab) = lab else {
+        return Ok(format!("{text}{}", node_role_note(&node, true)));
+    };
+    let tokens = m
+        .call(|ch| async move {
+            swarmnet_api::cluster_client::ClusterClient::new(ch)
+                .join_tokens(swarmnet_api::Empty {})
+                .await
+        })
+        .await?;
+    let id = lab::start_promoted_manager(&lab, &node, &tokens.manager)?;
+    wait_voter(m, id, true).await?;
+    Ok(format!(
+        "{text}its manager (Raft id {id}) runs on {node} and votes\n"
+    ))
+}
+
+async fn demote(
+    m: &mut api::Managers,
+    node: String,
+    lab: Option<String>,
+    format: Format,
+) -> Result<String> {
+    let text = commands::node(m, NodeCmd::Demote { node: node.clone() }, format).await?;
+    let Some(lab) = lab else {
+        return Ok(format!("{text}{}", node_role_note(&node, false)));
+    };
+    let state = lab::LabState::load(&lab)?;
+    let Some(i) = state.nodes.iter().position(|n| n.id == node) else {
+        return Ok(text);
+    };
+    let id = i as u64 + 1;
+    if state.nodes[i].manager_pid.is_some() {
+        m.call(|ch| async move {
+            swarmnet_api::cluster_client::ClusterClient::new(ch)
+                .remove_manager(swarmnet_api::RemoveManagerRequest { id })
+                .await
+        })
+        .await?;
+        wait_voter(m, id, false).await?;
+    }
+    match lab::stop_demoted_manager(&lab, &node)? {
+        Some(id) => Ok(format!(
+            "{text}its manager (Raft id {id}) left the Raft group and stopped\n"
+        )),
+        None => Ok(text),
+    }
+}
+
+/// Outside a lab: what a role change means for the manager process on that host.
+fn node_role_note(node: &str, promoted: bool) -> String {
+    if promoted {
+        format!(
+            "note: the managers count {node} as a manager node; a manager process runs there only \
+             if that host joined with a manager token (`swarmnet cluster join --token <manager \
+             token>`)\n"
+        )
+    } else {
+        format!(
+            "note: a manager process on {node} stays in the Raft group until it leaves \
+             (`swarmnet cluster leave --force` on that host)\n"
+        )
     }
 }
 

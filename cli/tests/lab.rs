@@ -156,3 +156,61 @@ fn crashed_lab_is_listed_and_swept() {
     let both = swarmnet(config.path(), &["lab", "down", "--all", "--name", name]);
     assert_eq!(both.code, 2, "{}", both.stderr);
 }
+
+/// `node promote` in a lab starts a manager on the node that joins the Raft group; `node
+/// demote` takes it out and stops it, even the leader's. The nodes follow the managers that
+/// remain (none of them is marked down), and the cluster keeps taking writes.
+#[test]
+fn promote_and_demote_move_the_managers_of_a_lab() {
+    if !gate::privileged("promote_and_demote_move_the_managers_of_a_lab") {
+        return;
+    }
+    let name = common::lab_name("p");
+    let _guard = Guard(name.clone());
+    let config = tempfile::tempdir().unwrap();
+    let c = config.path();
+    common::ok(c, &["lab", "up", "--name", &name, "--nodes", "3"]);
+    let voters = || -> Vec<u64> {
+        let info = common::ok(c, &["cluster", "info", "--format", "json"]).json();
+        info["managers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["voter"] == true)
+            .map(|m| m["id"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(voters(), [1]);
+    let r = common::ok(c, &["node", "promote", "n2"]);
+    assert!(r.stdout.contains("Raft id 2"), "{}", r.stdout);
+    assert_eq!(voters(), [1, 2]);
+    // The first manager (the leader) goes.
+    let r = common::ok(c, &["node", "demote", "n1"]);
+    assert!(r.stdout.contains("stopped"), "{}", r.stdout);
+    let lab = LabState::load(&name).unwrap();
+    assert!(lab.nodes[0].manager_pid.is_none() && !lab.nodes[0].manager);
+    assert!(kit::wait_until(
+        std::time::Duration::from_secs(30),
+        || voters() == [2]
+    ));
+    // Every node keeps heartbeating to the manager that remains: none is marked down (the
+    // managers mark a node down after 5 s of silence; this waits well past that).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(12);
+    while std::time::Instant::now() < deadline {
+        let nodes = common::ok(c, &["node", "ls", "--format", "json"]).json();
+        let statuses: Vec<&str> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["status"].as_str().unwrap())
+            .collect();
+        assert!(statuses.iter().all(|s| *s == "ready"), "{statuses:?}");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    common::ok(c, &["network", "create", "after"]);
+    // The last manager cannot be demoted.
+    let last = common::swarmnet(c, &["node", "demote", "n2"]);
+    assert_eq!(last.code, 1, "{}", last.stderr);
+    assert!(last.stderr.contains("last manager"), "{}", last.stderr);
+    common::ok(c, &["lab", "down", "--name", &name]);
+}

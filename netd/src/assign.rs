@@ -118,6 +118,10 @@ struct Shared {
     /// Notified when `gossip_keys` changes: the next heartbeat goes at once (a key rotation
     /// moves on as soon as every node confirms).
     keys_changed: Arc<tokio::sync::Notify>,
+    /// The managers as the last heartbeat answer listed them (kept in `<run_dir>/managers.json`
+    /// across restarts): followed before the configured ones, so a node keeps reaching the
+    /// cluster when the managers it was started with are removed.
+    learned: Vec<String>,
 }
 
 /// Whether an assignment stamped `incoming` replaces the one stamped `current`.
@@ -136,6 +140,11 @@ impl AssignmentFeed {
     /// Loads the stored assignment, if any, and starts following the managers.
     pub fn start(cfg: FeedConfig) -> Self {
         let shared = Arc::new(Mutex::new(Shared::default()));
+        if let Ok(text) = std::fs::read_to_string(managers_file(&cfg))
+            && let Ok(learned) = serde_json::from_str::<Vec<String>>(&text)
+        {
+            shared.lock().expect("lock").learned = learned;
+        }
         if let Ok(text) = std::fs::read_to_string(&cfg.state_file)
             && let Ok(stored) = serde_json::from_str::<Stored>(&text)
         {
@@ -394,11 +403,77 @@ fn exit_report(exit: crate::port::Exit) -> (String, String) {
     }
 }
 
+/// Where the learned manager addresses are kept.
+fn managers_file(cfg: &FeedConfig) -> PathBuf {
+    cfg.state_file.with_file_name("managers.json")
+}
+
+/// The managers to try, in order: the ones the cluster listed last, then the configured ones,
+/// then the manager nodes of the last intent (at the configured managers' port) — the last
+/// resort when every manager known by address was replaced before a heartbeat told of the
+/// new ones (pure; no address twice).
+pub fn manager_order(learned: &[String], configured: &[String], intent: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for a in learned.iter().chain(configured).chain(intent) {
+        if !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
+/// `addr:port` of the manager nodes of `intent`, at the port of the first configured manager
+/// (4242 when it names none).
+fn intent_managers(intent: Option<&Intent>, configured: &[String]) -> Vec<String> {
+    let port = configured
+        .first()
+        .and_then(|a| a.rsplit_once(':'))
+        .map_or("4242", |(_, p)| p);
+    intent
+        .map(|i| {
+            i.nodes()
+                .filter(|n| n.role == swarmnet_model::spec::NodeRole::Manager)
+                .map(|n| format!("{}:{port}", n.addr))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Records the managers a heartbeat answer listed (on change, persisted).
+fn learn_managers(cfg: &FeedConfig, shared: &Arc<Mutex<Shared>>, managers: Vec<String>) {
+    if managers.is_empty() {
+        return;
+    }
+    let mut s = shared.lock().expect("lock");
+    if s.learned == managers {
+        return;
+    }
+    info!(managers = ?managers, "the cluster's managers changed");
+    s.learned = managers;
+    let text = serde_json::to_string(&s.learned).expect("strings serialize");
+    drop(s);
+    let path = managers_file(cfg);
+    if let Err(e) = std::fs::write(&path, text) {
+        warn!(path = %path.display(), error = %e, "cannot keep the managers' addresses");
+    }
+}
+
 /// Round robin over the managers until the process ends.
 async fn follow(cfg: FeedConfig, shared: Arc<Mutex<Shared>>) {
     let mut backoff = Duration::from_millis(100);
     let mut creds: Option<Arc<swarmnet_pki::tls::Credentials>> = None;
-    for addr in cfg.managers.iter().cycle() {
+    for turn in 0usize.. {
+        let order = {
+            let s = shared.lock().expect("lock");
+            let from_intent = intent_managers(s.intent.as_ref(), &cfg.managers);
+            manager_order(&s.learned, &cfg.managers, &from_intent)
+        };
+        let Some(addr) = order.get(turn % order.len().max(1)) else {
+            warn!("no manager address to follow");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
+        };
+        let addr = addr.as_str();
         let c = match &creds {
             Some(c) => Ok(c.clone()),
             None => credentials(&cfg, addr).await,
@@ -459,6 +534,7 @@ async fn session(
     let node = cfg.node.to_string();
     let hb_shared = shared.clone();
     let keys_changed = shared.lock().expect("lock").keys_changed.clone();
+    let hb_cfg = cfg.clone();
     let heartbeats = async move {
         loop {
             let gossip = hb_shared.lock().expect("lock").gossip_keys.clone();
@@ -469,7 +545,11 @@ async fn session(
                 })
                 .await
             {
-                Ok(r) => Duration::from_millis(r.into_inner().period_ms.max(100)),
+                Ok(r) => {
+                    let r = r.into_inner();
+                    learn_managers(&hb_cfg, &hb_shared, r.managers);
+                    Duration::from_millis(r.period_ms.max(100))
+                }
                 Err(s) => return format!("heartbeat failed ({:?}): {}", s.code(), s.message()),
             };
             tokio::select! {
@@ -644,6 +724,30 @@ fn take(cfg: &FeedConfig, shared: &Arc<Mutex<Shared>>, a: pb::Assignment) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn learned_managers_come_first_then_the_configured_ones() {
+        let s = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(manager_order(&[], &s(&["a:1"]), &[]), s(&["a:1"]));
+        assert_eq!(
+            manager_order(
+                &s(&["b:1", "a:1"]),
+                &s(&["a:1", "c:1"]),
+                &s(&["d:1", "b:1"])
+            ),
+            s(&["b:1", "a:1", "c:1", "d:1"])
+        );
+        // The intent's manager nodes, at the configured port.
+        let intent = Intent::from_json(
+            r#"{"version":1,"nodes":[{"id":"n1","addr":"198.18.0.1","role":"manager"},{"id":"n2","addr":"198.18.0.2"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            intent_managers(Some(&intent), &s(&["198.18.0.9:5000"])),
+            s(&["198.18.0.1:5000"])
+        );
+        assert_eq!(intent_managers(None, &[]), Vec::<String>::new());
+    }
 
     #[test]
     fn only_newer_stamps_replace() {

@@ -990,8 +990,19 @@ impl pb::dispatcher_server::Dispatcher for DispatcherApi {
             sealing: g.sealing,
         });
         self.0.heartbeat(node, gossip).await.map_err(status_of)?;
+        let managers = self
+            .0
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.addr.clone())
+            .collect();
         Ok(Response::new(pb::HeartbeatResponse {
             period_ms: self.0.config.node_heartbeat_period.as_millis() as u64,
+            managers,
         }))
     }
 }
