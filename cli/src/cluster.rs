@@ -733,10 +733,17 @@ pub fn join(
             "copy the token `swarmnet cluster join-token worker|manager` prints on a manager",
         )
     })?;
+    let manager = with_port(manager);
+    // A worker of this very cluster given a manager token: its manager is started in place.
+    if let Ok(Some(host)) = HostState::load(&opts.data_dir)
+        && host.manager.is_none()
+        && same_cluster(&opts.data_dir, token)
+    {
+        return upgrade_to_manager(opts, host, token, &manager, progress);
+    }
     let node = node_id(opts)?;
     let addr = advertise_addr(opts)?;
     check_free(&opts.data_dir)?;
-    let manager = with_port(manager);
     let mut started = Started::new(&opts.data_dir);
     let r = join_inner(opts, token, &manager, &node, addr, &mut started, progress);
     r.map_err(|e| {
@@ -847,12 +854,118 @@ fn join_inner(
     })
 }
 
-/// The cluster's id, asked with the node's certificate.
-fn cluster_id_of(
-    rt: &tokio::runtime::Runtime,
-    host: &HostState,
-    netd_dir: &Path,
-) -> Option<String> {
+/// Whether `token` pins the CA this host's node certificate was issued by.
+fn same_cluster(data_dir: &Path, token: &str) -> bool {
+    let Ok(parsed) = swarmnet_pki::token::JoinToken::parse(token) else {
+        return false;
+    };
+    swarmnet_pki::store::load(&data_dir.join("netd").join("tls"))
+        .ok()
+        .flatten()
+        .and_then(|m| swarmnet_pki::ca::digest_pem(&m.ca_pem).ok())
+        .is_some_and(|d| d == parsed.ca_digest)
+}
+
+/// `cluster join --token <manager token>` on a worker of the same cluster (after `node
+/// promote`, or instead of it): starts this host's manager, which joins the Raft group; netd
+/// and the tasks stay as they are.
+fn upgrade_to_manager(
+    opts: &HostOptions,
+    mut host: HostState,
+    token: &str,
+    seed: &str,
+    progress: &mut Progress,
+) -> Result<Joined> {
+    let d = &opts.data_dir;
+    let mut started = Started::new(d);
+    let r = (|| -> anyhow::Result<Joined> {
+        progress.step(&format!("checking the token with {seed}"));
+        let rt = runtime().map_err(|e| anyhow!("{e}"))?;
+        // The token must be a manager token (a worker token makes no manager).
+        let (_, role) = rt
+            .block_on(swarmnet_pki::join::request_certificate(
+                seed,
+                token,
+                &host.node_id,
+                Duration::from_secs(10),
+            ))
+            .map_err(|e| anyhow!("{e}"))?;
+        if role != swarmnet_pki::Role::Manager {
+            return Err(anyhow!(
+                "this host is already a worker of this cluster; a manager token makes it a manager"
+            ));
+        }
+        let manager_dir = d.join("manager");
+        make_dir(&mut started, &manager_dir)?;
+        let id = raft_id(&manager_dir)?;
+        let orchestrator = sibling_binary("swarmnet-orchestrator")?;
+        let opts = HostOptions {
+            advertise_addr: Some(host.addr),
+            ..opts.clone()
+        };
+        let (mut args, advertise) = manager_args(&opts, id, &host.node_id, host.addr);
+        args.extend(["--join".into(), seed.to_string()]);
+        progress.step(&format!(
+            "starting a manager (Raft id {id}) that joins the managers"
+        ));
+        let log = d.join("manager.log");
+        let (mut child, daemon) = spawn_detached(&orchestrator, &args, Some(token), &log)?;
+        started.daemons.push(daemon.clone());
+        // Asked with the new manager's own certificate (the node's is still a worker's
+        // until its next renewal, and workers may not read the cluster's managers).
+        let mut managers = Managers::new(vec![ManagerEndpoint {
+            node: host.node_id.clone(),
+            addr: seed.to_string(),
+            netns: None,
+            tls_dir: Some(manager_dir.join("tls")),
+        }]);
+        wait_ready("the manager", &mut child, &log, || {
+            rt.block_on(async {
+                managers
+                    .call(|ch| async move {
+                        pb::cluster_client::ClusterClient::new(ch)
+                            .info(pb::Empty {})
+                            .await
+                    })
+                    .await
+                    .is_ok_and(|i| i.managers.iter().any(|m| m.id == id && m.voter))
+            })
+        })?;
+        host.role = "manager".into();
+        host.raft_id = Some(id);
+        host.manager = Some(daemon);
+        if !host.managers.contains(&advertise) {
+            host.managers.insert(0, advertise);
+        }
+        host.save(d)?;
+        let cluster_id = cluster_id_of(&rt, &host, &manager_dir).unwrap_or_default();
+        Ok(Joined {
+            cluster_id,
+            node: host.node_id.clone(),
+            addr: host.addr.to_string(),
+            role: "manager".into(),
+            managers: host.managers.clone(),
+            tokens: None,
+            context: None,
+        })
+    })();
+    r.map_err(|e| {
+        // Only the manager this command started goes; the node stays a worker.
+        for dm in &started.daemons {
+            dm.stop(STOP_GRACE);
+        }
+        for dir in &started.created {
+            drop(fs::remove_dir_all(dir));
+        }
+        host_err(
+            "the node stays a worker; check the token (a manager token)",
+            e,
+        )
+    })
+}
+
+/// The cluster's id, asked with the certificate in `dir/tls` (the node's, or its manager's).
+fn cluster_id_of(rt: &tokio::runtime::Runtime, host: &HostState, dir: &Path) -> Option<String> {
     let endpoints = host
         .managers
         .iter()
@@ -860,7 +973,7 @@ fn cluster_id_of(
             node: m.clone(),
             addr: m.clone(),
             netns: None,
-            tls_dir: Some(netd_dir.join("tls")),
+            tls_dir: Some(dir.join("tls")),
         })
         .collect();
     let mut managers = Managers::new(endpoints);
@@ -926,7 +1039,13 @@ pub fn leave(
                 ),
             )
         })?;
-    let netd_tls = data_dir.join("netd").join("tls");
+    // A manager host asks with its manager's certificate (a manager's); a worker with its
+    // node's. (A worker promoted in place holds a worker node certificate until its renewal.)
+    let netd_tls = if host.manager.is_some() && data_dir.join("manager").join("tls").exists() {
+        data_dir.join("manager").join("tls")
+    } else {
+        data_dir.join("netd").join("tls")
+    };
     let rt = runtime()?;
     let endpoints: Vec<ManagerEndpoint> = host
         .managers

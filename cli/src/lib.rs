@@ -378,9 +378,9 @@ async fn demote(
 fn node_role_note(node: &str, promoted: bool) -> String {
     if promoted {
         format!(
-            "note: the managers count {node} as a manager node; a manager process runs there only \
-             if that host joined with a manager token (`swarmnet cluster join --token <manager \
-             token>`)\n"
+            "note: the managers count {node} as a manager node; to run a manager there, run on \
+             that host `swarmnet cluster join --token <manager token> <a manager's address>` \
+             (a worker of this cluster starts its manager in place)\n"
         )
     } else {
         format!(

@@ -158,7 +158,9 @@ fn init_join_and_leave_on_three_hosts() {
             &args("n2", &a2, &d2, &cg2),
         );
         assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
-        assert_eq!(r.json()["role"], "worker");
+        let j2 = r.json();
+        assert_eq!(j2["role"], "worker");
+        assert_eq!(j2["cluster_id"], init["cluster_id"], "{j2}");
         let r = run(
             &ns3,
             &[
@@ -282,6 +284,47 @@ fn init_join_and_leave_on_three_hosts() {
         );
         assert_eq!(r.code, 1, "{}", r.stderr);
         assert!(r.stderr.contains("not in a cluster"), "{}", r.stderr);
+
+        // n2 joins again as a worker (a new node of the same name), is promoted, and its
+        // manager is started in place with the manager token: three managers.
+        let r = run(
+            &ns2,
+            &["cluster", "join", "--token", &worker, &m1],
+            &args("n2", &a2, &d2, &cg2),
+        );
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+        let r = on_ok(&ns1, c, &["node", "promote", "n2"]);
+        assert!(r.stdout.contains("cluster join --token"), "{}", r.stdout);
+        let r = run(
+            &ns2,
+            &[
+                "--format", "json", "cluster", "join", "--token", &manager, &m1,
+            ],
+            &args("n2", &a2, &d2, &cg2),
+        );
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+        assert_eq!(r.json()["role"], "manager");
+        let info = on_ok(&ns1, c, &["cluster", "info", "--format", "json"]).json();
+        assert_eq!(info["managers"].as_array().unwrap().len(), 3, "{info}");
+        let s2 = host_state(&d2);
+        assert_eq!(pids(&s2).len(), 2, "{s2}");
+        on_ok(
+            &ns2,
+            c,
+            &[
+                "cluster",
+                "leave",
+                "--force",
+                "--data-dir",
+                &d2.display().to_string(),
+            ],
+        );
+        for pid in pids(&s2) {
+            assert!(
+                !swarmnet_labkit::pid_alive(pid),
+                "pid {pid} of n2 still runs"
+            );
+        }
 
         // A manager leaves only with --force; then the Raft group has one manager left.
         let d3s = d3.display().to_string();

@@ -230,7 +230,10 @@ pub fn authorize(path: &str, who: Option<&Identity>) -> Result<(), Status> {
         .unwrap_or("");
     let allowed: &[Role] = match (service, path) {
         ("Raft", _) => &[Role::Manager],
-        ("Dispatcher" | "Ca", _) | (_, "/swarmnet.v1.Cluster/JoinNode") => {
+        // A node may read the cluster's id and managers (it learns the managers from its
+        // heartbeats anyway).
+        ("Dispatcher" | "Ca", _)
+        | (_, "/swarmnet.v1.Cluster/JoinNode" | "/swarmnet.v1.Cluster/Info") => {
             &[Role::Manager, Role::Worker, Role::Admin]
         }
         _ => &[Role::Manager, Role::Admin],
@@ -492,6 +495,7 @@ mod tests {
             "/swarmnet.v1.Dispatcher/Assignments",
             "/swarmnet.v1.Ca/RenewNodeCertificate",
             "/swarmnet.v1.Cluster/JoinNode",
+            "/swarmnet.v1.Cluster/Info",
         ] {
             assert!(authorize(ok, Some(&worker)).is_ok(), "{ok}");
         }
@@ -499,6 +503,8 @@ mod tests {
             "/swarmnet.v1.Raft/AppendEntries",
             "/swarmnet.v1.Services/Create",
             "/swarmnet.v1.Cluster/JoinTokens",
+            "/swarmnet.v1.Cluster/RotateGossipKey",
+            "/swarmnet.v1.Cluster/RemoveManager",
         ] {
             let e = authorize(refused, Some(&worker)).unwrap_err();
             assert_eq!(e.code(), tonic::Code::PermissionDenied, "{refused}");
