@@ -159,6 +159,66 @@ impl Managers {
         }
     }
 
+    /// Renews the administrator certificate of the context when it is past half its life,
+    /// as netd renews a node's: through any manager that answers, written back where the
+    /// context keeps it (every endpoint naming that directory uses the new one). Answers what
+    /// happened, for a line on stderr; `None` when nothing was due. A failure is not an error
+    /// of the command: the old certificate still works until it expires, and the next command
+    /// tries again.
+    pub async fn renew_admin_if_due(&mut self, now: std::time::SystemTime) -> Option<String> {
+        let dir = self.endpoints.iter().find_map(|e| e.tls_dir.clone())?;
+        let material = swarmnet_pki::store::load(&dir).ok()??;
+        let info = swarmnet_pki::ca::identity_of_pem(&material.cert_pem).ok()?;
+        if info.identity.role != swarmnet_pki::Role::Admin
+            || now < swarmnet_pki::ca::renew_at(info.not_before, info.not_after)
+        {
+            return None;
+        }
+        let addr = self
+            .endpoints
+            .first()
+            .map(|e| e.addr.clone())
+            .unwrap_or_default();
+        let renewed = self
+            .call(|ch| {
+                let material = material.clone();
+                let addr = addr.clone();
+                async move {
+                    swarmnet_pki::join::renew(ch, &addr, &material, CALL_TIMEOUT)
+                        .await
+                        .map(tonic::Response::new)
+                        .map_err(|e| Status::unavailable(e.to_string()))
+                }
+            })
+            .await;
+        let expires = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        Some(match renewed {
+            Ok(m) => match swarmnet_pki::store::save(&dir, &m) {
+                Ok(()) => {
+                    // Connections made with the old certificate stay valid; new ones use
+                    // the new one.
+                    self.channels.iter_mut().for_each(|c| *c = None);
+                    let until = swarmnet_pki::ca::identity_of_pem(&m.cert_pem)
+                        .map(|i| crate::render::utc(expires(i.not_after)))
+                        .unwrap_or_default();
+                    format!(
+                        "renewed the administrator certificate in {} (valid until {until})",
+                        dir.display()
+                    )
+                }
+                Err(e) => format!("cannot write the renewed administrator certificate: {e}"),
+            },
+            Err(e) => format!(
+                "the administrator certificate (valid until {}) is due for renewal and was not \
+                 renewed: {e}",
+                crate::render::utc(expires(info.not_after))
+            ),
+        })
+    }
+
     /// The namespace the last answering manager was reached from (for probing its peers).
     pub fn netns(&self) -> Option<&Path> {
         self.endpoints

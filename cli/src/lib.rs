@@ -17,6 +17,8 @@
 //! [`run`] executes a parsed command line and returns what to print and the exit code; the
 //! binary only parses, calls it and prints.
 
+use std::io::Write as _;
+
 pub mod api;
 pub mod args;
 pub mod cluster;
@@ -411,6 +413,10 @@ fn with_managers(
         .build()
         .map_err(|e| error::CliError::io("starting the async runtime", e))?;
     let mut managers = api::Managers::new(ctx.managers);
+    if let Some(note) = rt.block_on(managers.renew_admin_if_due(std::time::SystemTime::now())) {
+        // Best effort, and said on stderr (stdout stays the command's output).
+        drop(writeln!(std::io::stderr(), "note: {note}"));
+    }
     let out = rt.block_on(f(&mut managers))?;
     Ok(Outcome::ok(out))
 }

@@ -17,6 +17,11 @@ use swarmnet_tests_netns::topo::{Topology, with_topology};
 
 /// `swarmnet ARGS` inside `netns`, with the contexts in `config`.
 fn on(netns: &Path, config: &Path, args: &[&str]) -> Run {
+    on_env(netns, config, &[], args)
+}
+
+/// [`on`] with extra environment variables (inherited by the daemons it starts).
+fn on_env(netns: &Path, config: &Path, env: &[(&str, &str)], args: &[&str]) -> Run {
     let out = Command::new("nsenter")
         .arg(format!("--net={}", netns.display()))
         .arg("--")
@@ -25,6 +30,7 @@ fn on(netns: &Path, config: &Path, args: &[&str]) -> Run {
         .env("SWARMNET_CONFIG_DIR", config)
         .env_remove("SWARMNET_CONTEXT")
         .env_remove("SWARMNET_DATA_DIR")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     Run {
@@ -113,14 +119,30 @@ fn init_join_and_leave_on_three_hosts() {
         assert!(r.stderr.contains("--advertise-addr"), "{}", r.stderr);
         assert!(!d1.join("host.json").exists(), "nothing written");
 
-        // init on n1.
-        let r = run(
+        // init on n1, with an administrator certificate of 20 s (renewed by the CLI at half
+        // its life, checked at the end).
+        let init_args: Vec<String> = ["--format", "json", "cluster", "init"]
+            .iter()
+            .map(ToString::to_string)
+            .chain(args("n1", &a1, &d1, &cg1))
+            .collect();
+        let init_args: Vec<&str> = init_args.iter().map(String::as_str).collect();
+        let r = on_env(
             &ns1,
-            &["--format", "json", "cluster", "init"],
-            &args("n1", &a1, &d1, &cg1),
+            c,
+            &[("SWARMNET_ADMIN_CERT_LIFETIME_SECS", "20")],
+            &init_args,
         );
         assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
         let init = r.json();
+        let admin = d1.join("manager").join("tls").join("admin");
+        let admin_not_after = || {
+            let m = swarmnet_pki::store::load(&admin).unwrap().unwrap();
+            swarmnet_pki::ca::identity_of_pem(&m.cert_pem)
+                .unwrap()
+                .not_after
+        };
+        let admin_first = admin_not_after();
         assert_eq!(init["role"], "manager");
         assert_eq!(init["context"], "default");
         let worker = init["tokens"]["worker"].as_str().unwrap().to_string();
@@ -358,6 +380,21 @@ fn init_join_and_leave_on_three_hosts() {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+
+        // The administrator certificate (20 s) was renewed by the CLI's commands once past
+        // half its life (the commands kept working throughout); waited for if not yet.
+        let start = Instant::now();
+        while admin_not_after() <= admin_first {
+            on_ok(&ns1, c, &["cluster", "info"]);
+            assert!(
+                start.elapsed() < Duration::from_secs(40),
+                "the administrator certificate was not renewed"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let m = swarmnet_pki::store::load(&admin).unwrap().unwrap();
+        let renewed = swarmnet_pki::ca::identity_of_pem(&m.cert_pem).unwrap();
+        assert_eq!(renewed.identity.role, swarmnet_pki::Role::Admin);
 
         // The last manager: --force ends the cluster; its context goes too.
         let d1s = d1.display().to_string();

@@ -40,7 +40,8 @@ use crate::pb;
 use crate::raft::manager::Manager;
 use crate::state::Command;
 
-/// Lifetime of the administrator certificate written at bootstrap (the CLI does not renew it).
+/// Default lifetime of the administrator certificate written at bootstrap (the CLI renews it
+/// at half its life, as netd renews a node's).
 pub const ADMIN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The TLS state of one manager.
@@ -117,6 +118,17 @@ pub fn bootstrap(
     name: &str,
     lifetime: Duration,
 ) -> Result<Arc<Credentials>, PkiError> {
+    bootstrap_with_admin(data_dir, name, lifetime, ADMIN_LIFETIME)
+}
+
+/// [`bootstrap`] with the administrator certificate's lifetime given (the CLI renews it at
+/// half its life).
+pub fn bootstrap_with_admin(
+    data_dir: &Path,
+    name: &str,
+    lifetime: Duration,
+    admin_lifetime: Duration,
+) -> Result<Arc<Credentials>, PkiError> {
     if let Some(c) = stored(data_dir)? {
         return Ok(c);
     }
@@ -128,7 +140,7 @@ pub fn bootstrap(
     store::write_private(&cert, &ca.cert_pem)?;
     store::save(
         &admin_dir(data_dir),
-        &ca.issue_local("admin", Role::Admin, ADMIN_LIFETIME)?,
+        &ca.issue_local("admin", Role::Admin, admin_lifetime)?,
     )?;
     let own = ca.issue_local(name, Role::Manager, lifetime)?;
     store::save(&dir, &own)?;

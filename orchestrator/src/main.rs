@@ -44,6 +44,10 @@ struct Args {
     /// Lifetime of the node certificates this manager issues, in seconds (renewed at half).
     #[arg(long, default_value_t = swarmnet_pki::ca::DEFAULT_NODE_LIFETIME.as_secs())]
     cert_lifetime_secs: u64,
+    /// Lifetime of the administrator certificate written at bootstrap, in seconds (the CLI
+    /// renews it at half its life).
+    #[arg(long, env = "SWARMNET_ADMIN_CERT_LIFETIME_SECS", default_value_t = ca::ADMIN_LIFETIME.as_secs())]
+    admin_cert_lifetime_secs: u64,
     #[arg(long, default_value_t = 500)]
     election_timeout_ms: u64,
     /// A node silent this long is marked down and its tasks rescheduled.
@@ -85,7 +89,12 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("manager-{}", args.id));
     let credentials = if args.bootstrap {
-        ca::bootstrap(&args.data_dir, &name, config.cert_lifetime)?
+        ca::bootstrap_with_admin(
+            &args.data_dir,
+            &name,
+            config.cert_lifetime,
+            Duration::from_secs(args.admin_cert_lifetime_secs.max(1)),
+        )?
     } else if let (Some(seed), Some(token)) = (&args.join, &args.join_token) {
         ca::join(&args.data_dir, seed, token, &name).await?
     } else {
