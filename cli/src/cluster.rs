@@ -801,41 +801,10 @@ fn join_inner(
         context: None,
     };
     if role == "manager" {
-        let manager_dir = d.join("manager");
-        make_dir(started, &manager_dir)?;
-        let id = raft_id(&manager_dir)?;
-        let orchestrator = sibling_binary("swarmnet-orchestrator")?;
-        let (mut args, advertise) = manager_args(opts, id, node, addr);
-        args.extend(["--join".into(), seed.to_string()]);
-        progress.step(&format!(
-            "starting a manager (Raft id {id}) that joins the managers"
-        ));
-        let log = d.join("manager.log");
-        let (mut child, daemon) = spawn_detached(&orchestrator, &args, Some(token), &log)?;
-        started.daemons.push(daemon.clone());
+        let (daemon, id, advertise) =
+            start_joining_manager(started, opts, node, addr, token, seed, &rt, progress)?;
         host.manager = Some(daemon);
         host.raft_id = Some(id);
-        host.save(d)?;
-        // Ready once the Raft group lists it (the join adds it as a voter).
-        let endpoint = ManagerEndpoint {
-            node: node.to_string(),
-            addr: advertise.clone(),
-            netns: None,
-            tls_dir: Some(netd_dir.join("tls")),
-        };
-        let mut managers = Managers::new(vec![endpoint]);
-        wait_ready("the manager", &mut child, &log, || {
-            rt.block_on(async {
-                managers
-                    .call(|ch| async move {
-                        pb::cluster_client::ClusterClient::new(ch)
-                            .info(pb::Empty {})
-                            .await
-                    })
-                    .await
-                    .is_ok_and(|i| i.managers.iter().any(|m| m.id == id && m.voter))
-            })
-        })?;
         host.managers.insert(0, advertise);
     }
     host.save(d)?;
@@ -852,6 +821,59 @@ fn join_inner(
         tokens: None,
         context: None,
     })
+}
+
+/// Starts a manager that joins the Raft group through `seed` with the manager token, and
+/// waits until the group lists it as a voter. Answers the daemon, its Raft id and the address
+/// it advertises.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site per kind of join, all named"
+)]
+fn start_joining_manager(
+    started: &mut Started,
+    opts: &HostOptions,
+    node: &str,
+    addr: Ipv4Addr,
+    token: &str,
+    seed: &str,
+    rt: &tokio::runtime::Runtime,
+    progress: &mut Progress,
+) -> anyhow::Result<(Daemon, u64, String)> {
+    let d = &opts.data_dir;
+    let manager_dir = d.join("manager");
+    make_dir(started, &manager_dir)?;
+    let id = raft_id(&manager_dir)?;
+    let orchestrator = sibling_binary("swarmnet-orchestrator")?;
+    let (mut args, advertise) = manager_args(opts, id, node, addr);
+    args.extend(["--join".into(), seed.to_string()]);
+    progress.step(&format!(
+        "starting a manager (Raft id {id}) that joins the managers"
+    ));
+    let log = d.join("manager.log");
+    let (mut child, daemon) = spawn_detached(&orchestrator, &args, Some(token), &log)?;
+    started.daemons.push(daemon.clone());
+    // Asked with the new manager's own certificate, which its join writes (the node's may
+    // still be a worker's, and workers may not read the Raft group).
+    let mut managers = Managers::new(vec![ManagerEndpoint {
+        node: node.to_string(),
+        addr: seed.to_string(),
+        netns: None,
+        tls_dir: Some(manager_dir.join("tls")),
+    }]);
+    wait_ready("the manager", &mut child, &log, || {
+        rt.block_on(async {
+            managers
+                .call(|ch| async move {
+                    pb::cluster_client::ClusterClient::new(ch)
+                        .info(pb::Empty {})
+                        .await
+                })
+                .await
+                .is_ok_and(|i| i.managers.iter().any(|m| m.id == id && m.voter))
+        })
+    })?;
+    Ok((daemon, id, advertise))
 }
 
 /// Whether `token` pins the CA this host's node certificate was issued by.
@@ -895,42 +917,16 @@ fn upgrade_to_manager(
                 "this host is already a worker of this cluster; a manager token makes it a manager"
             ));
         }
-        let manager_dir = d.join("manager");
-        make_dir(&mut started, &manager_dir)?;
-        let id = raft_id(&manager_dir)?;
-        let orchestrator = sibling_binary("swarmnet-orchestrator")?;
-        let opts = HostOptions {
-            advertise_addr: Some(host.addr),
-            ..opts.clone()
-        };
-        let (mut args, advertise) = manager_args(&opts, id, &host.node_id, host.addr);
-        args.extend(["--join".into(), seed.to_string()]);
-        progress.step(&format!(
-            "starting a manager (Raft id {id}) that joins the managers"
-        ));
-        let log = d.join("manager.log");
-        let (mut child, daemon) = spawn_detached(&orchestrator, &args, Some(token), &log)?;
-        started.daemons.push(daemon.clone());
-        // Asked with the new manager's own certificate (the node's is still a worker's
-        // until its next renewal, and workers may not read the cluster's managers).
-        let mut managers = Managers::new(vec![ManagerEndpoint {
-            node: host.node_id.clone(),
-            addr: seed.to_string(),
-            netns: None,
-            tls_dir: Some(manager_dir.join("tls")),
-        }]);
-        wait_ready("the manager", &mut child, &log, || {
-            rt.block_on(async {
-                managers
-                    .call(|ch| async move {
-                        pb::cluster_client::ClusterClient::new(ch)
-                            .info(pb::Empty {})
-                            .await
-                    })
-                    .await
-                    .is_ok_and(|i| i.managers.iter().any(|m| m.id == id && m.voter))
-            })
-        })?;
+        let (daemon, id, advertise) = start_joining_manager(
+            &mut started,
+            opts,
+            &host.node_id,
+            host.addr,
+            token,
+            seed,
+            &rt,
+            progress,
+        )?;
         host.role = "manager".into();
         host.raft_id = Some(id);
         host.manager = Some(daemon);
@@ -938,7 +934,7 @@ fn upgrade_to_manager(
             host.managers.insert(0, advertise);
         }
         host.save(d)?;
-        let cluster_id = cluster_id_of(&rt, &host, &manager_dir).unwrap_or_default();
+        let cluster_id = cluster_id_of(&rt, &host, &d.join("manager")).unwrap_or_default();
         Ok(Joined {
             cluster_id,
             node: host.node_id.clone(),

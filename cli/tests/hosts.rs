@@ -22,7 +22,7 @@ fn on(netns: &Path, config: &Path, args: &[&str]) -> Run {
 
 /// [`on`] with extra environment variables (inherited by the daemons it starts).
 fn on_env(netns: &Path, config: &Path, env: &[(&str, &str)], args: &[&str]) -> Run {
-    let out = Command::new("nsenter")
+    Command::new("nsenter")
         .arg(format!("--net={}", netns.display()))
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_swarmnet"))
@@ -32,12 +32,8 @@ fn on_env(netns: &Path, config: &Path, env: &[(&str, &str)], args: &[&str]) -> R
         .env_remove("SWARMNET_DATA_DIR")
         .envs(env.iter().copied())
         .output()
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+        .unwrap()
+        .into()
 }
 
 fn on_ok(netns: &Path, config: &Path, args: &[&str]) -> Run {

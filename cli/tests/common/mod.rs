@@ -21,18 +21,24 @@ impl Run {
     }
 }
 
+impl From<std::process::Output> for Run {
+    fn from(out: std::process::Output) -> Self {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 pub fn swarmnet(config: &Path, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_swarmnet"))
+    Command::new(env!("CARGO_BIN_EXE_swarmnet"))
         .args(args)
         .env("SWARMNET_CONFIG_DIR", config)
         .env_remove("SWARMNET_CONTEXT")
         .output()
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+        .unwrap()
+        .into()
 }
 
 /// `swarmnet ARGS` that must exit 0.
