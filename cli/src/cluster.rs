@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow};
 use serde::{Deserialize, Serialize};
 use swarmnet_api as pb;
+use swarmnet_labkit::start_ticks;
 
 use crate::api::Managers;
 use crate::context::{Context, ManagerEndpoint};
@@ -75,7 +76,7 @@ impl Daemon {
 
     /// Whether the process is still the one we started (same pid, same start, not a zombie).
     pub fn running(&self) -> bool {
-        start_ticks(self.pid) == Some(self.start_ticks) && swarmnet_labkit::pid_alive(self.pid)
+        start_ticks(self.pid) == Some(self.start_ticks)
     }
 
     /// SIGTERM, then SIGKILL after `grace`; waits until it is gone. Only while [`Self::running`].
@@ -95,19 +96,6 @@ impl Daemon {
         }
         swarmnet_labkit::wait_until(Duration::from_secs(5), || !self.running());
     }
-}
-
-/// The start time of `pid` in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
-pub fn start_ticks(pid: u32) -> Option<u64> {
-    parse_start_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// Field 22 of a `/proc/<pid>/stat` line (the name, field 2, may hold spaces and parentheses:
-/// the fields that follow start after its last `)`).
-pub fn parse_start_ticks(stat: &str) -> Option<u64> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    // `rest` starts with field 3 (state): field 22 is the 20th after the name.
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// This host's part in a cluster (`D/host.json`).
@@ -1199,14 +1187,14 @@ mod tests {
 
     #[test]
     fn start_ticks_after_a_name_with_spaces_and_parens() {
+        use swarmnet_labkit::parse_start_ticks;
         let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(parse_start_ticks(stat), Some(987_654));
+        let zombie = stat.replace(") S ", ") Z ");
+        assert_eq!(parse_start_ticks(&zombie), None);
         assert_eq!(parse_start_ticks("garbage"), None);
-        assert_eq!(
-            start_ticks(std::process::id()),
-            start_ticks(std::process::id())
-        );
         assert!(start_ticks(std::process::id()).is_some());
+        assert!(start_ticks(u32::MAX).is_none());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde::Deserialize;
+use swarmnet_labkit::start_ticks as start_time;
 
 use crate::context::Context;
 use crate::error::{CliError, Result};
@@ -63,30 +64,27 @@ pub fn find<'a>(tasks: &'a [TaskView], key: &str) -> Result<&'a TaskView> {
     }
 }
 
-/// netd's run directory on `node`: the lab's node dir, or the default when `node` is this host.
+/// netd's run directory on `node`: the lab's node dir; on a host that `swarmnet cluster
+/// init|join` made `node` (its `host.json` in `SWARMNET_DATA_DIR`, default
+/// `/var/lib/swarmnet`), `<data-dir>/netd`; else netd's default.
 pub fn node_run_dir(ctx: &Context, node: &str) -> Result<PathBuf> {
-    match &ctx.lab {
-        Some(lab) => Ok(LabState::load(lab)?.node(node)?.run_dir.clone()),
-        None => Ok(PathBuf::from(DEFAULT_RUN_DIR)),
+    if let Some(lab) = &ctx.lab {
+        return Ok(LabState::load(lab)?.node(node)?.run_dir.clone());
     }
+    let data_dir = std::env::var_os("SWARMNET_DATA_DIR").map_or_else(
+        || PathBuf::from(crate::cluster::DEFAULT_DATA_DIR),
+        PathBuf::from,
+    );
+    Ok(match crate::cluster::HostState::load(&data_dir) {
+        Ok(Some(h)) if h.node_id == node => data_dir.join("netd"),
+        _ => PathBuf::from(DEFAULT_RUN_DIR),
+    })
 }
 
 #[derive(Debug, Deserialize)]
 struct Record {
     pid: u32,
     start_time: u64,
-}
-
-/// Field 22 of `/proc/<pid>/stat` (start time in clock ticks), if the process lives.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state).
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(22 - 3)?.parse().ok()
 }
 
 /// The live process of `task` as netd recorded it under `run_dir`.

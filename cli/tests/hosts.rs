@@ -251,6 +251,25 @@ fn init_join_and_leave_on_three_hosts() {
             .iter()
             .any(|t| t["node"] == "n2" && t["state"] == "running");
         assert!(on_n2, "{ps}");
+        // `task exec` on the host that runs the task finds it through the host's state (its
+        // data directory), and runs in the task's namespaces: its resolver is the cluster's.
+        let name = ps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["node"] == "n2" && t["state"] == "running")
+            .and_then(|t| t["name"].as_str())
+            .unwrap()
+            .to_string();
+        let d2s = d2.display().to_string();
+        let r = on_env(
+            &ns2,
+            c,
+            &[("SWARMNET_DATA_DIR", d2s.as_str())],
+            &["task", "exec", &name, "--", "cat", "/etc/resolv.conf"],
+        );
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+        assert!(r.stdout.contains("nameserver 127.0.0.11"), "{}", r.stdout);
 
         // The worker leaves: gone from the cluster, its daemons ended, its data plane removed.
         let s2 = host_state(&d2);

@@ -172,6 +172,26 @@ pub fn pids_in(ids: &BTreeSet<(u64, u64)>) -> Vec<u32> {
         .collect()
 }
 
+/// The start time of live process `pid` in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`); `None` when it does not exist or is a zombie. With the pid it names one
+/// process for good: a recycled pid has another start time.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    parse_start_ticks(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line, `None` for a zombie (pure). The name (field 2) may
+/// hold spaces and parentheses: the fields that follow start after its last `)`.
+pub fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    // `rest` starts with field 3 (state).
+    if fields.next()? == "Z" {
+        return None;
+    }
+    // Field 22 is the 19th after the state.
+    fields.nth(18)?.parse().ok()
+}
+
 /// Whether `pid` is a live process (zombies count as dead).
 pub fn pid_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
