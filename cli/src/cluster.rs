@@ -1122,6 +1122,16 @@ pub fn leave(
             Err(e) => notes.push(format!("netd: {e:#}")),
         }
         swarmnet_labkit::wait_until(Duration::from_secs(10), || !netd.running());
+    } else if !swarmnet_labkit::mounts_under(&data_dir.join("netd")).is_empty() {
+        // netd died: nobody can take its data plane down but netd (it alone knows what it
+        // made); its state stays for that.
+        notes.push(format!(
+            "netd was not running, so its data plane stays: start it again with its run \
+             directory {} (see netd.log for its command line) and run `swarmnet-netd leave \
+             --run-dir {}`",
+            data_dir.join("netd").display(),
+            data_dir.join("netd").display()
+        ));
     }
     progress.step("stopping this host's daemons");
     for d in host.daemons() {
@@ -1141,7 +1151,10 @@ pub fn leave(
     // The state goes with the membership (certificates, the manager's database); logs stay.
     for dir in ["manager", "netd"] {
         let p = data_dir.join(dir);
+        // A directory with namespaces still mounted under it is netd's unfinished business
+        // (see the note above): left whole.
         if p.exists()
+            && swarmnet_labkit::mounts_under(&p).is_empty()
             && let Err(e) = fs::remove_dir_all(&p)
         {
             notes.push(format!("cannot remove {}: {e}", p.display()));
