@@ -21,7 +21,7 @@ pub struct Cli {
     /// Output of read commands.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     pub format: Format,
-    /// Which cluster to talk to (a context written by `lab up`); default: the current one.
+    /// Which cluster to talk to (a context written by `lab up` or `cluster init`); default: the current one.
     #[arg(long, global = true, env = "SWARMNET_CONTEXT")]
     pub context: Option<String>,
     /// Where contexts are kept.

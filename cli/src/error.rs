@@ -18,8 +18,9 @@ pub enum CliError {
 
     /// No context names a manager to talk to.
     #[error(
-        "no cluster to talk to: {why}\n  hint: start a local one with `swarmnet lab up`, or name \
-         one with --context NAME (or SWARMNET_CONTEXT)"
+        "no cluster to talk to: {why}\n  hint: start a local one with `swarmnet lab up`, create \
+         one on this host with `swarmnet cluster init`, or name one with --context NAME (or \
+         SWARMNET_CONTEXT)"
     )]
     NoContext { why: String },
 
