@@ -450,10 +450,10 @@ fn learn_managers(cfg: &FeedConfig, shared: &Arc<Mutex<Shared>>, managers: Vec<S
     }
     info!(managers = ?managers, "the cluster's managers changed");
     s.learned = managers;
-    let text = serde_json::to_string(&s.learned).expect("strings serialize");
+    let learned = s.learned.clone();
     drop(s);
     let path = managers_file(cfg);
-    if let Err(e) = std::fs::write(&path, text) {
+    if let Err(e) = crate::reconcile::persist_json(&path, &learned) {
         warn!(path = %path.display(), error = %e, "cannot keep the managers' addresses");
     }
 }

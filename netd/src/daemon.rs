@@ -198,14 +198,15 @@ fn status_json(
 }
 
 /// Answers one local-API request. Attach and detach run a round at once, so that when the
-/// answer comes the interfaces are in place (or the error says why not).
+/// answer comes the interfaces are in place (or the error says why not). Leave empties the
+/// node (the caller then ends the loop).
 fn answer(
     cfg: &NetdConfig,
     rec: &mut Reconciler,
     watcher: &IntentWatcher,
     selftest: &SelfTest,
-    gossip: Option<&GossipSync>,
-    dns: &DnsSync,
+    gossip: Option<&mut GossipSync>,
+    dns: &mut DnsSync,
     req: Request,
 ) -> Response {
     let task = match &req {
@@ -213,17 +214,25 @@ fn answer(
         Request::Status {} | Request::Inspect {} | Request::Leave {} => None,
     };
     let r = match req {
+        Request::Leave {} => return leave(&cfg.node_id, cfg.advertise_addr, rec, dns, gossip),
         Request::Inspect {} => {
             let mut report = rec.inspect(Instant::now());
             report.dns = dns.inspect();
             report.drift.extend(dns.drift());
             return Response {
                 inspect: Some(serde_json::to_value(&report).expect("inspection serializes")),
-                status: Some(status_json(cfg, rec, watcher, false, selftest, gossip)),
+                status: Some(status_json(
+                    cfg,
+                    rec,
+                    watcher,
+                    false,
+                    selftest,
+                    gossip.as_deref(),
+                )),
                 ..Response::ok()
             };
         }
-        Request::Status {} | Request::Leave {} => Ok(()),
+        Request::Status {} => Ok(()),
         Request::Attach { task, netns } => rec.attach(task, netns),
         Request::Detach { task } => rec.detach(&task),
     };
@@ -241,7 +250,14 @@ fn answer(
         }
     }
     Response {
-        status: Some(status_json(cfg, rec, watcher, false, selftest, gossip)),
+        status: Some(status_json(
+            cfg,
+            rec,
+            watcher,
+            false,
+            selftest,
+            gossip.as_deref(),
+        )),
         ..Response::ok()
     }
 }
@@ -375,16 +391,17 @@ pub fn run(
     // view of the live nodes in both modes.
     let wakeup = watcher.wakeup().unwrap_or_default();
     let mut eager = 0;
+    let mut reported_keys = 0;
     let selftest = SelfTest::default();
     let mut last_checks = std::collections::BTreeMap::new();
     // With managers, the key file appears with the first assignment: gossip starts then.
     let managed = matches!(cfg.intent, IntentSource::Managers { .. });
     let mut gossip = match &cfg.gossip {
-        Some(g) if !managed || g.key_file.exists() => {
-            let mut sync = GossipSync::new(cfg.node_id.clone(), g.clone())?;
-            sync.set_wakeup(wakeup.clone());
-            Some(sync)
-        }
+        Some(g) if !managed || g.key_file.exists() => Some(GossipSync::new(
+            cfg.node_id.clone(),
+            g.clone(),
+            wakeup.clone(),
+        )?),
         _ => None,
     };
     let mut health = crate::health::HealthMonitor::start(
@@ -404,16 +421,18 @@ pub fn run(
             && let Some(g) = &cfg.gossip
             && g.key_file.exists()
         {
-            match GossipSync::new(cfg.node_id.clone(), g.clone()) {
-                Ok(mut sync) => {
-                    sync.set_wakeup(wakeup.clone());
-                    gossip = Some(sync);
-                }
+            match GossipSync::new(cfg.node_id.clone(), g.clone(), wakeup.clone()) {
+                Ok(sync) => gossip = Some(sync),
                 Err(e) => warn!(error = %e, "gossip: the managers' keyring is not usable yet"),
             }
         }
         let gossip_changed = gossip.as_mut().is_some_and(|g| g.tick(&mut rec, now));
-        watcher.report_gossip_keys(gossip.as_ref());
+        // The keys in force, told to the managers (heartbeats) when they may have changed.
+        let key_generation = gossip.as_ref().map_or(0, GossipSync::key_generation);
+        if key_generation != reported_keys {
+            reported_keys = key_generation;
+            watcher.report_gossip_keys(gossip.as_ref());
+        }
         // A health transition changes backends, published ports, DNS and what gossip says of
         // the task: it gets a round in this same tick.
         let health_changed = health.poll().is_some_and(|h| rec.set_local_health(h));
@@ -469,29 +488,22 @@ pub fn run(
         }
         let mut answered = false;
         while let Ok((req, reply)) = calls.try_recv() {
-            if req == (Request::Leave {}) {
-                let answer = leave(
-                    &cfg.node_id,
-                    cfg.advertise_addr,
-                    &mut rec,
-                    &mut dns,
-                    gossip.as_mut(),
-                );
-                // The managers' next assignment must not bring anything back: netd exits.
-                shutdown.store(true, Ordering::Relaxed);
-                let _ = reply.send(answer);
-                info!("left the cluster; netd exits");
-                return Ok(Ended::Left);
-            }
+            let leaving = req == (Request::Leave {});
             let _ = reply.send(answer(
                 cfg,
                 &mut rec,
                 &watcher,
                 &selftest,
-                gossip.as_ref(),
-                &dns,
+                gossip.as_mut(),
+                &mut dns,
                 req,
             ));
+            if leaving {
+                // The managers' next assignment must not bring anything back: netd exits.
+                shutdown.store(true, Ordering::Relaxed);
+                info!("left the cluster; netd exits");
+                return Ok(Ended::Left);
+            }
             dns.sync(&rec);
             answered = true;
         }

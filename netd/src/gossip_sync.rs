@@ -116,7 +116,9 @@ pub struct GossipSync {
     table_size: usize,
     published: Option<Vec<EndpointRecord>>,
     /// Woken when gossip holds a new view, so the daemon merges it now, not at its next tick.
-    wake: Option<Arc<Wakeup>>,
+    wake: Arc<Wakeup>,
+    /// See [`GossipSync::key_generation`].
+    key_generation: u64,
     /// Exchanges opened to push this node's changed endpoints (see `publish_endpoints`).
     pushes: u64,
 }
@@ -145,7 +147,12 @@ fn read_keys(path: &Path) -> Result<KeyFile, String> {
 impl GossipSync {
     /// Reads the key file (an unreadable or invalid one is an error: netd refuses to start
     /// rather than run a cluster half without gossip).
-    pub fn new(node_id: NodeId, settings: GossipSettings) -> anyhow::Result<Self> {
+    /// `wake` is woken whenever gossip's view of the live nodes changes.
+    pub fn new(
+        node_id: NodeId,
+        settings: GossipSettings,
+        wake: Arc<Wakeup>,
+    ) -> anyhow::Result<Self> {
         let keys = read_keys(&settings.key_file).map_err(anyhow::Error::msg)?;
         let now = Instant::now();
         Ok(GossipSync {
@@ -166,14 +173,16 @@ impl GossipSync {
             stats: MergeStats::default(),
             table_size: 0,
             published: None,
-            wake: None,
+            wake,
             pushes: 0,
+            key_generation: 0,
         })
     }
 
-    /// Wakes `wake` whenever gossip's view of the live nodes changes.
-    pub fn set_wakeup(&mut self, wake: Arc<Wakeup>) {
-        self.wake = Some(wake);
+    /// Moves whenever the running keyring may have changed (gossip started, key file applied):
+    /// 0 before gossip runs. The daemon tells the managers the keys only when it moves.
+    pub fn key_generation(&self) -> u64 {
+        self.key_generation
     }
 
     /// The key file this node reads.
@@ -334,6 +343,7 @@ impl GossipSync {
             self.settings.interval,
             self.wake.clone(),
         ));
+        self.key_generation += 1;
         info!(%listen, generation, seeds = seeds.len(), endpoints = local.len(), "gossip started");
         self.contacted.extend(seeds);
         self.published = Some(local);
@@ -369,6 +379,7 @@ impl GossipSync {
                 info!(current = k.current, keys = ?k.ids(), "gossip keyring reloaded");
                 self.keys = k;
                 self.key_error = None;
+                self.key_generation += 1;
             }
             Err(e) => {
                 warn!(error = %e, "gossip key file refused; the previous keyring stays in force");
@@ -436,7 +447,7 @@ async fn watch_states(
     shared: Arc<Shared>,
     notify: Arc<tokio::sync::Notify>,
     interval: Duration,
-    wake: Option<Arc<Wakeup>>,
+    wake: Arc<Wakeup>,
 ) {
     let mut watch = node.watcher().await;
     loop {
@@ -449,9 +460,7 @@ async fn watch_states(
             if **cur != snaps {
                 *cur = Arc::new(snaps);
                 shared.version.fetch_add(1, Ordering::Release);
-                if let Some(w) = &wake {
-                    w.notify();
-                }
+                wake.notify();
             }
         }
         tokio::select! {

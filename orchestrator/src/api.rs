@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 use crate::dispatch::{AssignmentStream, Feed};
 use crate::ipam::PoolConfig;
 use crate::pb;
-use crate::raft::manager::{Forwarded, Manager, WriteError};
+use crate::raft::manager::{Forwarded, Manager, WriteError, hex};
 use crate::state::{
     self, ClusterState, Command, CommandError, GossipKey, JoinTokens, NetworkConfig, NodeJoin,
     Publish, ServiceDef, TaskState,
@@ -482,8 +482,6 @@ fn random_bytes() -> std::result::Result<[u8; 32], Status> {
 fn new_gossip_key() -> std::result::Result<GossipKey, Status> {
     crate::raft::manager::new_gossip_key().map_err(|e| Status::internal(e.to_string()))
 }
-
-use crate::raft::manager::hex;
 
 // ------------------------------------------------------------------------------ services
 

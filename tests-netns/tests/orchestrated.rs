@@ -342,7 +342,9 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
             && !started.gossip_keys[1].primary,
         "step 1 keeps the old key primary: {started:?}"
     );
-    // A second rotation while one is in progress is refused, saying why.
+    // A second rotation while one is in progress is refused, saying why. (Nodes confirm
+    // within a heartbeat, so the first may have finished already: then the second is a new
+    // rotation of its own, distributing a third key.)
     let m1 = managers.addrs[0].clone();
     let second = in_netns(&n1, move || {
         Box::pin(async move {
@@ -351,11 +353,25 @@ fn three_managers_drive_three_nodes_and_the_data_plane_outlives_them() -> Result
                 .await)
         })
     })?;
-    if let Err(status) = &second {
-        ensure!(
+    match &second {
+        Err(status) => ensure!(
             status.message().contains("rotation is in progress"),
             "{status:?}"
-        );
+        ),
+        Ok(info) => {
+            let info = info.get_ref();
+            ensure!(
+                info.gossip_rotation == "distributing"
+                    && info.gossip_keys.len() == 2
+                    && info.gossip_keys.iter().all(|k| started
+                        .gossip_keys
+                        .iter()
+                        .all(|s| s.id != k.id)
+                        || k.primary),
+                "a second rotation was accepted although the first had not finished: {info:?} \
+                 (first: {started:?})"
+            );
+        }
     }
     retry(
         "every node to seal with the rotated key, the old one retired",

@@ -483,11 +483,12 @@ impl Manager {
                         now_ms.saturating_sub(k.created_ms) >= period.as_millis() as u64
                     })
                 });
-            (
-                crate::state::next_rotation_step(&a.state, &acks),
-                a.state.rotation_waits_for(&acks),
-                due,
-            )
+            let waiting = a.state.rotation_waits_for(&acks);
+            let step = waiting
+                .is_empty()
+                .then(|| a.state.rotation_step())
+                .flatten();
+            (step, waiting, due)
         });
         if let Some(cmd) = step {
             tracing::info!(
@@ -519,8 +520,6 @@ impl Manager {
         Some((l, addr))
     }
 
-    /// Adds a manager: first as a learner that catches up, then as a voter. On a follower, the
-    /// request goes to the leader.
     /// A membership change made on a follower: passed to the leader, which alone can make it.
     async fn forward_membership(&self, req: Forwarded) -> Result<(), WriteError> {
         let Some((_, leader)) = self.leader() else {
@@ -537,6 +536,8 @@ impl Manager {
         }
     }
 
+    /// Adds a manager: first as a learner that catches up, then as a voter. On a follower, the
+    /// request goes to the leader.
     pub async fn add_manager(&self, id: ManagerId, addr: String) -> Result<(), WriteError> {
         if !self.is_leader() {
             return self

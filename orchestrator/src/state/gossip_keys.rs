@@ -167,18 +167,25 @@ impl ClusterState {
 
 /// The command that moves a rotation on, if every ready node allows it (see [`KeyAck`]).
 pub fn next_step(state: &ClusterState, acks: &HashMap<NodeId, Option<KeyAck>>) -> Option<Command> {
-    let step = state.gossip_rotation();
-    if step == Rotation::Idle || !state.rotation_waits_for(acks).is_empty() {
-        return None;
+    if state.rotation_waits_for(acks).is_empty() {
+        state.rotation_step()
+    } else {
+        None
     }
-    match step {
-        Rotation::Idle => None,
-        Rotation::Distributing => state
-            .keyring
-            .last()
-            .map(|k| Command::PromoteGossipKey { id: k.id }),
-        Rotation::Retiring => state
-            .primary_gossip_key()
-            .map(|k| Command::RetireGossipKeys { keep: k.id }),
+}
+
+impl ClusterState {
+    /// The command of the rotation's next step, whoever it waits for (`None` when idle).
+    pub fn rotation_step(&self) -> Option<Command> {
+        match self.gossip_rotation() {
+            Rotation::Idle => None,
+            Rotation::Distributing => self
+                .keyring
+                .last()
+                .map(|k| Command::PromoteGossipKey { id: k.id }),
+            Rotation::Retiring => self
+                .primary_gossip_key()
+                .map(|k| Command::RetireGossipKeys { keep: k.id }),
+        }
     }
 }
