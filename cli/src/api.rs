@@ -289,14 +289,28 @@ impl Managers {
     }
 
     /// Every manager's status as seen from here: the leader, or whether it answers at all.
+    /// The cluster's id, Raft position and managers, from the first manager that answers.
+    pub async fn info(&mut self) -> Result<pb::ClusterInfo> {
+        self.call(|ch| async move {
+            pb::cluster_client::ClusterClient::new(ch)
+                .info(pb::Empty {})
+                .await
+        })
+        .await
+    }
+
+    /// Whether the Raft group lists manager `id` as a voter.
+    pub async fn votes(&mut self, id: u64) -> Result<bool> {
+        Ok(self
+            .info()
+            .await?
+            .managers
+            .iter()
+            .any(|m| m.id == id && m.voter))
+    }
+
     pub async fn cluster(&mut self) -> Result<ClusterView> {
-        let info = self
-            .call(|ch| async move {
-                pb::cluster_client::ClusterClient::new(ch)
-                    .info(pb::Empty {})
-                    .await
-            })
-            .await?;
+        let info = self.info().await?;
         let netns = self.netns().map(Path::to_path_buf);
         let tls_dir = self
             .endpoints

@@ -112,12 +112,12 @@ impl LabName {
         self.name.clone().unwrap_or_else(|| DEFAULT_LAB.into())
     }
 
-    /// The name given, else the lab of `context` (the current context when it is a lab's),
-    /// else [`DEFAULT_LAB`]: `lab status|down|exec` act on the lab the CLI points at.
-    pub fn or_current(&self, context: Option<&crate::context::Context>) -> String {
+    /// The name given, else `current` (the lab of the context the CLI points at), else
+    /// [`DEFAULT_LAB`]: `lab status|down|exec` act on the lab the CLI points at.
+    pub fn or_current(&self, current: Option<String>) -> String {
         self.name
             .clone()
-            .or_else(|| context.and_then(|c| c.lab.clone()))
+            .or(current)
             .unwrap_or_else(|| DEFAULT_LAB.into())
     }
 }
@@ -158,6 +158,14 @@ pub enum ClusterCmd {
         #[arg(long, env = "SWARMNET_DATA_DIR", default_value = crate::cluster::DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
     },
+    /// The commands asked of the managers of a context.
+    #[command(flatten)]
+    Managers(ClusterManagersCmd),
+}
+
+/// `cluster` commands that talk to the managers of a context (the others act on this host).
+#[derive(Debug, Subcommand)]
+pub enum ClusterManagersCmd {
     /// The cluster's id, Raft term and index, and every manager's status.
     Info,
     /// The token a node joins with as a worker or a manager (`swarmnet-netd --join-token`).

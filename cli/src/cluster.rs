@@ -41,7 +41,7 @@ use swarmnet_labkit::start_ticks;
 use crate::api::Managers;
 use crate::context::{Context, ManagerEndpoint};
 use crate::error::{CliError, Result};
-use crate::lab::{netd_call, sibling_binary};
+use crate::lab::{netd_call, netd_call_within, retry, sibling_binary};
 use crate::progress::Progress;
 
 /// Default `--data-dir`.
@@ -81,20 +81,7 @@ impl Daemon {
 
     /// SIGTERM, then SIGKILL after `grace`; waits until it is gone. Only while [`Self::running`].
     pub fn stop(&self, grace: Duration) {
-        use nix::sys::signal::{Signal, kill};
-        use nix::unistd::Pid;
-        if !self.running() {
-            return;
-        }
-        let pid = Pid::from_raw(self.pid as i32);
-        let _ = kill(pid, Signal::SIGTERM);
-        if swarmnet_labkit::wait_until(grace, || !self.running()) {
-            return;
-        }
-        if self.running() {
-            let _ = kill(pid, Signal::SIGKILL);
-        }
-        swarmnet_labkit::wait_until(Duration::from_secs(5), || !self.running());
+        swarmnet_labkit::terminate(self.pid, grace, || self.running());
     }
 }
 
@@ -135,12 +122,13 @@ impl HostState {
         }
     }
 
+    /// Written whole (a temporary file renamed over it), readable by root only.
     fn save(&self, data_dir: &Path) -> anyhow::Result<()> {
-        let path = Self::path(data_dir);
-        let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_string_pretty(self)?)
-            .and_then(|()| fs::rename(&tmp, &path))
-            .with_context(|| format!("writing {}", path.display()))
+        swarmnet_pki::store::write_private(
+            &Self::path(data_dir),
+            &serde_json::to_string_pretty(self)?,
+        )
+        .map_err(anyhow::Error::from)
     }
 
     fn daemons(&self) -> impl Iterator<Item = &Daemon> {
@@ -417,12 +405,15 @@ fn log_tail(log: &Path) -> String {
     )
 }
 
-/// What `init`/`join` started so far: stopped, and the state removed, when they fail.
+/// What `init`/`join` started and wrote so far: stopped and removed when they fail (what
+/// was there before the command stays).
 struct Started {
     data_dir: PathBuf,
     daemons: Vec<Daemon>,
-    /// Directories this command created (removed on failure).
+    /// Directories this command created.
     created: Vec<PathBuf>,
+    /// `host.json` did not exist before this command wrote it.
+    wrote_host: bool,
     context: Option<(PathBuf, String)>,
 }
 
@@ -432,8 +423,15 @@ impl Started {
             data_dir: data_dir.to_path_buf(),
             daemons: Vec::new(),
             created: Vec::new(),
+            wrote_host: false,
             context: None,
         }
+    }
+
+    /// Writes `host.json`, remembering whether this command made it.
+    fn save_host(&mut self, host: &HostState) -> anyhow::Result<()> {
+        self.wrote_host |= !HostState::path(&self.data_dir).exists();
+        host.save(&self.data_dir)
     }
 
     fn undo(&self) {
@@ -443,7 +441,9 @@ impl Started {
         for dir in &self.created {
             drop(fs::remove_dir_all(dir));
         }
-        drop(fs::remove_file(HostState::path(&self.data_dir)));
+        if self.wrote_host {
+            drop(fs::remove_file(HostState::path(&self.data_dir)));
+        }
         if let Some((dir, name)) = &self.context {
             Context::remove(dir, name);
         }
@@ -456,13 +456,6 @@ fn make_dir(started: &mut Started, dir: &Path) -> anyhow::Result<()> {
         started.created.push(dir.to_path_buf());
     }
     Ok(())
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CliError::io("starting the async runtime", e))
 }
 
 /// Starts netd following `managers` with `token`, and waits until it answers.
@@ -599,7 +592,7 @@ fn init_inner(
         netd: None,
         context: None,
     };
-    host.save(d)?;
+    started.save_host(&host)?;
     let admin = manager_dir.join("tls").join("admin");
     wait_ready("the manager", &mut child, &log, || {
         swarmnet_pki::store::load(&admin).is_ok_and(|m| m.is_some())
@@ -611,8 +604,7 @@ fn init_inner(
         netns: None,
         tls_dir: Some(admin.clone()),
     };
-    let rt = runtime().map_err(|e| anyhow!("{e}"))?;
-    let mut managers = Managers::new(vec![endpoint.clone()]);
+    let rt = crate::runtime().map_err(|e| anyhow!("{e}"))?;
     let init = pb::InitRequest {
         cluster_id: String::new(),
         node: Some(pb::JoinNodeRequest {
@@ -625,36 +617,25 @@ fn init_inner(
         ..Default::default()
     };
     // The manager answers once its Raft group has elected it: retried until then.
-    let (info, tokens) = rt.block_on(async {
-        let start = Instant::now();
-        loop {
-            let init = init.clone();
-            let r = managers
+    let info = rt.block_on(retry(START_TIMEOUT, || {
+        let (init, endpoint) = (init.clone(), endpoint.clone());
+        async move {
+            Managers::new(vec![endpoint])
                 .call(|ch| {
                     let init = init.clone();
                     async move { pb::cluster_client::ClusterClient::new(ch).init(init).await }
                 })
-                .await;
-            match r {
-                Ok(info) => {
-                    let tokens = managers
-                        .call(|ch| async move {
-                            pb::cluster_client::ClusterClient::new(ch)
-                                .join_tokens(pb::Empty {})
-                                .await
-                        })
-                        .await
-                        .map_err(|e| anyhow!("{e}"))?;
-                    return Ok::<_, anyhow::Error>((info, tokens));
-                }
-                Err(e) if start.elapsed() < START_TIMEOUT => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => return Err(anyhow!("creating the cluster: {e}")),
-            }
+                .await
+                .map_err(|e| anyhow!("creating the cluster: {e}"))
         }
-    })?;
+    }))?;
+    let tokens = rt
+        .block_on(Managers::new(vec![endpoint.clone()]).call(|ch| async move {
+            pb::cluster_client::ClusterClient::new(ch)
+                .join_tokens(pb::Empty {})
+                .await
+        }))
+        .map_err(|e| anyhow!("{e}"))?;
     let netd = start_netd(
         started,
         opts,
@@ -673,7 +654,7 @@ fn init_inner(
     ctx.save_current(config_dir).map_err(|e| anyhow!("{e}"))?;
     started.context = Some((config_dir.to_path_buf(), context_name.to_string()));
     host.context = Some(context_name.to_string());
-    host.save(d)?;
+    started.save_host(&host)?;
     Ok(Joined {
         cluster_id: info.cluster_id,
         node: node.to_string(),
@@ -763,7 +744,7 @@ fn join_inner(
     // starts, and the answer says which role the token gives. netd finds it in its run
     // directory and joins with it.
     progress.step(&format!("joining through {seed}"));
-    let rt = runtime().map_err(|e| anyhow!("{e}"))?;
+    let rt = crate::runtime().map_err(|e| anyhow!("{e}"))?;
     let (material, role) = rt
         .block_on(swarmnet_pki::join::request_certificate(
             seed,
@@ -795,10 +776,10 @@ fn join_inner(
         host.raft_id = Some(id);
         host.managers.insert(0, advertise);
     }
-    host.save(d)?;
+    started.save_host(&host)?;
     let netd = start_netd(started, opts, node, addr, &host.managers, token, progress)?;
     host.netd = Some(netd);
-    host.save(d)?;
+    started.save_host(&host)?;
     let cluster_id = cluster_id_of(&rt, &host, &netd_dir).unwrap_or_default();
     Ok(Joined {
         cluster_id,
@@ -850,16 +831,7 @@ fn start_joining_manager(
         tls_dir: Some(manager_dir.join("tls")),
     }]);
     wait_ready("the manager", &mut child, &log, || {
-        rt.block_on(async {
-            managers
-                .call(|ch| async move {
-                    pb::cluster_client::ClusterClient::new(ch)
-                        .info(pb::Empty {})
-                        .await
-                })
-                .await
-                .is_ok_and(|i| i.managers.iter().any(|m| m.id == id && m.voter))
-        })
+        rt.block_on(managers.votes(id)).unwrap_or(false)
     })?;
     Ok((daemon, id, advertise))
 }
@@ -890,7 +862,7 @@ fn upgrade_to_manager(
     let mut started = Started::new(d);
     let r = (|| -> anyhow::Result<Joined> {
         progress.step(&format!("checking the token with {seed}"));
-        let rt = runtime().map_err(|e| anyhow!("{e}"))?;
+        let rt = crate::runtime().map_err(|e| anyhow!("{e}"))?;
         // The token must be a manager token (a worker token makes no manager).
         let (_, role) = rt
             .block_on(swarmnet_pki::join::request_certificate(
@@ -921,7 +893,7 @@ fn upgrade_to_manager(
         if !host.managers.contains(&advertise) {
             host.managers.insert(0, advertise);
         }
-        host.save(d)?;
+        started.save_host(&host)?;
         let cluster_id = cluster_id_of(&rt, &host, &d.join("manager")).unwrap_or_default();
         Ok(Joined {
             cluster_id,
@@ -935,12 +907,7 @@ fn upgrade_to_manager(
     })();
     r.map_err(|e| {
         // Only the manager this command started goes; the node stays a worker.
-        for dm in &started.daemons {
-            dm.stop(STOP_GRACE);
-        }
-        for dir in &started.created {
-            drop(fs::remove_dir_all(dir));
-        }
+        started.undo();
         host_err(
             "the node stays a worker; check the token (a manager token)",
             e,
@@ -948,26 +915,26 @@ fn upgrade_to_manager(
     })
 }
 
+/// The managers `host` follows, asked with the certificate in `tls_dir`.
+fn host_managers(host: &HostState, tls_dir: &Path) -> Managers {
+    Managers::new(
+        host.managers
+            .iter()
+            .map(|m| ManagerEndpoint {
+                node: m.clone(),
+                addr: m.clone(),
+                netns: None,
+                tls_dir: Some(tls_dir.to_path_buf()),
+            })
+            .collect(),
+    )
+}
+
 /// The cluster's id, asked with the certificate in `dir/tls` (the node's, or its manager's).
 fn cluster_id_of(rt: &tokio::runtime::Runtime, host: &HostState, dir: &Path) -> Option<String> {
-    let endpoints = host
-        .managers
-        .iter()
-        .map(|m| ManagerEndpoint {
-            node: m.clone(),
-            addr: m.clone(),
-            netns: None,
-            tls_dir: Some(dir.join("tls")),
-        })
-        .collect();
-    let mut managers = Managers::new(endpoints);
-    rt.block_on(managers.call(|ch| async move {
-        pb::cluster_client::ClusterClient::new(ch)
-            .info(pb::Empty {})
-            .await
-    }))
-    .ok()
-    .map(|i| i.cluster_id)
+    rt.block_on(host_managers(host, &dir.join("tls")).info())
+        .ok()
+        .map(|i| i.cluster_id)
 }
 
 /// What `leave` did.
@@ -1025,34 +992,20 @@ pub fn leave(
         })?;
     // A manager host asks with its manager's certificate (a manager's); a worker with its
     // node's. (A worker promoted in place holds a worker node certificate until its renewal.)
-    let netd_tls = if host.manager.is_some() && data_dir.join("manager").join("tls").exists() {
+    let tls = if host.manager.is_some() && data_dir.join("manager").join("tls").exists() {
         data_dir.join("manager").join("tls")
     } else {
         data_dir.join("netd").join("tls")
     };
-    let rt = runtime()?;
-    let endpoints: Vec<ManagerEndpoint> = host
-        .managers
-        .iter()
-        .map(|m| ManagerEndpoint {
-            node: m.clone(),
-            addr: m.clone(),
-            netns: None,
-            tls_dir: Some(netd_tls.clone()),
-        })
-        .collect();
-    let mut managers = Managers::new(endpoints);
+    let rt = crate::runtime()?;
+    let mut managers = host_managers(&host, &tls);
     let mut notes = Vec::new();
     let mut removed = false;
     // A manager host: refused without --force; with it, it leaves the Raft group first (the
     // last manager cannot: the cluster ends with it).
     let mut last_manager = false;
     if let (Some(id), Some(_)) = (host.raft_id, &host.manager) {
-        let info = rt.block_on(managers.call(|ch| async move {
-            pb::cluster_client::ClusterClient::new(ch)
-                .info(pb::Empty {})
-                .await
-        }));
+        let info = rt.block_on(managers.info());
         // No manager answering (this one included): how many there are is unknown; it is
         // treated as one of several (the removals are tried and noted when they fail).
         let voters = info
@@ -1117,9 +1070,14 @@ pub fn leave(
     if let Some(netd) = host.netd.as_ref().filter(|d| d.running()) {
         progress.step("stopping tasks and removing the data plane");
         let sock = data_dir.join("netd").join("netd.sock");
-        match swarmnet_leave(&sock) {
-            Ok(()) => {}
-            Err(e) => notes.push(format!("netd: {e:#}")),
+        // netd answers once its objects are gone (it gives up on them after 60 s).
+        let asked = netd_call_within(
+            &sock,
+            &serde_json::json!({"op": "leave"}),
+            Duration::from_secs(120),
+        );
+        if let Err(e) = asked {
+            notes.push(format!("netd: {e:#}"));
         }
         swarmnet_labkit::wait_until(Duration::from_secs(10), || !netd.running());
     } else if !swarmnet_labkit::mounts_under(&data_dir.join("netd")).is_empty() {
@@ -1171,27 +1129,6 @@ pub fn leave(
         cluster_ended: last_manager,
         notes,
     })
-}
-
-/// Asks netd to leave (it answers once its objects are gone, then exits).
-fn swarmnet_leave(sock: &Path) -> anyhow::Result<()> {
-    use std::io::{BufRead as _, BufReader, Write as _};
-    let stream = std::os::unix::net::UnixStream::connect(sock)
-        .with_context(|| format!("connecting to {}", sock.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    (&stream).write_all(b"{\"op\":\"leave\"}\n")?;
-    let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer)?;
-    let v: serde_json::Value =
-        serde_json::from_str(&answer).with_context(|| format!("netd answered {answer:?}"))?;
-    if v["ok"] == true {
-        Ok(())
-    } else {
-        Err(anyhow!(
-            "{}",
-            v["error"].as_str().unwrap_or("no reason given")
-        ))
-    }
 }
 
 #[cfg(test)]

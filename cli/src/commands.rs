@@ -12,7 +12,7 @@ use swarmnet_api as pb;
 
 use crate::api::{self, Managers};
 use crate::args::{
-    ClusterCmd, InspectKind, NetworkCmd, NodeCmd, ServiceCmd, ServiceCreate, ServiceUpdate,
+    ClusterManagersCmd, InspectKind, NetworkCmd, NodeCmd, ServiceCmd, ServiceCreate, ServiceUpdate,
 };
 use crate::error::{CliError, Result};
 use crate::inspect::Target;
@@ -33,13 +33,13 @@ fn print<T: serde::Serialize + ?Sized>(
     }
 }
 
-pub async fn cluster(m: &mut Managers, cmd: ClusterCmd, format: Format) -> Result<String> {
+pub async fn cluster(m: &mut Managers, cmd: ClusterManagersCmd, format: Format) -> Result<String> {
     match cmd {
-        ClusterCmd::Info => {
+        ClusterManagersCmd::Info => {
             let c = m.cluster().await?;
             Ok(print(format, &c, render::cluster_text))
         }
-        ClusterCmd::JoinToken { role, rotate } => {
+        ClusterManagersCmd::JoinToken { role, rotate } => {
             let tokens = if rotate {
                 let role = role.clone();
                 m.call(|ch| {
@@ -63,7 +63,7 @@ pub async fn cluster(m: &mut Managers, cmd: ClusterCmd, format: Format) -> Resul
             let v = serde_json::json!({"role": role, "token": token});
             Ok(print(format, &v, |_| format!("{token}\n")))
         }
-        ClusterCmd::GossipKey { rotate } => {
+        ClusterManagersCmd::GossipKey { rotate } => {
             if rotate {
                 m.call(|ch| async move {
                     ClusterClient::new(ch).rotate_gossip_key(pb::Empty {}).await
@@ -76,10 +76,6 @@ pub async fn cluster(m: &mut Managers, cmd: ClusterCmd, format: Format) -> Resul
                 "gossip_rotation": c.gossip_rotation,
             });
             Ok(print(format, &v, |_| render::gossip_keys_text(&c)))
-        }
-        // Run on this host, not through a context (see `crate::cluster`).
-        ClusterCmd::Init(_) | ClusterCmd::Join(_) | ClusterCmd::Leave { .. } => {
-            unreachable!("cluster init|join|leave are dispatched before a context is loaded")
         }
     }
 }

@@ -246,9 +246,18 @@ pub fn status_table(s: &LabStatusView) -> String {
 
 /// Asks netd's local API (`<run_dir>/netd.sock`, one JSON object per line each way).
 pub fn netd_call(socket: &Path, request: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    netd_call_within(socket, request, Duration::from_secs(10))
+}
+
+/// [`netd_call`] waiting up to `timeout` for the answer.
+pub fn netd_call_within(
+    socket: &Path,
+    request: &serde_json::Value,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
     let stream = UnixStream::connect(socket)
         .with_context(|| format!("connecting to {}", socket.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
     (&stream).write_all(line.as_bytes())?;
@@ -454,15 +463,8 @@ pub fn stop_demoted_manager(name: &str, node: &str) -> Result<Option<u64>> {
     let Some(pid) = lab.nodes[i].manager_pid.take() else {
         return Ok(None);
     };
-    if kit::pid_alive(pid) {
-        use nix::sys::signal::{Signal, kill};
-        let p = nix::unistd::Pid::from_raw(pid as i32);
-        let _ = kill(p, Signal::SIGTERM);
-        if !kit::wait_until(Duration::from_secs(10), || !kit::pid_alive(pid)) {
-            let _ = kill(p, Signal::SIGKILL);
-            kit::wait_until(Duration::from_secs(5), || !kit::pid_alive(pid));
-        }
-    }
+    // The lab's own process (its pid, in the lab's cgroup).
+    kit::terminate(pid, Duration::from_secs(10), || kit::pid_alive(pid));
     drop(fs::remove_dir_all(lab.nodes[i].run_dir.join("manager")));
     lab.nodes[i].manager = false;
     lab.save()
@@ -471,7 +473,10 @@ pub fn stop_demoted_manager(name: &str, node: &str) -> Result<Option<u64>> {
 }
 
 /// Retries `f` every 200 ms for up to `timeout`, returning its last error.
-async fn retry<T, Fut>(timeout: Duration, mut f: impl FnMut() -> Fut) -> anyhow::Result<T>
+pub(crate) async fn retry<T, Fut>(
+    timeout: Duration,
+    mut f: impl FnMut() -> Fut,
+) -> anyhow::Result<T>
 where
     Fut: std::future::Future<Output = anyhow::Result<T>>,
 {

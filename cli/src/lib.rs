@@ -58,8 +58,13 @@ impl Outcome {
 pub fn run(cli: Cli) -> Result<Outcome> {
     let format = cli.format;
     let mut progress = Progress::new(false);
-    // The context the CLI points at (if any): `lab status|down|exec` default to its lab.
-    let current = Context::load(&cli.config_dir, cli.context.as_deref()).ok();
+    // The lab of the context the CLI points at, if any: `lab status|down|exec` default to it,
+    // and `node promote|demote` move managers in it. Read only by those commands.
+    let current_lab = || {
+        Context::load(&cli.config_dir, cli.context.as_deref())
+            .ok()
+            .and_then(|c| c.lab)
+    };
     match cli.cmd {
         Cmd::Completion { shell } => {
             let mut buf = Vec::new();
@@ -88,7 +93,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             }))
         }
         Cmd::Lab(LabCmd::Status(l)) => {
-            let view = lab::status(&l.or_current(current.as_ref()))?;
+            let view = lab::status(&l.or_current(current_lab()))?;
             Ok(Outcome::ok(match format {
                 Format::Table => lab::status_table(&view),
                 Format::Json => render::json(&view),
@@ -98,7 +103,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             let names = if d.all {
                 labs::names()
             } else {
-                vec![d.lab.or_current(current.as_ref())]
+                vec![d.lab.or_current(current_lab())]
             };
             let mut out = String::new();
             for name in &names {
@@ -148,34 +153,30 @@ pub fn run(cli: Cli) -> Result<Outcome> {
                 Format::Json => render::json(&left),
             }))
         }
-        Cmd::Cluster(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
-            Box::pin(commands::cluster(m, c, format))
-        }),
+        Cmd::Cluster(ClusterCmd::Managers(c)) => {
+            with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
+                Box::pin(commands::cluster(m, c, format))
+            })
+        }
         // In a lab, a promoted node gets a running manager and a demoted one loses it (the
         // lab knows how to start one there); elsewhere the role changes in the managers'
         // record (see `node_role_note`).
-        Cmd::Node(NodeCmd::Promote { node }) => {
-            let lab = current.as_ref().and_then(|c| c.lab.clone());
-            let out = with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
-                Box::pin(promote(m, node, lab.clone(), format))
-            })?;
-            // The CLI fails over to the lab's managers as they are now.
-            if let Some(l) = &lab {
-                refresh_lab_context(&cli.config_dir, l)?;
-            }
-            Ok(out)
-        }
-        Cmd::Node(NodeCmd::Demote { node }) => {
-            let lab = current.as_ref().and_then(|c| c.lab.clone());
-            let out = with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
-                Box::pin(demote(m, node, lab.clone(), format))
-            })?;
-            // The CLI fails over to the lab's managers as they are now.
-            if let Some(l) = &lab {
-                refresh_lab_context(&cli.config_dir, l)?;
-            }
-            Ok(out)
-        }
+        Cmd::Node(NodeCmd::Promote { node }) => change_role(
+            &cli.config_dir,
+            cli.context.as_deref(),
+            current_lab(),
+            node,
+            true,
+            format,
+        ),
+        Cmd::Node(NodeCmd::Demote { node }) => change_role(
+            &cli.config_dir,
+            cli.context.as_deref(),
+            current_lab(),
+            node,
+            false,
+            format,
+        ),
         Cmd::Node(c) => with_managers(&cli.config_dir, cli.context.as_deref(), |m| {
             Box::pin(commands::node(m, c, format))
         }),
@@ -260,7 +261,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
             }))
         }
         Cmd::Lab(LabCmd::Exec { lab, node, cmd }) => {
-            let code = lab::exec(&lab.or_current(current.as_ref()), &node, &cmd)?;
+            let code = lab::exec(&lab.or_current(current_lab()), &node, &cmd)?;
             Ok(Outcome {
                 stdout: String::new(),
                 code,
@@ -293,14 +294,7 @@ fn refresh_lab_context(config_dir: &std::path::Path, lab: &str) -> Result<()> {
 async fn wait_voter(m: &mut api::Managers, id: u64, present: bool) -> Result<()> {
     let start = std::time::Instant::now();
     loop {
-        let info = m
-            .call(|ch| async move {
-                swarmnet_api::cluster_client::ClusterClient::new(ch)
-                    .info(swarmnet_api::Empty {})
-                    .await
-            })
-            .await?;
-        if info.managers.iter().any(|x| x.id == id && x.voter) == present {
+        if m.votes(id).await? == present {
             return Ok(());
         }
         if start.elapsed() > std::time::Duration::from_secs(30) {
@@ -320,16 +314,48 @@ async fn wait_voter(m: &mut api::Managers, id: u64, present: bool) -> Result<()>
     }
 }
 
-async fn promote(
+/// `node promote|demote NODE`: the managers' record, then, in a lab, the node's manager
+/// process (the lab context follows, so the CLI fails over to the managers as they are now).
+fn change_role(
+    config_dir: &std::path::Path,
+    context: Option<&str>,
+    lab: Option<String>,
+    node: String,
+    promote: bool,
+    format: Format,
+) -> Result<Outcome> {
+    let out = with_managers(config_dir, context, |m| {
+        Box::pin(change_role_in(m, node, promote, lab.clone(), format))
+    })?;
+    if let Some(l) = &lab {
+        refresh_lab_context(config_dir, l)?;
+    }
+    Ok(out)
+}
+
+async fn change_role_in(
     m: &mut api::Managers,
     node: String,
+    promote: bool,
     lab: Option<String>,
     format: Format,
 ) -> Result<String> {
-    let text = commands::node(m, NodeCmd::Promote { node: node.clone() }, format).await?;
-    let Some(lab) = lab else {
-        return Ok(format!("{text}{}", node_role_note(&node, true)));
+    let cmd = if promote {
+        NodeCmd::Promote { node: node.clone() }
+    } else {
+        NodeCmd::Demote { node: node.clone() }
     };
+    let text = commands::node(m, cmd, format).await?;
+    let note = match (lab, promote) {
+        (None, _) => node_role_note(&node, promote),
+        (Some(lab), true) => start_lab_manager(m, &lab, &node).await?,
+        (Some(lab), false) => stop_lab_manager(m, &lab, &node).await?,
+    };
+    Ok(format!("{text}{note}"))
+}
+
+/// A promoted lab node's manager: started, and waited for until it votes.
+async fn start_lab_manager(m: &mut api::Managers, lab: &str, node: &str) -> Result<String> {
     let tokens = m
         .call(|ch| async move {
             swarmnet_api::cluster_client::ClusterClient::new(ch)
@@ -337,26 +363,18 @@ async fn promote(
                 .await
         })
         .await?;
-    let id = lab::start_promoted_manager(&lab, &node, &tokens.manager)?;
+    let id = lab::start_promoted_manager(lab, node, &tokens.manager)?;
     wait_voter(m, id, true).await?;
     Ok(format!(
-        "{text}its manager (Raft id {id}) runs on {node} and votes\n"
+        "its manager (Raft id {id}) runs on {node} and votes\n"
     ))
 }
 
-async fn demote(
-    m: &mut api::Managers,
-    node: String,
-    lab: Option<String>,
-    format: Format,
-) -> Result<String> {
-    let text = commands::node(m, NodeCmd::Demote { node: node.clone() }, format).await?;
-    let Some(lab) = lab else {
-        return Ok(format!("{text}{}", node_role_note(&node, false)));
-    };
-    let state = lab::LabState::load(&lab)?;
+/// A demoted lab node's manager: out of the Raft group, then stopped.
+async fn stop_lab_manager(m: &mut api::Managers, lab: &str, node: &str) -> Result<String> {
+    let state = lab::LabState::load(lab)?;
     let Some(i) = state.nodes.iter().position(|n| n.id == node) else {
-        return Ok(text);
+        return Ok(String::new());
     };
     let id = i as u64 + 1;
     if state.nodes[i].manager_pid.is_some() {
@@ -368,12 +386,10 @@ async fn demote(
         .await?;
         wait_voter(m, id, false).await?;
     }
-    match lab::stop_demoted_manager(&lab, &node)? {
-        Some(id) => Ok(format!(
-            "{text}its manager (Raft id {id}) left the Raft group and stopped\n"
-        )),
-        None => Ok(text),
-    }
+    Ok(match lab::stop_demoted_manager(lab, node)? {
+        Some(id) => format!("its manager (Raft id {id}) left the Raft group and stopped\n"),
+        None => String::new(),
+    })
 }
 
 /// Outside a lab: what a role change means for the manager process on that host.
@@ -392,7 +408,8 @@ fn node_role_note(node: &str, promoted: bool) -> String {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+/// A runtime for one command's calls to the managers.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -408,10 +425,7 @@ fn with_managers(
     f: impl for<'m> FnOnce(&'m mut api::Managers) -> BoxFuture<'m, Result<String>>,
 ) -> Result<Outcome> {
     let ctx = Context::load(config_dir, context)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| error::CliError::io("starting the async runtime", e))?;
+    let rt = runtime()?;
     let mut managers = api::Managers::new(ctx.managers);
     if let Some(note) = rt.block_on(managers.renew_admin_if_due(std::time::SystemTime::now())) {
         // Best effort, and said on stderr (stdout stays the command's output).

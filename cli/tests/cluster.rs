@@ -17,11 +17,7 @@ fn commands_against_three_managers_with_failover() {
     let _guard = Guard(name.clone());
     let config = tempfile::tempdir().unwrap();
     let c = config.path();
-    // The demo server beside the CLI (tasks get no PATH of ours).
-    let whoami = std::path::Path::new(env!("CARGO_BIN_EXE_swarmnet"))
-        .with_file_name("swarmnet-whoami")
-        .display()
-        .to_string();
+    let whoami = common::whoami();
     ok(
         c,
         &[

@@ -8,21 +8,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Guard, lab_name, ok, swarmnet};
+use common::{Guard, lab_name, ok, swarmnet, whoami};
 use swarmnet_cli::lab::LabState;
 use swarmnet_labkit as kit;
 use swarmnet_tests_netns::gate;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn whoami() -> String {
-    let exe = Path::new(env!("CARGO_BIN_EXE_swarmnet"));
-    exe.with_file_name("swarmnet-whoami").display().to_string()
-}
 
 /// Polls `f` until it gives `Some`, or panics with `what` after [`WAIT`].
 fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {

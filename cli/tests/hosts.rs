@@ -222,10 +222,7 @@ fn init_join_and_leave_on_three_hosts() {
 
         // A service spreads over the three; one task lands on the worker.
         on_ok(&ns1, c, &["network", "create", "app"]);
-        let whoami = Path::new(env!("CARGO_BIN_EXE_swarmnet"))
-            .with_file_name("swarmnet-whoami")
-            .display()
-            .to_string();
+        let whoami = common::whoami();
         on_ok(
             &ns1,
             c,

@@ -192,6 +192,26 @@ pub fn parse_start_ticks(stat: &str) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
+/// Ends process `pid`: SIGTERM, then SIGKILL if it still runs after `grace`; waits (5 s more
+/// at most) until it is gone. Signals only while `ours()` holds, so a pid recycled by another
+/// process meanwhile is left alone (callers check a start time, or know the pid is theirs).
+pub fn terminate(pid: u32, grace: Duration, ours: impl Fn() -> bool) {
+    let Ok(raw) = i32::try_from(pid) else {
+        return;
+    };
+    if !ours() {
+        return;
+    }
+    let _ = kill(Pid::from_raw(raw), Signal::SIGTERM);
+    if wait_until(grace, || !ours()) {
+        return;
+    }
+    if ours() {
+        let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+    }
+    wait_until(Duration::from_secs(5), || !ours());
+}
+
 /// Whether `pid` is a live process (zombies count as dead).
 pub fn pid_alive(pid: u32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {

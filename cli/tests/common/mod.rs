@@ -61,3 +61,11 @@ impl Drop for Guard {
         swarmnet_labkit::destroy(&LabState::footprint(&self.0));
     }
 }
+
+/// The demo server beside the CLI under test (tasks get no PATH of ours).
+pub fn whoami() -> String {
+    Path::new(env!("CARGO_BIN_EXE_swarmnet"))
+        .with_file_name("swarmnet-whoami")
+        .display()
+        .to_string()
+}
