@@ -213,24 +213,15 @@ fn answer(
         Request::Attach { task, .. } | Request::Detach { task } => Some(task.clone()),
         Request::Status {} | Request::Inspect {} | Request::Leave {} => None,
     };
+    let mut inspect = None;
     let r = match req {
         Request::Leave {} => return leave(&cfg.node_id, cfg.advertise_addr, rec, dns, gossip),
         Request::Inspect {} => {
             let mut report = rec.inspect(Instant::now());
             report.dns = dns.inspect();
             report.drift.extend(dns.drift());
-            return Response {
-                inspect: Some(serde_json::to_value(&report).expect("inspection serializes")),
-                status: Some(status_json(
-                    cfg,
-                    rec,
-                    watcher,
-                    false,
-                    selftest,
-                    gossip.as_deref(),
-                )),
-                ..Response::ok()
-            };
+            inspect = Some(serde_json::to_value(&report).expect("inspection serializes"));
+            Ok(())
         }
         Request::Status {} => Ok(()),
         Request::Attach { task, netns } => rec.attach(task, netns),
@@ -250,6 +241,7 @@ fn answer(
         }
     }
     Response {
+        inspect,
         status: Some(status_json(
             cfg,
             rec,
